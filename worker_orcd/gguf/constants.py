@@ -125,9 +125,18 @@ BLOCK_LAYOUT: dict[GGMLType, BlockLayout] = {
 }
 
 
+# Nesting is parsed recursively; above this a hostile file could exhaust the stack.
+MAX_ARRAY_NESTING_CEILING = 64
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Parser limits (SPEC 4311). Each can be lowered by the caller, never disabled."""
+    """Parser limits (SPEC 4311). Each can be lowered by the caller, never disabled.
+
+    ``max_file_size`` is MAX_MODEL_SIZE (SPEC 4225) and may also be raised by
+    configuration. The last two bound what a header can cost in host memory
+    and parse time no matter how large the file is allowed to be.
+    """
 
     max_file_size: int = 100 * 10**9  # MAX_MODEL_SIZE, 100 GB
     max_tensors: int = 10_000
@@ -136,3 +145,14 @@ class Limits:
     # Tokenizer arrays hold ~150k-260k short strings; bound arrays separately.
     max_array_len: int = 1 << 22
     max_array_nesting: int = 4
+    # Real headers are 5-15 MB (gemma3: 6.5 MB); everything before the tensor data.
+    max_header_bytes: int = 128 * 2**20
+    # Array elements over all metadata, nested included (gemma3: ~790k).
+    max_metadata_elements: int = 1 << 23
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if type(value) is not int or value < 0:
+                raise ValueError(f"Limits.{name} must be a non-negative int, got {value!r}")
+        if self.max_array_nesting > MAX_ARRAY_NESTING_CEILING:
+            raise ValueError(f"Limits.max_array_nesting must be <= {MAX_ARRAY_NESTING_CEILING}, got {self.max_array_nesting}")

@@ -4,17 +4,19 @@ Hand-written because no library parses untrusted GGUF safely: gguf-py maps the
 whole file with numpy views and trusts every length field. Here every read is
 bounds-checked against the file size, every count against a limit before any
 allocation, and every failure is one ``GGUFFormatError`` naming the byte
-offset and the field. Only the header is read (through mmap), so parsing cost
-does not grow with tensor bytes.
+offset and the field. Only the header is read, with ``pread`` into a growing
+buffer rather than through mmap: parsing cost does not grow with tensor bytes,
+and a file truncated under us is a typed error instead of a SIGBUS.
 """
 
 from __future__ import annotations
 
-import mmap
+import io
 import os
+import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ModelLoadError
@@ -37,6 +39,13 @@ MAX_TENSOR_NAME_BYTES = 256
 _MIN_ELEMENT_BYTES = {vt: size for vt, (_, size) in SCALAR_FORMATS.items()}
 _MIN_ELEMENT_BYTES[ValueType.STRING] = 8
 _MIN_ELEMENT_BYTES[ValueType.ARRAY] = 12
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+_FIRST_READ = 1 << 20  # one read covers the header of most small models
+_LABEL_CHARS = 64
+
+Buffer = bytes | bytearray | memoryview
+ReadAt = Callable[[int, int], bytes]  # (offset, n) -> up to n bytes
 
 
 class GGUFFormatError(ModelLoadError):
@@ -100,36 +109,77 @@ class GGUFFile:
         return sum(t.n_bytes for t in self.tensors)
 
 
-class _Cursor:
-    """Bounds-checked little-endian reads over a buffer."""
+def _label(text: str) -> str:
+    """A key or tensor name made safe for error fields and logs (short, printable)."""
+    if len(text) <= _LABEL_CHARS and text.isprintable():
+        return text
+    return repr(text[:_LABEL_CHARS])[1:-1] + ("..." if len(text) > _LABEL_CHARS else "")
 
-    def __init__(self, buf: memoryview | bytes, limits: Limits) -> None:
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the file's first bytes.
+
+    ``buf`` holds bytes ``[0, avail)`` of a file of ``end`` bytes; ``need``
+    refuses reads past the end of file or past ``max_header_bytes`` and, when
+    a ``read_at`` is given, loads more of the file on demand.
+    """
+
+    def __init__(self, buf: Buffer, size: int, limits: Limits, read_at: ReadAt | None = None) -> None:
         self.buf = buf
-        self.end = len(buf)
-        self.pos = 0
+        self.end = size
         self.limits = limits
+        self.read_at = read_at
+        self.avail = min(len(buf), size, limits.max_header_bytes)
+        self.pos = 0
+        self.elements = 0  # array elements decoded so far (Limits.max_metadata_elements)
 
     def fail(self, field: str, reason: str, offset: int | None = None) -> GGUFFormatError:
         return GGUFFormatError(reason, offset=self.pos if offset is None else offset, field=field)
 
     def need(self, n: int, field: str) -> None:
-        if n < 0 or self.pos + n > self.end:
-            raise self.fail(field, f"needs {n} bytes but only {self.end - self.pos} remain before end of file")
+        if self.pos + n > self.avail:
+            self._load(self.pos + n, field)
+
+    def _load(self, stop: int, field: str) -> None:
+        if stop > self.end:
+            raise self.fail(field, f"needs {stop - self.pos} bytes but only {self.end - self.pos} remain before end of file")
+        cap = self.limits.max_header_bytes
+        if stop > cap:
+            raise self.fail(field, f"header extends past {cap} bytes (limit max_header_bytes)")
+        if self.read_at is None or not isinstance(self.buf, bytearray):
+            raise AssertionError("a fully buffered image cannot need more bytes")
+        want = min(self.end, cap, max(stop, 2 * self.avail, _FIRST_READ)) - self.avail
+        try:
+            chunk = self.read_at(self.avail, want)
+        except (OSError, ValueError) as exc:  # ValueError: a closed file object
+            raise self.fail("read", f"reading the file failed: {exc}", self.avail) from None
+        if len(chunk) != want:
+            raise self.fail("file_size", f"file shrank while being read (got {len(chunk)} of {want} bytes)", self.avail + len(chunk))
+        self.buf += chunk
+        self.avail += want
 
     def scalar(self, vtype: ValueType, field: str) -> Any:
         fmt, size = SCALAR_FORMATS[vtype]
         self.need(size, field)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        if vtype is ValueType.BOOL and value not in (0, 1):
-            raise self.fail(field, f"bool byte must be 0 or 1, got {value}")
+        if vtype is ValueType.BOOL:
+            if value > 1:
+                raise self.fail(field, f"bool byte must be 0 or 1, got {value}")
+            value = value == 1
         self.pos += size
-        return bool(value) if vtype is ValueType.BOOL else value
+        return value
 
     def u32(self, field: str) -> int:
-        return self.scalar(ValueType.UINT32, field)
+        self.need(4, field)
+        (value,) = _U32(self.buf, self.pos)
+        self.pos += 4
+        return value
 
     def u64(self, field: str) -> int:
-        return self.scalar(ValueType.UINT64, field)
+        self.need(8, field)
+        (value,) = _U64(self.buf, self.pos)
+        self.pos += 8
+        return value
 
     def string(self, field: str, max_bytes: int | None = None) -> str:
         start = self.pos
@@ -138,11 +188,10 @@ class _Cursor:
         if length > cap:
             raise self.fail(field, f"string length {length} exceeds the limit of {cap} bytes", start)
         self.need(length, field)
-        raw = bytes(self.buf[self.pos : self.pos + length])
         try:
-            text = raw.decode("utf-8")
+            text = str(self.buf[self.pos : self.pos + length], "utf-8")
         except UnicodeDecodeError as exc:
-            raise self.fail(field, f"string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise self.fail(field, f"string is not valid UTF-8 ({exc.reason})", self.pos + exc.start) from None
         self.pos += length
         return text
 
@@ -169,77 +218,122 @@ class _Cursor:
         count = self.u64(f"{field} array length")
         if count > self.limits.max_array_len:
             raise self.fail(field, f"array length {count} exceeds the limit of {self.limits.max_array_len}", start)
-        min_bytes = count * _MIN_ELEMENT_BYTES[etype]
-        if self.pos + min_bytes > self.end:
+        if self.pos + count * _MIN_ELEMENT_BYTES[etype] > self.end:
             raise self.fail(field, f"array of {count} {etype.name} elements cannot fit in the {self.end - self.pos} bytes left", start)
-        if etype in SCALAR_FORMATS and etype is not ValueType.BOOL:
-            fmt, size = SCALAR_FORMATS[etype]
-            values = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
-            self.pos += count * size
-            return etype, values
-        return etype, [self.value(etype, f"{field}[{i}]", depth) for i in range(count)]
+        self.elements += count
+        if self.elements > self.limits.max_metadata_elements:
+            raise self.fail(field, f"metadata arrays hold more than {self.limits.max_metadata_elements} elements in all", start)
+        if etype is ValueType.STRING:
+            return etype, self._strings(field, count)
+        if etype is ValueType.BOOL:
+            return etype, self._bools(field, count)
+        if etype is ValueType.ARRAY:
+            return etype, [self.array(f"{field}[{i}]", depth + 1)[1] for i in range(count)]
+        fmt, size = SCALAR_FORMATS[etype]
+        self.need(count * size, field)
+        values = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
+        self.pos += count * size
+        return etype, values
+
+    def _bools(self, field: str, count: int) -> list[bool]:
+        self.need(count, field)
+        raw = bytes(self.buf[self.pos : self.pos + count])
+        if raw.translate(None, b"\x00\x01"):
+            i = next(i for i, b in enumerate(raw) if b > 1)
+            raise self.fail(f"{field}[{i}]", f"bool byte must be 0 or 1, got {raw[i]}", self.pos + i)
+        self.pos += count
+        return [b == 1 for b in raw]
+
+    def _strings(self, field: str, count: int) -> list[str]:
+        """Hot loop for tokenizer arrays (~150k strings): same checks as ``string``, inlined."""
+        buf, p, avail, cap = self.buf, self.pos, self.avail, self.limits.max_string_bytes
+        out: list[str] = []
+        append = out.append
+        i = q = 0
+        try:
+            for i in range(count):
+                q = p + 8
+                if q > avail:
+                    self.pos = p
+                    self.need(8, f"{field}[{i}] length")
+                    buf, avail = self.buf, self.avail
+                (n,) = _U64(buf, p)
+                if n > cap:
+                    raise self.fail(f"{field}[{i}]", f"string length {n} exceeds the limit of {cap} bytes", p)
+                r = q + n
+                if r > avail:
+                    self.pos = q
+                    self.need(n, f"{field}[{i}]")
+                    buf, avail = self.buf, self.avail
+                append(str(buf[q:r], "utf-8"))
+                p = r
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{field}[{i}]", f"string is not valid UTF-8 ({exc.reason})", q + exc.start) from None
+        self.pos = p
+        return out
 
 
 def _align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def parse_buffer(buf: memoryview | bytes, limits: Limits = Limits()) -> GGUFFile:
-    """Parse a GGUF image held in ``buf`` (the whole file, or an mmap of it)."""
-    cur = _Cursor(buf, limits)
+def _parse(cur: _Cursor) -> GGUFFile:
+    limits = cur.limits
     file_size = cur.end
     if file_size > limits.max_file_size:
         raise cur.fail("file_size", f"file is {file_size} bytes, larger than the cap MAX_MODEL_SIZE={limits.max_file_size}", 0)
+    if file_size == 0:
+        raise cur.fail("magic", "file is empty", 0)
     cur.need(4, "magic")
-    magic = bytes(buf[0:4])
+    magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
         raise cur.fail("magic", f"expected b'GGUF', found {magic!r}")
     cur.pos = 4
-    start = cur.pos
     version = cur.u32("version")
     if version not in SUPPORTED_VERSIONS:
-        raise cur.fail("version", f"GGUF version {version} unsupported (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})", start)
-    start = cur.pos
+        raise cur.fail("version", f"GGUF version {version} unsupported (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})", 4)
     n_tensors = cur.u64("tensor_count")
     if n_tensors > limits.max_tensors:
-        raise cur.fail("tensor_count", f"{n_tensors} tensors exceed the limit of {limits.max_tensors}", start)
-    start = cur.pos
+        raise cur.fail("tensor_count", f"{n_tensors} tensors exceed the limit of {limits.max_tensors}", 8)
     n_kv = cur.u64("metadata_kv_count")
     if n_kv > limits.max_kv_pairs:
-        raise cur.fail("metadata_kv_count", f"{n_kv} metadata pairs exceed the limit of {limits.max_kv_pairs}", start)
+        raise cur.fail("metadata_kv_count", f"{n_kv} metadata pairs exceed the limit of {limits.max_kv_pairs}", 16)
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, ValueType] = {}
     array_types: dict[str, ValueType] = {}
+    value_at: dict[str, int] = {}
     for i in range(n_kv):
         start = cur.pos
         key = cur.string(f"metadata[{i}].key")
+        fld = f"metadata[{_label(key)}]"
         if not key:
             raise cur.fail(f"metadata[{i}].key", "empty key", start)
         if key in metadata:
-            raise cur.fail(f"metadata[{key}]", "duplicate key", start)
-        vtype = cur.value_type(f"metadata[{key}]")
+            raise cur.fail(fld, "duplicate key", start)
+        value_at[key] = cur.pos
+        vtype = cur.value_type(fld)
         if vtype is ValueType.ARRAY:
-            etype, value = cur.array(f"metadata[{key}]", 1)
+            etype, value = cur.array(fld, 1)
             array_types[key] = etype
         else:
-            value = cur.value(vtype, f"metadata[{key}]")
+            value = cur.value(vtype, fld)
         metadata[key] = value
         value_types[key] = vtype
 
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
         alignment = metadata["general.alignment"]
-        if value_types["general.alignment"] is not ValueType.UINT32 or alignment <= 0 or alignment & (alignment - 1):
-            raise cur.fail("metadata[general.alignment]", f"alignment must be a power-of-two uint32, got {alignment!r}", 0)
+        if value_types["general.alignment"] is not ValueType.UINT32 or alignment == 0 or alignment & (alignment - 1):
+            shown = value_types["general.alignment"].name if value_types["general.alignment"] is not ValueType.UINT32 else alignment
+            raise cur.fail("metadata[general.alignment]", f"alignment must be a power-of-two uint32, got {shown}", value_at["general.alignment"])
 
-    infos: list[tuple[str, tuple[int, ...], GGMLType, int, int]] = []
+    infos: list[tuple[str, tuple[int, ...], GGMLType, int, int, int]] = []
     names: set[str] = set()
     for i in range(n_tensors):
         start = cur.pos
-        fld = f"tensor[{i}]"
-        name = cur.string(f"{fld}.name", MAX_TENSOR_NAME_BYTES)
-        fld = f"tensor[{i}:{name}]"
+        name = cur.string(f"tensor[{i}].name", MAX_TENSOR_NAME_BYTES)
+        fld = f"tensor[{i}:{_label(name)}]"
         if not name or name in names:
             raise cur.fail(f"{fld}.name", "empty tensor name" if not name else "duplicate tensor name", start)
         names.add(name)
@@ -247,6 +341,7 @@ def parse_buffer(buf: memoryview | bytes, limits: Limits = Limits()) -> GGUFFile
         n_dims = cur.u32(f"{fld}.n_dims")
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.fail(f"{fld}.n_dims", f"n_dims {n_dims} not in 1..{MAX_DIMS}", at)
+        dims_at = cur.pos
         dims: list[int] = []
         n_elements = 1
         for d in range(n_dims):
@@ -266,33 +361,32 @@ def parse_buffer(buf: memoryview | bytes, limits: Limits = Limits()) -> GGUFFile
             raise cur.fail(f"{fld}.type", f"unknown ggml tensor type {raw_type}", at) from None
         layout = BLOCK_LAYOUT[gtype]
         if dims[0] % layout.block_size:
-            raise cur.fail(f"{fld}.dims[0]", f"row length {dims[0]} is not a multiple of the {gtype.name} block size {layout.block_size}", at)
+            raise cur.fail(f"{fld}.dims[0]", f"row length {dims[0]} is not a multiple of the {gtype.name} block size {layout.block_size}", dims_at)
         n_bytes = n_elements // layout.block_size * layout.type_size
         at = cur.pos
         offset = cur.u64(f"{fld}.offset")
         if offset % alignment:
             raise cur.fail(f"{fld}.offset", f"data offset {offset} is not a multiple of the alignment {alignment}", at)
-        infos.append((name, tuple(dims), gtype, offset, n_bytes))
+        infos.append((name, tuple(dims), gtype, offset, n_elements, n_bytes))
 
     header_size = cur.pos
     data_offset = _align(header_size, alignment)
     tensors: list[TensorInfo] = []
-    for name, dims, gtype, offset, n_bytes in infos:
-        n_elements = 1
-        for d in dims:
-            n_elements *= d
-        end = data_offset + offset + n_bytes
+    for name, dims_t, gtype, offset, n_elements, n_bytes in infos:
+        start, end = data_offset + offset, data_offset + offset + n_bytes
         if end > file_size:
-            raise cur.fail(f"tensor[{name}].data", f"data [{data_offset + offset}, {end}) extends past end of file ({file_size} bytes)", data_offset + offset)
-        tensors.append(TensorInfo(name, dims, gtype, offset, data_offset + offset, n_elements, n_bytes))
+            raise cur.fail(f"tensor[{_label(name)}].data", f"data [{start}, {end}) extends past end of file ({file_size} bytes)", min(start, file_size))
+        tensors.append(TensorInfo(name, dims_t, gtype, offset, start, n_elements, n_bytes))
 
     prev: TensorInfo | None = None
     for t in sorted(tensors, key=lambda t: t.offset):
         if prev is not None and t.offset < prev.offset + prev.n_bytes:
-            raise cur.fail(f"tensor[{t.name}].offset", f"data overlaps tensor {prev.name} (ends at relative offset {prev.offset + prev.n_bytes})", t.data_offset)
+            raise cur.fail(
+                f"tensor[{_label(t.name)}].offset",
+                f"data overlaps tensor {_label(prev.name)} (which ends at relative offset {prev.offset + prev.n_bytes})",
+                t.data_offset,
+            )
         prev = t
-    if tensors and data_offset > file_size:
-        raise cur.fail("data_section", f"data section starts at {data_offset}, past end of file", header_size)
 
     return GGUFFile(
         version=version,
@@ -307,20 +401,84 @@ def parse_buffer(buf: memoryview | bytes, limits: Limits = Limits()) -> GGUFFile
     )
 
 
+def parse_buffer(buf: Buffer, limits: Limits = Limits()) -> GGUFFile:
+    """Parse a GGUF image held in ``buf`` (the whole file, or an mmap of it)."""
+    return _parse(_Cursor(buf, len(buf), limits))
+
+
+def _path_error(reason: str) -> GGUFFormatError:
+    return GGUFFormatError(reason, offset=0, field="path")
+
+
+def _pread_exact(fd: int) -> ReadAt:
+    def read_at(offset: int, n: int) -> bytes:
+        parts: list[bytes] = []
+        while n > 0:
+            chunk = os.pread(fd, n, offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    return read_at
+
+
+def _parse_fd(fd: int, limits: Limits) -> GGUFFile:
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise _path_error(f"cannot stat the model file: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _path_error("not a regular file (a directory, device, socket or pipe)")
+    return _parse(_Cursor(bytearray(), st.st_size, limits, _pread_exact(fd)))
+
+
+def _parse_stream(fh: BinaryIO, limits: Limits) -> GGUFFile:
+    """File objects without a descriptor (``io.BytesIO``, wrappers): seek + read."""
+    if not (hasattr(fh, "seek") and hasattr(fh, "read")):
+        raise _path_error(f"model source must be a path or a binary file object, not {type(fh).__name__}")
+    try:
+        size = fh.seek(0, io.SEEK_END)
+    except (OSError, ValueError) as exc:
+        raise _path_error(f"model source is not a seekable file: {exc}") from None
+
+    def read_at(offset: int, n: int) -> bytes:
+        fh.seek(offset)
+        parts: list[bytes] = []
+        while n > 0:
+            chunk = fh.read(n)
+            if not chunk:
+                break
+            if not isinstance(chunk, bytes):
+                raise ValueError(f"the file object returned {type(chunk).__name__}, not bytes (opened in text mode?)")
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    return _parse(_Cursor(bytearray(), size, limits, read_at))
+
+
 def parse_file(source: str | os.PathLike[str] | BinaryIO, limits: Limits = Limits()) -> GGUFFile:
-    """Parse a GGUF file by path or open binary file object (mmap, header pages only)."""
+    """Parse a GGUF file by path or open binary file object, reading only its header.
+
+    Any failure, a missing file or a directory included, is a ``GGUFFormatError``.
+    """
     if isinstance(source, (str, os.PathLike)):
-        with open(Path(source), "rb") as fh:
-            return parse_file(fh, limits)
-    fd = source.fileno()
-    size = os.fstat(fd).st_size
-    if size > limits.max_file_size:
-        raise GGUFFormatError(f"file is {size} bytes, larger than the cap MAX_MODEL_SIZE={limits.max_file_size}", offset=0, field="file_size")
-    if size == 0:
-        raise GGUFFormatError("file is empty", offset=0, field="magic")
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
+        path = os.fspath(source)
         try:
-            return parse_buffer(view, limits)
+            # O_NONBLOCK: opening a FIFO must not hang; fstat below refuses it.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, ValueError) as exc:  # ValueError: NUL in the path
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise _path_error(f"cannot open model file {path!r}: {reason}") from None
+        try:
+            return _parse_fd(fd, limits)
         finally:
-            view.release()
+            os.close(fd)
+    try:
+        fd = source.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both OSError and ValueError
+        return _parse_stream(source, limits)
+    return _parse_fd(fd, limits)
