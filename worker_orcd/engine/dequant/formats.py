@@ -1,0 +1,42 @@
+"""What the dequantizer accepts: ggml types, output dtypes, and per-type launch tiles.
+
+Kept apart from the kernels so validation and the reference path never need
+Triton, and so tile sizes live in one place (kernels and benchmarks agree).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...gguf.constants import BLOCK_LAYOUT, GGMLType
+
+SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(
+    {
+        GGMLType.F32,
+        GGMLType.F16,
+        GGMLType.BF16,
+        GGMLType.Q8_0,
+        GGMLType.Q4_0,
+        GGMLType.Q4_1,
+        GGMLType.Q5_0,
+        GGMLType.Q5_1,
+        GGMLType.Q4_K,
+        GGMLType.Q5_K,
+        GGMLType.Q6_K,
+    }
+)
+
+# Weights end up in 16-bit for the GEMMs; f32 is for norms and for exact tests.
+OUT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+FLOAT_TYPES: frozenset[GGMLType] = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
+
+# Elements produced by one Triton program. 2048 keeps every format's tile a
+# power of two (64 x 32-element blocks, 8 x 256-element super-blocks) and big
+# enough that launch overhead vanishes against the memory traffic.
+ELEMENTS_PER_PROGRAM = 2048
+
+
+def blocks_per_program(ggml_type: GGMLType) -> int:
+    """How many ggml blocks one Triton program dequantizes."""
+    return ELEMENTS_PER_PROGRAM // BLOCK_LAYOUT[ggml_type].block_size
