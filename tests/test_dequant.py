@@ -352,7 +352,7 @@ def test_worker_4701_gpu_large_bit_exact_and_deterministic(t: GGMLType, rng: np.
 def test_worker_4400_gpu_tensor_past_int32_offsets(rng: np.random.Generator, device: str) -> None:
     """> 2**31 raw bytes and > 2**31 output elements: the tail must land where it belongs (int64 offsets)."""
     t, layout = GGMLType.Q8_0, BLOCK_LAYOUT[GGMLType.Q8_0]
-    n_blocks = 2**31 // layout.type_size + 4096
+    n_blocks = 2**31 // layout.block_size + 4096  # > 2**31 elements, hence also > 2**31 bytes
     n = n_blocks * layout.block_size
     assert n_blocks * layout.type_size > 2**31 and n > 2**31
     raw_t = torch.zeros(n_blocks * layout.type_size, dtype=torch.uint8, device=device)
