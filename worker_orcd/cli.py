@@ -136,6 +136,92 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- generate / serve ------------------------------------------------------------------------
+
+
+def add_generate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="load, seal and run the model once, streaming text to stdout",
+        description="Validate MODEL exactly as serve would, load it into VRAM (or the CPU in the "
+        "development mode), seal it, verify the seal, and stream one completion to stdout. "
+        "Timings go to stderr. Without --model-root the model's own directory is the root.",
+    )
+    p.add_argument("--model", required=True, metavar="MODEL", help="path, file:/abs/path.gguf or shm:NAME")
+    p.add_argument("--prompt", required=True, help="prompt text (sent as is, no chat template)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu = development/test mode only")
+    p.add_argument("--gpu-device", type=int, default=0, metavar="N")
+    p.add_argument("--model-root", type=Path, metavar="DIR")
+    p.add_argument("--expected-sha256", type=_sha256_arg, metavar="HEX")
+    p.add_argument("--model-public-key", type=Path, metavar="PEM")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-size-mb", type=int, default=None, metavar="MB")
+    p.set_defaults(run=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .engine.api import Engine, GenerationEnd, SamplingParams, TokenEvent
+    from .engine.profile import build_ecp
+    from .inspect import default_root_for
+    from .loader import LoadOptions, validate_model
+    from .seal import Sealer
+    from .tokenizer import GGUFTokenizer
+
+    t0 = time.perf_counter()
+    ref, root = (args.model, args.model_root) if args.model_root else default_root_for(args.model)
+    options = LoadOptions(model_root=root, expected_sha256=args.expected_sha256, public_key_path=args.model_public_key)
+    engine = Engine.open(args.device, args.gpu_device)
+    try:
+        validated = validate_model(ref, options, ecp=build_ecp("generate", 0))
+        tokenizer = GGUFTokenizer.from_gguf(validated.gguf)
+        model = engine.load(validated, shard_id="generate-0", sealer=Sealer(), kv_cache_mb=args.kv_cache_size_mb)
+        ready_s = time.perf_counter() - t0
+        verify_ms = model.verify_seal()
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop_ids=tokenizer.eos_ids,
+        )
+        stream = tokenizer.stream(skip_special=True)
+        sys.stdout.write(args.prompt)
+        for event in model.generate(tokenizer.encode(args.prompt), params):
+            if isinstance(event, TokenEvent):
+                sys.stdout.write(stream.push(event.token_id))
+                sys.stdout.flush()
+            elif isinstance(event, GenerationEnd):
+                sys.stdout.write(stream.flush() + "\n")
+                rate = event.tokens_out / (event.decode_time_ms / 1e3) if event.decode_time_ms > 0 else 0.0
+                print(
+                    f"[{args.device}] sha256 {validated.digest[:16]}… ready in {ready_s:.1f} s, seal verified in "
+                    f"{verify_ms:.2f} ms; {event.tokens_in} prompt tokens, {event.tokens_out} generated "
+                    f"({event.stop_reason}), TTFT {event.ttft_ms:.0f} ms, {rate:.1f} tok/s decode",
+                    file=sys.stderr,
+                )
+        model.close()
+    finally:
+        engine.close()
+    return 0
+
+
+def add_serve(sub: Subparsers) -> None:
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
@@ -143,6 +229,8 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_pull,
     add_sign,
     add_keygen,
+    add_generate,
+    add_serve,
 ]
 
 

@@ -1,0 +1,231 @@
+"""Engine benchmark on the GPU: load, time-to-ready, prefill, decode, TTFT, seal, % of roofline.
+
+For each shape x weight type a synthetic model of the real shape is written
+(``benchmarks/synth.py``), validated (hash + parse, as in production), loaded
+and sealed, then measured:
+
+* load GB/s: file bytes / (stream + re-hash + on-device dequant) time;
+* time to ready: validate + load + graph capture + fingerprint + seal;
+* prefill tok/s: a 512-token prompt (pp512), best of 3, and TTFT of it;
+* decode tok/s: batch 1, 128 greedy tokens through the CUDA graph;
+* seal verify ms: median of 10 ``verify_seal()`` calls;
+* % of roofline: (bytes a decode step must read: every weight except the
+  unused embedding rows, plus the KV cache in use) / (D2D bandwidth measured
+  here as (read + written bytes) / time of a large device-to-device copy),
+  divided by the measured time per token.
+
+Prints a markdown table, writes ``$OUT/bench_engine.json`` when ``OUT`` is
+set, exits non-zero on any error.
+
+    python benchmarks/bench_engine.py --shapes qwen2.5-0.5b --types F16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from synth import SHAPES, write_synthetic_model  # noqa: E402
+
+from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent  # noqa: E402
+from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
+from worker_orcd.seal import Sealer  # noqa: E402
+
+# llama.cpp pp512 on H100 (F16), the brief's reference points; targets are 50% of these
+LLAMA_CPP_PP512 = {"qwen2.5-0.5b": 77_000.0, "qwen2.5-1.5b": 47_000.0, "qwen2.5-7b": 24_600.0}
+DECODE_TARGET = {"qwen2.5-0.5b": 700.0, "qwen2.5-1.5b": 400.0, "qwen2.5-7b": 165.0}
+
+
+def d2d_bandwidth(n_bytes: int = 2 << 30, reps: int = 20) -> float:
+    """Bytes moved (read + written) per second by a large device-to-device copy."""
+    a = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        b.copy_(a)
+    stop.record()
+    stop.synchronize()
+    seconds = start.elapsed_time(stop) / 1e3
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n_bytes * reps / seconds
+
+
+def _generate(rm: ResidentModel, ids: list[int], max_tokens: int) -> tuple[list[int], GenerationEnd]:
+    toks: list[int] = []
+    end = None
+    for ev in rm.generate(ids, SamplingParams(max_tokens=max_tokens)):
+        if isinstance(ev, TokenEvent):
+            toks.append(ev.token_id)
+        else:
+            end = ev
+    if end is None or len(toks) != max_tokens:
+        raise RuntimeError(f"generation ended early: {len(toks)} of {max_tokens} tokens, end={end}")
+    return toks, end
+
+
+def decode_bytes_per_token(rm: ResidentModel, seq_len: int) -> int:
+    """Bytes one decode step must read: all weights but the embedding table (one row is read),
+    unless the head is tied to it, plus K and V of every cached position."""
+    w = rm._weights
+    weights = w.arena.numel()
+    if not rm.config.tied_embeddings:
+        weights -= w.embed.numel() * w.embed.element_size()
+    kv = 2 * rm.config.n_layers * rm.config.kv_dim * w.embed.element_size() * seq_len
+    return weights + kv
+
+
+def bench_one(
+    engine: Engine, shape: str, wtype: str, workdir: Path, bw: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    path = workdir / f"synth-{shape}-{wtype}.gguf"
+    t = time.perf_counter()
+    if not path.exists():
+        write_synthetic_model(path, shape, wtype)  # type: ignore[arg-type]
+    write_s = time.perf_counter() - t
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    vm = validate_model(str(path), LoadOptions(model_root=path.parent))
+    validate_s = time.perf_counter() - t0
+    rm = engine.load(vm, shard_id=f"bench-{shape}-{wtype}", sealer=Sealer(), kv_cache_mb=args.kv_cache_mb)
+    ready_s = time.perf_counter() - t0
+    try:
+        vocab = rm.config.vocab_size
+        prompt = [(i * 7919 + 13) % vocab for i in range(args.prompt_tokens)]
+        gen = rm._gen
+        ids = torch.tensor(prompt, device=gen.device)
+        with torch.no_grad():
+            gen.prefill(ids)  # warm-up: compiles the prefill kernels for this length
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                s = time.perf_counter()
+                logits = gen.prefill(ids)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - s)
+            if not torch.isfinite(logits).all():
+                raise RuntimeError("non-finite logits after prefill")
+        prefill_tps = args.prompt_tokens / min(times)
+        _, end1 = _generate(rm, prompt, 1)
+        ttft_ms = end1.ttft_ms
+        short = prompt[: args.decode_prompt]
+        _generate(rm, short, 8)  # warm-up of the decode path
+        toks, end = _generate(rm, short, args.decode_tokens)
+        per_token_s = end.decode_time_ms / 1e3 / (end.tokens_out - 1)
+        decode_tps = 1.0 / per_token_s
+        rm.verify_seal()
+        seal_ms = statistics.median(rm.verify_seal() for _ in range(10))
+        mid_seq = args.decode_prompt + args.decode_tokens // 2
+        roofline_s = decode_bytes_per_token(rm, mid_seq) / bw
+        result = {
+            "shape": shape,
+            "type": wtype,
+            "file_gb": vm.size / 1e9,
+            "resident_gb": rm._weights.arena.numel() / 1e9,
+            "vram_gb": rm.vram_bytes() / 1e9,
+            "write_s": write_s,
+            "validate_s": validate_s,
+            "load_gb_s": rm.load_stats.gb_per_s,
+            "time_to_ready_s": ready_s,
+            "prefill_tok_s": prefill_tps,
+            "prefill_vs_llama_cpp": prefill_tps / LLAMA_CPP_PP512[shape] if shape in LLAMA_CPP_PP512 else None,
+            "ttft_ms": ttft_ms,
+            "decode_tok_s": decode_tps,
+            "decode_target_tok_s": DECODE_TARGET.get(shape),
+            "roofline_pct": 100.0 * roofline_s / per_token_s,
+            "seal_verify_ms": seal_ms,
+            "graph": rm.graph_captured,
+            "tokens_head": toks[:8],
+        }
+    finally:
+        rm.close()
+        if not args.keep:
+            path.unlink(missing_ok=True)
+    return result
+
+
+def _table(rows: list[dict[str, Any]], bw: float) -> str:
+    head = (
+        "| shape | type | file GB | load GB/s | ready s | pp512 tok/s | vs llama.cpp | TTFT ms "
+        "| decode tok/s | target | % roofline | seal ms |"
+    )
+    lines = [f"D2D copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", "", head, "|" + "---|" * 12]
+    for r in rows:
+        vs = f"{100 * r['prefill_vs_llama_cpp']:.0f}%" if r["prefill_vs_llama_cpp"] else "-"
+        tgt = f"{r['decode_target_tok_s']:.0f}" if r["decode_target_tok_s"] else "-"
+        lines.append(
+            f"| {r['shape']} | {r['type']} | {r['file_gb']:.2f} | {r['load_gb_s']:.2f} | {r['time_to_ready_s']:.1f} | "
+            f"{r['prefill_tok_s']:.0f} | {vs} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.0f} | {tgt} | "
+            f"{r['roofline_pct']:.0f}% | {r['seal_verify_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="worker-orcd engine benchmark (GPU)")
+    ap.add_argument(
+        "--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b", help="comma-separated: " + ",".join(SHAPES)
+    )
+    ap.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="comma-separated: F16,Q8_0,Q4_K_M")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "worker-orcd-bench")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-prompt", type=int, default=16, help="prompt length for the decode measurement")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--kv-cache-mb", type=int, default=1024)
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic model files")
+    args = ap.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    types = [t for t in args.types.split(",") if t]
+    bad = [s for s in shapes if s not in SHAPES] + [t for t in types if t not in ("F16", "Q8_0", "Q4_K_M")]
+    if bad:
+        print(f"unknown shape/type: {bad}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("bench_engine needs a CUDA GPU", file=sys.stderr)
+        return 1
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    engine = Engine.open("cuda", 0)
+    bw = d2d_bandwidth()
+    rows: list[dict[str, Any]] = []
+    failed = False
+    for shape in shapes:
+        for wtype in types:
+            try:
+                row = bench_one(engine, shape, wtype, args.workdir, bw, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            except Exception:  # noqa: BLE001 - report every failure, then fail the run
+                failed = True
+                print(f"FAILED {shape} {wtype}:", file=sys.stderr)
+                traceback.print_exc()
+    print(_table(rows, bw))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        payload = {
+            "device": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "d2d_bytes_per_s": bw,
+            "results": rows,
+        }
+        (Path(out) / "bench_engine.json").write_text(json.dumps(payload, indent=2))
+    engine.close()
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Synthetic GGUF models of real shapes, with valid random weight blocks (benchmarks, GPU tests).
+
+The device machine reaches no model hub, so the benchmark writes models with
+the exact tensor shapes of Qwen2.5 0.5B/1.5B/7B (and tiny llama/qwen2/gemma3
+shapes for tests) using our own ``GGUFWriter``. Weights are random but valid:
+f16 scales are finite and small, so activations stay finite and every kernel
+does real work. Tensor bytes are produced lazily from a small template ring,
+so a 15 GB model is written at disk speed without sitting in RAM.
+
+    python benchmarks/synth.py /tmp/q7.gguf --shape qwen2.5-7b --type F16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker_orcd.gguf import GGMLType  # noqa: E402
+from worker_orcd.gguf.constants import BLOCK_LAYOUT  # noqa: E402
+from worker_orcd.gguf.writer import GGUFWriter, tensor_nbytes  # noqa: E402
+
+ShapeName = Literal["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "tiny-qwen2", "tiny-llama", "tiny-gemma3"]
+WeightType = Literal["F16", "Q8_0", "Q4_K_M"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab: int
+    context: int
+    tied: bool
+    head_dim: int | None = None  # None: d_model / n_heads
+    rope_theta: float = 1e6
+    sliding_window: int | None = None
+
+
+SHAPES: dict[str, Shape] = {
+    # Qwen2.5 configs (config.json of Qwen/Qwen2.5-{0.5B,1.5B,7B}-Instruct)
+    "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 151936, 32768, tied=True),
+    "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 8960, 151936, 32768, tied=True),
+    "qwen2.5-7b": Shape("qwen2", 28, 3584, 28, 4, 18944, 152064, 32768, tied=False),
+    # tiny shapes: fast CPU tests of every architecture path
+    "tiny-qwen2": Shape("qwen2", 2, 256, 4, 2, 512, 512, 256, tied=True),
+    "tiny-llama": Shape("llama", 2, 256, 4, 2, 512, 512, 256, tied=False, rope_theta=10000.0),
+    "tiny-gemma3": Shape("gemma3", 6, 256, 2, 1, 512, 512, 256, tied=True, head_dim=64, sliding_window=8),
+}
+
+_TEMPLATE_BLOCKS = 1 << 16
+_CHUNK = 16 << 20
+
+
+def _templates(seed: int) -> dict[GGMLType, bytes]:
+    """One ring of valid random blocks per type; magnitudes ~0.02 like trained weights."""
+    rng = np.random.default_rng(seed)
+    n = _TEMPLATE_BLOCKS
+    out: dict[GGMLType, bytes] = {}
+    out[GGMLType.F16] = (rng.standard_normal(n * 32, dtype=np.float32) * 0.02).astype(np.float16).tobytes()
+    q8 = np.zeros(n, dtype=[("d", "<f2"), ("qs", "i1", 32)])
+    q8["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 64)
+    q8["qs"] = rng.integers(-128, 128, (n, 32))
+    out[GGMLType.Q8_0] = q8.tobytes()
+    q5 = np.zeros(n, dtype=[("d", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)])
+    q5["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 16)
+    q5["qh"] = rng.integers(0, 256, (n, 4))
+    q5["qs"] = rng.integers(0, 256, (n, 16))
+    out[GGMLType.Q5_0] = q5.tobytes()
+    q4k = np.zeros(n, dtype=[("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+    q4k["d"] = rng.uniform(0.5, 1.5, n) * 2e-5
+    q4k["dmin"] = rng.uniform(0.5, 1.5, n) * 1e-5
+    q4k["scales"] = rng.integers(0, 256, (n, 12))
+    q4k["qs"] = rng.integers(0, 256, (n, 128))
+    out[GGMLType.Q4_K] = q4k.tobytes()
+    q6k = np.zeros(n, dtype=[("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+    q6k["ql"] = rng.integers(0, 256, (n, 128))
+    q6k["qh"] = rng.integers(0, 256, (n, 64))
+    q6k["scales"] = rng.integers(-128, 128, (n, 16))
+    q6k["d"] = rng.uniform(0.5, 1.5, n) * 5e-6
+    out[GGMLType.Q6_K] = q6k.tobytes()
+    return out
+
+
+def _stream(template: bytes, n_bytes: int, block_bytes: int, name: str) -> Callable[[], Iterable[bytes]]:
+    """Cycle through ``template`` from a name-dependent block, so tensors differ from each other."""
+    n_blocks = len(template) // block_bytes
+    start = (zlib.crc32(name.encode()) % n_blocks) * block_bytes
+
+    def gen() -> Iterable[bytes]:
+        # the template holds whole blocks and wraps exactly at its end, so the
+        # concatenated stream is whole valid blocks whatever the chunk sizes
+        view = memoryview(template)
+        pos, left = start, n_bytes
+        while left:
+            n = min(left, _CHUNK, len(template) - pos)
+            yield view[pos : pos + n]
+            left -= n
+            pos = (pos + n) % len(template)
+
+    return gen
+
+
+def _matrix_type(weight_type: WeightType, role: str, row: int) -> GGMLType:
+    """llama.cpp-like mixes: Q4_K_M keeps output/attn_v/ffn_down at Q6_K; rows that are not a
+    multiple of 256 fall back to 32-element blocks (as llama.cpp does for Qwen2.5-0.5B)."""
+    if weight_type == "F16":
+        return GGMLType.F16
+    if weight_type == "Q8_0":
+        return GGMLType.Q8_0
+    t = GGMLType.Q6_K if role in ("output", "attn_v", "ffn_down") else GGMLType.Q4_K
+    if row % 256:
+        t = GGMLType.Q8_0 if t is GGMLType.Q6_K else GGMLType.Q5_0
+    return t
+
+
+def _f32(values: np.ndarray) -> bytes:
+    return values.astype("<f4").tobytes()
+
+
+def write_synthetic_model(path: str | Path, shape: ShapeName, weight_type: WeightType, seed: int = 0) -> Path:
+    """Write a GGUF of ``shape`` with ``weight_type`` matrices (norms/biases F32); returns the path."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    if weight_type not in ("F16", "Q8_0", "Q4_K_M"):
+        raise ValueError(f"unknown weight type {weight_type!r} (known: F16, Q8_0, Q4_K_M)")
+    s = SHAPES[shape]
+    hd = s.head_dim or s.d_model // s.n_heads
+    q, kv, d, f, V = s.n_heads * hd, s.n_kv_heads * hd, s.d_model, s.ffn_dim, s.vocab
+    tmpl = _templates(seed)
+    rng = np.random.default_rng(seed + 1)
+    w = GGUFWriter()
+    a = s.arch
+    w.add("general.architecture", a)
+    w.add("general.name", f"synthetic {shape} {weight_type}")
+    w.add(f"{a}.block_count", s.n_layers)
+    w.add(f"{a}.context_length", s.context)
+    w.add(f"{a}.embedding_length", d)
+    w.add(f"{a}.feed_forward_length", f)
+    w.add(f"{a}.attention.head_count", s.n_heads)
+    w.add(f"{a}.attention.head_count_kv", s.n_kv_heads)
+    w.add(f"{a}.rope.freq_base", s.rope_theta)
+    w.add(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add(f"{a}.vocab_size", V)
+    if s.head_dim is not None:
+        w.add(f"{a}.attention.key_length", hd)
+        w.add(f"{a}.attention.value_length", hd)
+    if s.sliding_window is not None:
+        w.add(f"{a}.attention.sliding_window", s.sliding_window)
+
+    def matrix(name: str, role: str, ggml_shape: tuple[int, int]) -> None:
+        t = _matrix_type(weight_type, role, ggml_shape[0])
+        nbytes = tensor_nbytes(ggml_shape, t)
+        w.add_tensor(name, ggml_shape, t, _stream(tmpl[t], nbytes, BLOCK_LAYOUT[t].type_size, name))
+
+    def vector(name: str, values: np.ndarray) -> None:
+        w.add_tensor(name, (values.size,), GGMLType.F32, _f32(values))
+
+    norm = np.ones(d, dtype=np.float32)
+    matrix("token_embd.weight", "token_embd", (d, V))
+    if not s.tied:
+        matrix("output.weight", "output", (d, V))
+    vector("output_norm.weight", norm)
+    for i in range(s.n_layers):
+        b = f"blk.{i}."
+        vector(b + "attn_norm.weight", norm)
+        matrix(b + "attn_q.weight", "attn_q", (d, q))
+        matrix(b + "attn_k.weight", "attn_k", (d, kv))
+        matrix(b + "attn_v.weight", "attn_v", (d, kv))
+        if a == "qwen2":
+            for part, n in (("q", q), ("k", kv), ("v", kv)):
+                vector(b + f"attn_{part}.bias", rng.standard_normal(n).astype(np.float32) * 0.02)
+        if a == "gemma3":
+            vector(b + "attn_q_norm.weight", np.ones(hd, dtype=np.float32))
+            vector(b + "attn_k_norm.weight", np.ones(hd, dtype=np.float32))
+            vector(b + "post_attention_norm.weight", norm)
+            vector(b + "post_ffw_norm.weight", norm)
+        matrix(b + "attn_output.weight", "attn_output", (q, d))
+        vector(b + "ffn_norm.weight", norm)
+        matrix(b + "ffn_gate.weight", "ffn_gate", (d, f))
+        matrix(b + "ffn_up.weight", "ffn_up", (d, f))
+        matrix(b + "ffn_down.weight", "ffn_down", (f, d))
+    return w.write(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--type", dest="weight_type", choices=["F16", "Q8_0", "Q4_K_M"], required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = write_synthetic_model(args.path, args.shape, args.weight_type, args.seed)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""A fake engine + an in-process worker harness for the HTTP-layer unit tests.
+
+The fake implements the engine API (engine/api.py) without torch so the HTTP
+tests run in milliseconds: a byte-level "echo" model (token = byte + 3, so a
+4-byte emoji spans 4 tokens and exercises the UTF-8-safe detokenizer), real
+seals from ``Sealer`` over a fingerprint a test can corrupt, and knobs for
+slow prefill, slow decode and failures. Everything else is real: the loader
+validates a real tiny GGUF, serve() runs uvicorn on a real socket, and the
+callbacks go to a real HTTP server. The integration test
+(test_serve_integration.py) runs the real engine on the real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+import pytest
+
+from worker_orcd import logs
+from worker_orcd.config import load_config
+from worker_orcd.errors import ErrorCode, WorkerError
+from worker_orcd.gguf import GGMLType
+from worker_orcd.gguf.writer import GGUFWriter, tensor_nbytes
+from worker_orcd.lifecycle import EngineBinding, State, Worker
+from worker_orcd.loader import ValidatedModel
+from worker_orcd.seal import ModelShardHandle, Sealer
+from worker_orcd.serve import serve
+from worker_orcd.tokenizer import StreamingDetokenizer
+
+TOKEN_A = "tok-A-" + "a" * 32
+TOKEN_B = "tok-B-" + "b" * 32
+FINGERPRINT = "f" * 64
+BYTE_OFFSET = 3  # ids 0..2 are specials: 0 pad, 1 eos, 2 bos
+EOS = 1
+MODEL_NAME = "tiny.gguf"
+
+
+def write_tiny_model(path: Path) -> Path:
+    """A tiny llama GGUF (gqa, 512 context) the real loader accepts and the ECP matches."""
+    w = GGUFWriter()
+    for key, value in {
+        "general.architecture": "llama",
+        "general.name": "tiny",
+        "llama.block_count": 1,
+        "llama.context_length": 512,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "tokenizer.ggml.tokens": ["a", "b"],
+    }.items():
+        w.add(key, value)
+    n = tensor_nbytes((256, 2), GGMLType.Q8_0)
+    w.add_tensor("token_embd.weight", (256, 2), GGMLType.Q8_0, (bytes(range(256)) * (n // 256 + 1))[:n])
+    return w.write(path)
+
+
+# --- the fake engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int
+    token_id: int
+
+
+@dataclass(frozen=True)
+class GenerationEnd:
+    tokens_in: int
+    tokens_out: int
+    stop_reason: str
+    prefill_ms: float
+    ttft_ms: float
+    decode_time_ms: float
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset[int] = frozenset()
+
+
+class ByteTokenizer:
+    """Token = one UTF-8 byte + 3: multi-byte characters always span several tokens."""
+
+    special_ids = frozenset({0, 1, 2})
+    strips_leading_space = False
+    eos_ids = frozenset({EOS})
+
+    def encode(self, text: str) -> list[int]:
+        return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.special_ids:
+            return b"<eos>" if token_id == EOS else b""
+        return bytes([token_id - BYTE_OFFSET])
+
+    def stream(self, skip_special: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self, skip_special=skip_special)  # type: ignore[arg-type]
+
+
+@dataclass
+class Knobs:
+    """What the fake engine does; tests change these (also while the worker runs)."""
+
+    step_s: float = 0.005  # per decode step
+    prefill_s: float = 0.0
+    max_seq_len: int = 256
+    fail_at: int | None = None  # raise a RuntimeError before this token index
+    eos_after: int | None = None  # emit EOS as token number N (0-based)
+    load_error: WorkerError | None = None
+    vram_total: int = 8 << 30
+    active: int = 0  # generations running right now
+    max_active: int = 0  # most ever running at once (must stay 1)
+    generations: int = 0
+    cancel_seen_at: list[float] = field(default_factory=list)  # when generate() observed the cancel flag
+
+
+class FakeResident:
+    def __init__(self, handle: ModelShardHandle, sealer: Sealer, knobs: Knobs) -> None:
+        self.handle = handle
+        self.sealer = sealer
+        self.knobs = knobs
+        self.fingerprint = FINGERPRINT
+        self.closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.knobs.max_seq_len
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Any]:
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise WorkerError("capacity exceeded", code=ErrorCode.INVALID_PARAMS)
+        return self._run(list(prompt_ids), params, cancel)
+
+    def _run(self, ids: list[int], p: SamplingParams, cancel: threading.Event) -> Iterator[Any]:
+        k = self.knobs
+        if not self._lock.acquire(blocking=False):
+            raise WorkerError("a generation is already running", code=ErrorCode.WORKER_BUSY)
+        k.active += 1
+        k.generations += 1
+        k.max_active = max(k.max_active, k.active)
+        try:
+            t0 = time.perf_counter()
+            time.sleep(k.prefill_s)
+            rng = random.Random(p.seed)
+            t_first = time.perf_counter()
+            n_out = 0
+
+            def end(reason: str) -> GenerationEnd:
+                now = time.perf_counter()
+                return GenerationEnd(len(ids), n_out, reason, (t_first - t0) * 1e3, (t_first - t0) * 1e3, (now - t_first) * 1e3)
+
+            for i in range(p.max_tokens):
+                if i:
+                    time.sleep(k.step_s)
+                if cancel.is_set():
+                    k.cancel_seen_at.append(time.monotonic())
+                    yield end("cancelled")
+                    return
+                if k.fail_at is not None and i >= k.fail_at:
+                    raise RuntimeError("secret internal detail /dev/nvidia0 0xdeadbeef")
+                if k.eos_after is not None and i == k.eos_after:
+                    tok = EOS
+                elif p.temperature == 0.0:
+                    tok = ids[i % len(ids)]  # greedy "echo"
+                else:
+                    tok = rng.choice(ids)
+                n_out += 1
+                yield TokenEvent(i, tok)
+                if tok in p.stop_ids:
+                    yield end("eos")
+                    return
+            yield end("max_tokens")
+        finally:
+            k.active -= 1
+            self._lock.release()
+
+    def verify_seal(self) -> float:
+        t0 = time.perf_counter()
+        self.sealer.verify(self.handle, self.fingerprint)
+        return (time.perf_counter() - t0) * 1e3
+
+    def vram_bytes(self) -> int:
+        return 123_456
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass(frozen=True)
+class FakePlan:
+    required_bytes: int
+    free_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"required_bytes": self.required_bytes, "free_bytes": self.free_bytes, "dtype": "fake"}
+
+
+class FakeEngine:
+    def __init__(self, knobs: Knobs) -> None:
+        self.knobs = knobs
+        self.models: list[FakeResident] = []
+        self.closed = False
+
+    def plan(self, gguf: Any, kv_cache_mb: int | None = None) -> FakePlan:
+        return FakePlan(required_bytes=1 << 20, free_bytes=self.knobs.vram_total)
+
+    def load(
+        self, model: ValidatedModel, *, shard_id: str, sealer: Sealer, kv_cache_mb: int | None = None,
+        shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None,
+    ) -> FakeResident:
+        if self.knobs.load_error is not None:
+            raise self.knobs.load_error
+        handle = ModelShardHandle(
+            shard_id=shard_id, gpu_device=0, vram_bytes=123_456, digest=model.digest,
+            model_ref=model.source.ref if model_ref is None else model_ref,
+            shard_index=shard_index, total_shards=total_shards,
+        )
+        resident = FakeResident(sealer.seal(handle, FINGERPRINT), sealer, self.knobs)
+        self.models.append(resident)
+        return resident
+
+    def memory(self) -> dict[str, int]:
+        return {"free_bytes": self.knobs.vram_total, "total_bytes": self.knobs.vram_total}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_binding(knobs: Knobs, engines: list[FakeEngine] | None = None) -> EngineBinding:
+    def open_engine() -> FakeEngine:
+        engine = FakeEngine(knobs)
+        if engines is not None:
+            engines.append(engine)
+        return engine
+
+    return EngineBinding(open=open_engine, sampling_params=SamplingParams, tokenizer=lambda gguf: ByteTokenizer())
+
+
+# --- the in-process worker ----------------------------------------------------------------
+
+
+class WorkerHarness:
+    """serve() on a thread with the fake engine, a real socket, a real token file and real logs."""
+
+    def __init__(
+        self, tmp: Path, knobs: Knobs | None = None, *, model: bool | str = True, tokens: Sequence[str] = (TOKEN_A, TOKEN_B),
+        wait_ready: bool = True, **overrides: Any,
+    ) -> None:
+        self.tmp = tmp
+        self.wait_ready = wait_ready
+        self.knobs = knobs or Knobs()
+        self.engines: list[FakeEngine] = []
+        self.root = tmp / "models"
+        self.root.mkdir(exist_ok=True)
+        self.model_path = write_tiny_model(self.root / MODEL_NAME)
+        token_file = tmp / "token"
+        token_file.write_text("\n".join(tokens) + "\n")
+        flags: dict[str, Any] = {
+            "worker_id": "w-test", "device": "cpu", "bind": "127.0.0.1:0", "model_root": str(self.root),
+            "api_token_file": str(token_file), "shutdown_timeout_sec": 5, "sse_keepalive_sec": 1,
+            "model": (model if isinstance(model, str) else MODEL_NAME) if model else None,
+        }
+        flags.update(overrides)
+        self.config = load_config(flags, env={})
+        self.log = io.StringIO()
+        self.worker: Worker | None = None
+        self.exit_code: int | None = None
+        self.forced: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="worker-under-test", daemon=True)
+
+    def _run(self) -> None:
+        def capture(worker: Worker) -> None:
+            self.worker = worker
+            self._loop = asyncio.get_running_loop()
+
+        self.exit_code = asyncio.run(
+            serve(self.config, fake_binding(self.knobs, self.engines), force_exit=self.forced.append, on_worker=capture)
+        )
+
+    def __enter__(self) -> Self:
+        logs.configure("debug", stream=self.log, worker_id=self.config.worker_id, gpu_device=0, device="cpu")
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        want = State.READY if self.config.model and self.wait_ready else None
+        while time.monotonic() < deadline and self._thread.is_alive():
+            w = self.worker
+            if w is not None and w.uri is not None and (want is None or w.state == want) and self._answers():
+                break
+            time.sleep(0.01)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code in (200, 503)
+        except httpx.HTTPError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self.shutdown()
+            self.join(15)
+
+    @property
+    def url(self) -> str:
+        assert self.worker is not None and self.worker.uri is not None, "worker did not start listening"
+        return self.worker.uri
+
+    def client(self, token: str | None = TOKEN_A, **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 10), **kw)
+
+    def shutdown(self) -> None:
+        assert self._loop is not None and self.worker is not None
+        self._loop.call_soon_threadsafe(self.worker.request_shutdown, "test")
+
+    def join(self, timeout: float) -> int | None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "serve() did not return in time"
+        return self.exit_code
+
+    def log_lines(self) -> list[str]:
+        return [line for line in self.log.getvalue().splitlines() if line]
+
+
+def iter_events(resp: httpx.Response) -> Iterator[tuple[str, Any]]:
+    """SSE events as (name, data) while they arrive; comment lines come out as ("comment", text)."""
+    event: str | None = None
+    for line in resp.iter_lines():
+        if line.startswith(":"):
+            yield "comment", line[1:].strip()
+        elif line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            assert event is not None, "data line without an event line"
+            yield event, json.loads(line[len("data: "):])
+            event = None
+
+
+# --- the fake's own contract (so the HTTP tests stand on a fake that behaves like the engine) ---
+
+
+def test_fake_engine_stops_within_one_step_of_cancel() -> None:
+    knobs = Knobs(step_s=0.01)
+    sealer = Sealer()
+    handle = sealer.seal(ModelShardHandle("s", 0, 0, "a" * 64, "m"), FINGERPRINT)
+    model = FakeResident(handle, sealer, knobs)
+    cancel = threading.Event()
+    events = []
+    for ev in model.generate([10, 11], SamplingParams(max_tokens=100), cancel):
+        events.append(ev)
+        if len(events) == 3:
+            cancel.set()
+    assert [type(e).__name__ for e in events] == ["TokenEvent"] * 3 + ["GenerationEnd"]
+    assert events[-1].stop_reason == "cancelled"
+
+
+def test_fake_engine_seal_detects_changed_fingerprint() -> None:
+    sealer = Sealer()
+    handle = sealer.seal(ModelShardHandle("s", 0, 0, "a" * 64, "m"), FINGERPRINT)
+    model = FakeResident(handle, sealer, Knobs())
+    model.verify_seal()
+    model.fingerprint = "0" * 64
+    with pytest.raises(WorkerError) as e:
+        model.verify_seal()
+    assert e.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
+
+
+def test_byte_tokenizer_round_trips_multibyte_text() -> None:
+    tok = ByteTokenizer()
+    text = "héllo 🙂 世界"
+    ids = tok.encode(text)
+    stream = tok.stream(skip_special=True)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert all(p == "" or "\ufffd" not in p for p in pieces)
+    assert "" in pieces  # the emoji's first bytes were held back, not split

@@ -1,0 +1,263 @@
+"""Daemon configuration (SPEC 4980-4991): flags > JSON config file > WORKER_* env > defaults.
+
+Every value from every source goes through one pydantic model, so a bad value
+is reported the same way wherever it came from: one line naming the field,
+where it was set and the rule it broke (the CLI turns that into exit code 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .gguf.constants import Limits
+from .sources import DEFAULT_MODEL_ROOT
+
+DEFAULT_BIND = "127.0.0.1:8001"  # SPEC 4990: loopback by default (4922)
+DEFAULT_TOKEN_FILE = Path("/etc/llorch/worker-token")
+CREDENTIAL_NAME = "worker-token"  # systemd LoadCredential= name under $CREDENTIALS_DIRECTORY
+MAX_MODEL_SIZE = Limits.max_file_size
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+
+# SPEC 4981/4982 spell some keys differently from the CLI; a config file may use either.
+JSON_ALIASES: dict[str, str] = {
+    "model_path": "model",
+    "rpc_port": "port",
+    "readiness_callback_url": "callback_url",
+    "max_tokens": "max_tokens_out",
+    "max_prompt_len": "max_prompt_chars",
+}
+
+# The four environment variables of SPEC 4990 (never the token itself: 4910).
+ENV_VARS: dict[str, str] = {
+    "WORKER_API_TOKEN_FILE": "api_token_file",
+    "WORKER_BIND_ADDR": "bind",
+    "WORKER_GPU_DEVICE": "gpu_device",
+    "WORKER_LOG_LEVEL": "log_level",
+}
+
+
+class ConfigError(Exception):
+    """One configuration problem, already phrased as the single line the operator sees."""
+
+
+class WorkerConfig(BaseModel):
+    """The validated configuration; see README "Configuration" for the table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    worker_id: str
+    pool_id: str | None = None
+    model: str | None = Field(default=None, min_length=1, max_length=4096)
+    model_root: Path = DEFAULT_MODEL_ROOT
+    expected_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    model_public_key: Path | None = None
+    require_signature: bool = False
+    device: Literal["cuda", "cpu"] = "cuda"
+    gpu_device: int = Field(default=0, ge=0, le=63)
+    bind: str = DEFAULT_BIND
+    port: int | None = Field(default=None, ge=0, le=65535)
+    callback_url: str | None = None
+    advertise_url: str | None = None
+    api_token_file: Path = DEFAULT_TOKEN_FILE
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)
+    max_tokens_out: int = Field(default=4096, ge=1, le=1 << 20)
+    max_tokens_in: int | None = Field(default=None, ge=1, le=1 << 24)
+    inference_timeout_sec: float = Field(default=300.0, gt=0, le=86_400)
+    shutdown_timeout_sec: float = Field(default=30.0, gt=0, le=3_600)
+    kv_cache_size_mb: int | None = Field(default=None, ge=1, le=1 << 20)
+    max_model_size_bytes: int = Field(default=MAX_MODEL_SIZE, ge=1, le=MAX_MODEL_SIZE)
+    upload_dir: Path | None = None  # where streamed commit bodies are staged; default: the system temp dir
+    ready_open: bool = False
+    sse_keepalive_sec: float = Field(default=5.0, ge=0.05, le=300)
+    callback_attempts: int = Field(default=6, ge=1, le=100)
+    callback_timeout_sec: float = Field(default=5.0, gt=0, le=300)
+    slots_total: int = Field(default=1, ge=1, le=1)  # SPEC 4982; M0 runs exactly one job at a time
+
+    @field_validator("worker_id", "pool_id")
+    @classmethod
+    def _identifier(cls, v: str | None) -> str | None:
+        if v is not None and not _ID.fullmatch(v):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':', '-', starting with a letter or digit")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\0" in v:
+            raise ValueError("must not contain a NUL byte")
+        return v
+
+    @field_validator("callback_url", "advertise_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v.rstrip("/")
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        parse_bind(v)
+        return v
+
+    @model_validator(mode="after")
+    def _signature_needs_key(self) -> WorkerConfig:
+        if self.require_signature and self.model_public_key is None:
+            raise ValueError("require_signature needs model_public_key")
+        return self
+
+    @property
+    def host(self) -> str:
+        return parse_bind(self.bind)[0]
+
+    @property
+    def listen_port(self) -> int:
+        """--port overrides the port part of the bind address; 0 asks the OS for a free one."""
+        return self.port if self.port is not None else parse_bind(self.bind)[1]
+
+    @property
+    def dev_mode(self) -> bool:
+        """SPEC "GPU only": CPU execution is an explicit development/test mode, never implied."""
+        return self.device == "cpu"
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT`` (SPEC 4991); a bare host keeps port 8001."""
+    host, port_text = value, "8001"
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0:
+            raise ValueError("an IPv6 bind address must look like [::1]:8001")
+        host, rest = value[1:close], value[close + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected HOST:PORT or [IPV6]:PORT")
+            port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    elif ":" in value:
+        raise ValueError("write an IPv6 bind address in brackets: [::1]:8001")
+    if not host or not _HOST.fullmatch(host) and not _is_ip(host):
+        raise ValueError(f"host {host!r} is not a hostname or IP address")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} must be an integer in 0..65535")
+    return host, int(port_text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The JSON object of --config, with SPEC 4981 aliases mapped onto field names."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config: --config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: --config {path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config: --config {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: --config {path}: must be a JSON object")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = JSON_ALIASES.get(str(key), str(key))
+        if name in out:
+            raise ConfigError(f"config: {key} (config file): given twice, also as {name}")
+        out[name] = value
+    if "execution_timeout_ms" in out:  # SPEC 4982 unit; the daemon counts seconds
+        ms = out.pop("execution_timeout_ms")
+        if "inference_timeout_sec" in out:
+            raise ConfigError("config: execution_timeout_ms (config file): given together with inference_timeout_sec")
+        out["inference_timeout_sec"] = ms / 1000 if isinstance(ms, (int, float)) and not isinstance(ms, bool) else ms
+    return out
+
+
+def env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {field: env[var] for var, field in ENV_VARS.items() if var in env}
+    if "api_token_file" not in out and env.get("CREDENTIALS_DIRECTORY"):
+        out["api_token_file"] = str(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
+    return out
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> WorkerConfig:
+    """Merge the sources by precedence and validate; raise ConfigError with one line."""
+    env = os.environ if env is None else env
+    layers: list[tuple[str, dict[str, Any]]] = [("environment", env_values(env))]
+    if config_file is not None:
+        layers.append(("config file", read_config_file(config_file)))
+    layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for source, values in layers:
+        for key, value in values.items():
+            merged[key] = value
+            origin[key] = source
+    try:
+        return WorkerConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, origin)) from None
+
+
+def _one_line(e: ValidationError, origin: Mapping[str, str]) -> str:
+    err = e.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule across fields: the message names them
+        return f"config: {msg}"
+    field = loc[0]
+    where = _where(field, origin.get(field, ""))
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    elif err["type"] == "missing":
+        msg = "required" + (" (--worker-id)" if field == "worker_id" else "")
+    value = err.get("input")
+    shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+    return f"config: {field}{where}: {msg}{shown}"
+
+
+def _where(field: str, source: str) -> str:
+    if source == "flag":
+        return f" (--{field.replace('_', '-')})"
+    if source == "environment":
+        var = next((k for k, v in ENV_VARS.items() if v == field), "CREDENTIALS_DIRECTORY")
+        return f" ({var})"
+    if source == "config file":
+        return " (config file)"
+    return ""

@@ -1,0 +1,91 @@
+"""Two small Triton kernels the model needs besides the kernel library (SPEC 4700, 4400).
+
+``kv_write_``: store one token's K/V rows at a position read from device
+memory, so the captured decode graph needs no host-side index.
+``gated_act``: act(gate) * up over the fused gate/up projection in one pass.
+Both validate their arguments before launching (SPEC 4400).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .errors import KernelDimensionError
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    # One token's K and V rows ([Hk*D] each) into row `pos` of the caches.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    row = tl.load(pos_ptr).to(tl.int64) * N
+    tl.store(kc_ptr + row + offs, tl.load(k_ptr + offs, mask=mask), mask=mask)
+    tl.store(vc_ptr + row + offs, tl.load(v_ptr + offs, mask=mask), mask=mask)
+
+
+def check_kv_write(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+) -> None:
+    _, hk, d = k_cache.shape
+    if v_cache.shape != k_cache.shape or k.shape != (hk, d) or v.shape != (hk, d) or pos.numel() != 1:
+        raise KernelDimensionError(
+            f"kv_write: caches must match and k/v be [{hk}, {d}] with one position, got "
+            f"{tuple(v_cache.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {pos.numel()}"
+        )
+    if not (k.is_contiguous() and v.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise KernelDimensionError("kv_write: k, v and the caches must be contiguous")
+    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        raise KernelDimensionError(f"kv_write: dtype mismatch {k.dtype}/{v.dtype} vs cache {k_cache.dtype}")
+    if pos.dtype not in (torch.int32, torch.int64):
+        raise KernelDimensionError(f"kv_write: pos must be int32/int64, got {pos.dtype}")
+
+
+def kv_write_(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+) -> None:
+    """k_cache[pos] = k; v_cache[pos] = v. The caller guarantees 0 <= pos < S_max (requests are
+    checked against the cache capacity before any work starts)."""
+    check_kv_write(k_cache, v_cache, k, v, pos)
+    n = k.numel()
+    block = min(4096, triton.next_power_of_2(n))
+    _kv_write_kernel[(triton.cdiv(n, block),)](k, v, k_cache, v_cache, pos, N=n, BLOCK=block)
+
+
+@triton.jit
+def _gated_act_kernel(gu_ptr, out_ptr, f, gu_stride, out_stride, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    # out[t, i] = act(gu[t, i]) * gu[t, f + i], math in fp32
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < f
+    g = tl.load(gu_ptr + row * gu_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * gu_stride + f + offs, mask=mask, other=0.0).to(tl.float32)
+    if GELU:  # 0.5 g (1 + tanh(y)) == g * sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g^3)
+        a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    else:
+        a = g * tl.sigmoid(g)
+    tl.store(out_ptr + row * out_stride + offs, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def check_gated_act(gate_up: torch.Tensor, activation: str) -> int:
+    """Validate; returns f (the half width)."""
+    if activation not in ("silu", "gelu_tanh"):
+        raise KernelDimensionError(f"gated_act: unknown activation {activation!r}")
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.shape[0] == 0 or gate_up.stride(-1) != 1:
+        raise KernelDimensionError(
+            f"gated_act: gate_up must be [T, 2f] with unit column stride, got {tuple(gate_up.shape)} "
+            f"stride {gate_up.stride()}"
+        )
+    return gate_up.shape[1] // 2
+
+
+def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for the fused [T, 2f] projection: one read of gate/up, one write."""
+    f = check_gated_act(gate_up, activation)
+    out = torch.empty((gate_up.shape[0], f), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(f))
+    _gated_act_kernel[(gate_up.shape[0], triton.cdiv(f, block))](
+        gate_up, out, f, gate_up.stride(0), out.stride(0), GELU=activation == "gelu_tanh", BLOCK=block
+    )
+    return out

@@ -1,0 +1,272 @@
+"""Prefill + decode loop with a CUDA-graph-captured decode step (SPEC 4700, 4710-4712).
+
+The decode step reads its token, position and sequence length from static
+device buffers and advances them itself, so after the first token no host
+data goes to the device: per token the host replays the graph (one launch),
+runs the sampler outside the graph (sampling settings change per request
+without recapture; its output is copied device-to-device into the token
+buffer), and copies the sampled id into a small pinned ring without
+blocking. The host reads token i while the GPU already runs step i+1, so the
+only per-token synchronisation is an event wait that is usually satisfied.
+A stream therefore reaches the caller one decode step late, and on a stop
+token one extra step has been computed and is discarded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from . import ops
+from .kv_cache import KVCache
+from .model import Model
+
+StopReason = Literal["eos", "max_tokens", "cancelled"]
+LOOKAHEAD = 1  # decode steps queued on the GPU ahead of the token the host is reading
+RING = LOOKAHEAD + 2
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int
+    token_id: int
+
+
+@dataclass(frozen=True)
+class GenerationEnd:
+    tokens_in: int
+    tokens_out: int
+    stop_reason: StopReason
+    prefill_ms: float
+    ttft_ms: float
+    decode_time_ms: float
+
+
+Cancel = threading.Event | Callable[[], bool] | None
+
+
+def _cancelled(cancel: Cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device for the process: cuBLAS keeps a workspace per stream, so a
+    fresh stream per load would leave another workspace behind each time."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+class Generator:
+    """Owns the static decode buffers and the captured graph of one resident model."""
+
+    def __init__(self, model: Model, kv: KVCache, device: torch.device, prefill_chunk: int) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.prefill_chunk = prefill_chunk
+        # static decode inputs: the graph reads and advances these in place
+        self.token = torch.zeros(1, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(1, dtype=torch.int64, device=device)
+        self.seq_len = torch.ones(1, dtype=torch.int32, device=device)
+        self.history = torch.zeros(kv.max_seq_len, dtype=torch.int64, device=device)  # ids for the repetition penalty
+        self.ring = torch.zeros(RING, dtype=torch.int64, pin_memory=self.cuda)
+        self.events = [torch.cuda.Event() for _ in range(RING)] if self.cuda else []
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Device scratch owned here (attested with the weights and the KV cache)."""
+        out = [self.token, self.pos, self.seq_len, self.history]
+        if self.graph_logits is not None:
+            out.append(self.graph_logits)
+        return out
+
+    # --- one decode step ----------------------------------------------------------------------
+
+    def _step(self) -> torch.Tensor:
+        logits = self.model.decode(self.token, self.pos, self.seq_len)
+        self.pos.add_(1)
+        self.seq_len.add_(1)
+        return logits
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """Record the decode step once; replays reuse the same addresses and kernels.
+
+        Warm-up runs compile every Triton kernel and create the cuBLAS handle
+        outside the capture. They write K/V at positions 0..warmup-1, which
+        every request overwrites before reading (prefill writes 0..P-1, P >= 1).
+        """
+        if not self.cuda:
+            return
+        self.pos.zero_()
+        self.seq_len.fill_(1)
+        side = _side_stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step()
+        self.graph, self.graph_logits = graph, logits
+        torch.cuda.synchronize(self.device)
+
+    _WARMUP_SAMPLING = (
+        SamplingParams(max_tokens=1),
+        SamplingParams(max_tokens=1, temperature=0.7),
+        SamplingParams(max_tokens=1, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1),
+        SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),
+    )
+
+    @torch.no_grad()
+    def warmup(self, force: bool = False) -> None:
+        """Compile the prefill and sampling kernels at load, so the first request's TTFT is not a
+        JIT compile (CUDA; ``force`` runs it on the CPU too, for tests). Writes K/V at positions
+        0..7, which every request overwrites before reading."""
+        if not (self.cuda or force):
+            return
+        ids = torch.zeros(min(8, self.kv.max_seq_len), dtype=torch.int64, device=self.device)
+        logits = self.prefill(ids)
+        for i, p in enumerate(self._WARMUP_SAMPLING):
+            self._sample(logits, p, ids.shape[0], i)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def decode_step(self) -> torch.Tensor:
+        if self.graph is not None and self.graph_logits is not None:
+            self.graph.replay()
+            return self.graph_logits
+        return self._step()
+
+    # --- prefill ------------------------------------------------------------------------------
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Whole prompt, in chunks of ``prefill_chunk`` tokens; fp32 logits of its last token."""
+        logits = None
+        for start in range(0, ids.shape[0], self.prefill_chunk):
+            logits = self.model.prefill(ids[start : start + self.prefill_chunk], start)
+        assert logits is not None
+        return logits
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, p: SamplingParams, n_ctx: int, step: int) -> torch.Tensor:
+        penalty = self.history[:n_ctx] if p.repetition_penalty != 1.0 else None
+        return ops.sample(
+            logits,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty,
+            penalty_ids=penalty,
+            seed=p.seed,
+            step=step,
+        )
+
+    def _emit(self, nxt: torch.Tensor, slot: int) -> None:
+        self.ring[slot : slot + 1].copy_(nxt.reshape(1), non_blocking=True)
+        if self.cuda:
+            self.events[slot].record()
+
+    def _read(self, slot: int) -> int:
+        if self.cuda:
+            self.events[slot].synchronize()
+        return int(self.ring[slot])
+
+    @torch.no_grad()
+    def run(
+        self, prompt_ids: Sequence[int], p: SamplingParams, cancel: Cancel = None
+    ) -> Iterator[TokenEvent | GenerationEnd]:
+        """Stream tokens for a validated request; the caller has checked ids and capacity."""
+        t0 = time.perf_counter()
+        n_prompt = len(prompt_ids)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.int64).to(self.device, non_blocking=False)
+        if p.repetition_penalty != 1.0:
+            self.history[:n_prompt].copy_(ids)
+        logits = self.prefill(ids)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # the first token waits for it anyway
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        nxt = self._sample(logits, p, n_prompt, 0)
+        self._emit(nxt, 0)
+        first = self._read(0)
+        t_first = time.perf_counter()
+        ttft_ms = (t_first - t0) * 1e3
+        n_out = 1
+        yield TokenEvent(0, first)
+
+        def end(reason: StopReason) -> GenerationEnd:
+            return GenerationEnd(n_prompt, n_out, reason, prefill_ms, ttft_ms, (time.perf_counter() - t_first) * 1e3)
+
+        if first in p.stop_ids:
+            yield end("eos")
+            return
+        if n_out >= p.max_tokens:
+            yield end("max_tokens")
+            return
+        # the decode buffers take over: token, position and length of the next step
+        self.token.copy_(nxt.reshape(1))
+        self.pos.fill_(n_prompt)
+        self.seq_len.fill_(n_prompt + 1)
+        if p.repetition_penalty != 1.0:
+            self.history[n_prompt : n_prompt + 1].copy_(nxt.reshape(1))
+        pending: deque[tuple[int, int]] = deque()  # (token index, ring slot) queued on the GPU
+        step = 1
+        while True:
+            if _cancelled(cancel):
+                yield end("cancelled")
+                return
+            while step < p.max_tokens and len(pending) <= LOOKAHEAD:
+                logits = self.decode_step()
+                nxt = self._sample(logits, p, n_prompt + step, step)
+                self.token.copy_(nxt.reshape(1))
+                if p.repetition_penalty != 1.0:
+                    self.history[n_prompt + step : n_prompt + step + 1].copy_(nxt.reshape(1))
+                slot = step % RING
+                self._emit(nxt, slot)
+                pending.append((step, slot))
+                step += 1
+            if not pending:
+                yield end("max_tokens")
+                return
+            index, slot = pending.popleft()
+            token = self._read(slot)
+            if _cancelled(cancel):  # no token after a cancel is acknowledged (SPEC 4252)
+                yield end("cancelled")
+                return
+            n_out += 1
+            yield TokenEvent(index, token)
+            if token in p.stop_ids:
+                yield end("eos")
+                return

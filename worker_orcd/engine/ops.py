@@ -1,0 +1,251 @@
+"""One entry point per primitive: the Triton kernel on CUDA tensors, plain torch on the CPU.
+
+The CPU branch is the development/test mode's implementation AND the readable
+statement of what each kernel computes (float32 math, same masking and RoPE
+conventions); the model code calls only these functions, so both modes run
+the same forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import fused
+from . import kernels as K
+from .reference import checksum_cpu, sample_reference
+
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+_kernels_on_cpu = False
+
+
+def use_kernels_on_cpu(enabled: bool) -> None:
+    """Tests: route CPU tensors through the Triton kernels (interpreter) to check the GPU code path."""
+    global _kernels_on_cpu
+    if enabled and not _TRITON_INTERPRETED:
+        raise RuntimeError("running Triton kernels on CPU tensors needs TRITON_INTERPRET=1 before triton loads")
+    _kernels_on_cpu = enabled
+
+
+def _kernel(t: torch.Tensor) -> bool:
+    """True: this call takes the Triton path (every CUDA tensor; CPU tensors only when forced)."""
+    return t.device.type == "cuda" or _kernels_on_cpu
+
+
+# --- normalisation ----------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
+    if _kernel(x):
+        return K.rms_norm(x, weight, eps, out=out)
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    if out is None:
+        return y
+    return out.copy_(y)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add fused with the next norm."""
+    if _kernel(x):
+        return K.add_rms_norm(x, residual, weight, eps)
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+# --- rotary position embedding ----------------------------------------------------------------
+
+
+def rope_(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, neox: bool, rotary_dim: int | None = None
+) -> None:
+    """Rotate q[T,Hq,D] and k[T,Hk,D] in place by their positions (llama pairs or neox halves)."""
+    if _kernel(q):
+        K.rope_(q, k, positions, theta, neox, rotary_dim)
+        return
+    D = q.shape[-1]
+    rd = D if rotary_dim is None else rotary_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.int64).float() / rd))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, rd/2]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    for x in (q, k):
+        xf = x[..., :rd].float()
+        if neox:
+            a, b = xf[..., : rd // 2], xf[..., rd // 2 :]
+            rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        else:
+            a, b = xf[..., 0::2], xf[..., 1::2]
+            rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        x[..., :rd] = rot.to(x.dtype)
+
+
+# --- attention --------------------------------------------------------------------------------
+
+
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None, q_offset: int
+) -> torch.Tensor:
+    T, Hq, D = q.shape
+    S, Hk, _ = k.shape
+    G = Hq // Hk
+    qf = q.float().view(T, Hk, G, D).permute(1, 2, 0, 3)  # [Hk, G, T, D]
+    kf = k.float().permute(1, 0, 2)  # [Hk, S, D]
+    vf = v.float().permute(1, 0, 2)
+    scores = torch.matmul(qf, kf[:, None].transpose(-1, -2)) * scale  # [Hk, G, T, S]
+    qpos = torch.arange(T)[:, None] + q_offset
+    kpos = torch.arange(S)[None, :]
+    visible = kpos <= qpos
+    if sliding_window is not None:
+        visible &= qpos - kpos < sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, vf[:, None])  # [Hk, G, T, D]
+    return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    q_offset: int = 0,
+) -> torch.Tensor:
+    """Causal GQA attention of T queries at positions q_offset.. over keys 0..S-1 -> [T,Hq,D].
+
+    Key j is visible to the query at absolute position i iff j <= i and, with a
+    window W, i - j < W (Gemma 3 / llama.cpp / transformers convention).
+    """
+    if _kernel(q):
+        return K.attention_prefill(q, k, v, scale, sliding_window=sliding_window, q_offset=q_offset)
+    return _attention_reference(q, k, v, scale, sliding_window, q_offset)
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query (the newest token, at position seq_len-1) over the first seq_len cached keys -> [Hq,D]."""
+    if _kernel(q):
+        return K.attention_decode(q, k_cache, v_cache, seq_len, scale, sliding_window=sliding_window, out=out)
+    n = int(seq_len.reshape(-1)[0])
+    y = _attention_reference(q[None], k_cache[:n], v_cache[:n], scale, sliding_window, n - 1)[0]
+    if out is None:
+        return y
+    return out.copy_(y)
+
+
+# --- KV cache write and feed-forward activation ------------------------------------------------
+
+
+def kv_write_(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+) -> None:
+    """k_cache[pos] = k; v_cache[pos] = v with ``pos`` a device tensor [1] (no host sync; graph safe)."""
+    if _kernel(k_cache):
+        fused.kv_write_(k_cache, v_cache, k, v, pos)
+        return
+    fused.check_kv_write(k_cache, v_cache, k, v, pos)
+    k_cache.index_copy_(0, pos.reshape(1), k[None])
+    v_cache.index_copy_(0, pos.reshape(1), v[None])
+
+
+def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for the fused [T, 2f] projection (SiLU for llama/qwen2, GELU-tanh for Gemma)."""
+    if _kernel(gate_up):
+        return fused.gated_act(gate_up, activation)
+    f = fused.check_gated_act(gate_up, activation)
+    gate, up = gate_up[:, :f], gate_up[:, f:]
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) through cuBLAS / the CPU BLAS."""
+    return F.linear(x, w, bias)
+
+
+_MM_OUT_DTYPE: bool | None = None
+
+
+def logits_fp32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Final projection with fp32 output: fp16 logits would round away near-ties (0.015 at 30)."""
+    global _MM_OUT_DTYPE
+    if h.dtype == torch.float32:
+        return h @ w.t()
+    if _MM_OUT_DTYPE is None:
+        try:
+            torch.mm(h[:1], w[:1].t(), out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE = False
+    if _MM_OUT_DTYPE:
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+    return (h @ w.t()).float()
+
+
+# --- sampling and fingerprint -----------------------------------------------------------------
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repetition_penalty: float,
+    penalty_ids: torch.Tensor | None,
+    seed: int,
+    step: int,
+) -> torch.Tensor:
+    """Next token id as a tensor [1] int64 on logits' device (greedy when temperature == 0)."""
+    kwargs = dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        penalty_ids=penalty_ids,
+        seed=seed,
+        step=step,
+    )
+    if _kernel(logits):
+        return K.sample(logits, **kwargs)  # type: ignore[arg-type]
+    return sample_reference(logits, **kwargs)  # type: ignore[arg-type]
+
+
+def checksum_hex(buffers: Sequence[torch.Tensor]) -> str:
+    """Fingerprint of the resident bytes, computed where they live: the GPU kernel on CUDA, the
+    same function (kernels/checksum.py's definition) on the CPU, in bounded chunks."""
+    if buffers[0].device.type == "cuda":
+        return K.checksum_hex(buffers)
+    return f"{checksum_cpu(buffers):016x}"
+
+
+class Fingerprint:
+    """A fingerprint bound to fixed buffers: on CUDA the tile plan is built once and owned here
+    (freed with the model), so each seal check is just the kernel launches."""
+
+    def __init__(self, buffers: Sequence[torch.Tensor]) -> None:
+        self.buffers = list(buffers)
+        self.plan = K.ChecksumPlan(self.buffers) if self.buffers[0].device.type == "cuda" else None
+
+    def hex(self) -> str:
+        if self.plan is not None:
+            return K.digest_hex(self.plan.digest())
+        return f"{checksum_cpu(self.buffers):016x}"

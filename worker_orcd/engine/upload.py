@@ -1,0 +1,185 @@
+"""Streamed upload with on-device dequantization and an in-order re-hash (SPEC 4100-4102, 4113).
+
+Tensors are read from the file in whole-block chunks into a small reusable
+staging ring (pinned on CUDA, for the copy only, never for live data),
+copied to a device staging buffer and dequantized there straight into their
+arena slice, so the host never holds the model. A reader thread keeps file
+I/O ahead of hashing and the GPU work.
+
+While streaming, the whole file (header, padding and unused tensors
+included) is hashed again in order; the bytes uploaded are exactly the bytes
+hashed, and they must match the digest verified before parsing (closes the
+window between verification and upload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from ..errors import ModelLoadError
+from ..gguf import GGMLType, GGUFFile, TensorInfo
+from ..gguf.constants import BLOCK_LAYOUT
+from .dequant import dequantize
+from .device import DeviceContext
+from .weights import WeightLayout, views
+
+CHUNK_BYTES = 64 << 20
+RING = 3  # staging buffers in flight: one being read, one being hashed, one on the GPU
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    file_bytes: int
+    uploaded_bytes: int
+    resident_bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.file_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    file_offset: int
+    n_bytes: int
+    tensor: TensorInfo | None  # None: header / padding / unused bytes, hashed only
+    elem_start: int = 0  # first element of this chunk within the tensor
+
+
+def _chunks(g: GGUFFile, lay: WeightLayout, chunk_bytes: int) -> Iterator[_Chunk]:
+    """Every byte of the file exactly once, in file order; tensor chunks hold whole blocks."""
+    pos = 0
+    for t in sorted(g.tensors, key=lambda t: t.data_offset):
+        while pos < t.data_offset:
+            n = min(chunk_bytes, t.data_offset - pos)
+            yield _Chunk(pos, n, None)
+            pos += n
+        layout = BLOCK_LAYOUT[t.ggml_type]
+        step = max(1, chunk_bytes // layout.type_size) * layout.type_size
+        used = t.name in lay.parts
+        for off in range(0, t.n_bytes, step):
+            n = min(step, t.n_bytes - off)
+            yield _Chunk(t.data_offset + off, n, t if used else None, off // layout.type_size * layout.block_size)
+        pos = t.data_offset + t.n_bytes
+    while pos < g.file_size:
+        n = min(chunk_bytes, g.file_size - pos)
+        yield _Chunk(pos, n, None)
+        pos += n
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise ModelLoadError(
+                f"model file ended at byte {offset + got} while reading; it changed since it was verified"
+            )
+        got += n
+
+
+class _Reader(threading.Thread):
+    """Reads chunks ahead into the staging ring so file I/O overlaps hashing and the GPU work."""
+
+    def __init__(
+        self,
+        fd: int,
+        chunks: Iterator[_Chunk],
+        host: list[torch.Tensor],
+        events: list[torch.cuda.Event] | None,
+        device_index: int,
+    ) -> None:
+        super().__init__(name="weights-reader", daemon=True)
+        self.fd, self.chunks, self.host, self.events = fd, chunks, host, events
+        self.device_index = device_index
+        self.free: queue.Queue[int] = queue.Queue()
+        self.filled: queue.Queue[tuple[int, _Chunk] | BaseException | None] = queue.Queue()
+        self.stop = threading.Event()
+        for k in range(len(host)):
+            self.free.put(k)
+
+    def run(self) -> None:
+        try:
+            if self.events is not None:  # a new thread's current device is 0: never touch another GPU
+                torch.cuda.set_device(self.device_index)
+            for chunk in self.chunks:
+                k = self.free.get()
+                if self.stop.is_set():
+                    return
+                if self.events is not None:
+                    self.events[k].synchronize()  # the GPU copy out of this buffer has finished
+                view = self.host[k].numpy().data[: chunk.n_bytes]
+                _pread_full(self.fd, view, chunk.file_offset)
+                self.filled.put((k, chunk))
+            self.filled.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            self.filled.put(exc)
+
+
+def upload(
+    fh: BinaryIO,
+    g: GGUFFile,
+    lay: WeightLayout,
+    arena: torch.Tensor,
+    expected_digest: str,
+    ctx: DeviceContext,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> LoadStats:
+    """Stream the file into ``arena``; raise MODEL_LOAD_FAILED unless its SHA-256 is ``expected_digest``."""
+    fd = fh.fileno()
+    if os.fstat(fd).st_size != g.file_size:
+        raise ModelLoadError(f"model file is {os.fstat(fd).st_size} bytes now, {g.file_size} when it was verified")
+    t0 = time.perf_counter()
+    cuda = not ctx.dev_mode
+    host = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(RING)]
+    staging = [torch.empty(chunk_bytes, dtype=torch.uint8, device=arena.device) for _ in range(RING)] if cuda else host
+    events = [torch.cuda.Event() for _ in range(RING)] if cuda else None
+    flat = {name: view.view(-1) for name, view in views(arena, lay).items()}
+    sha = hashlib.sha256()
+    uploaded = 0
+    reader = _Reader(fd, _chunks(g, lay, chunk_bytes), host, events, ctx.index)
+    reader.start()
+    try:
+        while True:
+            item = reader.filled.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            k, chunk = item
+            sha.update(host[k].numpy().data[: chunk.n_bytes])
+            if chunk.tensor is not None:
+                t = chunk.tensor
+                part = lay.parts[t.name]
+                n_el = chunk.n_bytes // BLOCK_LAYOUT[t.ggml_type].type_size * BLOCK_LAYOUT[t.ggml_type].block_size
+                raw = staging[k][: chunk.n_bytes]
+                if cuda:
+                    raw.copy_(host[k][: chunk.n_bytes], non_blocking=True)
+                start = part.elem_offset + chunk.elem_start
+                dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=flat[part.slot][start : start + n_el])
+                uploaded += chunk.n_bytes
+            if events is not None:
+                events[k].record()
+            reader.free.put(k)
+    finally:
+        reader.stop.set()
+        reader.free.put(0)  # unblock a reader waiting for a buffer
+        reader.join()
+    ctx.synchronize()
+    digest = sha.hexdigest()
+    if not hmac.compare_digest(digest, expected_digest.lower()):
+        raise ModelLoadError(
+            f"model bytes changed after verification: SHA-256 while uploading is {digest}, verified digest was {expected_digest}"
+        )
+    return LoadStats(g.file_size, uploaded, arena.numel(), time.perf_counter() - t0)

@@ -1,0 +1,76 @@
+"""The FastAPI application: routes, the error model and the per-request middleware."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from starlette.types import Scope
+
+from .. import __version__
+from ..auth import BearerAuth
+from ..lifecycle import Worker
+from . import errors, routes_execute, routes_ops, routes_worker, schemas
+from .middleware import RequestContext
+
+JSON_BODY_FLOOR = 64 * 1024
+
+
+def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
+    app = FastAPI(
+        title="worker-orcd",
+        version=__version__,
+        summary="Sealed, deterministic GGUF inference worker: one GPU, one model, one job at a time.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.worker = worker
+    app.state.auth = auth
+    errors.install(app)
+    app.include_router(routes_worker.router)
+    app.include_router(routes_execute.router)
+    app.include_router(routes_ops.router)
+    # A JSON prompt of N characters is at most 12N bytes (two \uXXXX escapes per astral character).
+    json_limit = 12 * worker.config.max_prompt_chars + JSON_BODY_FLOOR
+
+    def body_limit(scope: Scope) -> int | None:
+        if scope["path"] == "/worker/commit":
+            return None  # the route caps JSON at 64 KiB and streamed bytes at MAX_MODEL_SIZE itself
+        return json_limit
+
+    app.add_middleware(RequestContext, metrics=worker.metrics, body_limit=body_limit)
+    app.openapi = _openapi_builder(app)  # type: ignore[method-assign]
+    return app
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI model stores numeric bounds as floats, turning seed's 2**64-1 into 2**64.
+
+    The document is built as usual, then each integer bound is restored from pydantic's own schema.
+    """
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = doc.get("components", {}).get("schemas", {})
+        for model in vars(schemas).values():
+            if not (isinstance(model, type) and issubclass(model, BaseModel)) or model.__name__ not in components:
+                continue
+            exact = model.model_json_schema().get("properties", {})
+            target = components[model.__name__].get("properties", {})
+            for name, spec in exact.items():
+                for key in _BOUNDS:
+                    if isinstance(spec.get(key), int) and key in target.get(name, {}):
+                        target[name][key] = spec[key]
+        app.openapi_schema = doc
+        return doc
+
+    return build

@@ -1,0 +1,49 @@
+"""Request dependencies: the worker, and the authenticated caller (SPEC 4200-4203)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..auth import BearerAuth, Caller
+from ..lifecycle import Worker
+
+# Declares the scheme in /openapi.json; the check itself reads the raw header (constant-time, our error model).
+bearer_scheme = HTTPBearer(auto_error=False, description="token from the worker's API token file")
+
+
+def get_worker(request: Request) -> Worker:
+    worker: Worker = request.app.state.worker
+    return worker
+
+
+def _authenticate(request: Request) -> Caller:
+    auth: BearerAuth = request.app.state.auth
+    caller = auth.authenticate(request.headers.get("authorization"))
+    request.state.fp6 = caller.fp6  # picked up by the request log line
+    return caller
+
+
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def require_caller(request: Request, _: BearerCredentials) -> Caller:
+    return _authenticate(request)
+
+
+def caller_unless_ready_open(request: Request, _: BearerCredentials) -> Caller | None:
+    """SPEC 4200: /worker/ready MAY be open by configuration (--ready-open)."""
+    if get_worker(request).config.ready_open and not request.headers.get("authorization"):
+        return None
+    return _authenticate(request)
+
+
+def correlation_id(request: Request) -> str:
+    return str(request.state.correlation_id)
+
+
+WorkerDep = Annotated[Worker, Depends(get_worker)]
+CallerDep = Annotated[Caller, Depends(require_caller)]
+ReadyCallerDep = Annotated[Caller | None, Depends(caller_unless_ready_open)]

@@ -1,0 +1,161 @@
+"""POST /worker/execute (+ alias /execute) and POST /cancel (SPEC 4240-4253, WORK /cancel).
+
+Everything that can be refused with a plain HTTP error is checked before the
+stream opens, in this order: auth, body schema, readiness, handle, prompt
+characters, prompt tokens, max_tokens, the slot (busy), the seal. After the
+``200`` every failure is an SSE ``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from .. import logs
+from ..errors import ErrorCode, InvalidParams, WorkerError
+from ..lifecycle import ResidentLike, TokenizerLike, Worker
+from .deps import CallerDep, WorkerDep, correlation_id
+from .schemas import (
+    AcceptedResponse,
+    CancelRequest,
+    ErrorBody,
+    ExecuteRequest,
+    SamplingIn,
+)
+from .sse import MEDIA_TYPE
+from .stream import EventStreamResponse, JobStream
+
+DEFAULT_MAX_TOKENS = 256
+
+router = APIRouter()
+
+_SSE_DOC = (
+    "Server-Sent Events: `started` {job_id, model, started_at, correlation_id}, one `token` {t, i} per "
+    "generated token, an optional `metrics`, then exactly one of `end` {tokens_in, tokens_out, "
+    "decode_time_ms, ttft_ms, prefill_ms, stop_reason} or `error` {code, message, retriable, retry_after_ms}. "
+    "Comment lines keep the connection alive while the prompt prefills."
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "INVALID_PARAMS"},
+    401: {"model": ErrorBody, "description": "AUTH_FAILED"},
+    404: {"model": ErrorBody, "description": "NOT_FOUND (handle_id)"},
+    500: {"model": ErrorBody, "description": "SEAL_VERIFICATION_FAILED / INTERNAL"},
+    503: {"model": ErrorBody, "description": "WORKER_BUSY or WORKER_NOT_READY (Retry-After set)"},
+}
+
+
+def _ready_model(worker: Worker) -> tuple[ResidentLike, TokenizerLike]:
+    model, tokenizer = worker.model, worker.tokenizer
+    if not worker.accepting or model is None or tokenizer is None:
+        why = "draining" if worker.state.value == "draining" else f"{worker.state.value}, no sealed model is serving"
+        raise WorkerError(f"worker is not ready ({why})", code=ErrorCode.WORKER_NOT_READY)
+    return model, tokenizer
+
+
+def _max_tokens(worker: Worker, model: ResidentLike, params: SamplingIn, n_prompt: int) -> int:
+    """SPEC 4243/4420-4423: requested output within --max-tokens-out and within what the KV cache holds."""
+    cfg = worker.config
+    room = model.max_seq_len - n_prompt
+    requested = params.max_tokens
+    if requested is None:
+        return max(1, min(DEFAULT_MAX_TOKENS, cfg.max_tokens_out, room))
+    if requested > cfg.max_tokens_out:
+        raise InvalidParams(f"params.max_tokens: {requested} is over the limit of {cfg.max_tokens_out} (--max-tokens-out)")
+    if requested > room:
+        raise InvalidParams(
+            f"params.max_tokens: {n_prompt} prompt tokens + {requested} new tokens exceed the context of "
+            f"{model.max_seq_len} tokens; at most {room} new tokens fit"
+        )
+    return requested
+
+
+async def _prompt_ids(worker: Worker, model: ResidentLike, tokenizer: TokenizerLike, prompt: str) -> list[int]:
+    """SPEC 4242 then 4420: characters first (cheap), then tokens against context / --max-tokens-in."""
+    cfg = worker.config
+    if len(prompt) > cfg.max_prompt_chars:
+        raise InvalidParams(f"prompt: {len(prompt)} characters; the limit is {cfg.max_prompt_chars} (--max-prompt-chars)")
+    ids = await asyncio.to_thread(tokenizer.encode, prompt)
+    if not ids:
+        raise InvalidParams("prompt: encodes to no tokens")
+    limit = model.max_seq_len - 1  # at least one position must remain for output
+    source = "the model context minus one output position"
+    if cfg.max_tokens_in is not None and cfg.max_tokens_in < limit:
+        limit, source = cfg.max_tokens_in, "--max-tokens-in"
+    if len(ids) > limit:
+        raise InvalidParams(f"prompt: {len(ids)} tokens; the limit is {limit} ({source})")
+    return list(ids)
+
+
+@router.post(
+    "/worker/execute",
+    summary="Run a prompt on the sealed model and stream tokens (SSE)",
+    response_class=Response,
+    responses={200: {"description": _SSE_DOC, "content": {MEDIA_TYPE: {"schema": {"type": "string"}}}}, **_ERRORS},
+)
+async def execute(
+    request: Request,
+    body: ExecuteRequest,
+    caller: CallerDep,
+    worker: WorkerDep,
+) -> Response:
+    model, tokenizer = _ready_model(worker)
+    if body.handle_id is not None and body.handle_id != model.handle.shard_id:
+        raise WorkerError(f"handle_id: no sealed handle {body.handle_id!r} on this worker", code=ErrorCode.NOT_FOUND)
+    ids = await _prompt_ids(worker, model, tokenizer, body.prompt)
+    max_tokens = _max_tokens(worker, model, body.params, len(ids))
+    p = body.params
+    params = worker.binding.sampling_params(
+        max_tokens=max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty, seed=p.seed,
+        stop_ids=frozenset(tokenizer.eos_ids) | frozenset(p.stop_token_ids),
+    )
+    cid = correlation_id(request)
+    job = worker.scheduler.admit(caller.owner, cid, body.job_id)
+    request.state.job_id = job.job_id
+    try:
+        seal_ms = await worker.verify_seal()
+        model, tokenizer = _ready_model(worker)  # a drain or a fatal error may have begun meanwhile
+        stream = JobStream(worker, job, model, tokenizer, ids, params, seal_ms, caller.fp6)
+        stream.start()
+    except BaseException:
+        worker.scheduler.finish(job, ok=False)
+        raise
+    return EventStreamResponse(stream, headers={"X-Job-Id": job.job_id})
+
+
+router.add_api_route(
+    "/execute",
+    execute,
+    methods=["POST"],
+    summary="Alias of POST /worker/execute (later worker spec)",
+    response_class=Response,
+    responses={200: {"description": _SSE_DOC, "content": {MEDIA_TYPE: {"schema": {"type": "string"}}}}, **_ERRORS},
+    operation_id="execute_alias",
+)
+
+
+@router.post(
+    "/cancel",
+    status_code=202,
+    response_model=AcceptedResponse,
+    summary="Cancel a job (idempotent; only its owner may)",
+    responses={
+        401: {"model": ErrorBody, "description": "AUTH_FAILED"},
+        403: {"model": ErrorBody, "description": "FORBIDDEN: the job belongs to another caller"},
+        404: {"model": ErrorBody, "description": "NOT_FOUND: unknown job_id"},
+    },
+)
+async def cancel(
+    body: CancelRequest,
+    caller: CallerDep,
+    worker: WorkerDep,
+) -> AcceptedResponse:
+    job = worker.scheduler.cancel(body.job_id, caller.owner)
+    logs.event(
+        "job_cancel", f"Cancel of job {job.job_id} accepted (job is {job.state}).",
+        job_id=job.job_id, correlation_id=job.correlation_id, fp6=caller.fp6, state=job.state,
+    )
+    return AcceptedResponse(job_id=job.job_id, status="cancel_accepted", tokens_sent=job.tokens_sent)

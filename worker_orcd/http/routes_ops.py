@@ -1,0 +1,57 @@
+"""GET /health, GET /metrics (both open: liveness and scraping, SPEC 4200) and POST /shutdown."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..lifecycle import State
+from .deps import CallerDep, WorkerDep
+from .schemas import ErrorBody, HealthResponse, ShutdownResponse
+
+router = APIRouter()
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    summary="Liveness and lifecycle state (no auth)",
+    responses={503: {"model": HealthResponse, "description": "the worker is stopped"}},
+)
+async def health(worker: WorkerDep) -> JSONResponse:
+    handle = worker.handle
+    stopped = worker.state == State.STOPPED
+    body = HealthResponse(
+        status="stopped" if stopped else "ok",
+        state=worker.state.value,
+        model=handle.model_ref if handle is not None else None,
+        vram_bytes=0 if worker.config.dev_mode or worker.model is None else worker.model.vram_bytes(),
+        uptime_seconds=round(worker.uptime(), 3),
+        worker_id=worker.config.worker_id,
+        device=worker.config.device,
+        dev_mode=worker.config.dev_mode,
+    )
+    return JSONResponse(body.model_dump(), status_code=503 if stopped else 200)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus exposition (no auth)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(worker: WorkerDep) -> Response:
+    payload, content_type = worker.metrics.render()
+    return Response(payload, media_type=content_type)
+
+
+@router.post(
+    "/shutdown",
+    status_code=202,
+    response_model=ShutdownResponse,
+    summary="Graceful shutdown: drain, finish or cancel the running job, release the device, exit 0",
+    responses={401: {"model": ErrorBody, "description": "AUTH_FAILED"}},
+)
+async def shutdown(_: CallerDep, worker: WorkerDep) -> ShutdownResponse:
+    worker.request_shutdown("POST /shutdown")
+    return ShutdownResponse(status="draining")

@@ -1,0 +1,187 @@
+"""Request and response bodies (SPEC 4200-4253, 4300-4305).
+
+Requests are strict: unknown fields are rejected, types are not coerced
+("5" is not 5), floats must be finite, and every field has an explicit
+bound. Limits that depend on configuration or on the loaded model (prompt
+characters, prompt tokens, max_tokens) are checked in the route, after this
+static validation, so the OpenAPI document states the hard ceilings only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+U64_MAX = 2**64 - 1
+PROMPT_CEILING = 10_000_000  # hard cap; --max-prompt-chars (default 100,000) is checked in the route
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class SamplingIn(Strict):
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=1 << 20,
+        description="Tokens to generate; at most --max-tokens-out (default 4096) and what the context leaves. "
+        "Default: min(256, those limits).",
+    )
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_k: int = Field(default=0, ge=0, le=1 << 20, description="0 = off")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    seed: int = Field(default=0, ge=0, le=U64_MAX, description="64-bit unsigned; seeds the sampler (SPEC 4712)")
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64, description="extra token ids that end generation")
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _ids(cls, v: list[int]) -> list[int]:
+        if any(i < 0 or i >= 1 << 31 for i in v):
+            raise ValueError("token ids must be in 0..2^31-1")
+        return v
+
+
+class ExecuteRequest(Strict):
+    prompt: str = Field(min_length=1, max_length=PROMPT_CEILING)
+    params: SamplingIn = Field(default_factory=SamplingIn)
+    handle_id: str | None = Field(
+        default=None, pattern=ID_PATTERN, description="shard_id of the sealed handle; optional on one GPU"
+    )
+    job_id: str | None = Field(default=None, pattern=ID_PATTERN, description="caller-chosen job id; generated when absent")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, v: str) -> str:
+        if "\0" in v:
+            raise ValueError("must not contain NUL bytes (SPEC 4244)")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode (it contains a lone surrogate)") from None
+        return v
+
+
+class CancelRequest(Strict):
+    job_id: str = Field(pattern=ID_PATTERN)
+
+
+class PlanRequest(Strict):
+    model_ref: str = Field(min_length=1, max_length=4096)
+    shard_layout: Literal["single", "tensor_parallel"] = "single"
+    tp_degree: int = Field(default=1, ge=1, le=64)
+
+
+class CommitRequest(Strict):
+    """JSON form of a commit; bytes can instead be streamed (application/octet-stream + these as query)."""
+
+    model_ref: str = Field(min_length=1, max_length=4096, description="the model's name in handles and callbacks")
+    model_path: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="path under --model-root, file:/abs URI or shm:NAME; defaults to model_ref",
+    )
+    shard_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    shard_index: int = Field(default=0, ge=0, le=0, description="0 on one GPU (tensor parallel is past M0)")
+    total_shards: int = Field(default=1, ge=1, le=1)
+    expected_digest: str | None = Field(default=None, pattern=SHA256_PATTERN)
+
+    @field_validator("model_ref", "model_path")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\0" in v:
+            raise ValueError("must not contain NUL bytes")
+        return v
+
+
+class StreamCommitQuery(Strict):
+    """Query parameters of a streamed-bytes commit (strings: they come from a URL)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    model_ref: str = Field(min_length=1, max_length=4096)
+    shard_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    shard_index: int = Field(default=0, ge=0, le=0)
+    total_shards: int = Field(default=1, ge=1, le=1)
+    expected_digest: str | None = Field(default=None, pattern=SHA256_PATTERN)
+
+
+# --- responses ---------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """The one error shape (SPEC 4951), also the data of the SSE ``error`` event."""
+
+    code: str
+    message: str
+    retriable: bool
+    retry_after_ms: int | None
+
+
+class HandleView(BaseModel):
+    shard_id: str
+    gpu_device: int
+    vram_bytes: int
+    sealed: bool
+    sealed_at: str
+    digest: str
+    model_ref: str
+    shard_index: int
+    total_shards: int
+
+
+class CommitResponse(BaseModel):
+    handle: HandleView
+    sealed: bool
+    digest: str
+
+
+class ShardPlan(BaseModel):
+    shard_index: int
+    gpu_device: int
+    vram_bytes: int
+
+
+class PlanResponse(BaseModel):
+    feasible: bool
+    vram_required: int
+    vram_free: int
+    shard_plan: list[ShardPlan]
+    reasons: list[str] = Field(description="why not feasible; empty when feasible")
+    digest: str
+    mcd: dict[str, Any]
+    plan: dict[str, Any] = Field(description="the engine's breakdown: weights, KV cache, scratch, margin, dtype, max_seq_len")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    state: str
+    handles: list[HandleView]
+    nccl_group_id: str | None = None
+    device: Literal["cuda", "cpu"]
+    dev_mode: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "stopped"]
+    state: str
+    model: str | None
+    vram_bytes: int
+    uptime_seconds: float
+    worker_id: str
+    device: Literal["cuda", "cpu"]
+    dev_mode: bool
+
+
+class AcceptedResponse(BaseModel):
+    job_id: str
+    status: Literal["cancel_accepted"]
+    tokens_sent: int = Field(
+        description="token events the job's stream had sent when the cancel was acknowledged; "
+        "no token follows them (SPEC 4252)"
+    )
+
+
+class ShutdownResponse(BaseModel):
+    status: Literal["draining"]

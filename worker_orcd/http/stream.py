@@ -1,0 +1,287 @@
+"""One running job: the engine's blocking generator on a thread, bridged to SSE frames.
+
+The engine thread pushes events into an asyncio queue; the response
+generator turns them into frames. The two ends have separate lives on
+purpose: the client may go away (the job is cancelled and the thread stops
+within one decode step), but the slot is released only when the thread has
+really returned, so a new job can never overlap the old one on the device.
+
+Ordering guarantees (SPEC 4252-4253): once a stop is requested (cancel,
+disconnect, timeout, shutdown, fatal error) the stream checks the job's stop
+code before every frame, so no token follows an acknowledged cancel; after
+``end`` or ``error`` the generator returns and nothing else is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .. import logs
+from ..errors import ErrorCode, WorkerError
+from ..lifecycle import ResidentLike, TokenizerLike, Worker
+from ..scheduler import Job
+from .sse import HEADERS, KEEPALIVE, MEDIA_TYPE, frame
+
+_DONE = object()  # the engine thread returned
+_WAKE = object()  # a stop was requested; re-check the job
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _as_worker_error(exc: BaseException, job_id: str) -> WorkerError:
+    """Engine failures keep their code; anything untyped becomes INTERNAL without its internals."""
+    if isinstance(exc, WorkerError):
+        return exc
+    if isinstance(exc, MemoryError):
+        return WorkerError("host memory exhausted during inference", code=ErrorCode.HOST_OOM)
+    return WorkerError(f"internal error during inference (job {job_id}); details are in the worker log", code=ErrorCode.INTERNAL)
+
+
+class JobStream:
+    def __init__(
+        self,
+        worker: Worker,
+        job: Job,
+        model: ResidentLike,
+        tokenizer: TokenizerLike,
+        prompt_ids: Sequence[int],
+        params: Any,
+        seal_ms: float,
+        fp6: str,
+    ) -> None:
+        self.worker, self.job, self.model = worker, job, model
+        self.prompt_ids, self.params = list(prompt_ids), params
+        self.detok = tokenizer.stream(skip_special=True)  # an EOS token ends the stream, it is not text
+        self.seal_ms, self.fp6 = seal_ms, fp6
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.outcome: str | None = None  # "end" | error code | "disconnected"
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._t0 = time.monotonic()
+        self._last_token: float | None = None
+        self._engine_ok = False  # the engine reached a normal end (eos / max_tokens)
+
+    # --- engine side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        w, job = self.worker, self.job
+        w.scheduler.start(job)
+        w.begin_job()
+        w.metrics.jobs_started.inc()
+        w.metrics.tokens_in.inc(len(self.prompt_ids))
+        job.on_stop = lambda: self.queue.put_nowait(_WAKE)
+        timeout = w.config.inference_timeout_sec
+        self._timer = self._loop.call_later(
+            timeout, job.request_stop, ErrorCode.INFERENCE_TIMEOUT, f"job exceeded the inference timeout of {timeout:g} s"
+        )
+        logs.event(
+            "execute_start", f"Job {job.job_id} started with {len(self.prompt_ids)} prompt tokens.",
+            job_id=job.job_id, correlation_id=job.correlation_id, tokens_in=len(self.prompt_ids), fp6=self.fp6,
+        )
+        threading.Thread(target=self._produce, name=f"job-{job.job_id[:16]}", daemon=True).start()
+
+    def _post(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # loop closed: the process is exiting
+            pass
+
+    def _produce(self) -> None:
+        try:
+            for event in self.model.generate(self.prompt_ids, self.params, self.job.cancel):
+                self._post(event)
+                if getattr(event, "stop_reason", "cancelled") != "cancelled":
+                    self._engine_ok = True
+        except BaseException as e:  # noqa: BLE001 - everything crosses to the loop as a typed error
+            self._engine_ok = False
+            self._post(_Failed(e))
+        finally:
+            self._post(_DONE)
+            try:
+                self._loop.call_soon_threadsafe(self._thread_exited)
+            except RuntimeError:
+                pass
+
+    def _thread_exited(self) -> None:
+        """On the loop, once the engine really stopped: free the slot (however the job ended)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        w = self.worker
+        w.scheduler.finish(self.job, ok=self._engine_ok and self.job.stop_code is None)
+        w.end_job()
+        w.metrics.inference_ms.observe((time.monotonic() - self._t0) * 1000)
+
+    # --- client side ---------------------------------------------------------------------
+
+    async def frames(self) -> AsyncGenerator[bytes, None]:
+        job = self.job
+        keepalive = self.worker.config.sse_keepalive_sec
+        try:
+            yield frame(
+                "started",
+                {
+                    "job_id": job.job_id,
+                    "model": self.model.handle.model_ref,
+                    "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "correlation_id": job.correlation_id,
+                },
+            )
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), keepalive)
+                except TimeoutError:
+                    if job.stop_code is None:
+                        yield KEEPALIVE
+                        continue
+                    item = _WAKE
+                if job.stop_code is not None:  # checked before EVERY frame: nothing after a stop (4252)
+                    yield self._error(WorkerError(job.stop_message, code=job.stop_code))
+                    return
+                if item is _WAKE:
+                    continue
+                if isinstance(item, _Failed):
+                    yield self._error(self._engine_failure(item.exc))
+                    return
+                if item is _DONE:
+                    yield self._error(WorkerError("the engine stopped without ending the stream", code=ErrorCode.INTERNAL))
+                    return
+                if hasattr(item, "token_id"):
+                    yield self._token(item)
+                elif hasattr(item, "stop_reason"):
+                    if item.stop_reason == "cancelled":  # engine saw the cancel flag first
+                        code = job.stop_code or ErrorCode.CANCELLED
+                        yield self._error(WorkerError(job.stop_message or "job cancelled", code=code))
+                        return
+                    for chunk in self._end(item):
+                        yield chunk
+                    return
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """The client left before a final event (or the stream never ran): cancel the same way (SPEC)."""
+        if self.outcome is not None:
+            return
+        job = self.job
+        self.outcome = "disconnected"
+        job.request_stop(ErrorCode.CANCELLED, "client disconnected")
+        self.worker.metrics.jobs_failed.labels(code=ErrorCode.CANCELLED.value).inc()
+        logs.event(
+            "client_disconnect", f"Client of job {job.job_id} disconnected; the job is cancelled.",
+            job_id=job.job_id, correlation_id=job.correlation_id,
+        )
+
+    def _engine_failure(self, exc: BaseException) -> WorkerError:
+        err = _as_worker_error(exc, self.job.job_id)
+        if err.code == ErrorCode.INTERNAL:
+            logs.event(
+                "internal_error", f"Unexpected {type(exc).__name__} in job {self.job.job_id}.",
+                level=logging.ERROR, exc=exc, job_id=self.job.job_id, correlation_id=self.job.correlation_id,
+            )
+        if err.code in (ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED):
+            self.worker.fail(err)
+        return err
+
+    def _token(self, event: Any) -> bytes:
+        now = time.monotonic()
+        if self._last_token is not None:
+            self.worker.metrics.inter_token_ms.observe((now - self._last_token) * 1000)
+        self._last_token = now
+        self.worker.metrics.tokens_generated.inc()
+        self.job.tokens_sent += 1
+        return frame("token", {"t": self.detok.push(event.token_id), "i": event.index})
+
+    def _end(self, end: Any) -> list[bytes]:
+        m, job = self.worker.metrics, self.job
+        self.outcome = "end"
+        m.jobs_completed.inc()
+        m.ttft_ms.observe(end.ttft_ms)
+        decode_s = end.decode_time_ms / 1000
+        rate = (end.tokens_out - 1) / decode_s if decode_s > 0 and end.tokens_out > 1 else None
+        data = {
+            "tokens_in": end.tokens_in,
+            "tokens_out": end.tokens_out,
+            "decode_time_ms": round(end.decode_time_ms, 3),
+            "ttft_ms": round(end.ttft_ms, 3),
+            "prefill_ms": round(end.prefill_ms, 3),
+            "stop_reason": end.stop_reason,
+        }
+        tail = self.detok.flush()
+        if tail:  # bytes of an unfinished character at a max_tokens stop: never dropped silently
+            data["tail"] = tail
+        logs.event(
+            "execute_end",
+            f"Job {job.job_id} finished ({end.stop_reason}): {end.tokens_out} tokens in {end.decode_time_ms:.0f} ms of decoding.",
+            job_id=job.job_id, correlation_id=job.correlation_id, tokens_in=end.tokens_in, tokens_out=end.tokens_out,
+            decode_time_ms=round(end.decode_time_ms, 3), ttft_ms=round(end.ttft_ms, 3), stop_reason=end.stop_reason,
+        )
+        metrics = {
+            "prefill_ms": round(end.prefill_ms, 3),
+            "ttft_ms": round(end.ttft_ms, 3),
+            "decode_tokens_per_s": round(rate, 3) if rate is not None else None,
+            "seal_verify_ms": round(self.seal_ms, 3),
+            "total_ms": round((time.monotonic() - self._t0) * 1000, 3),
+        }
+        return [frame("metrics", metrics), frame("end", data)]
+
+    def _error(self, err: WorkerError) -> bytes:
+        self.outcome = err.code.value
+        self.worker.metrics.jobs_failed.labels(code=err.code.value).inc()
+        logs.event(
+            "execute_error", f"Job {self.job.job_id} ended with {err.code.value}: {err.message}",
+            level=logging.WARNING if err.code in (ErrorCode.CANCELLED, ErrorCode.INFERENCE_TIMEOUT) else logging.ERROR,
+            job_id=self.job.job_id, correlation_id=self.job.correlation_id, code=err.code.value, error=err.message,
+        )
+        return frame("error", err.to_dict())
+
+
+class EventStreamResponse(Response):
+    """Streams frames and cancels them the moment the client disconnects (not at the next write)."""
+
+    media_type = MEDIA_TYPE
+
+    def __init__(self, job: JobStream, headers: dict[str, str]) -> None:
+        self.job = job
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**HEADERS, **headers})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    try:
+                        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                        async with aclosing(self.job.frames()) as frames:  # finalised now, not at GC time
+                            async for chunk in frames:
+                                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except OSError:
+                        pass  # the client is gone; abandon() below cancels the job
+                    finally:
+                        tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        finally:
+            self.job.abandon()

@@ -1,0 +1,496 @@
+"""The worker's lifecycle: one device, one sealed model, one state machine (SPEC 4020-4032).
+
+``Worker`` owns everything with a process lifetime (engine, resident model,
+tokenizer, scheduler, seal key) and the transitions between
+``starting -> loading -> ready -> executing -> draining -> stopped``. The HTTP
+layer only asks it questions and hands it work; serve.py drives startup and
+exit. The GPU layer is reached only through ``EngineBinding``, whose real
+implementation (serve.py) imports ``worker_orcd.engine.api`` lazily, so this
+module imports and tests without torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import logs
+from .callback import CallbackClient
+from .capability import ECP, match
+from .config import WorkerConfig
+from .engine.profile import build_ecp
+from .errors import ErrorCode, ModelLoadError, WorkerError
+from .gguf.constants import Limits
+from .gguf.reader import GGUFFile
+from .loader import LoadOptions, ValidatedModel, validate_model
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .seal import ModelShardHandle, Sealer
+
+
+class State(str, Enum):
+    """SPEC 4030. The later spec's names map as: busy = executing, failed = stopped."""
+
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    EXECUTING = "executing"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class ResidentLike(Protocol):
+    @property
+    def handle(self) -> ModelShardHandle: ...
+    @property
+    def max_seq_len(self) -> int: ...
+
+    def generate(self, prompt_ids: Sequence[int], params: Any, cancel: threading.Event) -> Iterator[Any]: ...
+    def verify_seal(self) -> float: ...
+    def vram_bytes(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class VramPlanLike(Protocol):
+    @property
+    def required_bytes(self) -> int: ...
+    @property
+    def free_bytes(self) -> int: ...
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class EngineLike(Protocol):
+    def plan(self, gguf: GGUFFile, kv_cache_mb: int | None = None) -> VramPlanLike: ...
+    def load(
+        self, model: ValidatedModel, *, shard_id: str, sealer: Sealer, kv_cache_mb: int | None = None,
+        shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None,
+    ) -> ResidentLike: ...
+    def memory(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+
+class TokenizerLike(Protocol):
+    @property
+    def eos_ids(self) -> frozenset[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+    def stream(self, skip_special: bool = False) -> Any: ...
+
+
+@dataclass(frozen=True)
+class EngineBinding:
+    """How the host reaches the GPU layer; tests pass a fake, serve.py the real engine."""
+
+    open: Callable[[], EngineLike]
+    sampling_params: Callable[..., Any]
+    tokenizer: Callable[[GGUFFile], TokenizerLike]
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What POST /worker/commit (or --model) asks for (SPEC 4221)."""
+
+    model_ref: str  # what the handle and the callback call the model
+    source: str  # where the bytes are: path / file: URI / shm:NAME
+    model_root: Path
+    expected_sha256: str | None = None
+    shard_id: str | None = None
+    shard_index: int = 0
+    total_shards: int = 1
+
+
+class Worker:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        binding: EngineBinding,
+        metrics: Metrics | None = None,
+        force_exit: Callable[[int], None] = os._exit,
+    ) -> None:
+        self.config = config
+        self._force_exit = force_exit  # what the shutdown watchdog calls; tests replace os._exit
+        self.binding = binding
+        self.metrics = metrics or Metrics()
+        self.scheduler = Scheduler()
+        self.sealer = Sealer()
+        self.engine: EngineLike | None = None
+        self.model: ResidentLike | None = None
+        self.tokenizer: TokenizerLike | None = None
+        self.ecp: ECP | None = None
+        self.uri: str | None = None
+        self.callback = (
+            CallbackClient(config.callback_url, attempts=config.callback_attempts, timeout_sec=config.callback_timeout_sec)
+            if config.callback_url
+            else None
+        )
+        self.started_at = time.monotonic()
+        self.exit_code = 0
+        self.stop_requested = asyncio.Event()  # serve.py stops the HTTP server when this is set
+        self._state = State.STARTING
+        self._commit_lock = asyncio.Lock()
+        self._draining: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._watchdog: threading.Timer | None = None
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def set_state(self, new: State) -> None:
+        old = self._state
+        if old == new or old == State.STOPPED:
+            return  # stopped is final
+        self._state = new
+        self.metrics.set_state(new.value)
+        logs.event("state", f"Worker state {old.value} -> {new.value}.", state=new.value, from_state=old.value)
+
+    @property
+    def handle(self) -> ModelShardHandle | None:
+        return self.model.handle if self.model is not None else None
+
+    @property
+    def accepting(self) -> bool:
+        return self._state in (State.READY, State.EXECUTING)
+
+    def begin_job(self) -> None:
+        if self._state == State.READY:
+            self.set_state(State.EXECUTING)
+
+    def end_job(self) -> None:
+        if self._state == State.EXECUTING:
+            self.set_state(State.READY)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    # --- device and model ----------------------------------------------------------------
+
+    async def open_device(self) -> None:
+        """Open the one device of this process and derive the (true) ECP from it."""
+        engine = await asyncio.to_thread(self.binding.open)
+        self.engine = engine
+        total = int(engine.memory()["total_bytes"])
+        self.ecp = build_ecp(self.config.worker_id, 0 if self.config.dev_mode else total)
+        if self.config.dev_mode:
+            logs.event(
+                "dev_mode",
+                "DEVELOPMENT MODE: the engine runs on the CPU; nothing is resident in VRAM and performance "
+                "is not representative. Never use --device cpu in production.",
+                level=logging.WARNING, device="cpu",
+            )
+        logs.event(
+            "device_open", f"Opened {self.config.device} device {self.config.gpu_device}.",
+            device=self.config.device, gpu_device=self.config.gpu_device, size_bytes=total,
+        )
+
+    def _load_options(self, model_root: Path, expected: str | None) -> LoadOptions:
+        return LoadOptions(
+            model_root=model_root,
+            expected_sha256=expected.lower() if expected else None,
+            public_key_path=self.config.model_public_key,
+            limits=Limits(max_file_size=self.config.max_model_size_bytes),
+            require_signature=self.config.require_signature,
+        )
+
+    def _loader_log(self, event: str, fields: dict[str, Any]) -> None:
+        if event == "model_digest":
+            logs.event(
+                "model_digest", f"Model file hashed: SHA-256 {fields.get('sha256')} ({fields.get('size')} bytes).",
+                model_ref=fields.get("model_ref"), digest=fields.get("sha256"), size_bytes=fields.get("size"),
+            )
+        elif event == "model_validated":
+            logs.event(
+                "model_validated",
+                f"Model {fields.get('model_id')} ({fields.get('architecture')}) passed digest, signature "
+                f"({fields.get('signature')}), GGUF and capability checks.",
+                model_ref=fields.get("model_ref"), digest=fields.get("sha256"),
+            )
+
+    async def commit(self, req: Commit) -> tuple[ModelShardHandle, bool]:
+        """Validate, load and seal one model (SPEC 4220-4227); (handle, newly loaded).
+
+        Repeating the commit of the loaded model returns its handle; a different one is refused (4022).
+        """
+        async with self._commit_lock:
+            current = self.handle
+            if current is not None:
+                if self._same_model(current, req):
+                    return current, False
+                raise ModelLoadError(
+                    f"this worker already holds model {current.model_ref!r} (digest {current.digest}); "
+                    "one model per process (SPEC 4022): start another worker for another model"
+                )
+            if self._state != State.STARTING or self.engine is None or self.ecp is None:
+                raise WorkerError(f"cannot load a model while {self._state.value}", code=ErrorCode.WORKER_NOT_READY)
+            self.set_state(State.LOADING)
+            t0 = time.monotonic()
+            try:
+                resident = await self._load(req)
+            except BaseException:
+                self.set_state(State.STARTING)
+                raise
+            self.model = resident
+            handle = resident.handle
+            vram = 0 if self.config.dev_mode else resident.vram_bytes()
+            self.metrics.vram_bytes.set(vram)
+            logs.set_context(model_ref=handle.model_ref)
+            logs.event(
+                "sealed",
+                f"Model {handle.model_ref} is loaded and sealed as shard {handle.shard_id} "
+                f"(digest {handle.digest[:12]}…, {vram} bytes resident) in {(time.monotonic() - t0):.1f} s.",
+                shard_id=handle.shard_id, digest=handle.digest, vram_bytes=vram,
+                load_ms=round((time.monotonic() - t0) * 1000), max_seq_len=resident.max_seq_len,
+            )
+            return handle, True
+
+    async def _load(self, req: Commit) -> ResidentLike:
+        assert self.engine is not None
+        engine = self.engine
+        logs.event("model_load", f"Loading model {req.model_ref}.", model_ref=req.model_ref)
+        options = self._load_options(req.model_root, req.expected_sha256)
+        validated = await asyncio.to_thread(validate_model, req.source, options, self.ecp, self._loader_log)
+        tokenizer = await asyncio.to_thread(self.binding.tokenizer, validated.gguf)
+        shard_id = req.shard_id or f"{self.config.worker_id}-shard{req.shard_index}"
+        resident = await asyncio.to_thread(
+            partial(
+                engine.load, validated, shard_id=shard_id, sealer=self.sealer, kv_cache_mb=self.config.kv_cache_size_mb,
+                shard_index=req.shard_index, total_shards=req.total_shards,
+                model_ref=req.model_ref,  # the handle names the model as the caller does
+            )
+        )
+        try:
+            # SPEC 4031: ready only once the seal verifies over what is really resident.
+            await asyncio.to_thread(resident.verify_seal)
+        except BaseException:
+            await asyncio.to_thread(resident.close)
+            raise
+        self.tokenizer = tokenizer
+        return resident
+
+    def _same_model(self, current: ModelShardHandle, req: Commit) -> bool:
+        if req.shard_id is not None and req.shard_id != current.shard_id:
+            return False
+        if req.expected_sha256 is not None:
+            return req.expected_sha256.lower() == current.digest
+        return req.model_ref == current.model_ref
+
+    async def plan(self, model_ref: str, tp_degree: int) -> dict[str, Any]:
+        """Feasibility under the VRAM budget (SPEC 4210-4214); reasons instead of errors for 'no'."""
+        if self.engine is None or self.ecp is None:
+            raise WorkerError("the device is not open yet", code=ErrorCode.WORKER_NOT_READY)
+        options = self._load_options(self.config.model_root, None)
+        validated = await asyncio.to_thread(validate_model, model_ref, options, None, self._loader_log)
+        reasons = [r.message for r in match(validated.mcd, self.ecp).rejections]
+        if tp_degree != 1:
+            reasons.append(f"tensor_parallel with tp_degree={tp_degree} is deferred past M0 (SPEC 4500); use single")
+        vram_plan = await asyncio.to_thread(self.engine.plan, validated.gguf, self.config.kv_cache_size_mb)
+        required, free = int(vram_plan.required_bytes), int(vram_plan.free_bytes)
+        if self.handle is not None and self.handle.digest != validated.digest:
+            reasons.append(f"this worker already holds model {self.handle.model_ref!r} (SPEC 4022)")
+        elif self.handle is None and required > free:
+            reasons.append(f"needs {required} bytes of device memory, {free} free on device {self.config.gpu_device}")
+        return {
+            "feasible": not reasons,
+            "vram_required": required,
+            "vram_free": free,
+            "shard_plan": [{"shard_index": 0, "gpu_device": self.config.gpu_device, "vram_bytes": required}],
+            "reasons": reasons,
+            "digest": validated.digest,
+            "mcd": validated.mcd.to_dict(),
+            "plan": vram_plan.as_dict(),
+        }
+
+    async def verify_seal(self) -> float:
+        """SPEC 4121/4245: re-verify before every execute; failure is fatal for the worker (4122)."""
+        model = self.model
+        if model is None:
+            raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(model.verify_seal)
+        except WorkerError as e:
+            if e.code in (ErrorCode.SEAL_VERIFICATION_FAILED, ErrorCode.CUDA_ERROR):
+                self.fail(e)
+            raise
+        ms = (time.perf_counter() - t0) * 1000
+        self.metrics.seal_verify_ms.observe(ms)
+        return ms
+
+    # --- readiness -----------------------------------------------------------------------
+
+    def ready_body(self) -> dict[str, Any]:
+        """The readiness callback (SPEC "Callback"): {worker_id, model_ref, vram_bytes, uri, ecp} + mode."""
+        handle = self.handle
+        assert handle is not None and self.ecp is not None
+        return {
+            "worker_id": self.config.worker_id,
+            "pool_id": self.config.pool_id,
+            "model_ref": handle.model_ref,
+            "vram_bytes": 0 if self.config.dev_mode else (self.model.vram_bytes() if self.model else 0),
+            "uri": self.uri,
+            "ecp": self.ecp.to_dict(),
+            "device": self.config.device,
+            "dev_mode": self.config.dev_mode,
+            "handle": handle.public(),
+        }
+
+    async def announce_ready(self) -> None:
+        """Tell the pool manager, then accept work; without a callback URL the worker is standalone."""
+        if self.callback is None:
+            logs.event("standalone", "No --callback-url: running standalone, nobody is told this worker is ready.")
+        else:
+            await self.callback.ready(self.ready_body())
+        if self._state == State.LOADING or self._state == State.STARTING:
+            self.set_state(State.READY)
+            handle = self.handle
+            logs.event(
+                "ready",
+                f"Ready: serving {handle.model_ref if handle else '?'} on {self.uri}"
+                + (" in CPU development mode." if self.config.dev_mode else "."),
+                uri=self.uri, dev_mode=self.config.dev_mode,
+            )
+
+    def after_commit(self) -> None:
+        """A commit over HTTP: announce in the background; a failed announcement stops the worker."""
+        self._spawn(self._announce_or_fail())
+
+    async def _announce_or_fail(self) -> None:
+        try:
+            await self.announce_ready()
+        except WorkerError as e:
+            self.fail(e)
+
+    async def report_failure(self, error: WorkerError) -> None:
+        """Status callback carrying the error code (SPEC 4961); best-effort."""
+        if self.callback is None:
+            return
+        await self.callback.status(
+            {
+                "worker_id": self.config.worker_id,
+                "pool_id": self.config.pool_id,
+                "state": State.STOPPED.value,
+                "uri": self.uri,
+                "error": error.to_dict(),
+                "dev_mode": self.config.dev_mode,
+            }
+        )
+
+    # --- failure and shutdown ------------------------------------------------------------
+
+    def fail(self, error: WorkerError) -> None:
+        """Fatal error: stopped at once, tell the pool manager, exit non-zero (SPEC 4032, 4122, 4960)."""
+        if self._state == State.STOPPED:
+            return
+        if error.code == ErrorCode.CUDA_ERROR:
+            self.metrics.cuda_errors.inc()
+        logs.event(
+            "fatal", f"Fatal: {error.message}; the worker stops.", level=logging.ERROR,
+            code=error.code.value, error=error.message,
+        )
+        self.set_state(State.STOPPED)
+        self.exit_code = 1
+        active = self.scheduler.active
+        if active is not None:
+            active.request_stop(error.code, error.message)
+        self._spawn(self._report_and_stop(error))
+
+    async def _report_and_stop(self, error: WorkerError) -> None:
+        try:
+            await self.report_failure(error)
+        finally:
+            self._arm_watchdog(self.config.shutdown_timeout_sec)
+            self.stop_requested.set()
+
+    def request_shutdown(self, reason: str) -> None:
+        """SIGTERM or POST /shutdown: drain once; later requests are no-ops."""
+        if self._draining is not None or self._state == State.STOPPED:
+            return
+        timeout = self.config.shutdown_timeout_sec
+        self._arm_watchdog(timeout)
+        self.set_state(State.DRAINING)  # at once: from this call on, new work gets 503
+        logs.event(
+            "draining", f"Draining ({reason}): no new work; the running job gets up to {timeout - shutdown_grace(timeout):.1f} s.",
+            reason=reason, timeout_sec=timeout,
+        )
+        self._draining = asyncio.get_running_loop().create_task(self._drain(timeout))
+
+    async def _drain(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        grace = shutdown_grace(timeout)
+        job = self.scheduler.active
+        if job is not None and not await self.scheduler.wait_idle(deadline - grace - loop.time()):
+            job.request_stop(ErrorCode.CANCELLED, "worker is shutting down")
+            logs.event(
+                "job_cancel", "Cancelled the running job: the shutdown timeout ran out.",
+                job_id=job.job_id, reason="shutdown",
+            )
+            await self.scheduler.wait_idle(deadline - 0.75 * grace - loop.time())
+        self.stop_requested.set()
+
+    def _arm_watchdog(self, timeout: float) -> None:
+        """The process never outlives its shutdown timeout, whatever the engine does (SPEC 4972)."""
+        if self._watchdog is not None:
+            return
+
+        def _force() -> None:
+            logs.event(
+                "shutdown", "Shutdown timeout reached with work still running: exiting now.",
+                level=logging.ERROR, exit_code=self.exit_code,
+            )
+            for handler in logs.log.handlers:
+                handler.flush()
+            self._force_exit(self.exit_code)
+
+        self._watchdog = threading.Timer(timeout, _force)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    async def close(self) -> None:
+        """Release the resident model and the device (VRAM) once no job runs."""
+        if self.scheduler.active is not None:
+            logs.event(
+                "close_skipped", "A job is still running on the device; leaving its release to process exit.",
+                level=logging.WARNING,
+            )
+            return
+        model, engine = self.model, self.engine
+        self.model = None
+        self.engine = None
+        if model is not None:
+            await asyncio.to_thread(model.close)
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+        self.metrics.vram_bytes.set(0)
+
+    def finish(self) -> None:
+        """Last step of a clean exit: stopped, logged, watchdog disarmed."""
+        self.set_state(State.STOPPED)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        logs.event("shutdown", f"Worker stopped (exit code {self.exit_code}).", exit_code=self.exit_code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def shutdown_grace(timeout: float) -> float:
+    """The tail of the shutdown timeout kept after the job's own time.
+
+    Its first quarter is for a cancelled job to stop, the second for the HTTP server to close
+    its connections, the rest for releasing the device; the watchdog fires at the very end.
+    """
+    return min(5.0, timeout * 0.25)
