@@ -18,17 +18,27 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker_orcd.gguf import GGMLType  # noqa: E402
+from worker_orcd.gguf import GGMLType, parse_file  # noqa: E402
 from worker_orcd.gguf.constants import BLOCK_LAYOUT  # noqa: E402
 from worker_orcd.gguf.writer import GGUFWriter, tensor_nbytes  # noqa: E402
 
-ShapeName = Literal["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "tiny-qwen2", "tiny-llama", "tiny-gemma3"]
+ShapeName = Literal[
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-7b",
+    "tiny-qwen2",
+    "tiny-llama",
+    "tiny-gemma3",
+    "mid-qwen2",
+    "mid-llama",
+    "mid-gemma3",
+]
 WeightType = Literal["F16", "Q8_0", "Q4_K_M"]
 
 
@@ -46,7 +56,11 @@ class Shape:
     head_dim: int | None = None  # None: d_model / n_heads
     rope_theta: float = 1e6
     sliding_window: int | None = None
+    unique_weights: bool = False  # every tensor drawn fresh (no template ring): see _fresh
+    output_norm_gain: float = 1.0  # final norm weight: > 1 spreads the logits like a trained model's
 
+
+_MID: dict[str, Any] = {"unique_weights": True, "output_norm_gain": 4.0}
 
 SHAPES: dict[str, Shape] = {
     # Qwen2.5 configs (config.json of Qwen/Qwen2.5-{0.5B,1.5B,7B}-Instruct)
@@ -57,40 +71,77 @@ SHAPES: dict[str, Shape] = {
     "tiny-qwen2": Shape("qwen2", 2, 256, 4, 2, 512, 512, 256, tied=True),
     "tiny-llama": Shape("llama", 2, 256, 4, 2, 512, 512, 256, tied=False, rope_theta=10000.0),
     "tiny-gemma3": Shape("gemma3", 6, 256, 2, 1, 512, 512, 256, tied=True, head_dim=64, sliding_window=8),
+    # mid shapes: a real model's layer geometry (head dim, GQA ratio, FFN width, window) with few
+    # layers and a 32k vocab, so a GPU-vs-CPU comparison runs the real kernel shapes in seconds
+    # (unique weights, spread logits: top-1 is decisive, so it can be compared across devices)
+    "mid-qwen2": Shape("qwen2", 4, 896, 14, 2, 4864, 32768, 32768, tied=True, **_MID),  # Qwen2.5-0.5B
+    "mid-llama": Shape(  # Llama-3.2-1B
+        "llama", 2, 2048, 32, 8, 8192, 32000, 8192, tied=False, rope_theta=500000.0, **_MID
+    ),
+    "mid-gemma3": Shape(  # Gemma 3 270M: 5 local (512-token window) : 1 global layers
+        "gemma3", 6, 640, 4, 1, 2048, 32768, 32768, tied=True, head_dim=256, sliding_window=512, **_MID
+    ),
 }
 
 _TEMPLATE_BLOCKS = 1 << 16
 _CHUNK = 16 << 20
 
 
+def _random_blocks(rng: np.random.Generator, t: GGMLType, n: int) -> bytes:
+    """``n`` valid random blocks of ``t`` (for F16: ``n`` runs of 32 values); magnitudes ~0.02 like
+    trained weights."""
+    if t is GGMLType.F16:
+        return (rng.standard_normal(n * 32, dtype=np.float32) * 0.02).astype(np.float16).tobytes()
+    if t is GGMLType.Q8_0:
+        q8 = np.zeros(n, dtype=[("d", "<f2"), ("qs", "i1", 32)])
+        q8["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 64)
+        q8["qs"] = rng.integers(-128, 128, (n, 32))
+        return q8.tobytes()
+    if t is GGMLType.Q5_0:
+        q5 = np.zeros(n, dtype=[("d", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)])
+        q5["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 16)
+        q5["qh"] = rng.integers(0, 256, (n, 4))
+        q5["qs"] = rng.integers(0, 256, (n, 16))
+        return q5.tobytes()
+    if t is GGMLType.Q4_K:
+        q4k = np.zeros(n, dtype=[("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+        q4k["d"] = rng.uniform(0.5, 1.5, n) * 2e-5
+        q4k["dmin"] = rng.uniform(0.5, 1.5, n) * 1e-5
+        q4k["scales"] = rng.integers(0, 256, (n, 12))
+        q4k["qs"] = rng.integers(0, 256, (n, 128))
+        return q4k.tobytes()
+    if t is GGMLType.Q6_K:
+        q6k = np.zeros(n, dtype=[("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+        q6k["ql"] = rng.integers(0, 256, (n, 128))
+        q6k["qh"] = rng.integers(0, 256, (n, 64))
+        q6k["scales"] = rng.integers(-128, 128, (n, 16))
+        q6k["d"] = rng.uniform(0.5, 1.5, n) * 5e-6
+        return q6k.tobytes()
+    raise ValueError(f"no random block generator for {t.name}")
+
+
+_BLOCK_TYPES = (GGMLType.F16, GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K)
+
+
 def _templates(seed: int) -> dict[GGMLType, bytes]:
-    """One ring of valid random blocks per type; magnitudes ~0.02 like trained weights."""
+    """One ring of valid random blocks per type (drawn in this fixed order: files stay reproducible)."""
     rng = np.random.default_rng(seed)
-    n = _TEMPLATE_BLOCKS
-    out: dict[GGMLType, bytes] = {}
-    out[GGMLType.F16] = (rng.standard_normal(n * 32, dtype=np.float32) * 0.02).astype(np.float16).tobytes()
-    q8 = np.zeros(n, dtype=[("d", "<f2"), ("qs", "i1", 32)])
-    q8["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 64)
-    q8["qs"] = rng.integers(-128, 128, (n, 32))
-    out[GGMLType.Q8_0] = q8.tobytes()
-    q5 = np.zeros(n, dtype=[("d", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)])
-    q5["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 16)
-    q5["qh"] = rng.integers(0, 256, (n, 4))
-    q5["qs"] = rng.integers(0, 256, (n, 16))
-    out[GGMLType.Q5_0] = q5.tobytes()
-    q4k = np.zeros(n, dtype=[("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
-    q4k["d"] = rng.uniform(0.5, 1.5, n) * 2e-5
-    q4k["dmin"] = rng.uniform(0.5, 1.5, n) * 1e-5
-    q4k["scales"] = rng.integers(0, 256, (n, 12))
-    q4k["qs"] = rng.integers(0, 256, (n, 128))
-    out[GGMLType.Q4_K] = q4k.tobytes()
-    q6k = np.zeros(n, dtype=[("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
-    q6k["ql"] = rng.integers(0, 256, (n, 128))
-    q6k["qh"] = rng.integers(0, 256, (n, 64))
-    q6k["scales"] = rng.integers(-128, 128, (n, 16))
-    q6k["d"] = rng.uniform(0.5, 1.5, n) * 5e-6
-    out[GGMLType.Q6_K] = q6k.tobytes()
-    return out
+    return {t: _random_blocks(rng, t, _TEMPLATE_BLOCKS) for t in _BLOCK_TYPES}
+
+
+def _fresh(t: GGMLType, n_bytes: int, seed: int, name: str) -> Callable[[], Iterable[bytes]]:
+    """Random blocks drawn for this tensor alone: no row repeats another, so no two tokens share an
+    embedding and logits have no exact ties (what a numerics comparison needs; costs RNG time)."""
+
+    def gen() -> Iterable[bytes]:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        left = n_bytes
+        while left:
+            chunk = _random_blocks(rng, t, _TEMPLATE_BLOCKS)[:left]  # whole blocks: n_bytes is
+            yield chunk  # a multiple of the block size
+            left -= len(chunk)
+
+    return gen
 
 
 def _stream(template: bytes, n_bytes: int, block_bytes: int, name: str) -> Callable[[], Iterable[bytes]]:
@@ -129,8 +180,14 @@ def _f32(values: np.ndarray) -> bytes:
     return values.astype("<f4").tobytes()
 
 
-def write_synthetic_model(path: str | Path, shape: ShapeName, weight_type: WeightType, seed: int = 0) -> Path:
-    """Write a GGUF of ``shape`` with ``weight_type`` matrices (norms/biases F32); returns the path."""
+def write_synthetic_model(
+    path: str | Path, shape: ShapeName, weight_type: WeightType, seed: int = 0, tokenizer_from: str | Path | None = None
+) -> Path:
+    """Write a GGUF of ``shape`` with ``weight_type`` matrices (norms/biases F32); returns the path.
+
+    ``tokenizer_from``: a GGUF whose ``tokenizer.*`` metadata is copied in, so the
+    daemon can serve the synthetic model (e.g. a real model's tokenizer).
+    """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
     if weight_type not in ("F16", "Q8_0", "Q4_K_M"):
@@ -158,11 +215,19 @@ def write_synthetic_model(path: str | Path, shape: ShapeName, weight_type: Weigh
         w.add(f"{a}.attention.value_length", hd)
     if s.sliding_window is not None:
         w.add(f"{a}.attention.sliding_window", s.sliding_window)
+    if tokenizer_from is not None:
+        donor = parse_file(tokenizer_from)
+        for key, value in donor.metadata.items():
+            if key.startswith("tokenizer."):
+                w.add(key, value, donor.value_types[key], donor.array_types.get(key))
 
     def matrix(name: str, role: str, ggml_shape: tuple[int, int]) -> None:
         t = _matrix_type(weight_type, role, ggml_shape[0])
         nbytes = tensor_nbytes(ggml_shape, t)
-        w.add_tensor(name, ggml_shape, t, _stream(tmpl[t], nbytes, BLOCK_LAYOUT[t].type_size, name))
+        if s.unique_weights:
+            w.add_tensor(name, ggml_shape, t, _fresh(t, nbytes, seed, name))
+        else:
+            w.add_tensor(name, ggml_shape, t, _stream(tmpl[t], nbytes, BLOCK_LAYOUT[t].type_size, name))
 
     def vector(name: str, values: np.ndarray) -> None:
         w.add_tensor(name, (values.size,), GGMLType.F32, _f32(values))
@@ -171,7 +236,7 @@ def write_synthetic_model(path: str | Path, shape: ShapeName, weight_type: Weigh
     matrix("token_embd.weight", "token_embd", (d, V))
     if not s.tied:
         matrix("output.weight", "output", (d, V))
-    vector("output_norm.weight", norm)
+    vector("output_norm.weight", norm * np.float32(s.output_norm_gain))
     for i in range(s.n_layers):
         b = f"blk.{i}."
         vector(b + "attn_norm.weight", norm)

@@ -11,6 +11,7 @@ PKGS=(
   fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4
   annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7
   uvicorn==0.54.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 gguf==0.19.0
+  opentelemetry-api==1.45.2
 )
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -172,6 +172,8 @@ class ResidentModel:
         self._closed = True
         self._gen.graph = None
         self._gen.graph_logits = None
+        self._gen.pf_graphs.clear()
+        self._gen.pf_tokens = self._gen.pf_positions = None
         del self._gen, self._kv, self._weights, self._fingerprint
         self._engine._forget(self)
 
@@ -247,6 +249,7 @@ class Engine:
                 gen.warmup()
                 if capture_graph:
                     gen.capture()
+                    gen.capture_prefill()
                 fp = ops.Fingerprint([arena])
                 fingerprint = fp.hex()
                 self.ctx.synchronize()

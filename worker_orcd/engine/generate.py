@@ -28,6 +28,10 @@ from .kv_cache import KVCache
 from .model import Model
 
 StopReason = Literal["eos", "max_tokens", "cancelled"]
+# Prompt lengths with a captured prefill graph: a prompt runs in the smallest bucket that holds
+# it (padding <= 50%); longer prompts run eagerly in chunks. Eager prefill is host-bound
+# (hundreds of launches of ~10-100 us each), the graph replays them in one call.
+PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 LOOKAHEAD = 1  # decode steps queued on the GPU ahead of the token the host is reading
 RING = LOOKAHEAD + 2
 
@@ -100,12 +104,21 @@ class Generator:
         self.events = [torch.cuda.Event() for _ in range(RING)] if self.cuda else []
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
+        # captured prefill: static padded tokens, positions 0.., the last real row, one graph per bucket
+        self.pf_max = 0
+        self.pf_tokens: torch.Tensor | None = None
+        self.pf_positions: torch.Tensor | None = None
+        self.pf_last = torch.zeros(1, dtype=torch.int64, device=device)
+        self.pf_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def buffers(self) -> list[torch.Tensor]:
         """Device scratch owned here (attested with the weights and the KV cache)."""
-        out = [self.token, self.pos, self.seq_len, self.history]
+        out = [self.token, self.pos, self.seq_len, self.history, self.pf_last]
         if self.graph_logits is not None:
             out.append(self.graph_logits)
+        if self.pf_tokens is not None and self.pf_positions is not None:
+            out += [self.pf_tokens, self.pf_positions]
+        out += [logits for _, logits in self.pf_graphs.values()]
         return out
 
     # --- one decode step ----------------------------------------------------------------------
@@ -141,6 +154,36 @@ class Generator:
         self.graph, self.graph_logits = graph, logits
         torch.cuda.synchronize(self.device)
 
+    @torch.no_grad()
+    def capture_prefill(self) -> None:
+        """Record one prefill graph per bucket (sharing one memory pool: they never run at once).
+
+        Warm-up runs compile the kernels for each shape outside the capture;
+        like decode warm-up they write K/V rows a request overwrites first.
+        """
+        if not self.cuda:
+            return
+        self.pf_max = max((b for b in PREFILL_BUCKETS if b <= min(self.prefill_chunk, self.kv.max_seq_len)), default=0)
+        if self.pf_max == 0:
+            return
+        self.pf_tokens = torch.zeros(self.pf_max, dtype=torch.int64, device=self.device)
+        self.pf_positions = torch.arange(self.pf_max, dtype=torch.int64, device=self.device)
+        pool = torch.cuda.graph_pool_handle()
+        side = _side_stream(self.device)
+        for b in (b for b in PREFILL_BUCKETS if b <= self.pf_max):
+            self.pf_last.fill_(b - 1)
+            args = (self.pf_tokens[:b], 0, self.pf_last, self.pf_positions[:b])
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.model.prefill(*args)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.prefill(*args)
+            self.pf_graphs[b] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
     _WARMUP_SAMPLING = (
         SamplingParams(max_tokens=1),
         SamplingParams(max_tokens=1, temperature=0.7),
@@ -171,7 +214,18 @@ class Generator:
     # --- prefill ------------------------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Whole prompt, in chunks of ``prefill_chunk`` tokens; fp32 logits of its last token."""
+        """Whole prompt, in chunks of ``prefill_chunk`` tokens; fp32 logits of its last token.
+
+        A prompt that fits a captured bucket replays that bucket's graph instead.
+        """
+        n = ids.shape[0]
+        if self.pf_graphs and self.pf_tokens is not None and n <= self.pf_max:
+            bucket = next(b for b in PREFILL_BUCKETS if b >= n and b in self.pf_graphs)
+            self.pf_tokens[:n].copy_(ids)
+            self.pf_last.fill_(n - 1)
+            graph, out = self.pf_graphs[bucket]
+            graph.replay()
+            return out
         logits = None
         for start in range(0, ids.shape[0], self.prefill_chunk):
             logits = self.model.prefill(ids[start : start + self.prefill_chunk], start)

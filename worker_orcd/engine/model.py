@@ -80,10 +80,21 @@ class Model:
 
     # --- prefill: a run of prompt tokens at known (host-side) positions ---------------------
 
-    def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Run ``tokens`` at positions start.. (filling the cache); fp32 logits of the last one."""
+    def prefill(
+        self, tokens: torch.Tensor, start: int, last: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run ``tokens`` at positions start.. (filling the cache); fp32 logits of the last one.
+
+        ``last`` (a device index [1]) picks another row than the final one: a
+        graph-captured prefill runs a padded bucket of tokens and returns the
+        logits of the last real token. Padding rows come after every real row,
+        so causal attention keeps them out of the real rows' results; the K/V
+        they write lies past the sequence and is overwritten by decode before
+        anything reads it.
+        """
         T = tokens.shape[0]
-        positions = torch.arange(start, start + T, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device)
         end = start + T
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -97,7 +108,7 @@ class Model:
             )
 
         h = self.hidden(tokens, positions, attend)
-        return self.logits(h[-1:])
+        return self.logits(h[-1:] if last is None else h.index_select(0, last))
 
     # --- decode: one token whose position lives on the device (CUDA-graph safe) -------------
 

@@ -14,6 +14,7 @@ import torch
 from ..errors import ErrorCode, WorkerError
 from ..gguf import GGUFFile
 from .config import ModelConfig
+from .generate import PREFILL_BUCKETS
 from .kv_cache import bytes_per_token, max_seq_len
 from .upload import CHUNK_BYTES, RING
 from .weights import weight_layout
@@ -81,6 +82,10 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int, s_ma
     graph_pool = 4 * per_token + 2 * cfg.vocab_size * 4 + 64 * cfg.n_heads * cfg.head_dim * 4 * 3
     staging = RING * CHUNK_BYTES * (1 if dev_mode else 2)  # host ring (+ device ring on CUDA)
     history = s_max * 8
+    if not dev_mode:
+        # captured prefill graphs: one private pool sized by the largest bucket's activations,
+        # plus each bucket's static fp32 logits
+        graph_pool += prefill + len(PREFILL_BUCKETS) * cfg.vocab_size * 4
     return prefill + logits + graph_pool + staging + history + (0 if dev_mode else CUBLAS_WORKSPACE_BYTES)
 
 

@@ -27,6 +27,10 @@ aligned and full tiles are unmasked), so the kernel reads at near-peak
 bandwidth, then one program sums the per-tile partials in index order.
 Buffers that are not 16-byte aligned and the sub-word tails go through a
 byte-wise kernel (rare: torch allocations are 512-byte aligned).
+
+Host side: ``checksum_reference`` states the definition plainly (64-bit terms
+materialised); ``term_sum`` evaluates the same sum in uint32 lanes, chunk by
+chunk, for the CPU mode's per-request seal check (``reference.checksum_cpu``).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from . import validate as v
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
-_WORD_BLOCK = 4096
-_WORD_ITERS = 8
+# Measured on an H100 over 15.2 GB (benchmarks/tune_checksum.py): 2048 x 16 with 8 warps reads at
+# 3176 GB/s, the plain-read ceiling (4.79 ms); the earlier 4096 x 8 split reached 2558 GB/s.
+_WORD_BLOCK = 2048
+_WORD_ITERS = 16
 TILE_WORDS = _WORD_BLOCK * _WORD_ITERS  # a power of two: no tile crosses a 2^32-word boundary
 _BYTE_TILE_WORDS = 1024
 _REDUCE_BLOCK = 1024
@@ -314,17 +320,71 @@ def checksum_hex(buffers: Sequence[torch.Tensor]) -> str:
 
 # ---- reference ----------------------------------------------------------------------------------
 
+# The kernels' literals, named for the host evaluators below (``_term`` / the tile loop above).
+_INDEX_GOLD = 0x9E3779B1
+_X_MUL1, _X_MUL2, _Y_MUL = 0x85EBCA6B, 0xC2B2AE35, 0x2C1B3C6D
+HOST_CHUNK_WORDS = 1 << 16  # <= 2^16: keeps term_sum's split sum of y exact; 256 KiB of uint32 stays in L2
+_INDEX_MIX = np.arange(HOST_CHUNK_WORDS, dtype=np.uint32) * np.uint32(_INDEX_GOLD)  # k * GOLD mod 2^32
+
 
 def _np_fmix_terms(w: np.ndarray, j: np.ndarray) -> np.ndarray:
     u32 = np.uint32
     x = w ^ j
-    x = x * u32(0x85EBCA6B)
+    x = x * u32(_X_MUL1)
     x = x ^ (x >> u32(13))
-    x = x * u32(0xC2B2AE35)
+    x = x * u32(_X_MUL2)
     x = x ^ (x >> u32(16))
-    y = (x ^ (x >> u32(15))) * u32(0x2C1B3C6D)
+    y = (x ^ (x >> u32(15))) * u32(_Y_MUL)
     y = y ^ (y >> u32(12))
     return (x.astype(np.uint64) << np.uint64(32)) | y.astype(np.uint64)
+
+
+def term_sum(w: np.ndarray, first_word: int, buffer_index: int, x: np.ndarray, t: np.ndarray) -> int:
+    """Sum mod 2^64 of the terms of words ``w`` (buffer ``buffer_index``, global indices from ``first_word``).
+
+    The fast host evaluation of the definition (the CPU mode's seal runs it before every request):
+    sum(x << 32 | y) = (sum x) << 32 + sum y, so every step stays in uint32 lanes, in place in the
+    caller's scratch ``x``/``t`` (uint32, >= len(w)), and the 64-bit terms are never materialised.
+    ``sum y`` is exact from sum(y) mod 2^32 and sum(y >> 16), because len(w) <= 2^16.
+    ``w`` must not cross a 2^32-word boundary (one salt per chunk).
+    """
+    n = w.size
+    if n == 0:
+        return 0
+    if n > HOST_CHUNK_WORDS or first_word >> 32 != (first_word + n - 1) >> 32:
+        raise ValueError(f"term_sum: {n} words from {first_word} exceed one chunk or cross a 2^32-word boundary")
+    u32 = np.uint32
+    x, t = x[:n], t[:n]
+    mix0 = ((first_word & _M32) * _INDEX_GOLD + salt(buffer_index, first_word >> 32)) & _M32
+    np.add(_INDEX_MIX[:n], u32(mix0), out=x)  # (j & M32) * GOLD + salt, j = first_word + k
+    np.bitwise_xor(x, w, out=x)
+    np.multiply(x, u32(_X_MUL1), out=x)
+    np.right_shift(x, u32(13), out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, u32(_X_MUL2), out=x)
+    np.right_shift(x, u32(16), out=t)
+    np.bitwise_xor(x, t, out=x)
+    sum_x = int(np.add.reduce(x, dtype=u32))  # only sum x mod 2^32 reaches the upper word
+    np.right_shift(x, u32(15), out=t)
+    np.bitwise_xor(x, t, out=t)
+    np.multiply(t, u32(_Y_MUL), out=t)
+    np.right_shift(t, u32(12), out=x)
+    np.bitwise_xor(t, x, out=t)  # t = y
+    low = int(np.add.reduce(t, dtype=u32))
+    np.right_shift(t, u32(16), out=x)
+    high = int(np.add.reduce(x, dtype=u32)) << 16  # sum y = high + (sum of y's low halves) < high + 2^32
+    return ((sum_x << 32) + high + ((low - high) & _M32)) & _M64
+
+
+def reference_term_sum(w: np.ndarray, first_word: int, buffer_index: int) -> int:
+    """Sum mod 2^64 of the terms of uint32 words ``w`` at global word indices ``first_word``.., as defined."""
+    if w.size == 0:
+        return 0
+    j = np.arange(first_word, first_word + w.size, dtype=np.uint64)
+    hi = (j >> np.uint64(32)).astype(np.int64)
+    salts = np.array([salt(buffer_index, h) for h in range(int(hi[0]), int(hi[-1]) + 1)], dtype=np.uint32)
+    mixed = (j & np.uint64(_M32)).astype(np.uint32) * np.uint32(_INDEX_GOLD) + salts[hi - hi[0]]
+    return int(np.sum(_np_fmix_terms(w.astype(np.uint32), mixed), dtype=np.uint64))
 
 
 def checksum_reference(buffers: Sequence[torch.Tensor]) -> int:
@@ -334,13 +394,7 @@ def checksum_reference(buffers: Sequence[torch.Tensor]) -> int:
     for b, t in enumerate(buffers):
         raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         nbytes_all.append(raw.size)
-        if raw.size == 0:
-            continue
         padded = np.zeros((raw.size + 3) // 4 * 4, dtype=np.uint8)
         padded[: raw.size] = raw
-        w = padded.view("<u4").astype(np.uint32)
-        j = np.arange(w.size, dtype=np.uint64)
-        salts = np.array([salt(b, hi) for hi in range(int(j[-1] >> np.uint64(32)) + 1)], dtype=np.uint32)
-        mixed = (j & np.uint64(_M32)).astype(np.uint32) * np.uint32(0x9E3779B1) + salts[(j >> np.uint64(32)).astype(np.int64)]
-        total += int(np.sum(_np_fmix_terms(w, mixed), dtype=np.uint64))
+        total += reference_term_sum(padded.view("<u4"), 0, b)
     return _fmix64((total + length_constant(nbytes_all)) & _M64)
