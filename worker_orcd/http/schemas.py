@@ -32,7 +32,7 @@ class SamplingIn(Strict):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_k: int = Field(default=0, ge=0, le=1 << 20, description="0 = off")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_p: float = Field(default=0.0, ge=0.0, lt=1.0, description="drop tokens below min_p x the top probability; 0 = off")
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     seed: int = Field(default=0, ge=0, le=U64_MAX, description="64-bit unsigned; seeds the sampler (SPEC 4712)")
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64, description="extra token ids that end generation")

@@ -1,0 +1,36 @@
+"""The README's error table is the contract operators read: it must equal errors.CODE_INFO (SPEC 4950-4951),
+and its two quick-start commands must stay the ones CI runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from worker_orcd.errors import CODE_INFO, ErrorCode
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\| `([A-Z_]+)` \| (\d{3}) \| (no|yes \((\d+) ms\)) \| (.+) \|$")
+
+
+def test_worker_4950_readme_error_table_equals_code_info() -> None:
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        m = ROW.match(line)
+        if m and m.group(1) in ErrorCode.__members__:
+            rows[m.group(1)] = m
+    assert set(rows) == {c.value for c in ErrorCode}, "every code, and only codes, in the README table"
+    for code, info in CODE_INFO.items():
+        m = rows[code.value]
+        assert int(m.group(2)) == info.http_status, code
+        assert (m.group(3) != "no") == info.retriable, code
+        if info.retriable:
+            assert int(m.group(4)) == info.retry_after_ms, code
+        assert m.group(5).startswith(info.meaning), code
+
+
+def test_worker_4995_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    test_cmd = "python -m pytest -q"
+    assert f". .venv/bin/activate && {test_cmd}" in readme
+    assert any(line.strip() == test_cmd for line in ci.splitlines()), ".ci/run must call the README's test command"
