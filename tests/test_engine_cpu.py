@@ -643,3 +643,89 @@ def test_worker_4710_load_time_warmup_leaves_no_trace(qwen: ResidentModel) -> No
     before = _run(qwen, PROMPT[:3], **params)[0]
     qwen._gen.warmup(force=True)
     assert _run(qwen, PROMPT[:3], **params)[0] == before
+
+
+# --- the CPU half of test_engine_gpu.py's GPU-vs-CPU comparison, and the CPU-mode seal's cost -------
+
+import test_engine_gpu as gpu_cmp  # noqa: E402 - its comparison helpers and cases (this section only)
+
+
+@pytest.mark.slow  # ~20 s here: three mid-size models, each loaded twice
+@pytest.mark.parametrize("case", gpu_cmp.SYNTH_LOGITS_CASES, ids=lambda c: c.model)
+def test_worker_4700_gpu_comparison_cases_hold_on_the_cpu(
+    engine: Engine, model_dir: Path, monkeypatch: pytest.MonkeyPatch, case: gpu_cmp.LogitsCase
+) -> None:
+    """What the GPU test takes for granted, checked where it can be: each synthetic comparison model
+    loads on the CPU engine with logits spread like a trained model's (finite, std 1-10), enough
+    prompts have a clear top-1 that the GPU's top-1 check is never vacuous, the CPU path run in the
+    GPU's resident dtype (pure rounding) passes the GPU tolerance, and a wrong answer does not."""
+    from worker_orcd.engine import api
+    from worker_orcd.engine.weights import resident_dtype
+
+    assert case.weight_type is not None
+    path = synth.write_synthetic_model(model_dir / f"cmp-{case.model}.gguf", case.model, case.weight_type)
+    ref_model = _load(engine, path, kv_cache_mb=64)
+    try:
+        prompts = [gpu_cmp.synthetic_prompt(ref_model.config.vocab_size, n) for n in case.lengths]
+        want = gpu_cmp.prefill_logits(ref_model, prompts)
+        gpu_dtype = resident_dtype(ref_model.config, dataclasses.replace(engine.ctx, kind="cuda"))
+    finally:
+        ref_model.close()
+    for b in want:
+        assert torch.isfinite(b).all() and 1.0 < float(b.std()) < 10.0, float(b.std())
+    monkeypatch.setattr(api, "resident_dtype", lambda cfg, ctx: gpu_dtype)
+    half = _load(engine, path, kv_cache_mb=64)
+    try:
+        assert half._weights.embed.dtype == gpu_dtype
+        got = gpu_cmp.prefill_logits(half, prompts)
+    finally:
+        half.close()
+    tol = gpu_cmp.REL_TOL[gpu_dtype]
+    decisive = gpu_cmp.assert_logits_agree(got, want, tol, f"{case.model} in {gpu_dtype}")
+    assert decisive >= gpu_cmp.MIN_DECISIVE, f"only {decisive} of {len(prompts)} prompts have a clear top-1"
+    with pytest.raises(AssertionError, match="relative L2 error"):
+        gpu_cmp.assert_logits_agree(want[1:] + want[:1], want, tol, "shuffled")
+
+
+@pytest.mark.slow  # loads the real 0.5B model (~2.5 GB of fp32 weights)
+def test_worker_4121_cpu_mode_seal_check_is_cheap_on_a_real_model(qwen05_path: Path) -> None:
+    """verify_seal runs before every request, so in CPU mode (CI's integration tests) it must stay
+    well under a second for the 0.5B model (it took 6-10 s before the host checksum was vectorised),
+    and it still sees one flipped byte."""
+    engine = Engine.open("cpu")
+    rm = engine.load(
+        _validated(qwen05_path), shard_id="seal-cost", sealer=Sealer(), kv_cache_mb=1, capture_graph=False
+    )
+    try:
+        ms = min(rm.verify_seal() for _ in range(3))
+        assert ms < 2000, f"CPU-mode seal check took {ms:.0f} ms for {rm._weights.arena.numel() / 1e9:.2f} GB"
+        arena = rm._weights.arena
+        i = arena.numel() - 5
+        arena[i] ^= 0x20
+        try:
+            with pytest.raises(SealVerificationError):
+                rm.verify_seal()
+        finally:
+            arena[i] ^= 0x20
+        rm.verify_seal()
+    finally:
+        rm.close()
+
+
+def test_worker_4712_cpu_sampler_noise_is_finite_for_the_top_random_word() -> None:
+    """Seed 7, step 368 draws Philox word 0xFFFFFFxx for token 40327: the reference once mapped it to
+    u = 1.0 (24 bits), i.e. +inf Gumbel noise, so a token with a hopeless logit won the draw; the
+    kernel's 23-bit uniform keeps u < 1 and the reference now draws what the kernel draws."""
+    import numpy as np
+
+    r = reference.philox_x0(7, np.arange(40327, 40328, dtype=np.uint32), 368, 0, reference._SAMPLE_TAG)
+    assert int(r[0]) >> 8 == 0xFFFFFF
+    logits = torch.zeros(40328)
+    logits[40327] = -40.0
+    kw = dict(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, penalty_ids=None, seed=7, step=368)
+    got = int(reference.sample_reference(logits, temperature=1.0, **kw))  # type: ignore[arg-type]
+    assert got != 40327
+    from worker_orcd.engine.kernels import sampling
+
+    if sampling.v.TRITON_INTERPRETED:
+        assert int(sampling.sample(logits, temperature=1.0, **kw)) == got  # type: ignore[arg-type]

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import pytest
 import torch
 
+from worker_orcd.engine import reference
 from worker_orcd.engine.errors import KernelDimensionError
 from worker_orcd.engine.kernels.checksum import (
+    HOST_CHUNK_WORDS,
     TILE_WORDS,
     ChecksumPlan,
     checksum,
     checksum_hex,
     checksum_reference,
     digest_hex,
+    reference_term_sum,
+    term_sum,
 )
+from worker_orcd.engine.reference import checksum_cpu
 
 
 @pytest.fixture
@@ -121,13 +128,88 @@ def test_worker_4400_checksum_rejects_bad_input(device: str) -> None:
 
 @pytest.mark.gpu
 def test_worker_4121_checksum_large_gpu_matches_reference(gen: torch.Generator, device: str) -> None:
-    """A 600 MiB mix on the GPU agrees with the host definition, and a flip in the middle is seen."""
+    """A 600 MiB mix on the GPU agrees with the CPU mode's host evaluation (itself held to the
+    definition below), and a flip in the middle is seen by both."""
     buffers = [torch.randint(-(2**31), 2**31 - 1, (50 * 2**20,), dtype=torch.int32, device=device) for _ in range(3)]
     buffers += model_like(gen, device)
-    assert checksum_hex(buffers) == f"{checksum_reference(buffers):016x}"
+    assert checksum_hex(buffers) == f"{checksum_cpu(buffers):016x}"
     base = checksum_hex(buffers)
     buffers[1].view(torch.uint8)[123_456_789] ^= 0x10
     assert checksum_hex(buffers) != base
+    assert checksum_hex(buffers) == f"{checksum_cpu(buffers):016x}"
+
+
+# --- the host evaluation (CPU mode's per-request seal check) ---------------------------------------
+
+
+def test_worker_4121_host_checksum_is_the_definition(
+    gen: torch.Generator, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``checksum_cpu`` == the executable definition == the kernel, for any thread count and with
+    chunk and thread-span seams everywhere (tiny chunks/spans), and it sees single-bit flips."""
+    buffers = model_like(gen, device)
+    want = checksum_reference(buffers)
+    assert digest_hex(checksum(buffers)) == f"{want:016x}"
+    for threads in (1, 2, 3):
+        assert checksum_cpu(buffers, threads=threads) == want
+    monkeypatch.setattr(reference, "_CHECKSUM_CHUNK_WORDS", 1000)
+    monkeypatch.setattr(reference, "_CHECKSUM_SPAN_WORDS", 7 * 1000 + 13)
+    assert checksum_cpu(buffers, threads=2) == want
+    raw = buffers[0].view(torch.uint8).reshape(-1)
+    for pos in (0, 4 * 1000 - 1, 4 * 1000, 4 * (7 * 1000 + 13), raw.numel() - 1):
+        raw[pos] ^= 0x04
+        flipped = checksum_cpu(buffers, threads=2)
+        assert flipped != want and flipped == checksum_reference(buffers), pos
+        raw[pos] ^= 0x04
+    assert checksum_cpu(buffers) == want
+
+
+@pytest.mark.parametrize("first_word", [0, 2**32 - 1000, 2**32, 5 * 2**32 - 70_001])
+def test_worker_4121_host_checksum_salt_segments(gen: torch.Generator, first_word: int) -> None:
+    """Word indices past 2^32 (a >16 GiB buffer) change the salt: a span that crosses the boundary
+    is cut there, and each chunk's sum equals the definition's (exact 64-bit terms)."""
+    words = torch.randint(-(2**31), 2**31 - 1, (150_000,), generator=gen, dtype=torch.int32).numpy().view(np.uint32)
+    assert reference._span_sum(words, 3, first_word) == reference_term_sum(words, first_word, 3)
+    x = np.empty(HOST_CHUNK_WORDS, dtype=np.uint32)
+    t = np.empty(HOST_CHUNK_WORDS, dtype=np.uint32)
+    full = np.full(HOST_CHUNK_WORDS, 0xFFFFFFFF, dtype=np.uint32)  # one whole chunk
+    start = first_word & -HOST_CHUNK_WORDS
+    assert term_sum(full, start, 1, x, t) == reference_term_sum(full, start, 1)
+    with pytest.raises(ValueError):
+        term_sum(words[:10], 2**32 - 5, 0, x, t)  # crosses a salt boundary
+    with pytest.raises(ValueError):
+        term_sum(words[: HOST_CHUNK_WORDS + 1], 0, 0, np.empty(HOST_CHUNK_WORDS + 1, np.uint32), t)
+
+
+def test_worker_4400_host_checksum_rejects_bad_input() -> None:
+    good = torch.randn(8)
+    cases = [
+        (lambda: checksum_cpu([]), "buffers"),
+        (lambda: checksum_cpu(good), "buffers"),  # type: ignore[arg-type]
+        (lambda: checksum_cpu([good, b"bytes"]), "buffers[1]"),  # type: ignore[list-item]
+        (lambda: checksum_cpu([torch.randn(4, 4).t()]), "buffers[0]"),
+        (lambda: checksum_cpu([good, torch.randn(8, device="meta")]), "buffers[1]"),
+        (lambda: checksum_cpu([torch.randn(8, device="meta")]), "buffers[0]"),
+    ]
+    for call, arg in cases:
+        with pytest.raises(KernelDimensionError) as info:
+            call()
+        assert info.value.kernel == "checksum" and info.value.argument == arg, str(info.value)
+
+
+def test_worker_4121_host_checksum_is_cheap() -> None:
+    """CPU mode runs it before every request over every weight byte: ~3 GB/s per core here (the
+    plain numpy definition manages ~0.3 GB/s). Loose floor, best of three, so only a real
+    regression fails; the rate is printed."""
+    buf = torch.randint(-(2**31), 2**31 - 1, (16 * 2**20,), dtype=torch.int32)  # 64 MiB
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        checksum_cpu([buf])
+        best = min(best, time.perf_counter() - t0)
+    rate = buf.numel() * 4 / best / 1e9
+    print(f"host checksum: {rate:.2f} GB/s")
+    assert rate > 1.0, f"host checksum ran at {rate:.2f} GB/s"
 
 
 @pytest.mark.gpu

@@ -2,26 +2,30 @@
 
 ``sample_reference`` draws what ``kernels.sample`` draws (same penalty,
 cut-offs and Philox-4x32-10 Gumbel noise keyed by seed and step), and
-``checksum_cpu`` computes ``kernels.checksum``'s digest in bounded chunks, so
-sampling streams and seals mean the same thing in both modes. Tests hold
-them to the kernels (run by the Triton interpreter).
+``checksum_cpu`` computes ``kernels.checksum``'s digest (fast, multi-threaded:
+it is the CPU mode's per-request seal check), so sampling streams and seals
+mean the same thing in both modes. Tests hold them to the kernels (run by the
+Triton interpreter) and to the definitions.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .errors import KernelParamError
-from .kernels.checksum import _fmix64, _np_fmix_terms, length_constant, salt
+from .kernels import validate as v
+from .kernels.checksum import HOST_CHUNK_WORDS, _fmix64, length_constant, term_sum
 
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _SAMPLE_TAG = 0x534D504C  # the sampling kernel's stream tag ("SMPL")
 _M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
 
 
 def philox_x0(seed: int, c0: np.ndarray, c1: int, c2: int, c3: int) -> np.ndarray:
@@ -82,37 +86,82 @@ def sample_reference(
     score = work.numpy().astype(np.float32)
     if not greedy:
         r = philox_x0(seed, np.arange(V, dtype=np.uint32), step & _M32, step >> 32, _SAMPLE_TAG)
-        u = ((r >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216.0)
+        # the kernel's 23 bits: (k + 0.5) / 2^23 is exact in fp32, strictly inside (0, 1) (24 bits
+        # rounded the top value to 1.0, whose Gumbel noise is +inf)
+        u = ((r >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 8388608.0)
         score = score - np.log(-np.log(u))
     score = np.where(keep.numpy(), score, np.float32(-np.inf))
     return torch.tensor([int(np.argmax(score))], dtype=torch.int64, device=logits.device)
 
 
-_CHECKSUM_CHUNK_WORDS = 1 << 22
+_CHECKSUM_CHUNK_WORDS = HOST_CHUNK_WORDS
+_CHECKSUM_SPAN_WORDS = 1 << 24  # one thread-pool task (64 MiB): small enough to balance a busy machine
+_CHECKSUM_MAX_THREADS = 8  # past this the host's memory bandwidth, not the ALUs, is the limit
 
 
-def checksum_cpu(buffers: Sequence[torch.Tensor]) -> int:
-    """``kernels.checksum.checksum_reference`` evaluated chunk by chunk (memory stays ~100 MB)."""
+def _span_sum(words: np.ndarray, b: int, first_word: int) -> int:
+    """Terms of ``words`` (buffer ``b``, global indices from ``first_word``), one cache-sized chunk at a
+    time; numpy releases the GIL inside each ufunc, so spans run in parallel."""
+    chunk = _CHECKSUM_CHUNK_WORDS
+    x = np.empty(chunk, dtype=np.uint32)
+    t = np.empty(chunk, dtype=np.uint32)
     total = 0
-    sizes: list[int] = []
-    for b, t in enumerate(buffers):
-        raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        sizes.append(raw.size)
-        n_words = (raw.size + 3) // 4
+    pos, stop = 0, words.size
+    while pos < stop:
+        j = first_word + pos
+        end = min(stop, pos + chunk, (((j >> 32) + 1) << 32) - first_word)  # one salt per chunk
+        total += term_sum(words[pos:end], j, b, x, t)
+        pos = end
+    return total & _M64
+
+
+def _spans(n_words: int) -> list[tuple[int, int]]:
+    step = _CHECKSUM_SPAN_WORDS
+    return [(s, min(n_words, s + step)) for s in range(0, n_words, step)]
+
+
+def _host_buffers(buffers: object) -> list[torch.Tensor]:
+    """The kernel's input rules (typed ``KernelDimensionError``), minus its device rule: any
+    CPU or CUDA tensor can be read from the host."""
+    kernel = "checksum"
+    if isinstance(buffers, torch.Tensor) or not isinstance(buffers, Sequence):
+        v.fail(kernel, "buffers", f"must be a sequence of tensors, got {type(buffers).__name__}")
+    v.check(len(buffers) > 0, kernel, "buffers", "must hold at least one tensor")
+    first = v.tensor(kernel, "buffers[0]", buffers[0])
+    for i, t in enumerate(buffers):
+        name = f"buffers[{i}]"
+        v.tensor(kernel, name, t)
+        v.contiguous(kernel, name, t)
+        v.check(t.device == first.device, kernel, name, f"must be on buffers[0]'s device {first.device}, got {t.device}")
+        v.check(t.device.type in ("cpu", "cuda"), kernel, name, f"must hold readable memory, got device {t.device}")
+    return list(buffers)
+
+
+def checksum_cpu(buffers: Sequence[torch.Tensor], threads: int | None = None) -> int:
+    """``kernels.checksum``'s digest on the host, fast enough to run before every CPU-mode request.
+
+    Same validation (typed errors) as the kernel; spans of whole words go to a thread pool (numpy
+    ufuncs release the GIL), each evaluated by ``kernels.checksum.term_sum`` in cache-sized chunks;
+    the 1-3 byte tail word of a buffer is zero-padded here. ~3 GB/s per core.
+    """
+    tensors = _host_buffers(buffers)
+    raws = [t.detach().cpu().reshape(-1).view(torch.uint8).numpy() for t in tensors]
+    jobs: list[tuple[np.ndarray, int, int]] = []
+    total = 0
+    x = np.empty(1, dtype=np.uint32)
+    t = np.empty(1, dtype=np.uint32)
+    for b, raw in enumerate(raws):
         full = raw.size // 4
         words = raw[: full * 4].view("<u4")
-        for start in range(0, n_words, _CHECKSUM_CHUNK_WORDS):
-            stop = min(n_words, start + _CHECKSUM_CHUNK_WORDS)
-            if stop <= full:
-                w = words[start:stop].astype(np.uint32)
-            else:  # the zero-padded tail word
-                tail = np.zeros((stop - start) * 4, dtype=np.uint8)
-                chunk = raw[start * 4 :]
-                tail[: chunk.size] = chunk
-                w = tail.view("<u4").astype(np.uint32)
-            j = np.arange(start, stop, dtype=np.uint64)
-            hi = (j >> np.uint64(32)).astype(np.int64)
-            salts = np.array([salt(b, int(h)) for h in range(int(hi[0]), int(hi[-1]) + 1)], dtype=np.uint32)
-            mixed = (j & np.uint64(0xFFFFFFFF)).astype(np.uint32) * np.uint32(0x9E3779B1) + salts[hi - hi[0]]
-            total = (total + int(np.sum(_np_fmix_terms(w, mixed), dtype=np.uint64))) & 0xFFFFFFFFFFFFFFFF
-    return _fmix64((total + length_constant(sizes)) & 0xFFFFFFFFFFFFFFFF)
+        jobs += [(words[start:stop], b, start) for start, stop in _spans(full)]
+        if raw.size % 4:
+            tail = np.zeros(4, dtype=np.uint8)
+            tail[: raw.size % 4] = raw[full * 4 :]
+            total += term_sum(tail.view("<u4"), full, b, x, t)
+    n = max(1, min(_CHECKSUM_MAX_THREADS, torch.get_num_threads() if threads is None else threads, len(jobs)))
+    if n == 1:
+        total += sum(_span_sum(*job) for job in jobs)
+    else:
+        with ThreadPoolExecutor(n, thread_name_prefix="checksum") as pool:
+            total += sum(pool.map(lambda job: _span_sum(*job), jobs))
+    return _fmix64((total + length_constant([raw.size for raw in raws])) & _M64)

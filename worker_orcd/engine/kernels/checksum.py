@@ -323,7 +323,9 @@ def checksum_hex(buffers: Sequence[torch.Tensor]) -> str:
 # The kernels' literals, named for the host evaluators below (``_term`` / the tile loop above).
 _INDEX_GOLD = 0x9E3779B1
 _X_MUL1, _X_MUL2, _Y_MUL = 0x85EBCA6B, 0xC2B2AE35, 0x2C1B3C6D
-HOST_CHUNK_WORDS = 1 << 16  # <= 2^16: keeps term_sum's split sum of y exact; 256 KiB of uint32 stays in L2
+# term_sum's chunk: 512 KiB uint32 scratch arrays stay cache-resident, and each numpy call is long
+# enough that threads do not queue on the GIL between calls (2^16 words was GIL-bound with 2 threads)
+HOST_CHUNK_WORDS = 1 << 17
 _INDEX_MIX = np.arange(HOST_CHUNK_WORDS, dtype=np.uint32) * np.uint32(_INDEX_GOLD)  # k * GOLD mod 2^32
 
 
@@ -345,7 +347,6 @@ def term_sum(w: np.ndarray, first_word: int, buffer_index: int, x: np.ndarray, t
     The fast host evaluation of the definition (the CPU mode's seal runs it before every request):
     sum(x << 32 | y) = (sum x) << 32 + sum y, so every step stays in uint32 lanes, in place in the
     caller's scratch ``x``/``t`` (uint32, >= len(w)), and the 64-bit terms are never materialised.
-    ``sum y`` is exact from sum(y) mod 2^32 and sum(y >> 16), because len(w) <= 2^16.
     ``w`` must not cross a 2^32-word boundary (one salt per chunk).
     """
     n = w.size
@@ -370,10 +371,8 @@ def term_sum(w: np.ndarray, first_word: int, buffer_index: int, x: np.ndarray, t
     np.multiply(t, u32(_Y_MUL), out=t)
     np.right_shift(t, u32(12), out=x)
     np.bitwise_xor(t, x, out=t)  # t = y
-    low = int(np.add.reduce(t, dtype=u32))
-    np.right_shift(t, u32(16), out=x)
-    high = int(np.add.reduce(x, dtype=u32)) << 16  # sum y = high + (sum of y's low halves) < high + 2^32
-    return ((sum_x << 32) + high + ((low - high) & _M32)) & _M64
+    sum_y = int(np.add.reduce(t, dtype=np.uint64))  # exact: n < 2^32 terms below 2^32
+    return ((sum_x << 32) + sum_y) & _M64
 
 
 def reference_term_sum(w: np.ndarray, first_word: int, buffer_index: int) -> int:
