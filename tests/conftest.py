@@ -22,6 +22,9 @@ if not REQUIRE_REAL_GPU:
     # No GPU here: Triton kernels run in the interpreter, on CPU tensors (set before triton loads).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Proof bundles (SPEC 4996): the `proof_bundle` fixture, written under .proof_bundle/<suite>/<run-id>/.
+pytest_plugins = ("proof_bundle",)
+
 QWEN_05B = "qwen2.5-coder-0.5b-instruct"
 QWEN_15B = "qwen2.5-coder-1.5b-instruct"
 GEMMA_270M = "gemma3-270m"

@@ -18,6 +18,7 @@ B = "bravo-token-0123456789"
 def write(tmp_path: Path, text: str | bytes) -> Path:
     p = tmp_path / "token"
     p.write_bytes(text.encode() if isinstance(text, str) else text)
+    p.chmod(0o600)  # SPEC 4913: anything looser is refused (tests/test_credentials.py)
     return p
 
 

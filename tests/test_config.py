@@ -72,6 +72,20 @@ def test_worker_4910_token_never_from_env_value() -> None:
     # There is no variable carrying the token itself; an unknown setting is refused, not read.
     assert "api_token" not in WorkerConfig.model_fields
     assert "unknown setting" in error_of({"api_token": "secret"})
+    msg = error_of(env={"WORKER_API_TOKEN": "secret-value-0123456789"})  # refused, not silently ignored
+    assert "WORKER_API_TOKEN is set" in msg and "secret-value" not in msg
+
+
+def test_worker_4901_user_and_allow_root(tmp_path: Path) -> None:
+    assert (cfg().user, cfg().allow_root) == (None, False)
+    assert cfg({"user": "worker-orcd"}).user == "worker-orcd"
+    assert cfg({"user": "65534"}).user == "65534"
+    assert "user (--user): must be a user name" in error_of({"user": "a b"})
+    assert "user (--user): must be a user name" in error_of({"user": "x" * 40})
+    assert "allow_root and user exclude each other" in error_of({"user": "nobody", "allow_root": True})
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"worker_id": "w", "user": "nobody"}))
+    assert load_config({}, env={}, config_file=conf).user == "nobody"
 
 
 @pytest.mark.parametrize(

@@ -120,7 +120,8 @@ class Knobs:
     step_s: float = 0.005  # per decode step
     prefill_s: float = 0.0
     max_seq_len: int = 256
-    fail_at: int | None = None  # raise a RuntimeError before this token index
+    fail_at: int | None = None  # raise a RuntimeError (or fail_with) before this token index
+    fail_with: Exception | None = None  # e.g. a CUDA_ERROR WorkerError, as the real engine raises it
     eos_after: int | None = None  # emit EOS as token number N (0-based)
     load_error: WorkerError | None = None
     vram_total: int = 8 << 30
@@ -174,7 +175,7 @@ class FakeResident:
                     yield end("cancelled")
                     return
                 if k.fail_at is not None and i >= k.fail_at:
-                    raise RuntimeError("secret internal detail /dev/nvidia0 0xdeadbeef")
+                    raise k.fail_with or RuntimeError("secret internal detail /dev/nvidia0 0xdeadbeef")
                 if k.eos_after is not None and i == k.eos_after:
                     tok = EOS
                 elif p.temperature == 0.0:
@@ -272,6 +273,7 @@ class WorkerHarness:
         self.model_path = write_tiny_model(self.root / MODEL_NAME)
         token_file = tmp / "token"
         token_file.write_text("\n".join(tokens) + "\n")
+        token_file.chmod(0o600)  # SPEC 4913: a token file others can read is refused
         flags: dict[str, Any] = {
             "worker_id": "w-test", "device": "cpu", "bind": "127.0.0.1:0", "model_root": str(self.root),
             "api_token_file": str(token_file), "shutdown_timeout_sec": 5, "sse_keepalive_sec": 1,

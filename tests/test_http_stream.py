@@ -5,6 +5,7 @@ SPEC 4246-4253, Scheduler (M0), WORK /cancel, 4420-4423, 4950-4951.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -222,8 +223,10 @@ def test_worker_4950_engine_exception_becomes_internal_without_leaking(h: Worker
     assert [e for e, _ in events] == ["started", "token", "token", "error"]
     err = events[-1][1]
     assert err["code"] == "INTERNAL" and "job" in err["message"]
-    assert "deadbeef" not in raw and "nvidia" not in raw  # internals stay in the log
-    assert "deadbeef" in h.log.getvalue()  # ...which has them (traceback) for the operator
+    assert "deadbeef" not in raw and "nvidia" not in raw  # internals stay in the log...
+    internal = [json.loads(line) for line in h.log_lines() if '"event":"internal_error"' in line][-1]
+    assert internal["exc_type"] == "RuntimeError" and "in _run" in internal["traceback"]  # ...as type and frames,
+    assert "deadbeef" not in h.log.getvalue()  # but an untyped exception's text may quote input: never logged (4802)
     wait_until(lambda: idle(h), 1)
     knobs.fail_at = None
     assert parse(h.client().post("/worker/execute", json={"prompt": "a", "params": {"max_tokens": 1}}).text)[-1][0] == "end"

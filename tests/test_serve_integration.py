@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from callback_server import READY_PATH, STATUS_PATH, CallbackServer, Received
+from prometheus_client.parser import text_string_to_metric_families
+from proof_bundle import ProofBundle
 
 from worker_orcd.http.sse import parse
 
@@ -85,6 +87,8 @@ class Proc:
 def start(tmp: Path, args: list[str], token_file: Path | None, env: dict[str, str] | None = None) -> Proc:
     log = tmp / f"worker-{secrets.token_hex(4)}.log"
     cmd = serve_command() + args + (["--api-token-file", str(token_file)] if token_file else [])
+    if os.geteuid() == 0:  # CI runs as root: these tests are not about the privilege drop (test_privileges.py)
+        cmd.append("--allow-root")
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     return Proc(proc, log)
@@ -138,6 +142,7 @@ def served(qwen05_path: Path, device: str, tmp_path_factory: pytest.TempPathFact
             "--model-root", str(qwen05_path.parent), "--port", "0", "--callback-url", pm.url,
             "--max-prompt-chars", "2000", "--max-tokens-out", "64", "--max-tokens-in", "64",
             "--inference-timeout-sec", "240", "--shutdown-timeout-sec", "60", "--sse-keepalive-sec", "0.5",
+            "--log-level", "debug",  # the redaction test greps every line the worker can write
         ], token_file)
         t0 = time.monotonic()
         try:
@@ -208,8 +213,10 @@ def test_worker_4200_auth_required_health_open(served: Served) -> None:
 # --- streaming -------------------------------------------------------------------------------
 
 
-def test_worker_4246_sse_order_shapes_and_greedy_equals_engine(served: Served, device: str) -> None:
+def test_worker_4246_sse_order_shapes_and_greedy_equals_engine(served: Served, device: str, proof_bundle: ProofBundle) -> None:
+    t0 = time.monotonic()
     events = stream(served, {"prompt": PROMPT, "params": {"max_tokens": 8, "temperature": 0.0}})
+    proof_bundle.timing("served-request", time.monotonic() - t0, device=device)
     names = [e for e, _ in events]
     assert names[0] == "started" and names[-1] == "end" and set(names[1:-1]) <= {"token", "metrics"}
     assert names.count("token") == events[-1][1]["tokens_out"] <= 8
@@ -236,18 +243,37 @@ def test_worker_4246_sse_order_shapes_and_greedy_equals_engine(served: Served, d
         out = [e.token_id for e in model.generate(ids, SamplingParams(max_tokens=8, stop_ids=tok.eos_ids)) if hasattr(e, "token_id")]
     finally:
         engine.close()
+    proof_bundle.token_stream("greedy-served", [t["t"] for t in tokens], params={"max_tokens": 8, "temperature": 0.0},
+                              text=text, prompt=PROMPT, device=device)
+    proof_bundle.token_stream("greedy-engine", out, params={"max_tokens": 8, "temperature": 0.0}, prompt=list(ids),
+                              text=tok.decode(out, skip_special=True), device=device)
     assert end["tokens_in"] == len(ids)
     assert text == tok.decode(out, skip_special=True)
     assert len(out) == end["tokens_out"]
 
 
-def test_worker_4710_same_seed_twice_identical_stream(served: Served) -> None:
-    body = {"prompt": PROMPT, "params": {"max_tokens": 6, "temperature": 0.9, "top_k": 40, "seed": 1234567890123}}
-    first, second = stream(served, body), stream(served, body)
+def test_worker_4710_same_seed_twice_identical_stream(served: Served, device: str, proof_bundle: ProofBundle) -> None:
+    body: dict[str, Any] = {"prompt": PROMPT, "params": {"max_tokens": 6, "temperature": 0.9, "top_k": 40, "seed": 1234567890123}}
+    assert served.p.ready is not None
+    proof_bundle.model_digest("model", sha256=served.p.ready.body["handle"]["digest"], file=served.model_path.name,
+                              device=device)
+    runs = []
+    for i in range(2):
+        t0 = time.monotonic()
+        events = stream(served, body)
+        runs.append(events)
+        end = events[-1][1]
+        proof_bundle.token_stream(
+            f"run-{i + 1}", [d["t"] for e, d in events if e == "token"], seed=body["params"]["seed"], params=body["params"],
+            prompt=PROMPT, text="".join(d["t"] for e, d in events if e == "token") + end.get("tail", ""), end=end,
+        )
+        proof_bundle.timing(f"run-{i + 1}", time.monotonic() - t0, ttft_ms=end.get("ttft_ms"),
+                            decode_time_ms=end.get("decode_time_ms"))
+
     def tokens(events: list[tuple[str, Any]]) -> list[tuple[str, int]]:
         return [(d["t"], d["i"]) for e, d in events if e == "token"]
 
-    assert tokens(first) == tokens(second) and tokens(first)
+    assert tokens(runs[0]) == tokens(runs[1]) and tokens(runs[0])
 
 
 def test_worker_m0_concurrent_execute_busy_with_retry_after(served: Served) -> None:
@@ -343,13 +369,119 @@ def test_worker_4022_second_different_commit_refused(served: Served) -> None:
     assert r.status_code == 422 and r.json()["code"] == "MODEL_LOAD_FAILED" and "4022" in r.json()["message"]
 
 
-def test_worker_4810_metrics_after_real_requests(served: Served) -> None:
-    with served.p.client(None) as c:
-        text = c.get("/metrics").text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
-    assert values["worker_jobs_started_total"] >= 4 and values["worker_tokens_generated_total"] >= 8
-    assert values['worker_jobs_failed_total{code="CANCELLED"}'] >= 2
-    assert values['worker_state{state="ready"}'] == 1
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(c: httpx.Client) -> Scrape:
+    out: Scrape = {}
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def moved(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_worker_4811_metrics_exact_deltas_after_real_requests(served: Served, device: str) -> None:
+    """One cancelled job, one busy refusal, one invalid request, one completed job: every series moves exactly."""
+    polls = 0
+
+    def until_ready(c: httpx.Client) -> None:
+        nonlocal polls
+        for _ in range(3000):
+            polls += 1
+            if c.get("/health").json()["state"] == "ready":
+                return
+            time.sleep(0.01)
+        raise AssertionError("worker did not return to ready")
+
+    with served.p.client(None) as anon, served.p.client(served.token) as c:
+        before = scrape(anon)
+        cancelled: list[tuple[str, Any]] = []
+        with c.stream("POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": 64}, "job_id": "it-metrics"}) as r:
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    cancelled.append((event or "", json.loads(line[6:])))
+                    if event == "token" and sum(1 for e, _ in cancelled if e == "token") == 2:
+                        with served.p.client(served.token_b) as other:
+                            busy = other.post("/worker/execute", json={"prompt": "x", "params": {"max_tokens": 1}})
+                        assert busy.status_code == 503 and busy.json()["code"] == "WORKER_BUSY"
+                        assert c.post("/cancel", json={"job_id": "it-metrics"}).status_code == 202
+        assert cancelled[-1][0] == "error" and cancelled[-1][1]["code"] == "CANCELLED"
+        n_cancelled = sum(1 for e, _ in cancelled if e == "token")
+        until_ready(anon)
+        assert c.post("/worker/execute", json={"prompt": PROMPT, "params": {"temperature": 3}}).status_code == 400
+        done = parse(c.post("/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": 3}}).text)
+        end = done[-1][1]
+        assert done[-1][0] == "end" and end["tokens_out"] == 3
+        until_ready(anon)
+        after = scrape(anon)
+        vram = anon.get("/health").json()["vram_bytes"]
+
+    assert moved(after, before, "worker_requests_total", outcome="success") == 1 + 1 + 1 + polls  # scrape, cancel, job, polls
+    for code in ("CANCELLED", "WORKER_BUSY", "INVALID_PARAMS"):
+        assert moved(after, before, "worker_requests_total", outcome=code) == 1, code
+    assert moved(after, before, "worker_jobs_started_total") == 2
+    assert moved(after, before, "worker_jobs_completed_total") == 1
+    assert moved(after, before, "worker_jobs_failed_total", code="CANCELLED") == 1
+    assert moved(after, before, "worker_tokens_in_total") == 2 * end["tokens_in"]
+    assert moved(after, before, "worker_tokens_generated_total") == n_cancelled + 3
+    assert moved(after, before, "worker_time_to_first_token_ms_count") == 2
+    assert moved(after, before, "worker_inter_token_latency_ms_count") == (n_cancelled - 1) + (3 - 1)
+    assert moved(after, before, "worker_inference_duration_ms_count") == 2
+    assert moved(after, before, "worker_seal_verify_ms_count") == 2
+    assert moved(after, before, "worker_seal_verify_ms_sum") > 0
+    assert moved(after, before, "worker_cuda_errors_total") == 0
+    assert after[("worker_state", (("state", "ready"),))] == 1 and after[("worker_state", (("state", "executing"),))] == 0
+    assert after[("worker_uptime_seconds", ())] > before[("worker_uptime_seconds", ())] > 0
+    assert after[("worker_vram_bytes", ())] == vram and (vram == 0) == (device == "cpu")
+
+
+# --- logs (4800-4802) ---------------------------------------------------------------------
+
+
+def test_worker_4802_no_prompt_output_or_token_in_any_log_line(served: Served) -> None:
+    """Debug level, a unique marker in the prompt, a known token: grep every line the process wrote."""
+    marker = "ZQX" + secrets.token_hex(8)
+    prompt = f"# {marker}\n{PROMPT}"
+    cid = "redact-" + secrets.token_hex(4)
+    with served.p.client(served.token) as c:
+        r = c.post("/worker/execute", json={"prompt": prompt, "params": {"max_tokens": 8}}, headers={"X-Correlation-Id": cid})
+    assert r.status_code == 200 and r.headers["x-correlation-id"] == cid
+    events = parse(r.text)
+    assert events[0][1]["correlation_id"] == cid and events[-1][0] == "end"
+    generated = "".join(d["t"] for e, d in events if e == "token") + events[-1][1].get("tail", "")
+    deadline = time.monotonic() + 30
+    while not any(rec.get("event") == "http_request" and rec.get("correlation_id") == cid for rec in served.p.lines()):
+        assert time.monotonic() < deadline, "the request's log line never appeared"
+        time.sleep(0.05)
+
+    needles = {
+        "marker": marker, "prompt": PROMPT, "token": served.token, "other token": served.token_b,
+        "token sha256": hashlib.sha256(served.token.encode()).hexdigest(),
+        "other token sha256": hashlib.sha256(served.token_b.encode()).hexdigest(),
+    }
+    if len(generated.strip()) >= 6:  # long enough not to occur in a sentence by chance
+        needles["generated text"] = generated
+    raw = served.p.log.read_text(errors="replace")
+    for what, needle in needles.items():
+        for form in {needle, json.dumps(needle, ensure_ascii=False)[1:-1], json.dumps(needle)[1:-1]}:
+            assert form not in raw, f"{what} found in the worker log"
+    records = served.p.lines()
+    assert all(rec.get("event") != "non-json" for rec in records), [r for r in records if r.get("event") == "non-json"][:3]
+    assert any(rec["level"] == "debug" for rec in records)  # the grep ran over debug output too
+    mine = [rec for rec in records if rec.get("correlation_id") == cid]
+    assert {"execute_start", "execute_end", "http_request"} <= {rec["event"] for rec in mine}
+    start = next(rec for rec in mine if rec["event"] == "execute_start")
+    assert start["fp6"] == hashlib.sha256(served.token.encode()).hexdigest()[:6]
+    assert start["tokens_in"] == events[-1][1]["tokens_in"] and start["model_ref"] == served.model_path.name
+    assert all({"ts", "level", "event", "human", "worker_id", "gpu_device"} <= set(rec) for rec in records)
 
 
 # --- shutdown (ends the served process: keep it the last test using `served`) -------------

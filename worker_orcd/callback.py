@@ -47,17 +47,17 @@ class CallbackClient:
 
     async def ready(self, body: dict[str, Any]) -> None:
         """POST the readiness report; raise CallbackError after the last failed attempt."""
-        await self._post(READY_PATH, body, self.attempts, raise_on_failure=True)
+        await self._post("ready", READY_PATH, body, self.attempts, raise_on_failure=True)
 
     async def status(self, body: dict[str, Any]) -> bool:
         """Best-effort status report (few attempts, short backoff); True if it was accepted."""
-        return await self._post(STATUS_PATH, body, min(self.attempts, 3), raise_on_failure=False)
+        return await self._post("status", STATUS_PATH, body, min(self.attempts, 3), raise_on_failure=False)
 
     def _delay(self, attempt: int) -> float:
         base = min(self.backoff_max_sec, self.backoff_initial_sec * 2 ** (attempt - 1))
         return base * (0.5 + random.random() / 2)  # jitter keeps a fleet from retrying in lockstep
 
-    async def _post(self, path: str, body: dict[str, Any], attempts: int, *, raise_on_failure: bool) -> bool:
+    async def _post(self, kind: str, path: str, body: dict[str, Any], attempts: int, *, raise_on_failure: bool) -> bool:
         url = self.base_url + path
         last = "no attempt made"
         async with httpx.AsyncClient(timeout=self.timeout_sec, follow_redirects=False) as client:
@@ -69,8 +69,9 @@ class CallbackClient:
                 else:
                     if resp.status_code < 300:
                         logs.event(
-                            "callback_ok", f"The pool manager accepted the callback to {path} (attempt {attempt}).",
-                            callback_url=url, attempt=attempt, status=resp.status_code,
+                            "callback_ok", "The pool manager accepted the {callback} callback (attempt {attempt}).",
+                            callback=kind, callback_url=url, attempt=attempt, status=resp.status_code,
+                            code=body.get("error", {}).get("code") if kind == "status" else None,
                         )
                         return True
                     last = f"HTTP {resp.status_code}"
@@ -79,14 +80,15 @@ class CallbackClient:
                 if attempt < attempts:
                     delay = self._delay(attempt)
                     logs.event(
-                        "callback_retry", f"Callback to {path} failed ({last}); retrying in {delay:.2f} s.",
-                        level=logging.WARNING, callback_url=url, attempt=attempt, delay_ms=round(delay * 1000),
-                        error=last,
+                        "callback_retry",
+                        "The {callback} callback to the pool manager failed ({error}); retrying in {delay_ms:.0f} ms.",
+                        level=logging.WARNING, callback=kind, callback_url=url, attempt=attempt,
+                        delay_ms=round(delay * 1000), error=last,
                     )
                     await asyncio.sleep(delay)
         logs.event(
-            "callback_failed", f"Gave up on the callback to {path}: {last}.", level=logging.ERROR,
-            callback_url=url, attempts=attempts, error=last,
+            "callback_failed", "Gave up on the {callback} callback after {attempts} attempts: {error}.",
+            level=logging.ERROR, callback=kind, callback_url=url, attempts=attempts, error=last,
         )
         if raise_on_failure:
             raise CallbackError(f"readiness callback to {url} failed: {last}")

@@ -34,6 +34,7 @@ CREDENTIAL_NAME = "worker-token"  # systemd LoadCredential= name under $CREDENTI
 MAX_MODEL_SIZE = Limits.max_file_size
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}|[0-9]{1,10}")  # a POSIX user name, or a numeric uid
 
 # SPEC 4981/4982 spell some keys differently from the CLI; a config file may use either.
 JSON_ALIASES: dict[str, str] = {
@@ -51,6 +52,9 @@ ENV_VARS: dict[str, str] = {
     "WORKER_GPU_DEVICE": "gpu_device",
     "WORKER_LOG_LEVEL": "log_level",
 }
+# Variables an operator might expect to carry the token itself. Refused rather than ignored: the
+# operator would believe it is in use, and any process of the same user reads /proc/PID/environ.
+TOKEN_VALUE_VARS = ("WORKER_API_TOKEN",)
 
 
 class ConfigError(Exception):
@@ -75,7 +79,7 @@ class WorkerConfig(BaseModel):
     port: int | None = Field(default=None, ge=0, le=65535)
     callback_url: str | None = None
     advertise_url: str | None = None
-    api_token_file: Path = DEFAULT_TOKEN_FILE
+    api_token_file: Path = DEFAULT_TOKEN_FILE  # see env_values() for $CREDENTIALS_DIRECTORY
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)
     max_tokens_out: int = Field(default=4096, ge=1, le=1 << 20)
@@ -90,6 +94,8 @@ class WorkerConfig(BaseModel):
     callback_attempts: int = Field(default=6, ge=1, le=100)
     callback_timeout_sec: float = Field(default=5.0, gt=0, le=300)
     slots_total: int = Field(default=1, ge=1, le=1)  # SPEC 4982; M0 runs exactly one job at a time
+    user: str | None = None  # SPEC 4901: started as root, drop to this user after device open + bind
+    allow_root: bool = False  # keep running as root: development/CI only, never production (4900)
 
     @field_validator("worker_id", "pool_id")
     @classmethod
@@ -123,10 +129,23 @@ class WorkerConfig(BaseModel):
         parse_bind(v)
         return v
 
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and not _USER.fullmatch(v):
+            raise ValueError("must be a user name (letters, digits, '.', '_', '-'; at most 32) or a numeric uid")
+        return v
+
     @model_validator(mode="after")
     def _signature_needs_key(self) -> WorkerConfig:
         if self.require_signature and self.model_public_key is None:
             raise ValueError("require_signature needs model_public_key")
+        return self
+
+    @model_validator(mode="after")
+    def _one_root_policy(self) -> WorkerConfig:
+        if self.allow_root and self.user is not None:
+            raise ValueError("allow_root and user exclude each other: --user drops root, --allow-root keeps it")
         return self
 
     @property
@@ -206,6 +225,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    """The environment layer. Token file path precedence (SPEC 4910-4913), highest first:
+    --api-token-file > config file api_token_file > WORKER_API_TOKEN_FILE >
+    $CREDENTIALS_DIRECTORY/worker-token (systemd LoadCredential=) > /etc/llorch/worker-token.
+    An explicit setting always wins; the systemd credential only replaces the built-in default.
+    """
+    for var in TOKEN_VALUE_VARS:
+        if var in env:
+            raise ConfigError(
+                f"config: {var} is set, but the API token is never read from the environment (SPEC 4910): "
+                "put it in a file with mode 0600 and point --api-token-file or WORKER_API_TOKEN_FILE at it"
+            )
     out: dict[str, Any] = {field: env[var] for var, field in ENV_VARS.items() if var in env}
     if "api_token_file" not in out and env.get("CREDENTIALS_DIRECTORY"):
         out["api_token_file"] = str(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)

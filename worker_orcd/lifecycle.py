@@ -36,6 +36,10 @@ from .metrics import Metrics
 from .scheduler import Scheduler
 from .seal import ModelShardHandle, Sealer
 
+# Errors after which this process cannot be trusted to serve: stopped, reported, exit non-zero (4032, 4122, 4960).
+FATAL_CODES = frozenset({ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED})
+MB = 1_000_000
+
 
 class State(str, Enum):
     """SPEC 4030. The later spec's names map as: busy = executing, failed = stopped."""
@@ -140,6 +144,7 @@ class Worker:
         self._draining: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._watchdog: threading.Timer | None = None
+        self._report: asyncio.Task[None] | None = None  # the status callback: once, however many paths fail
 
     # --- state ---------------------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class Worker:
             return  # stopped is final
         self._state = new
         self.metrics.set_state(new.value)
-        logs.event("state", f"Worker state {old.value} -> {new.value}.", state=new.value, from_state=old.value)
+        logs.event("state", "Worker state {from_state} -> {state}.", state=new.value, from_state=old.value)
 
     @property
     def handle(self) -> ModelShardHandle | None:
@@ -189,10 +194,11 @@ class Worker:
                 "is not representative. Never use --device cpu in production.",
                 level=logging.WARNING, device="cpu",
             )
-        logs.event(
-            "device_open", f"Opened {self.config.device} device {self.config.gpu_device}.",
-            device=self.config.device, gpu_device=self.config.gpu_device, size_bytes=total,
-        )
+            logs.event("device_open", "Opened the CPU for development mode ({size_mb:.1f} MB of host memory).",
+                       device="cpu", size_bytes=total, size_mb=total / MB)
+        else:
+            logs.event("device_open", "Opened GPU {gpu_device} ({size_mb:.1f} MB of device memory).",
+                       device=self.config.device, gpu_device=self.config.gpu_device, size_bytes=total, size_mb=total / MB)
 
     def _load_options(self, model_root: Path, expected: str | None) -> LoadOptions:
         return LoadOptions(
@@ -205,16 +211,18 @@ class Worker:
 
     def _loader_log(self, event: str, fields: dict[str, Any]) -> None:
         if event == "model_digest":
+            size = fields.get("size")
             logs.event(
-                "model_digest", f"Model file hashed: SHA-256 {fields.get('sha256')} ({fields.get('size')} bytes).",
-                model_ref=fields.get("model_ref"), digest=fields.get("sha256"), size_bytes=fields.get("size"),
+                "model_digest", "Hashed {model_ref} ({size_mb:.1f} MB): SHA-256 {digest}.",
+                model_ref=fields.get("model_ref"), digest=fields.get("sha256"), size_bytes=size,
+                size_mb=size / MB if isinstance(size, int) else None,
             )
         elif event == "model_validated":
             logs.event(
                 "model_validated",
-                f"Model {fields.get('model_id')} ({fields.get('architecture')}) passed digest, signature "
-                f"({fields.get('signature')}), GGUF and capability checks.",
-                model_ref=fields.get("model_ref"), digest=fields.get("sha256"),
+                "{model_ref} ({architecture}) passed the digest, signature ({signature}), GGUF and capability checks.",
+                model_ref=fields.get("model_ref"), digest=fields.get("sha256"), model_id=fields.get("model_id"),
+                architecture=fields.get("architecture"), signature=fields.get("signature"),
             )
 
     async def commit(self, req: Commit) -> tuple[ModelShardHandle, bool]:
@@ -236,7 +244,12 @@ class Worker:
             self.set_state(State.LOADING)
             t0 = time.monotonic()
             try:
-                resident = await self._load(req)
+                resident, size = await self._load(req)
+            except WorkerError as e:
+                self.set_state(State.STARTING)
+                if e.code in FATAL_CODES:
+                    self.fail(e)
+                raise
             except BaseException:
                 self.set_state(State.STARTING)
                 raise
@@ -245,19 +258,28 @@ class Worker:
             vram = 0 if self.config.dev_mode else resident.vram_bytes()
             self.metrics.vram_bytes.set(vram)
             logs.set_context(model_ref=handle.model_ref)
+            load_s = time.monotonic() - t0
             logs.event(
                 "sealed",
-                f"Model {handle.model_ref} is loaded and sealed as shard {handle.shard_id} "
-                f"(digest {handle.digest[:12]}…, {vram} bytes resident) in {(time.monotonic() - t0):.1f} s.",
-                shard_id=handle.shard_id, digest=handle.digest, vram_bytes=vram,
-                load_ms=round((time.monotonic() - t0) * 1000), max_seq_len=resident.max_seq_len,
+                "Loaded {model_ref} ({size_mb:.1f} MB) onto the CPU in development mode in {load_s:.1f} s and sealed "
+                "it as shard {shard_id}; contexts up to {max_seq_len} tokens."
+                if self.config.dev_mode else
+                "Loaded {model_ref} ({size_mb:.1f} MB) onto GPU {gpu_device} in {load_s:.1f} s and sealed it as shard "
+                "{shard_id}; {vram_bytes} bytes resident in VRAM, contexts up to {max_seq_len} tokens.",
+                model_ref=handle.model_ref, shard_id=handle.shard_id, digest=handle.digest, vram_bytes=vram,
+                size_bytes=size, size_mb=size / MB, load_s=round(load_s, 3), load_ms=round(load_s * 1000),
+                max_seq_len=resident.max_seq_len, gpu_device=self.config.gpu_device,
             )
             return handle, True
 
-    async def _load(self, req: Commit) -> ResidentLike:
+    async def _load(self, req: Commit) -> tuple[ResidentLike, int]:
+        """(the sealed resident model, the model file's size in bytes)."""
         assert self.engine is not None
         engine = self.engine
-        logs.event("model_load", f"Loading model {req.model_ref}.", model_ref=req.model_ref)
+        logs.event(
+            "model_load", "Loading {model_ref}: hash, signature, GGUF and capability checks come first.",
+            model_ref=req.model_ref,
+        )
         options = self._load_options(req.model_root, req.expected_sha256)
         validated = await asyncio.to_thread(validate_model, req.source, options, self.ecp, self._loader_log)
         tokenizer = await asyncio.to_thread(self.binding.tokenizer, validated.gguf)
@@ -276,7 +298,7 @@ class Worker:
             await asyncio.to_thread(resident.close)
             raise
         self.tokenizer = tokenizer
-        return resident
+        return resident, validated.size
 
     def _same_model(self, current: ModelShardHandle, req: Commit) -> bool:
         if req.shard_id is not None and req.shard_id != current.shard_id:
@@ -294,7 +316,12 @@ class Worker:
         reasons = [r.message for r in match(validated.mcd, self.ecp).rejections]
         if tp_degree != 1:
             reasons.append(f"tensor_parallel with tp_degree={tp_degree} is deferred past M0 (SPEC 4500); use single")
-        vram_plan = await asyncio.to_thread(self.engine.plan, validated.gguf, self.config.kv_cache_size_mb)
+        try:
+            vram_plan = await asyncio.to_thread(self.engine.plan, validated.gguf, self.config.kv_cache_size_mb)
+        except WorkerError as e:
+            if e.code in FATAL_CODES:
+                self.fail(e)
+            raise
         required, free = int(vram_plan.required_bytes), int(vram_plan.free_bytes)
         if self.handle is not None and self.handle.digest != validated.digest:
             reasons.append(f"this worker already holds model {self.handle.model_ref!r} (SPEC 4022)")
@@ -320,7 +347,7 @@ class Worker:
         try:
             await asyncio.to_thread(model.verify_seal)
         except WorkerError as e:
-            if e.code in (ErrorCode.SEAL_VERIFICATION_FAILED, ErrorCode.CUDA_ERROR):
+            if e.code in FATAL_CODES:
                 self.fail(e)
             raise
         ms = (time.perf_counter() - t0) * 1000
@@ -356,9 +383,11 @@ class Worker:
             handle = self.handle
             logs.event(
                 "ready",
-                f"Ready: serving {handle.model_ref if handle else '?'} on {self.uri}"
-                + (" in CPU development mode." if self.config.dev_mode else "."),
-                uri=self.uri, dev_mode=self.config.dev_mode,
+                "Ready: serving {model_ref} on {uri} in CPU development mode; work is accepted from now on."
+                if self.config.dev_mode else
+                "Ready: serving {model_ref} from GPU {gpu_device} on {uri}; work is accepted from now on.",
+                model_ref=handle.model_ref if handle else None, uri=self.uri, dev_mode=self.config.dev_mode,
+                gpu_device=self.config.gpu_device,
             )
 
     def after_commit(self) -> None:
@@ -372,9 +401,19 @@ class Worker:
             self.fail(e)
 
     async def report_failure(self, error: WorkerError) -> None:
-        """Status callback carrying the error code (SPEC 4961); best-effort."""
+        """Status callback carrying the error code (SPEC 4961); best-effort, sent once per process.
+
+        Every caller (the fatal path, serve()'s startup-failure path) awaits the same report,
+        so the first cause is the one sent and nobody returns before it was delivered or gave up.
+        """
         if self.callback is None:
             return
+        if self._report is None:
+            self._report = asyncio.get_running_loop().create_task(self._send_status(error))
+        await asyncio.shield(self._report)
+
+    async def _send_status(self, error: WorkerError) -> None:
+        assert self.callback is not None
         await self.callback.status(
             {
                 "worker_id": self.config.worker_id,
@@ -389,17 +428,25 @@ class Worker:
     # --- failure and shutdown ------------------------------------------------------------
 
     def fail(self, error: WorkerError) -> None:
-        """Fatal error: stopped at once, tell the pool manager, exit non-zero (SPEC 4032, 4122, 4960)."""
+        """Fatal error (SPEC 4032, 4122, 4960-4961): this process can no longer be trusted to serve.
+
+        At once: state ``stopped`` (new work gets 503) and the in-flight job is stopped with the
+        error's code. Then, in the background: the status callback, a short wait for the job's
+        stream to send its error event, and the request to stop, after which serve() exits 1 so the
+        supervisor restarts the worker. The watchdog (``force_exit`` with code 1) bounds it all.
+        """
         if self._state == State.STOPPED:
             return
         if error.code == ErrorCode.CUDA_ERROR:
             self.metrics.cuda_errors.inc()
+        self.exit_code = 1
         logs.event(
-            "fatal", f"Fatal: {error.message}; the worker stops.", level=logging.ERROR,
-            code=error.code.value, error=error.message,
+            "fatal", "Fatal {code}: {error}. The worker stops and will exit with code {exit_code} so that its "
+            "supervisor restarts it.",
+            level=logging.ERROR, code=error.code.value, error=error.message, exit_code=self.exit_code,
         )
         self.set_state(State.STOPPED)
-        self.exit_code = 1
+        self._arm_watchdog(self.config.shutdown_timeout_sec)  # whatever the callback or the engine does
         active = self.scheduler.active
         if active is not None:
             active.request_stop(error.code, error.message)
@@ -408,8 +455,8 @@ class Worker:
     async def _report_and_stop(self, error: WorkerError) -> None:
         try:
             await self.report_failure(error)
+            await self.scheduler.wait_idle(shutdown_grace(self.config.shutdown_timeout_sec))
         finally:
-            self._arm_watchdog(self.config.shutdown_timeout_sec)
             self.stop_requested.set()
 
     def request_shutdown(self, reason: str) -> None:
@@ -420,8 +467,8 @@ class Worker:
         self._arm_watchdog(timeout)
         self.set_state(State.DRAINING)  # at once: from this call on, new work gets 503
         logs.event(
-            "draining", f"Draining ({reason}): no new work; the running job gets up to {timeout - shutdown_grace(timeout):.1f} s.",
-            reason=reason, timeout_sec=timeout,
+            "draining", "Draining ({reason}): new work gets 503; a running job has up to {timeout_sec:.1f} s to finish.",
+            reason=reason, timeout_sec=timeout - shutdown_grace(timeout),
         )
         self._draining = asyncio.get_running_loop().create_task(self._drain(timeout))
 
@@ -433,8 +480,8 @@ class Worker:
         if job is not None and not await self.scheduler.wait_idle(deadline - grace - loop.time()):
             job.request_stop(ErrorCode.CANCELLED, "worker is shutting down")
             logs.event(
-                "job_cancel", "Cancelled the running job: the shutdown timeout ran out.",
-                job_id=job.job_id, reason="shutdown",
+                "job_cancel", "Cancelled job {job_id}: it did not finish within the shutdown timeout.",
+                level=logging.WARNING, job_id=job.job_id, reason="shutdown",
             )
             await self.scheduler.wait_idle(deadline - 0.75 * grace - loop.time())
         self.stop_requested.set()
@@ -446,11 +493,10 @@ class Worker:
 
         def _force() -> None:
             logs.event(
-                "shutdown", "Shutdown timeout reached with work still running: exiting now.",
-                level=logging.ERROR, exit_code=self.exit_code,
+                "shutdown", "Still running {timeout_sec:g} s after the stop began: exiting now with code {exit_code}.",
+                level=logging.ERROR, exit_code=self.exit_code, timeout_sec=timeout,
             )
-            for handler in logs.log.handlers:
-                handler.flush()
+            logs.flush()
             self._force_exit(self.exit_code)
 
         self._watchdog = threading.Timer(timeout, _force)
@@ -468,10 +514,16 @@ class Worker:
         model, engine = self.model, self.engine
         self.model = None
         self.engine = None
-        if model is not None:
-            await asyncio.to_thread(model.close)
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
+        for what, release in (("model", model.close if model else None), ("device", engine.close if engine else None)):
+            if release is None:
+                continue
+            try:
+                await asyncio.to_thread(release)
+            except Exception as e:  # noqa: BLE001 - e.g. a broken CUDA context after a fatal error
+                logs.event(
+                    "release_failed", "Releasing the {reason} failed ({exc_type}); process exit frees it instead.",
+                    level=logging.ERROR, exc=e, reason=what,
+                )
         self.metrics.vram_bytes.set(0)
 
     def finish(self) -> None:
@@ -479,7 +531,12 @@ class Worker:
         self.set_state(State.STOPPED)
         if self._watchdog is not None:
             self._watchdog.cancel()
-        logs.event("shutdown", f"Worker stopped (exit code {self.exit_code}).", exit_code=self.exit_code)
+        logs.event(
+            "shutdown",
+            "Worker stopped cleanly; exit code {exit_code}." if self.exit_code == 0 else
+            "Worker stopped after a fatal error; exit code {exit_code} tells the supervisor to restart it.",
+            level=logging.INFO if self.exit_code == 0 else logging.ERROR, exit_code=self.exit_code,
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -18,6 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .errors import ErrorCode
+
 STATES = ("starting", "loading", "ready", "executing", "draining", "stopped")
 
 
@@ -27,7 +29,10 @@ class Metrics:
         r = self.registry
         self._started = time.monotonic()
         self.vram_bytes = Gauge("worker_vram_bytes", "Device bytes held by the resident model (0 in CPU dev mode)", registry=r)
-        self.requests = Counter("worker_requests_total", "HTTP requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter(
+            "worker_requests_total", "HTTP requests by outcome: success or the error code they ended with",
+            ["outcome"], registry=r,
+        )
         self.jobs_started = Counter("worker_jobs_started_total", "Inference jobs that started streaming", registry=r)
         self.jobs_completed = Counter("worker_jobs_completed_total", "Jobs that ended with an end event", registry=r)
         self.jobs_failed = Counter(
@@ -40,18 +45,18 @@ class Metrics:
         self.uptime.set_function(lambda: time.monotonic() - self._started)
         self.state = Gauge("worker_state", "1 for the worker's current lifecycle state, else 0", ["state"], registry=r)
         self.inference_ms = Histogram(
-            "worker_inference_duration_ms", "Job wall time from stream start until the engine stopped",
+            "worker_inference_duration_ms", "Job wall time from its start until the engine thread returned",
             buckets=(10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000),
             registry=r,
         )
         self.ttft_ms = Histogram(
-            "worker_time_to_first_token_ms", "Time from job start to the first generated token",
+            "worker_time_to_first_token_ms", "From the job's start (after the seal check) to its first token event",
             buckets=(5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000),
             registry=r,
         )
         self.inter_token_ms = Histogram(
-            "worker_inter_token_latency_ms", "Gap between consecutive generated tokens",
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000),
+            "worker_inter_token_latency_ms", "Gap between consecutive token events of one job",
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 200, 500, 1_000, 5_000),
             registry=r,
         )
         self.seal_verify_ms = Histogram(
@@ -69,14 +74,22 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def outcome(status: int) -> str:
-    """Coarse request outcome label; bounded cardinality by construction."""
+SUCCESS = "success"
+_CODES = frozenset(c.value for c in ErrorCode)
+_BY_STATUS = {
+    401: ErrorCode.AUTH_FAILED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND, 503: ErrorCode.WORKER_NOT_READY,
+}
+
+
+def outcome(status: int, code: str | None = None) -> str:
+    """The request's outcome label: ``success`` or the error code it ended with.
+
+    Bounded by construction (ErrorCode + one value). A stream that opened with 200 and then
+    ended with an ``error`` event counts as that code, not as a success.
+    """
+    if code is not None:
+        return code if code == SUCCESS or code in _CODES else ErrorCode.INTERNAL.value
     if status < 400:
-        return "success"
-    if status in (401, 403):
-        return "unauthorized"
-    if status == 503:
-        return "unavailable"
-    if status < 500:
-        return "client_error"
-    return "server_error"
+        return SUCCESS
+    fallback = ErrorCode.INVALID_PARAMS if status < 500 else ErrorCode.INTERNAL
+    return _BY_STATUS.get(status, fallback).value

@@ -1,11 +1,16 @@
 """`worker-orcd serve`: the daemon's startup sequence and exit (SPEC 4020-4031, "Callback", 4970-4972).
 
-Order: configuration (exit 2 on any bad value) -> API token file (fail fast)
--> open the device -> load, verify and seal ``--model`` (or wait for
+Order: configuration and root policy (exit 2 on any bad value) -> API token
+file (fail fast) -> open the device -> bind the port -> drop privileges
+(SPEC 4901) -> load, verify and seal ``--model`` (or wait for
 ``POST /worker/commit``) -> listen -> readiness callback -> accept work.
+The socket is bound before the drop (a privileged port needs root) but listens
+only when uvicorn starts, so nothing connects while the model loads. Models are
+read only after the drop: the model root must be readable by ``--user``.
 Any startup failure is logged, reported through the status callback when a
 URL is configured, and exits 1. SIGTERM/SIGINT and ``POST /shutdown`` drain
 and exit 0 within ``--shutdown-timeout-sec`` (a watchdog guarantees it).
+SIGHUP re-reads the token file (rotation without a restart; SPEC 4913).
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from . import __version__, logs
-from .auth import BearerAuth, read_token_file
+from . import __version__, logs, privileges
+from .auth import BearerAuth, TokenFile, TokenFileError
 from .config import ConfigError, WorkerConfig, load_config
 from .errors import ErrorCode, WorkerError
 from .gguf.reader import GGUFFile
@@ -77,6 +82,10 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--sse-keepalive-sec", "SSE keep-alive comment interval while no token flows (default 5)"),
     ("--callback-attempts", "readiness callback attempts before giving up (default 6)"),
     ("--callback-timeout-sec", "per-attempt callback timeout (default 5)"),
+    ("--user", (
+        "started as root: open the GPU and bind the port, then drop to this user and its primary group "
+        "for good (required when run as root; SPEC 4901)"
+    )),
 )
 _METAVARS: dict[str, str] = {
     "--worker-id": "ID", "--pool-id": "ID", "--model": "REF", "--model-root": "DIR", "--expected-sha256": "HEX",
@@ -85,11 +94,12 @@ _METAVARS: dict[str, str] = {
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB",
     "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--sse-keepalive-sec": "SEC", "--callback-attempts": "N",
-    "--callback-timeout-sec": "SEC",
+    "--callback-timeout-sec": "SEC", "--user": "NAME",
 }
 _SWITCHES: tuple[tuple[str, str], ...] = (
     ("--require-signature", "refuse models without a verifying signature (needs --model-public-key)"),
     ("--ready-open", "serve GET /worker/ready without authentication (SPEC 4200)"),
+    ("--allow-root", "keep running as root without --user: development/CI only, never production (SPEC 4900)"),
 )
 
 
@@ -125,9 +135,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(config.log_level, worker_id=config.worker_id, gpu_device=config.gpu_device, device=config.device)
     try:
-        return asyncio.run(serve(config, real_binding(config)))
+        plan = privileges.decide(config.user, config.allow_root, os.geteuid())
+    except privileges.PrivilegeError as e:
+        print(f"{PROG}: error: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(config.log_level, worker_id=config.worker_id, gpu_device=config.gpu_device, device=config.device)
+    if plan is None:
+        logs.event(
+            "running_as_root", "Running as root because --allow-root was given: development/CI only, never production.",
+            level=logging.WARNING,
+        )
+    try:
+        return asyncio.run(serve(config, real_binding(config), drop_plan=plan))
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -161,14 +181,17 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int) -> socket.socket:
+    """Bound, not listening: asyncio calls listen() when uvicorn starts serving on it."""
+    sock: socket.socket | None = None
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(128)
     except OSError as e:
+        if sock is not None:
+            sock.close()
         raise WorkerError(f"cannot listen on {host}:{port}: {e.strerror or e}", code=ErrorCode.INTERNAL) from None
     sock.setblocking(False)
     return sock
@@ -189,28 +212,33 @@ async def serve(
     *,
     force_exit: Callable[[int], None] = os._exit,
     on_worker: Callable[[Worker], None] | None = None,
+    drop_plan: privileges.DropPlan | None = None,
 ) -> int:
     """Run the worker until it is told to stop; returns the process exit code.
 
     ``force_exit`` is what the shutdown watchdog calls; ``on_worker`` lets an in-process
     caller (tests) reach the worker. Signals are handled only on the main thread.
+    ``drop_plan`` (from ``privileges.decide``) is applied after device open and bind;
+    ``None`` leaves the process's privileges alone (in-process callers, --allow-root).
     """
     worker = Worker(config, binding, force_exit=force_exit)
+    tokens = TokenFile(config.api_token_file)
     if on_worker is not None:
         on_worker(worker)
     loop = asyncio.get_running_loop()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal, worker, sig)
+        loop.add_signal_handler(signal.SIGHUP, _on_sighup, tokens)  # from here on SIGHUP never kills
     logs.event(
         "startup",
-        f"worker-orcd {__version__} starting as {config.worker_id} on {config.device} device {config.gpu_device}"
-        + (" (CPU DEVELOPMENT MODE)" if config.dev_mode else "") + ".",
-        version=__version__, pid=os.getpid(), dev_mode=config.dev_mode,
+        "worker-orcd {version} starting as {worker_id} on {device} device {gpu_device}"
+        + (" (CPU DEVELOPMENT MODE)." if config.dev_mode else "."),
+        version=__version__, pid=os.getpid(), dev_mode=config.dev_mode, device=config.device,
     )
     server: _Server | None = None
     serving: asyncio.Task[None] | None = None
-    startup = asyncio.create_task(_start(worker, config))
+    startup = asyncio.create_task(_start(worker, config, tokens, drop_plan))
     stop = asyncio.create_task(worker.stop_requested.wait())
     try:
         await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -228,7 +256,7 @@ async def serve(
     except WorkerError as e:
         return await _startup_failed(worker, e)
     except Exception as e:  # noqa: BLE001 - untyped failure: INTERNAL, traceback only in the log
-        logs.event("internal_error", f"Unexpected {type(e).__name__} during startup.", level=logging.ERROR, exc=e)
+        logs.event("internal_error", "Unexpected {exc_type} during startup.", level=logging.ERROR, exc=e)
         return await _startup_failed(worker, WorkerError("internal error during startup; see the log", code=ErrorCode.INTERNAL))
     finally:
         stop.cancel()
@@ -240,34 +268,36 @@ async def serve(
     return worker.exit_code
 
 
-async def _start(worker: Worker, config: WorkerConfig) -> tuple[_Server, asyncio.Task[None]]:
-    auth = BearerAuth(read_token_file(config.api_token_file))
+async def _start(
+    worker: Worker, config: WorkerConfig, tokens: TokenFile, plan: privileges.DropPlan | None,
+) -> tuple[_Server, asyncio.Task[None]]:
+    if plan is not None:
+        privileges.harden_early(plan)  # before open_device starts the first thread: every thread inherits it
+    auth = tokens.load()  # fail fast, before the device (SPEC 4913)
     await worker.open_device()
-    if config.model:
-        await worker.commit(
-            Commit(
-                model_ref=config.model, source=config.model, model_root=config.model_root,
-                expected_sha256=config.expected_sha256,
+    sock = _bind(config.host, config.listen_port)
+    try:
+        worker.uri = _uri(config, sock)
+        server = _http_server(worker, config, auth)
+        if plan is not None:
+            _drop_privileges(plan, config, tokens)
+        if config.model:
+            await worker.commit(
+                Commit(
+                    model_ref=config.model, source=config.model, model_root=config.model_root,
+                    expected_sha256=config.expected_sha256,
+                )
             )
-        )
-    sock = _listen(config.host, config.listen_port)
-    worker.uri = _uri(config, sock)
-
-    from .http import create_app
-
-    app = create_app(worker, auth)
-    uv = uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, http="h11", server_header=False,
-        timeout_graceful_shutdown=shutdown_grace(config.shutdown_timeout_sec) / 4,  # type: ignore[arg-type]
-    )
-    server = _Server(uv)
+    except BaseException:
+        sock.close()
+        raise
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():
             serving.result()
             raise WorkerError("the HTTP server stopped during startup", code=ErrorCode.INTERNAL)
         await asyncio.sleep(0.01)
-    logs.event("listening", f"Listening on {worker.uri}.", uri=worker.uri, port=sock.getsockname()[1])
+    logs.event("listening", "Listening on {uri}.", uri=worker.uri, port=sock.getsockname()[1])
     if worker.handle is not None:
         try:
             await worker.announce_ready()  # listening first, then the callback (SPEC "Callback")
@@ -280,15 +310,111 @@ async def _start(worker: Worker, config: WorkerConfig) -> tuple[_Server, asyncio
     return server, serving
 
 
+def _http_server(worker: Worker, config: WorkerConfig, auth: BearerAuth) -> _Server:
+    """The app and uvicorn, fully imported and configured while every file is still readable."""
+    from . import tokenizer  # noqa: F401 - imported lazily by a later commit; import it before the drop
+    from .http import create_app
+
+    uv = uvicorn.Config(
+        create_app(worker, auth), lifespan="off", log_config=None, access_log=False, http="h11",
+        server_header=False,
+        timeout_graceful_shutdown=shutdown_grace(config.shutdown_timeout_sec) / 4,  # type: ignore[arg-type]
+    )
+    uv.load()  # imports the protocol modules now, not after the privilege drop
+    return _Server(uv)
+
+
+def _drop_privileges(plan: privileges.DropPlan, config: WorkerConfig, tokens: TokenFile) -> None:
+    """SPEC 4901: device open and port bound; drop before any model byte is read or request served."""
+    privileges.drop(plan)
+    target = plan.target
+    who = f"user {target.name} (uid {target.uid}, gid {target.gid})" if target else f"uid {os.getuid()}"
+    try:
+        tokens.load()  # SIGHUP re-reads the file as this user: prove now that it can
+    except TokenFileError as e:
+        owner = target.name if target else str(os.getuid())
+        raise TokenFileError(
+            f"{e.message} (read as {who} after the privilege drop: the token file must be owned by and readable "
+            f"by that user, e.g. `chown {owner} {tokens.path}`)"
+        ) from None
+    rw, ro = os.W_OK | os.X_OK, os.R_OK | os.X_OK
+    needs: list[tuple[Path | None, int, str, str]] = [
+        (config.model_root, ro, "readable", ""),
+        (config.upload_dir, rw, "writable", ""),
+    ]
+    if config.device == "cuda":  # Triton compiles kernels at the first load, i.e. after the drop
+        needs.append((_nearest_existing(triton_cache_dir(os.environ)), rw, "writable",
+                      ": it holds Triton's kernel cache; point TRITON_HOME at a directory the user owns"))
+    for path, mode, what, why in needs:  # fail now, not at the first commit
+        if path is not None and not _usable(path, mode):
+            raise privileges.PrivilegeError(f"{path} must be {what} by {who} after the privilege drop{why}")
+    logs.event(
+        "privileges_dropped",
+        "Running as {user} (uid {uid}, gid {gid}): supplementary groups cleared, no_new_privs set, "
+        "capability sets empty."
+        if target else "Running unprivileged as uid {uid}: no_new_privs set, capability sets empty.",
+        pid=os.getpid(), user=target.name if target else None, uid=os.getuid(), gid=os.getgid(),
+    )
+
+
+def triton_cache_dir(env: Mapping[str, str]) -> Path:
+    """Where Triton (3.x) keeps compiled kernels: TRITON_CACHE_DIR, else $TRITON_HOME (or ~)/.triton/cache."""
+    if env.get("TRITON_CACHE_DIR"):
+        return Path(env["TRITON_CACHE_DIR"])
+    home = env.get("TRITON_HOME") or env.get("HOME") or os.path.expanduser("~")
+    return Path(home) / ".triton" / "cache"
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The directory that must be writable for ``path`` to be created (os.makedirs)."""
+    while not os.path.exists(path) and path != path.parent:  # False also where a parent is unsearchable
+        path = path.parent
+    return path
+
+
+def _usable(path: Path, mode: int) -> bool:
+    """``os.access`` for this process; a path that does not exist is left to whoever uses it."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:  # EACCES on the way there: unreachable for this user
+        return False
+    return os.access(path, mode)
+
+
+def _on_sighup(tokens: TokenFile) -> None:
+    """Token rotation (SPEC 4913): a bad new file keeps the old tokens; running jobs are not touched."""
+    if tokens.auth is None:
+        logs.event("tokens_reload_skipped", "Received SIGHUP before the token file was first read; nothing to reload.",
+                   signal="SIGHUP")
+        return
+    try:
+        auth = tokens.load()
+    except TokenFileError as e:
+        logs.event(
+            "tokens_reload_failed", "SIGHUP: kept the previous API tokens because the new file is unusable: {error}",
+            level=logging.ERROR, signal="SIGHUP", code=e.code.value, error=e.message,
+        )
+        return
+    fps = auth.fingerprints
+    logs.event(
+        "tokens_reloaded",
+        "SIGHUP: API tokens reloaded from {file}: {callers} token(s), fp6 {fp6}. "
+        "Tokens no longer in the file stop authenticating now; running jobs keep their owner.",
+        signal="SIGHUP", file=str(tokens.path), callers=len(fps), fp6=", ".join(fps),
+    )
+
+
 def _on_signal(worker: Worker, sig: int) -> None:
     name = signal.Signals(sig).name
-    logs.event("signal", f"Received {name}: shutting down gracefully.", signal=name)
+    logs.event("signal", "Received {signal}: shutting down gracefully.", signal=name)
     worker.request_shutdown(name)
 
 
 async def _startup_failed(worker: Worker, error: WorkerError) -> int:
     logs.event(
-        "startup_failed", f"Startup failed: {error.message}", level=logging.ERROR,
+        "startup_failed", "Startup failed: {error}", level=logging.ERROR,
         code=error.code.value, error=error.message,
     )
     worker.set_state(State.STOPPED)

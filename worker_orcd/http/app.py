@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import Scope
 
@@ -31,9 +32,9 @@ def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
     app.state.worker = worker
     app.state.auth = auth
     errors.install(app)
-    app.include_router(routes_worker.router)
-    app.include_router(routes_execute.router)
-    app.include_router(routes_ops.router)
+    routers = (routes_worker.router, routes_execute.router, routes_ops.router)
+    for router in routers:
+        app.include_router(router)
     # A JSON prompt of N characters is at most 12N bytes (two \uXXXX escapes per astral character).
     json_limit = 12 * worker.config.max_prompt_chars + JSON_BODY_FLOOR
 
@@ -42,7 +43,9 @@ def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
             return None  # the route caps JSON at 64 KiB and streamed bytes at MAX_MODEL_SIZE itself
         return json_limit
 
-    app.add_middleware(RequestContext, metrics=worker.metrics, body_limit=body_limit)
+    # The request log names only these paths; any other request target is logged as "(unmatched)".
+    paths = {str(app.openapi_url)} | {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
+    app.add_middleware(RequestContext, metrics=worker.metrics, body_limit=body_limit, paths=paths)
     app.openapi = _openapi_builder(app)  # type: ignore[method-assign]
     return app
 

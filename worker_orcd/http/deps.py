@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .. import logs
 from ..auth import BearerAuth, Caller
 from ..lifecycle import Worker
 
@@ -23,17 +24,20 @@ def _authenticate(request: Request) -> Caller:
     auth: BearerAuth = request.app.state.auth
     caller = auth.authenticate(request.headers.get("authorization"))
     request.state.fp6 = caller.fp6  # picked up by the request log line
+    logs.update(fp6=caller.fp6)  # ...and by every other line of this request
     return caller
 
 
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-def require_caller(request: Request, _: BearerCredentials) -> Caller:
+# async on purpose: FastAPI runs sync dependencies on a worker thread, whose context changes
+# (the fp6 above) would not reach the request's task.
+async def require_caller(request: Request, _: BearerCredentials) -> Caller:
     return _authenticate(request)
 
 
-def caller_unless_ready_open(request: Request, _: BearerCredentials) -> Caller | None:
+async def caller_unless_ready_open(request: Request, _: BearerCredentials) -> Caller | None:
     """SPEC 4200: /worker/ready MAY be open by configuration (--ready-open)."""
     if get_worker(request).config.ready_open and not request.headers.get("authorization"):
         return None

@@ -50,32 +50,37 @@ def invalid_params(errors: list[Any], drop_prefix: tuple[str, ...] = ("body", "q
     return WorkerError(describe_validation(errors, drop_prefix), code=ErrorCode.INVALID_PARAMS)
 
 
+def _answer(request: Request, err: WorkerError) -> JSONResponse:
+    request.state.outcome = err.code.value  # the request metric's label (middleware.py)
+    return error_response(err)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(WorkerError)
-    async def _worker_error(_: Request, exc: WorkerError) -> JSONResponse:
-        return error_response(exc)
+    async def _worker_error(request: Request, exc: WorkerError) -> JSONResponse:
+        return _answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(invalid_params(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _answer(request, invalid_params(list(exc.errors())))
 
     @app.exception_handler(ValidationError)
-    async def _model_validation(_: Request, exc: ValidationError) -> JSONResponse:
-        return error_response(invalid_params(exc.errors(include_url=False, include_input=False)))
+    async def _model_validation(request: Request, exc: ValidationError) -> JSONResponse:
+        return _answer(request, invalid_params(exc.errors(include_url=False, include_input=False)))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, WorkerError):  # e.g. the body limit tripped while FastAPI read the body
-            return error_response(exc.__cause__)
+            return _answer(request, exc.__cause__)
         if exc.status_code == 404:
             err = WorkerError("no such endpoint", code=ErrorCode.NOT_FOUND)
         elif exc.status_code == 405:
             err = WorkerError("method not allowed on this endpoint", code=ErrorCode.INVALID_PARAMS)
-            resp = error_response(err)
+            resp = _answer(request, err)
             resp.status_code = 405
             return resp
         elif exc.status_code < 500:
             err = WorkerError(str(exc.detail), code=ErrorCode.INVALID_PARAMS)
         else:
             err = WorkerError("internal error", code=ErrorCode.INTERNAL)
-        return error_response(err)
+        return _answer(request, err)

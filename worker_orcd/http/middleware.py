@@ -1,10 +1,22 @@
 """Per-request plumbing as plain ASGI (no buffering, so SSE streams pass straight through).
 
-For every request: a correlation id (``X-Correlation-Id`` validated, or
-generated; echoed back, SPEC 4801), a body-size cap enforced while the body
+For every request: a correlation id, a body-size cap enforced while the body
 is read, a last-resort catch that turns any escaped exception into INTERNAL
 without leaking it, one request log line (with the caller's ``fp6``, 4202)
 and the request counter by outcome.
+
+Correlation ids (SPEC 4801): a client's ``X-Correlation-Id`` is used when it
+is 1-128 characters of ``[A-Za-z0-9._:-]`` starting with a letter or digit;
+otherwise the request is refused with 400 ``INVALID_PARAMS`` naming the
+header (silently replacing it would break the client's own tracing without
+telling it). Without the header a uuid4 (32 hex digits) is generated. The id
+is echoed in every response's ``X-Correlation-Id`` header and in the SSE
+``started`` event, and bound to the log context so that every line logged
+while the request is served carries it.
+
+The log line never holds the raw request target: the path is logged only
+when it is one of the app's routes (anything else reads ``(unmatched)``),
+and the query string is never looked at.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,8 +36,10 @@ from ..metrics import Metrics, outcome
 from .errors import error_response
 
 CORRELATION_HEADER = "x-correlation-id"
-_CORRELATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 QUIET_PATHS = ("/health", "/metrics")  # probes: logged at debug so they do not drown the journal
+UNMATCHED = "(unmatched)"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class BodyTooLarge(WorkerError):
@@ -33,10 +47,13 @@ class BodyTooLarge(WorkerError):
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: Metrics, body_limit: Callable[[Scope], int | None]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, body_limit: Callable[[Scope], int | None], paths: Collection[str] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.body_limit = body_limit
+        self.paths = frozenset(paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,8 +64,9 @@ class RequestContext:
         state: dict[str, Any] = scope.setdefault("state", {})
         status = {"code": 500, "started": False}
         given = headers.get(CORRELATION_HEADER)
-        cid = given if given is not None and _CORRELATION.fullmatch(given) else uuid.uuid4().hex
+        cid = given if given is not None and CORRELATION_ID.fullmatch(given) else uuid.uuid4().hex
         state["correlation_id"] = cid
+        token = logs.bind(correlation_id=cid)
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -56,6 +74,10 @@ class RequestContext:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-correlation-id", cid.encode())]
             await send(message)
+
+        async def refuse(err: WorkerError) -> None:
+            state["outcome"] = err.code.value
+            await error_response(err)(scope, receive, send_wrapper)
 
         limit = self.body_limit(scope)
         received = 0
@@ -71,36 +93,47 @@ class RequestContext:
 
         try:
             if given is not None and cid != given:
-                await error_response(
+                await refuse(
                     WorkerError(
-                        "X-Correlation-Id: must be 1-128 characters of letters, digits, '.', '_', ':', '-'",
+                        "X-Correlation-Id: must be 1-128 characters of letters, digits, '.', '_', ':', '-', "
+                        "starting with a letter or digit",
                         code=ErrorCode.INVALID_PARAMS,
                     )
-                )(scope, receive, send_wrapper)
+                )
             elif limit is not None and _content_length(headers) > limit:
-                await error_response(BodyTooLarge(f"body: the request body exceeds {limit} bytes"))(scope, receive, send_wrapper)
+                await refuse(BodyTooLarge(f"body: the request body exceeds {limit} bytes"))
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:  # noqa: BLE001 - last resort: INTERNAL, details only in the log
             logs.event(
-                "internal_error", f"Unexpected {type(exc).__name__} while serving {scope['method']} {scope['path']}.",
-                level=logging.ERROR, exc=exc, correlation_id=cid, path=scope["path"],
+                "internal_error", "Unexpected {exc_type} while serving {method} {path}; the client got INTERNAL.",
+                level=logging.ERROR, exc=exc, method=self._method(scope), path=self._path(scope),
             )
             if not status["started"]:
-                await error_response(
-                    WorkerError("internal error; details are in the worker log", code=ErrorCode.INTERNAL)
-                )(scope, receive, send_wrapper)
+                await refuse(WorkerError("internal error; details are in the worker log", code=ErrorCode.INTERNAL))
+            else:
+                state["outcome"] = ErrorCode.INTERNAL.value
         finally:
             code = int(status["code"])
-            self.metrics.requests.labels(outcome=outcome(code)).inc()
-            path = scope["path"]
+            result = outcome(code, state.get("outcome"))
+            self.metrics.requests.labels(outcome=result).inc()
+            path = self._path(scope)
             logs.event(
-                "http_request", f"{scope['method']} {path} -> {code}",
+                "http_request", "{method} {path} answered {status} ({outcome}) after {duration_ms:.1f} ms.",
                 level=logging.DEBUG if path in QUIET_PATHS else logging.INFO,
-                method=scope["method"], path=path, status=code,
-                duration_ms=round((time.perf_counter() - t0) * 1000, 3),
-                fp6=state.get("fp6"), correlation_id=cid, job_id=state.get("job_id"),
+                method=self._method(scope), path=path, status=code, outcome=result,
+                duration_ms=round((time.perf_counter() - t0) * 1000, 3), fp6=state.get("fp6"), job_id=state.get("job_id"),
             )
+            logs.reset(token)
+
+    def _path(self, scope: Scope) -> str:
+        path = str(scope.get("path", ""))
+        return path if path in self.paths else UNMATCHED
+
+    @staticmethod
+    def _method(scope: Scope) -> str:
+        method = str(scope.get("method", ""))
+        return method if method in _METHODS else "OTHER"
 
 
 def _content_length(headers: dict[str, str]) -> int:

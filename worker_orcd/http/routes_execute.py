@@ -115,6 +115,7 @@ async def execute(
     cid = correlation_id(request)
     job = worker.scheduler.admit(caller.owner, cid, body.job_id)
     request.state.job_id = job.job_id
+    logs.update(job_id=job.job_id)
     try:
         seal_ms = await worker.verify_seal()
         model, tokenizer = _ready_model(worker)  # a drain or a fatal error may have begun meanwhile
@@ -155,7 +156,9 @@ async def cancel(
 ) -> AcceptedResponse:
     job = worker.scheduler.cancel(body.job_id, caller.owner)
     logs.event(
-        "job_cancel", f"Cancel of job {job.job_id} accepted (job is {job.state}).",
-        job_id=job.job_id, correlation_id=job.correlation_id, fp6=caller.fp6, state=job.state,
+        "job_cancel",
+        "Cancel of job {job_id} accepted from its owner {fp6}: the job is {state} with {tokens_sent} tokens sent; "
+        "no token follows this acknowledgement.",
+        job_id=job.job_id, fp6=caller.fp6, state=job.state, tokens_sent=job.tokens_sent,
     )
     return AcceptedResponse(job_id=job.job_id, status="cancel_accepted", tokens_sent=job.tokens_sent)

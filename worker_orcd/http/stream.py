@@ -15,6 +15,7 @@ code before every frame, so no token follows an acknowledged cancel; after
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -29,7 +30,8 @@ from starlette.types import Receive, Scope, Send
 
 from .. import logs
 from ..errors import ErrorCode, WorkerError
-from ..lifecycle import ResidentLike, TokenizerLike, Worker
+from ..lifecycle import FATAL_CODES, ResidentLike, TokenizerLike, Worker
+from ..metrics import SUCCESS
 from ..scheduler import Job
 from .sse import HEADERS, KEEPALIVE, MEDIA_TYPE, frame
 
@@ -88,11 +90,18 @@ class JobStream:
         self._timer = self._loop.call_later(
             timeout, job.request_stop, ErrorCode.INFERENCE_TIMEOUT, f"job exceeded the inference timeout of {timeout:g} s"
         )
+        p = self.params
         logs.event(
-            "execute_start", f"Job {job.job_id} started with {len(self.prompt_ids)} prompt tokens.",
-            job_id=job.job_id, correlation_id=job.correlation_id, tokens_in=len(self.prompt_ids), fp6=self.fp6,
+            "execute_start",
+            "Job {job_id} started for caller {fp6}: {tokens_in} prompt tokens in, at most {max_tokens} tokens out "
+            "(temperature {temperature}, seed {seed}); the seal verified in {seal_verify_ms:.2f} ms.",
+            job_id=job.job_id, tokens_in=len(self.prompt_ids), fp6=self.fp6, max_tokens=getattr(p, "max_tokens", None),
+            temperature=getattr(p, "temperature", None), seed=getattr(p, "seed", None),
+            seal_verify_ms=round(self.seal_ms, 3),
         )
-        threading.Thread(target=self._produce, name=f"job-{job.job_id[:16]}", daemon=True).start()
+        # The thread runs in a copy of the request's log context: its lines keep the correlation id.
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(self._produce,), name=f"job-{job.job_id[:16]}", daemon=True).start()
 
     def _post(self, item: Any) -> None:
         try:
@@ -181,24 +190,27 @@ class JobStream:
         job.request_stop(ErrorCode.CANCELLED, "client disconnected")
         self.worker.metrics.jobs_failed.labels(code=ErrorCode.CANCELLED.value).inc()
         logs.event(
-            "client_disconnect", f"Client of job {job.job_id} disconnected; the job is cancelled.",
-            job_id=job.job_id, correlation_id=job.correlation_id,
+            "client_disconnect",
+            "The client of job {job_id} went away after {tokens_sent} tokens; the job is cancelled.",
+            level=logging.WARNING, job_id=job.job_id, tokens_sent=job.tokens_sent,
         )
 
     def _engine_failure(self, exc: BaseException) -> WorkerError:
         err = _as_worker_error(exc, self.job.job_id)
         if err.code == ErrorCode.INTERNAL:
             logs.event(
-                "internal_error", f"Unexpected {type(exc).__name__} in job {self.job.job_id}.",
-                level=logging.ERROR, exc=exc, job_id=self.job.job_id, correlation_id=self.job.correlation_id,
+                "internal_error", "Unexpected {exc_type} in the engine while running job {job_id}.",
+                level=logging.ERROR, exc=exc, job_id=self.job.job_id,
             )
-        if err.code in (ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED):
+        if err.code in FATAL_CODES:
             self.worker.fail(err)
         return err
 
     def _token(self, event: Any) -> bytes:
         now = time.monotonic()
-        if self._last_token is not None:
+        if self._last_token is None:
+            self.worker.metrics.ttft_ms.observe((now - self._t0) * 1000)
+        else:
             self.worker.metrics.inter_token_ms.observe((now - self._last_token) * 1000)
         self._last_token = now
         self.worker.metrics.tokens_generated.inc()
@@ -209,7 +221,6 @@ class JobStream:
         m, job = self.worker.metrics, self.job
         self.outcome = "end"
         m.jobs_completed.inc()
-        m.ttft_ms.observe(end.ttft_ms)
         decode_s = end.decode_time_ms / 1000
         rate = (end.tokens_out - 1) / decode_s if decode_s > 0 and end.tokens_out > 1 else None
         data = {
@@ -225,9 +236,15 @@ class JobStream:
             data["tail"] = tail
         logs.event(
             "execute_end",
-            f"Job {job.job_id} finished ({end.stop_reason}): {end.tokens_out} tokens in {end.decode_time_ms:.0f} ms of decoding.",
-            job_id=job.job_id, correlation_id=job.correlation_id, tokens_in=end.tokens_in, tokens_out=end.tokens_out,
-            decode_time_ms=round(end.decode_time_ms, 3), ttft_ms=round(end.ttft_ms, 3), stop_reason=end.stop_reason,
+            "Job {job_id} finished ({stop_reason}): {tokens_in} tokens in, {tokens_out} out; first token after "
+            "{ttft_ms:.0f} ms, then {decode_time_ms:.0f} ms of decoding ({tokens_per_s:.1f} tokens/s)."
+            if rate is not None else
+            "Job {job_id} finished ({stop_reason}): {tokens_in} tokens in, {tokens_out} out; first token after "
+            "{ttft_ms:.0f} ms.",
+            job_id=job.job_id, tokens_in=end.tokens_in, tokens_out=end.tokens_out,
+            decode_time_ms=round(end.decode_time_ms, 3), ttft_ms=round(end.ttft_ms, 3),
+            prefill_ms=round(end.prefill_ms, 3), stop_reason=end.stop_reason,
+            tokens_per_s=round(rate, 3) if rate is not None else None,
         )
         metrics = {
             "prefill_ms": round(end.prefill_ms, 3),
@@ -242,9 +259,10 @@ class JobStream:
         self.outcome = err.code.value
         self.worker.metrics.jobs_failed.labels(code=err.code.value).inc()
         logs.event(
-            "execute_error", f"Job {self.job.job_id} ended with {err.code.value}: {err.message}",
+            "execute_error", "Job {job_id} ended with {code} after {tokens_sent} tokens: {error}.",
             level=logging.WARNING if err.code in (ErrorCode.CANCELLED, ErrorCode.INFERENCE_TIMEOUT) else logging.ERROR,
-            job_id=self.job.job_id, correlation_id=self.job.correlation_id, code=err.code.value, error=err.message,
+            job_id=self.job.job_id, code=err.code.value, error=err.message, tokens_sent=self.job.tokens_sent,
+            retriable=err.retriable,
         )
         return frame("error", err.to_dict())
 
@@ -285,3 +303,8 @@ class EventStreamResponse(Response):
                 tg.start_soon(watch)
         finally:
             self.job.abandon()
+            # The request metric counts a stream by how it ended, not by its 200 (middleware.py).
+            ended = self.job.outcome
+            scope.setdefault("state", {})["outcome"] = (
+                SUCCESS if ended == "end" else ErrorCode.CANCELLED.value if ended in (None, "disconnected") else ended
+            )
