@@ -10,12 +10,9 @@ streams from different machines can be compared from the bundles (5000).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from proof_bundle import ProofBundle
@@ -29,6 +26,7 @@ from worker_orcd.engine.api import (
 )
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
 from worker_orcd.seal import Sealer
+from synthetic import synth as _synth
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [1, 17, 42, 99, 250, 7, 300, 5]
@@ -41,13 +39,6 @@ CASES = {
 }
 
 
-def _synth() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("worker_orcd_bench_synth", REPO / "benchmarks" / "synth.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

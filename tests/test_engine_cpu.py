@@ -7,8 +7,6 @@ keep these fast; the real-model numerics are in ``test_engine_hf_parity.py``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 import threading
 from pathlib import Path
 
@@ -26,17 +24,11 @@ from worker_orcd.gguf import GGMLType, parse_file
 from worker_orcd.gguf.writer import GGUFWriter
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
 from worker_orcd.seal import Sealer
+from synthetic import synth as _synth
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _synth():
-    spec = importlib.util.spec_from_file_location("worker_orcd_bench_synth", REPO / "benchmarks" / "synth.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 synth = _synth()

@@ -9,8 +9,6 @@ added when the real models are cached, so under REQUIRE_REAL_GPU=1 nothing skips
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +23,13 @@ from worker_orcd.errors import ErrorCode, SealVerificationError, WorkerError
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
 from worker_orcd.seal import Sealer
 from worker_orcd.tokenizer import GGUFTokenizer
+from synthetic import synth as _synth
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
 SynthFile = Callable[[str, str], Path]
 
 
-def _synth():
-    spec = importlib.util.spec_from_file_location("worker_orcd_bench_synth", REPO / "benchmarks" / "synth.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _validated(path: Path) -> ValidatedModel:

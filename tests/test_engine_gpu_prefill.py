@@ -3,8 +3,6 @@ the eager prefill gives, at bucket edges and past the largest bucket (SPEC 4700,
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,11 @@ import torch
 from worker_orcd.engine.api import Engine, GenerationEnd, SamplingParams, TokenEvent
 from worker_orcd.loader import LoadOptions, validate_model
 from worker_orcd.seal import Sealer
+from synthetic import synth as _synth
 
 pytestmark = pytest.mark.gpu
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _synth():
-    spec = importlib.util.spec_from_file_location("worker_orcd_bench_synth_pf", REPO / "benchmarks" / "synth.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("shape", ["tiny-qwen2", "tiny-gemma3"])

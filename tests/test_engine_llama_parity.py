@@ -9,8 +9,6 @@ convention, GQA mapping or norm placement shows up as a large logit error.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,18 +18,11 @@ import torch
 from worker_orcd.engine.api import Engine
 from worker_orcd.loader import LoadOptions, validate_model
 from worker_orcd.seal import Sealer
+from synthetic import synth as _synth
 
-REPO = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-4  # float32 both sides on identical (F16/Q8_0-dequantized) weights: measured ~3e-7
 
 
-def _synth():
-    spec = importlib.util.spec_from_file_location("worker_orcd_bench_synth_llama", REPO / "benchmarks" / "synth.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("wtype", ["F16", "Q8_0"])

@@ -13,13 +13,10 @@ real engine translates a driver error, inside serve() on a real socket.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -34,18 +31,12 @@ from worker_orcd.http import create_app
 from worker_orcd.http.sse import parse
 from worker_orcd.lifecycle import Commit, State, Worker
 from worker_orcd.serve import real_binding
+from synthetic import synth as _synth
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_FAILURE = WorkerError("CUDA error: an illegal memory access was encountered (device 0)", code=ErrorCode.CUDA_ERROR)
 
 
-def _synth() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("worker_orcd_bench_synth", REPO / "benchmarks" / "synth.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def wait_until(cond: Callable[[], bool], timeout: float) -> None:
