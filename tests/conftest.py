@@ -74,3 +74,28 @@ def device() -> str:
 
     assert torch.cuda.is_available(), "REQUIRE_REAL_GPU=1 but torch sees no CUDA device"
     return "cuda"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_donor() -> Path:
+    """A GGUF holding the real Qwen2.5 tokenizer metadata: the real model, or on the GPU machine
+    (where the 491 MB model cannot be carried) the header-only copy named by
+    ``WORKER_ORCD_TOKENIZER_DONOR`` (made from the real model's header; see benchmarks/bench_serve.py)."""
+    real = MODEL_CACHE / f"{QWEN_05B}.gguf"
+    donor = os.environ.get("WORKER_ORCD_TOKENIZER_DONOR")
+    if not real.exists() and donor and Path(donor).is_file():
+        return Path(donor).resolve()
+    return real_model(QWEN_05B)
+
+
+@pytest.fixture(scope="session")
+def serve_model_path(tmp_path_factory: pytest.TempPathFactory, tokenizer_donor: Path) -> Path:
+    """The model the end-to-end tests serve: the real Qwen2.5-Coder-0.5B when it is cached; on the
+    GPU machine without it, a random-weight model of the same shape carrying the real tokenizer."""
+    real = MODEL_CACHE / f"{QWEN_05B}.gguf"
+    if real.exists() or tokenizer_donor == real:
+        return real_model(QWEN_05B)
+    from synthetic import synth
+
+    out = tmp_path_factory.mktemp("serve-model") / "synthetic-qwen2.5-0.5b.gguf"
+    return synth().write_synthetic_model(out, "qwen2.5-0.5b", "F16", tokenizer_from=tokenizer_donor)

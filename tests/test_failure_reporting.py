@@ -50,11 +50,11 @@ def wait_until(cond: Callable[[], bool], timeout: float) -> None:
 
 
 def test_worker_4122_flipped_resident_byte_stops_reports_and_exits_nonzero(
-    qwen05_path: Path, tmp_path: Path, device: str
+    tokenizer_donor: Path, tmp_path: Path, device: str
 ) -> None:
     import torch
 
-    model_path = _synth().write_synthetic_model(tmp_path / "tiny-qwen2.gguf", "tiny-qwen2", "F16", tokenizer_from=qwen05_path)
+    model_path = _synth().write_synthetic_model(tmp_path / "tiny-qwen2.gguf", "tiny-qwen2", "F16", tokenizer_from=tokenizer_donor)
     exits: list[int] = []
     with CallbackServer(probe_health=False) as pm:
         config = load_config(

@@ -335,7 +335,7 @@ def test_worker_4901_token_file_unreadable_after_drop_refused(nobody_dir: Path, 
 
 @pytest.mark.gpu
 @as_root
-def test_worker_4901_gpu_drop_then_load_and_serve(nobody_dir: Path, tmp_path: Path, qwen05_path: Path) -> None:
+def test_worker_4901_gpu_drop_then_load_and_serve(nobody_dir: Path, tmp_path: Path, serve_model_path: Path) -> None:
     """Real GPU: the device is opened as root, then the model is read, loaded (Triton compiles) and served as nobody."""
     from worker_orcd.http.sse import parse
 
@@ -347,9 +347,9 @@ def test_worker_4901_gpu_drop_then_load_and_serve(nobody_dir: Path, tmp_path: Pa
     models = nobody_dir / "models"
     models.mkdir()
     try:
-        os.link(qwen05_path, models / qwen05_path.name)  # same inode, mode 0644: readable by nobody
+        os.link(serve_model_path, models / serve_model_path.name)  # same inode, mode 0644: readable by nobody
     except OSError:
-        shutil.copyfile(qwen05_path, models / qwen05_path.name)
+        shutil.copyfile(serve_model_path, models / serve_model_path.name)
     os.chown(models, NOBODY, NOBODY)
     token = _token_file(nobody_dir / "worker-token", NOBODY)
     port = _free_port()
@@ -359,7 +359,7 @@ def test_worker_4901_gpu_drop_then_load_and_serve(nobody_dir: Path, tmp_path: Pa
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [*SERVE, "--worker-id", "w-gpu-priv", "--device", "cuda", "--user", "nobody", "--port", str(port),
-             "--model", qwen05_path.name, "--model-root", str(models), "--api-token-file",
+             "--model", serve_model_path.name, "--model-root", str(models), "--api-token-file",
              str(nobody_dir / "worker-token"), "--max-tokens-out", "16"],
             stdout=fh, stderr=subprocess.STDOUT, env=env,
         )

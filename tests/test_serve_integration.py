@@ -133,13 +133,13 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(qwen05_path: Path, device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(serve_model_path: Path, device: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("serve")
     token_file, a, b = write_tokens(tmp)
     with CallbackServer() as pm:
         p = start(tmp, [
-            "--worker-id", "it-worker", "--device", device, "--model", qwen05_path.name,
-            "--model-root", str(qwen05_path.parent), "--port", "0", "--callback-url", pm.url,
+            "--worker-id", "it-worker", "--device", device, "--model", serve_model_path.name,
+            "--model-root", str(serve_model_path.parent), "--port", "0", "--callback-url", pm.url,
             "--max-prompt-chars", "2000", "--max-tokens-out", "64", "--max-tokens-in", "64",
             "--inference-timeout-sec", "240", "--shutdown-timeout-sec", "60", "--sse-keepalive-sec", "0.5",
             "--log-level", "debug",  # the redaction test greps every line the worker can write
@@ -148,7 +148,7 @@ def served(qwen05_path: Path, device: str, tmp_path_factory: pytest.TempPathFact
         try:
             wait_ready(p, pm)
             p.ready_s = time.monotonic() - t0
-            yield Served(p, pm, a, b, qwen05_path)
+            yield Served(p, pm, a, b, serve_model_path)
         finally:
             if p.proc.poll() is None:
                 p.stop()
@@ -508,12 +508,12 @@ def test_worker_4970_sigterm_during_job_exits_0_within_timeout(served: Served) -
 # --- timeout (own process: needs a short --inference-timeout-sec) ---------------------------
 
 
-def test_worker_4420_inference_timeout(qwen05_path: Path, device: str, tmp_path: Path) -> None:
+def test_worker_4420_inference_timeout(serve_model_path: Path, device: str, tmp_path: Path) -> None:
     token_file, a, _ = write_tokens(tmp_path)
     with CallbackServer() as pm:
         p = start(tmp_path, [
-            "--worker-id", "it-timeout", "--device", device, "--model", qwen05_path.name,
-            "--model-root", str(qwen05_path.parent), "--port", "0", "--callback-url", pm.url,
+            "--worker-id", "it-timeout", "--device", device, "--model", serve_model_path.name,
+            "--model-root", str(serve_model_path.parent), "--port", "0", "--callback-url", pm.url,
             "--inference-timeout-sec", "1", "--max-tokens-out", "4000",
         ], token_file)
         try:
@@ -532,11 +532,11 @@ def test_worker_4420_inference_timeout(qwen05_path: Path, device: str, tmp_path:
 # --- commit with a wrong digest, startup failures (bare processes) --------------------------
 
 
-def test_worker_4223_commit_with_wrong_digest_refused(qwen05_path: Path, device: str, tmp_path: Path) -> None:
+def test_worker_4223_commit_with_wrong_digest_refused(serve_model_path: Path, device: str, tmp_path: Path) -> None:
     token_file, a, _ = write_tokens(tmp_path)
     port = _free_port()
     p = start(tmp_path, [
-        "--worker-id", "it-commit", "--device", device, "--model-root", str(qwen05_path.parent), "--port", str(port),
+        "--worker-id", "it-commit", "--device", device, "--model-root", str(serve_model_path.parent), "--port", str(port),
     ], token_file)
     p.url = f"http://127.0.0.1:{port}"
     try:
@@ -544,7 +544,7 @@ def test_worker_4223_commit_with_wrong_digest_refused(qwen05_path: Path, device:
         with p.client(a) as c:
             assert c.get("/worker/ready").json()["ready"] is False
             assert c.post("/worker/execute", json={"prompt": PROMPT}).json()["code"] == "WORKER_NOT_READY"
-            r = c.post("/worker/commit", json={"model_ref": qwen05_path.name, "expected_digest": "ab" * 32})
+            r = c.post("/worker/commit", json={"model_ref": serve_model_path.name, "expected_digest": "ab" * 32})
             assert r.status_code == 422 and r.json()["code"] == "MODEL_LOAD_FAILED"
             assert "sha-256 mismatch" in r.json()["message"].lower()
             assert c.get("/health").json()["state"] == "starting"
