@@ -52,6 +52,10 @@ def serve_command() -> list[str]:
     return [sys.executable, "-m", "worker_orcd.serve"]
 
 
+# Jobs the tests cancel or overlap: long enough to still be running on a GPU (~900 tok/s) when the
+# second request or the cancel arrives; they never run to the end.
+LONG_JOB = 1500
+
 @dataclass
 class Proc:
     proc: subprocess.Popen[bytes]
@@ -140,7 +144,7 @@ def served(serve_model_path: Path, device: str, tmp_path_factory: pytest.TempPat
         p = start(tmp, [
             "--worker-id", "it-worker", "--device", device, "--model", serve_model_path.name,
             "--model-root", str(serve_model_path.parent), "--port", "0", "--callback-url", pm.url,
-            "--max-prompt-chars", "2000", "--max-tokens-out", "64", "--max-tokens-in", "64",
+            "--max-prompt-chars", "2000", "--max-tokens-out", str(LONG_JOB), "--max-tokens-in", "64",
             "--inference-timeout-sec", "240", "--shutdown-timeout-sec", "60", "--sse-keepalive-sec", "0.5",
             "--log-level", "debug",  # the redaction test greps every line the worker can write
         ], token_file)
@@ -278,7 +282,7 @@ def test_worker_4710_same_seed_twice_identical_stream(served: Served, device: st
 
 def test_worker_m0_concurrent_execute_busy_with_retry_after(served: Served) -> None:
     with served.p.client(served.token) as c, c.stream(
-        "POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": 24}, "job_id": "it-busy"}
+        "POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": LONG_JOB}, "job_id": "it-busy"}
     ) as r:
         lines = r.iter_lines()
         assert next(lines) == "event: started"
@@ -286,7 +290,7 @@ def test_worker_m0_concurrent_execute_busy_with_retry_after(served: Served) -> N
             busy = other.post("/worker/execute", json={"prompt": "x", "params": {"max_tokens": 1}})
         assert busy.status_code == 503 and busy.json()["code"] == "WORKER_BUSY" and busy.json()["retriable"] is True
         assert busy.json()["retry_after_ms"] > 0 and int(busy.headers["retry-after"]) >= 1
-        assert c.post("/cancel", json={"job_id": "it-busy"}).status_code == 202  # don't wait for 24 tokens
+        assert c.post("/cancel", json={"job_id": "it-busy"}).status_code == 202  # don't wait for the whole job
         rest = "\n".join(lines)
     assert "event: error" in rest
     wait_state(served.p, "ready", 30)
@@ -295,7 +299,7 @@ def test_worker_m0_concurrent_execute_busy_with_retry_after(served: Served) -> N
 def test_worker_4252_cancel_mid_stream(served: Served) -> None:
     got: list[tuple[str, Any]] = []
     with served.p.client(served.token) as c, c.stream(
-        "POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": 64}, "job_id": "it-cancel"}
+        "POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": LONG_JOB}, "job_id": "it-cancel"}
     ) as r:
         event = None
         for line in r.iter_lines():
@@ -321,7 +325,7 @@ def test_worker_4252_cancel_mid_stream(served: Served) -> None:
 def test_worker_disconnect_mid_stream_frees_slot_within_a_second(served: Served) -> None:
     assert served.p.url is not None
     u = urlsplit(served.p.url)
-    body = json.dumps({"prompt": PROMPT, "params": {"max_tokens": 64}}).encode()
+    body = json.dumps({"prompt": PROMPT, "params": {"max_tokens": LONG_JOB}}).encode()
     sock = socket.create_connection((u.hostname, u.port), timeout=REQUEST_TIMEOUT)
     sock.sendall(
         b"POST /worker/execute HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
@@ -348,7 +352,7 @@ def test_worker_disconnect_mid_stream_frees_slot_within_a_second(served: Served)
         ({"prompt": "x" * 2001}, "prompt"),
         ({"prompt": "word " * 300}, "prompt"),  # under 2000 characters, over --max-tokens-in 64
         ({"prompt": "", "params": {}}, "prompt"),
-        ({"prompt": PROMPT, "params": {"max_tokens": 65}}, "params.max_tokens"),
+        ({"prompt": PROMPT, "params": {"max_tokens": LONG_JOB + 1}}, "params.max_tokens"),
         ({"prompt": PROMPT, "params": {"temperature": 2.01}}, "params.temperature"),
         ({"prompt": PROMPT, "params": {"seed": 2**64}}, "params.seed"),
         ({"prompt": PROMPT, "params": {"seed": -1}}, "params.seed"),
@@ -401,7 +405,7 @@ def test_worker_4811_metrics_exact_deltas_after_real_requests(served: Served, de
     with served.p.client(None) as anon, served.p.client(served.token) as c:
         before = scrape(anon)
         cancelled: list[tuple[str, Any]] = []
-        with c.stream("POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": 64}, "job_id": "it-metrics"}) as r:
+        with c.stream("POST", "/worker/execute", json={"prompt": PROMPT, "params": {"max_tokens": LONG_JOB}, "job_id": "it-metrics"}) as r:
             event = None
             for line in r.iter_lines():
                 if line.startswith("event: "):
