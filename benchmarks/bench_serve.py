@@ -1,5 +1,7 @@
 """The daemon on the GPU: process start -> ready, and HTTP/SSE overhead per token.
 
+    python scripts/make_tokenizer_donor.py ~/.cache/worker-orcd-models/qwen2.5-coder-0.5b-instruct.gguf \
+        .devdata/qwen05-tokenizer.gguf    # here; carry .devdata to the GPU machine
     python benchmarks/bench_serve.py --tokenizer-from .devdata/qwen05-tokenizer.gguf
 
 For each shape a synthetic random-weight model of the real shape is written
