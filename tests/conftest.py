@@ -11,8 +11,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FETCH = REPO.parent / "shared" / "models" / "fetch_model.py"
@@ -99,3 +103,14 @@ def serve_model_path(tmp_path_factory: pytest.TempPathFactory, tokenizer_donor: 
 
     out = tmp_path_factory.mktemp("serve-model") / "synthetic-qwen2.5-0.5b.gguf"
     return synth().write_synthetic_model(out, "qwen2.5-0.5b", "F16", tokenizer_from=tokenizer_donor)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> "torch.Generator":
+    """A fresh seed per test, printed (shown on failure); KERNEL_TEST_SEED replays one."""
+    seed = int(os.environ.get("KERNEL_TEST_SEED") or int.from_bytes(os.urandom(8), "little") >> 1)
+    print(f"{request.node.name}: seed={seed}")
+    request.node.user_properties.append(("seed", seed))
+    import torch
+
+    return torch.Generator().manual_seed(seed)

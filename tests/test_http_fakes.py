@@ -36,6 +36,7 @@ from worker_orcd.loader import ValidatedModel
 from worker_orcd.seal import ModelShardHandle, Sealer
 from worker_orcd.serve import serve
 from worker_orcd.tokenizer import StreamingDetokenizer
+from worker_orcd.engine.events import GenerationEnd, SamplingParams, TokenEvent
 
 TOKEN_A = "tok-A-" + "a" * 32
 TOKEN_B = "tok-B-" + "b" * 32
@@ -63,35 +64,7 @@ def write_tiny_model(path: Path) -> Path:
     return w.write(path)
 
 
-# --- the fake engine ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int
-    token_id: int
-
-
-@dataclass(frozen=True)
-class GenerationEnd:
-    tokens_in: int
-    tokens_out: int
-    stop_reason: str
-    prefill_ms: float
-    ttft_ms: float
-    decode_time_ms: float
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    stop_ids: frozenset[int] = frozenset()
+# --- the fake engine (real event types from the torch-free worker_orcd.engine.events) ---------
 
 
 class ByteTokenizer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -25,13 +24,6 @@ from worker_orcd.engine.kernels.checksum import (
 from worker_orcd.engine.reference import checksum_cpu
 
 
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A fresh seed per test, printed (shown on failure); KERNEL_TEST_SEED replays one."""
-    seed = int(os.environ.get("KERNEL_TEST_SEED") or int.from_bytes(os.urandom(8), "little") >> 1)
-    print(f"{request.node.name}: seed={seed}")
-    request.node.user_properties.append(("seed", seed))
-    return torch.Generator().manual_seed(seed)
 
 
 def random_bytes(gen: torch.Generator, n: int, device: str) -> torch.Tensor:

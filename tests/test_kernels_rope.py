@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from worker_orcd.engine.errors import KernelDimensionError, KernelParamError
 from worker_orcd.engine.kernels.rope import rope_, rope_reference
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A fresh seed per test, printed (shown on failure); KERNEL_TEST_SEED replays one."""
-    seed = int(os.environ.get("KERNEL_TEST_SEED") or int.from_bytes(os.urandom(8), "little") >> 1)
-    print(f"{request.node.name}: seed={seed}")
-    request.node.user_properties.append(("seed", seed))
-    return torch.Generator().manual_seed(seed)
+from kernel_testing import TOL, randn, rel
 
 
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+
 
 
 @pytest.mark.parametrize("neox", [False, True], ids=["llama", "neox"])

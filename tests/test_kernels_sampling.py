@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,13 +12,6 @@ from worker_orcd.engine.kernels.sampling import filtered_probs_reference, sample
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, penalty_ids=None, seed=0, step=0)
 
 
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A fresh seed per test, printed (shown on failure); KERNEL_TEST_SEED replays one."""
-    seed = int(os.environ.get("KERNEL_TEST_SEED") or int.from_bytes(os.urandom(8), "little") >> 1)
-    print(f"{request.node.name}: seed={seed}")
-    request.node.user_properties.append(("seed", seed))
-    return torch.Generator().manual_seed(seed)
 
 
 def params(**overrides: object) -> dict:

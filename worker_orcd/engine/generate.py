@@ -18,50 +18,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from . import ops
+from .events import GenerationEnd, SamplingParams, StopReason, TokenEvent
 from .kv_cache import KVCache
 from .model import Model
 
-StopReason = Literal["eos", "max_tokens", "cancelled"]
 # Prompt lengths with a captured prefill graph: a prompt runs in the smallest bucket that holds
 # it (padding <= 50%); longer prompts run eagerly in chunks. Eager prefill is host-bound
 # (hundreds of launches of ~10-100 us each), the graph replays them in one call.
 PREFILL_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 LOOKAHEAD = 1  # decode steps queued on the GPU ahead of the token the host is reading
 RING = LOOKAHEAD + 2
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    stop_ids: frozenset[int] = field(default_factory=frozenset)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int
-    token_id: int
-
-
-@dataclass(frozen=True)
-class GenerationEnd:
-    tokens_in: int
-    tokens_out: int
-    stop_reason: StopReason
-    prefill_ms: float
-    ttft_ms: float
-    decode_time_ms: float
 
 
 Cancel = threading.Event | Callable[[], bool] | None
