@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,9 +26,14 @@ from . import attest as attest_mod
 from . import ops
 from .config import ModelConfig, model_config
 from .device import DeviceContext, device_errors, open_device
-from .generate import Cancel, GenerationEnd, Generator, SamplingParams, TokenEvent
-from .kv_cache import KVCache, check_capacity
+from ..batching.loop import Cancel, EngineLoop, LoopObserver
+from ..batching.step import Sampled, StepBatch
+from .events import GenerationEnd, SamplingParams, TokenEvent
+from .kv_cache import check_capacity
 from .model import Model
+from .paged_kv import PagedKVCache, kv_tokens
+from .paged_kv import max_seq_len as paged_max_seq_len
+from .runner import ModelRunner
 from .plan import VramPlan, plan_vram
 from .upload import LoadStats, upload
 from .weights import ModelWeights, bind, resident_dtype, weight_layout
@@ -37,8 +42,29 @@ __all__ = ["Engine", "GenerationEnd", "ResidentModel", "SamplingParams", "TokenE
 
 log = logging.getLogger("worker_orcd.engine")
 
-PREFILL_CHUNK_CUDA = 2048  # tokens per prefill forward: bounds activation memory (SPEC 4421)
+# Tokens per step (decode rows + prefill chunks): bounds activation memory (SPEC 4421) and how long a
+# prompt may hold the running streams back in one step (p99 inter-token latency under load).
+PREFILL_CHUNK_CUDA = 512
 PREFILL_CHUNK_CPU = 256  # the CPU reference attention materialises [Hq, chunk, S] scores
+# Default batch: as many jobs of this many tokens as the KV pool holds, capped.
+TYPICAL_REQUEST_TOKENS = 1024
+MAX_BATCH_CAP_CUDA = 128
+MAX_BATCH_CAP_CPU = 8
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How the engine loop batches (from the host's configuration)."""
+
+    max_batch: int
+    token_budget: int
+    before_admit: Callable[[int], None] | None = None  # the host's seal check, once per admitting step
+    observer: LoopObserver | None = None
+
+
+def default_max_batch(pool_tokens: int, dev_mode: bool) -> int:
+    cap = MAX_BATCH_CAP_CPU if dev_mode else MAX_BATCH_CAP_CUDA
+    return max(1, min(cap, pool_tokens // TYPICAL_REQUEST_TOKENS))
 _U64 = 1 << 64
 
 
@@ -71,41 +97,62 @@ def _check_params(p: SamplingParams) -> None:
 
 
 class ResidentModel:
-    """A sealed model resident on the device, with its KV cache and captured decode step."""
+    """A sealed model resident on the device: its runner (paged KV, decode graphs) and the engine loop
+    that batches every job submitted through ``generate`` (continuous batching, issue 8)."""
 
     def __init__(
         self,
         engine: Engine,
         cfg: ModelConfig,
         weights: ModelWeights,
-        kv: KVCache,
-        gen: Generator,
+        kv: PagedKVCache,
+        runner: ModelRunner,
         fingerprint: ops.Fingerprint,
         handle: ModelShardHandle,
         sealer: Sealer,
         stats: LoadStats,
         vram_bytes: int,
+        batching: BatchingOptions,
     ) -> None:
         self._engine = engine
         self.config = cfg
         self._weights = weights
         self._kv = kv
-        self._gen = gen
+        self.runner = runner
         self._fingerprint = fingerprint
         self.handle = handle
         self._sealer = sealer
         self.load_stats = stats
         self._vram_bytes = vram_bytes
-        self._busy = threading.Lock()
+        self.batching = batching
         self._closed = False
+        self._loop = EngineLoop(
+            _BoundRunner(runner, engine.ctx), max_batch=batching.max_batch, token_budget=batching.token_budget,
+            before_admit=batching.before_admit, observer=batching.observer,
+        )
 
     @property
     def max_seq_len(self) -> int:
-        return self._kv.max_seq_len
+        return self.runner.max_seq_len
+
+    @property
+    def max_batch(self) -> int:
+        return self.batching.max_batch
 
     @property
     def graph_captured(self) -> bool:
-        return self._gen.graph is not None
+        return bool(self.runner.graphs)
+
+    @property
+    def seals_per_step(self) -> bool:
+        """True: the engine loop verifies the seal once per step that admits jobs (SPEC 4121)."""
+        return self.batching.before_admit is not None
+
+    def stats(self) -> dict[str, int]:
+        return {**self._loop.stats(), "max_batch": self.batching.max_batch}
+
+    def tokens_per_second(self) -> float:
+        return self._loop.tokens_per_second()
 
     def _require_open(self) -> None:
         if self._closed:
@@ -116,7 +163,10 @@ class ResidentModel:
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Cancel = None
     ) -> Iterator[TokenEvent | GenerationEnd]:
-        """Validate now (before any work), then stream TokenEvents; the last item is GenerationEnd."""
+        """Validate now (before any work), queue the job; iterate for TokenEvents then one GenerationEnd.
+
+        Thread-safe: many generations run at once, batched by the engine loop.
+        """
         self._require_open()
         _check_params(params)
         ids = list(prompt_ids)
@@ -125,17 +175,7 @@ class ResidentModel:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise InvalidParams(f"prompt token {i} is {t!r}, not a token id in [0, {vocab})")
         check_capacity(len(ids), params.max_tokens, self.max_seq_len)
-        return self._stream(ids, params, cancel)
-
-    def _stream(self, ids: list[int], params: SamplingParams, cancel: Cancel) -> Iterator[TokenEvent | GenerationEnd]:
-        if not self._busy.acquire(blocking=False):
-            raise WorkerError("a generation is already running on this model", code=ErrorCode.WORKER_BUSY)
-        try:
-            with device_errors("generation", self._engine.ctx.index):
-                self._engine.ctx.bind_thread()
-                yield from self._gen.run(ids, params, cancel)
-        finally:
-            self._busy.release()
+        return self._loop.submit(ids, params, cancel)
 
     # --- seal and residency -------------------------------------------------------------------
 
@@ -157,7 +197,7 @@ class ResidentModel:
         groups = {
             "weights": [self._weights.arena],
             "kv_cache": [self._kv.k, self._kv.v],
-            "scratch": self._gen.buffers(),
+            "scratch": self.runner.buffers(),
         }
         with device_errors("attestation", self._engine.ctx.index):
             return attest_mod.attest_buffers(self._engine.ctx, groups)
@@ -170,12 +210,30 @@ class ResidentModel:
         if self._closed:
             return
         self._closed = True
-        self._gen.graph = None
-        self._gen.graph_logits = None
-        self._gen.pf_graphs.clear()
-        self._gen.pf_tokens = self._gen.pf_positions = None
-        del self._gen, self._kv, self._weights, self._fingerprint
+        self._loop.close()
+        self.runner.close()
+        del self.runner, self._kv, self._weights, self._fingerprint
         self._engine._forget(self)
+
+
+class _BoundRunner:
+    """The runner as the engine loop sees it: device errors become typed WorkerErrors (CUDA_ERROR is fatal)."""
+
+    def __init__(self, runner: ModelRunner, ctx: DeviceContext) -> None:
+        self._runner = runner
+        self._ctx = ctx
+        self._bound = False
+        self.block_size = runner.block_size
+        self.num_blocks = runner.num_blocks
+        self.max_seq_len = runner.max_seq_len
+        self.vocab_size = runner.vocab_size
+
+    def step(self, batch: StepBatch) -> list[Sampled]:
+        with device_errors("generation", self._ctx.index):
+            if not self._bound:
+                self._ctx.bind_thread()
+                self._bound = True
+            return self._runner.step(batch)
 
 
 class Engine:
@@ -219,22 +277,37 @@ class Engine:
         shard_index: int = 0,
         total_shards: int = 1,
         model_ref: str | None = None,
+        max_batch: int | None = None,
+        prefill_chunk: int | None = None,
+        before_admit: Callable[[int], None] | None = None,
+        observer: LoopObserver | None = None,
     ) -> ResidentModel:
-        """Plan, stream + dequantize into VRAM, re-hash, capture the decode graph, fingerprint, seal."""
+        """Plan, stream + dequantize into VRAM, re-hash, capture the decode graphs, fingerprint, seal.
+
+        ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
+        jobs running at once; ``prefill_chunk`` the tokens of one step.
+        """
         if not shard_id:
             raise InvalidParams("shard_id must be non-empty")
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidParams(f"{name} must be a positive integer, got {value!r}")
         g = model.gguf
         cfg = model_config(g)
         dtype = resident_dtype(cfg, self.ctx)
         plan = self.plan(g, kv_cache_mb)
         plan.require()
+        pool = kv_tokens(cfg, dtype, kv_cache_mb, self.ctx.dev_mode)
+        s_max = paged_max_seq_len(cfg, dtype, kv_cache_mb, self.ctx.dev_mode)
+        batch = max_batch or default_max_batch(pool, self.ctx.dev_mode)
+        budget = max(prefill_chunk or self.prefill_chunk, batch)  # every running job gets a row each step
         dev = self.ctx.torch_device
         idx = self.ctx.index
         allocated_before = torch.cuda.memory_allocated(idx) if not self.ctx.dev_mode else 0
         arena: torch.Tensor | None = None
         weights: ModelWeights | None = None
-        kv: KVCache | None = None
-        gen: Generator | None = None
+        kv: PagedKVCache | None = None
+        runner: ModelRunner | None = None
         fp: ops.Fingerprint | None = None
         try:
             with device_errors("loading the model", idx), torch.no_grad():
@@ -244,20 +317,19 @@ class Engine:
                 with open_model(model.source) as fh:
                     stats = upload(fh, g, lay, arena, model.digest, self.ctx)
                 weights = bind(arena, lay, cfg)
-                kv = KVCache.allocate(cfg, plan.max_seq_len, dtype, dev)
-                gen = Generator(Model(cfg, weights, kv), kv, dev, self.prefill_chunk)
-                gen.warmup()
+                kv = PagedKVCache.allocate(cfg, pool, dtype, dev)
+                runner = ModelRunner(Model(cfg, weights, None), kv, dev, s_max, batch)  # type: ignore[arg-type]
+                runner.warmup()
                 if capture_graph:
-                    gen.capture()
-                    gen.capture_prefill()
+                    runner.capture()
                 fp = ops.Fingerprint([arena])
                 fingerprint = fp.hex()
                 self.ctx.synchronize()
         except BaseException:
-            arena = kv = gen = weights = fp = None  # drop every device buffer of the failed load now
+            arena = kv = runner = weights = fp = None  # drop every device buffer of the failed load now
             self._release_cached()
             raise
-        assert arena is not None and weights is not None and kv is not None and gen is not None and fp is not None
+        assert arena is not None and weights is not None and kv is not None and runner is not None and fp is not None
         vram = 0 if self.ctx.dev_mode else torch.cuda.memory_allocated(idx) - allocated_before
         handle = ModelShardHandle(
             shard_id=shard_id,
@@ -268,7 +340,8 @@ class Engine:
             shard_index=shard_index,
             total_shards=total_shards,
         )
-        rm = ResidentModel(self, cfg, weights, kv, gen, fp, handle, sealer, stats, vram)
+        options = BatchingOptions(max_batch=batch, token_budget=budget, before_admit=before_admit, observer=observer)
+        rm = ResidentModel(self, cfg, weights, kv, runner, fp, handle, sealer, stats, vram, options)
         try:
             rm.handle = sealer.seal(handle, fingerprint)
             rm.attest()  # refuse to hand out a model that is not where it must be
@@ -277,14 +350,16 @@ class Engine:
             raise
         self._models.append(rm)
         log.info(
-            "model %s resident: %d bytes in %.2f s (%.2f GB/s), %s, S_max=%d, graph=%s",
+            "model %s resident: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",
             model.source.ref,
             stats.resident_bytes,
             stats.seconds,
             stats.gb_per_s,
             plan.dtype,
-            kv.max_seq_len,
-            gen.graph is not None,
+            pool,
+            s_max,
+            batch,
+            sorted(runner.graphs),
         )
         return rm
 

@@ -11,6 +11,7 @@ in fp32. All primitives go through ``ops`` (Triton on CUDA, torch on CPU).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,10 @@ from . import ops
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .weights import LayerWeights, ModelWeights
+
+if TYPE_CHECKING:
+    from .paged_kv import PagedKVCache
+    from .runner import AttentionMeta
 
 # (layer, q[T,Hq,D], k[T,Hk,D], v[T,Hk,D]) -> attention output [T,Hq,D]; also stores k/v in the cache
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,3 +134,29 @@ class Model:
 
         h = self.hidden(token, pos, attend)
         return self.logits(h)
+
+    # --- one batching-engine step: rows of tokens over the paged KV cache --------------------
+
+    def forward_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        meta: AttentionMeta,
+        sample_index: torch.Tensor,
+        kv: PagedKVCache,
+    ) -> torch.Tensor:
+        """fp32 logits [R, V] of the tokens at ``sample_index`` after running every row's tokens.
+
+        ``tokens``/``positions``/``slots`` [T] hold the step's rows back to back; each token's
+        K/V goes to its cache slot before attention reads the row's keys through its block table.
+        Device tensors only: a decode batch replays from a CUDA graph.
+        """
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = kv.k[i], kv.v[i]
+            ops.kv_store_(kc, vc, k, v, slots)
+            return ops.paged_attention(q, kc, vc, meta, self.cfg.attn_scale, sliding_window=self.cfg.layer_window(i))
+
+        h = self.hidden(tokens, positions, attend)
+        return ops.logits_fp32(h.index_select(0, sample_index), self.w.lm_head)

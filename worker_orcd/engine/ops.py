@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from . import fused
 from . import kernels as K
 from .reference import checksum_cpu, sample_reference
+
+if TYPE_CHECKING:
+    from .runner import AttentionMeta
 
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 _kernels_on_cpu = False
@@ -94,9 +98,10 @@ def _attention_reference(
     T, Hq, D = q.shape
     S, Hk, _ = k.shape
     G = Hq // Hk
-    qf = q.float().view(T, Hk, G, D).permute(1, 2, 0, 3)  # [Hk, G, T, D]
-    kf = k.float().permute(1, 0, 2)  # [Hk, S, D]
-    vf = v.float().permute(1, 0, 2)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(acc).view(T, Hk, G, D).permute(1, 2, 0, 3)  # [Hk, G, T, D]
+    kf = k.to(acc).permute(1, 0, 2)  # [Hk, S, D]
+    vf = v.to(acc).permute(1, 0, 2)
     scores = torch.matmul(qf, kf[:, None].transpose(-1, -2)) * scale  # [Hk, G, T, S]
     qpos = torch.arange(T)[:, None] + q_offset
     kpos = torch.arange(S)[None, :]
@@ -146,6 +151,45 @@ def attention_decode(
     if out is None:
         return y
     return out.copy_(y)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: "AttentionMeta",
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention of a step's rows over the paged cache -> [T, Hq, D] (see kernels/paged_attention.py).
+
+    The CPU branch runs each row on its own, in float64, rounded once at the end: a row's
+    result then does not depend on the batch (up to float64 rounding order, far below fp32's).
+    """
+    if _kernel(q):
+        return K.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.tile_row, meta.tile_q0, meta.row_qstart,
+            meta.row_qlen, meta.row_start, scale, sliding_window=sliding_window,
+        )
+    out = torch.empty_like(q)
+    BS = k_cache.shape[1]
+    for r, (qs, ql, st) in enumerate(meta.host_rows):
+        n = st + ql
+        pages = meta.host_tables[r][: -(-n // BS)]
+        k = k_cache[pages].reshape(-1, *k_cache.shape[2:])[:n]
+        v = v_cache[pages].reshape(-1, *v_cache.shape[2:])[:n]
+        y = _attention_reference(q[qs : qs + ql].double(), k.double(), v.double(), scale, sliding_window, st)
+        out[qs : qs + ql] = y.to(q.dtype)
+    return out
+
+
+def kv_store_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write each token's K/V [T, Hk, D] to its cache slot (block * block_size + offset); graph safe."""
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    flat_k.index_copy_(0, slots, k)
+    flat_v.index_copy_(0, slots, v)
 
 
 # --- KV cache write and feed-forward activation ------------------------------------------------

@@ -14,8 +14,7 @@ import torch
 from ..errors import ErrorCode, WorkerError
 from ..gguf import GGUFFile
 from .config import ModelConfig
-from .generate import PREFILL_BUCKETS
-from .kv_cache import bytes_per_token, max_seq_len
+from .paged_kv import SCRATCH_BLOCKS, BLOCK_SIZE, bytes_per_token, kv_tokens, max_seq_len
 from .upload import CHUNK_BYTES, RING
 from .weights import weight_layout
 
@@ -77,15 +76,15 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int, s_ma
     per_token = (4 * cfg.d_model + 2 * cfg.qkv_dim + 2 * cfg.q_dim + 3 * cfg.ffn_dim) * e
     prefill = 2 * min(prefill_chunk, s_max) * per_token  # x2: temporaries alive across one layer
     if dev_mode:  # the CPU reference attention materialises [Hq, chunk, S] scores in fp32
-        prefill += 2 * cfg.n_heads * min(prefill_chunk, s_max) * s_max * 4
+        prefill += 2 * cfg.n_heads * min(prefill_chunk, s_max) * s_max * 8  # float64 scores
     logits = 4 * cfg.vocab_size * 4
     graph_pool = 4 * per_token + 2 * cfg.vocab_size * 4 + 64 * cfg.n_heads * cfg.head_dim * 4 * 3
     staging = RING * CHUNK_BYTES * (1 if dev_mode else 2)  # host ring (+ device ring on CUDA)
     history = s_max * 8
     if not dev_mode:
-        # captured prefill graphs: one private pool sized by the largest bucket's activations,
-        # plus each bucket's static fp32 logits
-        graph_pool += prefill + len(PREFILL_BUCKETS) * cfg.vocab_size * 4
+        # captured decode graphs (runner.DECODE_BUCKETS, up to 256 rows): one shared pool holding
+        # the largest bucket's activations, plus each bucket's static fp32 logits
+        graph_pool += 256 * per_token + 2 * 256 * cfg.vocab_size * 4 * 2
     return prefill + logits + graph_pool + staging + history + (0 if dev_mode else CUBLAS_WORKSPACE_BYTES)
 
 
@@ -101,8 +100,8 @@ def plan_vram(
 ) -> VramPlan:
     """Pure arithmetic over the header: what loading would allocate, against ``free_bytes``."""
     lay = weight_layout(cfg, g, dtype)
-    s_max = max_seq_len(cfg, dtype, kv_cache_mb)
-    kv = s_max * bytes_per_token(cfg, dtype)
+    s_max = max_seq_len(cfg, dtype, kv_cache_mb, dev_mode)
+    kv = (kv_tokens(cfg, dtype, kv_cache_mb, dev_mode) + SCRATCH_BLOCKS * BLOCK_SIZE) * bytes_per_token(cfg, dtype)
     margin = FIXED_MARGIN_BYTES + int(MARGIN_FRACTION * (lay.total_bytes + kv))
     return VramPlan(
         gpu_device=gpu_device,

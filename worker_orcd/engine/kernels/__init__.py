@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .attention import attention_decode, attention_prefill, attention_reference, decode_split_size
+from .paged_attention import paged_attention
 from .checksum import ChecksumPlan, checksum, checksum_hex, checksum_reference, digest_hex
 from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rope import rope_, rope_reference
@@ -39,6 +40,7 @@ __all__ = [
     "checksum_reference",
     "decode_split_size",
     "digest_hex",
+    "paged_attention",
     "filtered_probs_reference",
     "rms_norm",
     "rms_norm_reference",

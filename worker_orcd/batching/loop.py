@@ -1,0 +1,296 @@
+"""The engine loop: one thread that schedules a step, runs it on the model runner and hands out tokens.
+
+Jobs enter through ``submit()`` from any thread and read their events from a
+per-job queue, so the blocking-iterator contract of ``ResidentLike.generate``
+is unchanged and many jobs run at once. Between two steps (a decode step, or
+one prefill chunk) the loop looks at every job's cancel flag: a cancel,
+disconnect, timeout or shutdown takes effect within one step, also during a
+long prefill. A preempted job is recomputed from its prompt plus the tokens
+it already produced; only tokens sampled after that are delivered, so its
+stream has no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..engine.events import GenerationEnd, SamplingParams, TokenEvent
+from ..errors import ErrorCode, WorkerError
+from .block_manager import BlockManager
+from .scheduler import Scheduler
+from .sequence import Sequence, SeqStatus
+from .step import StepRunner
+
+log = logging.getLogger("worker_orcd.batching")
+
+Cancel = threading.Event | Callable[[], bool] | None
+IDLE_POLL_S = 0.05  # how often an idle loop looks at cancel flags of queued jobs
+
+
+def _is_set(cancel: Cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+class LoopObserver(Protocol):
+    """Telemetry hooks (metrics.py implements them); called on the loop thread, must be cheap."""
+
+    def step(self, rows: int, tokens: int, running: int, waiting: int, blocks_used: int, blocks_total: int) -> None: ...
+    def admitted(self, queue_ms: float) -> None: ...
+    def preempted(self) -> None: ...
+
+
+@dataclass
+class _Job:
+    seq: Sequence
+    events: queue.SimpleQueue[Any]
+    cancel: Cancel
+    abandoned: threading.Event
+    t_submit: float
+    t_first: float | None = None
+    t_prefill_done: float | None = None
+
+    def cancelled(self) -> bool:
+        return self.abandoned.is_set() or _is_set(self.cancel)
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        runner: StepRunner,
+        *,
+        max_batch: int,
+        token_budget: int,
+        before_admit: Callable[[int], None] | None = None,
+        observer: LoopObserver | None = None,
+        name: str = "engine-loop",
+    ) -> None:
+        self.runner = runner
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch, token_budget)
+        self.max_batch = max_batch
+        self._before_admit = before_admit  # seal check once per step that admits new jobs (SPEC 4121)
+        self._observer = observer
+        self._cv = threading.Condition()
+        self._inbox: deque[_Job] = deque()
+        self._jobs: dict[int, _Job] = {}
+        self._stopping = False
+        self._failed: WorkerError | None = None
+        self._tokens_out = 0
+        self._rate_t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # --- the caller's side -------------------------------------------------------------------
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.runner.max_seq_len
+
+    def submit(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel = None) -> Iterator[Any]:
+        """Queue a validated job; iterate the result for TokenEvent... then one GenerationEnd."""
+        if self._failed is not None:
+            raise self._failed
+        seq = Sequence(list(prompt_ids), params)
+        if seq.num_tokens + params.max_tokens > self.runner.max_seq_len:
+            raise WorkerError(
+                f"prompt ({seq.num_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the per-job "
+                f"capacity of {self.runner.max_seq_len} tokens",
+                code=ErrorCode.INVALID_PARAMS,
+            )
+        job = _Job(seq, queue.SimpleQueue(), cancel, threading.Event(), time.monotonic())
+        seq.sink = job
+        with self._cv:
+            if self._stopping:
+                raise WorkerError("the engine is shutting down", code=ErrorCode.WORKER_NOT_READY)
+            self._inbox.append(job)
+            self._cv.notify()
+        return self._events(job)
+
+    @staticmethod
+    def _events(job: _Job) -> Iterator[Any]:
+        try:
+            while True:
+                item = job.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationEnd):
+                    return
+        finally:
+            job.abandoned.set()  # a consumer that stops reading cancels the job (no-op once it ended)
+
+    def stats(self) -> dict[str, int]:
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting) + len(self._inbox),
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "preemptions": s.preemptions,
+        }
+
+    def tokens_per_second(self) -> float:
+        """Output tokens per second since the loop started (retry hints)."""
+        dt = time.monotonic() - self._rate_t0
+        return self._tokens_out / dt if dt > 0 else 0.0
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop after the current step; every unfinished job gets a CANCELLED end."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._inbox and not self.scheduler.has_work:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    while self._inbox:
+                        job = self._inbox.popleft()
+                        self._jobs[job.seq.seq_id] = job
+                        self.scheduler.add(job.seq)
+                self._reap_cancelled()
+                if not self.scheduler.has_work:
+                    continue
+                self._step()
+        except WorkerError as e:
+            self._failed = e
+            self._fail_all(e)
+            return
+        except BaseException as e:  # noqa: BLE001 - every job learns of it; nothing hangs
+            log.exception("engine loop crashed")
+            err = WorkerError(f"engine loop failed ({type(e).__name__})", code=ErrorCode.INTERNAL)
+            self._failed = err
+            self._fail_all(err)
+            return
+        with self._cv:
+            pending = list(self._inbox)
+            self._inbox.clear()
+        for job in pending:
+            self._jobs[job.seq.seq_id] = job
+            self.scheduler.add(job.seq)
+        for job in list(self._jobs.values()):
+            self._end(job, "cancelled")
+
+    def _reap_cancelled(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.cancelled():
+                self._end(job, "cancelled")
+
+    def _step(self) -> None:
+        batch, seqs = self.scheduler.schedule()
+        if not batch.rows:
+            # every runnable job waits for blocks that only a finishing job frees: cannot happen while
+            # admission bounds prompt + max_tokens by the capacity; poll cancels instead of spinning
+            time.sleep(IDLE_POLL_S)
+            return
+        now = time.monotonic()
+        fresh = [s for s in seqs if s.first_scheduled is None]
+        if fresh:
+            if self._before_admit is not None:
+                try:
+                    self._before_admit(len(fresh))
+                except WorkerError as e:
+                    for s in fresh:
+                        self._fail(self._jobs[s.seq_id], e)
+                    raise
+            for s in fresh:
+                s.first_scheduled = now
+                if self._observer is not None:
+                    self._observer.admitted((now - self._jobs[s.seq_id].t_submit) * 1e3)
+        before = self.scheduler.preemptions
+        outs = self.runner.step(batch)
+        done = time.monotonic()
+        k = 0
+        for row, seq in zip(batch.rows, seqs, strict=True):
+            seq.num_computed += len(row.tokens)
+            if row.sample is None:
+                continue
+            out = outs[k]
+            k += 1
+            job = self._jobs[seq.seq_id]
+            if job.t_prefill_done is None:
+                job.t_prefill_done = done
+            seq.output.append(out.token_id)
+            self._tokens_out += 1
+            if job.t_first is None:
+                job.t_first = done
+            if job.cancelled():  # no token after an acknowledged cancel (SPEC 4252)
+                self._end(job, "cancelled")
+                continue
+            job.events.put(TokenEvent(len(seq.output) - 1, out.token_id, out.logprob, out.top_logprobs))
+            if out.token_id in seq.params.stop_ids:
+                self._end(job, "eos")
+            elif len(seq.output) >= seq.params.max_tokens:
+                self._end(job, "max_tokens")
+        if self._observer is not None:
+            st = self.stats()
+            for _ in range(self.scheduler.preemptions - before):
+                self._observer.preempted()
+            self._observer.step(len(batch.rows), batch.num_tokens, st["running"], st["waiting"],
+                                st["kv_blocks_used"], st["kv_blocks_total"])
+
+    # --- endings -----------------------------------------------------------------------------
+
+    def _end(self, job: _Job, reason: str) -> None:
+        seq = job.seq
+        if seq.seq_id not in self._jobs:
+            return
+        del self._jobs[seq.seq_id]
+        if seq.status is not SeqStatus.FINISHED:
+            self.scheduler.finish(seq, reason)
+        now = time.monotonic()
+        start = seq.first_scheduled or now
+        first = job.t_first or now
+        job.events.put(
+            GenerationEnd(
+                tokens_in=len(seq.prompt),
+                tokens_out=len(seq.output),
+                stop_reason=reason,  # type: ignore[arg-type]
+                prefill_ms=((job.t_prefill_done or now) - start) * 1e3,
+                ttft_ms=(first - job.t_submit) * 1e3,
+                decode_time_ms=(now - first) * 1e3 if job.t_first is not None else 0.0,
+                queue_ms=(start - job.t_submit) * 1e3,
+                preemptions=seq.preemptions,
+            )
+        )
+
+    def _fail(self, job: _Job, err: BaseException) -> None:
+        seq = job.seq
+        if self._jobs.pop(seq.seq_id, None) is None:
+            return
+        if seq.status is not SeqStatus.FINISHED:
+            self.scheduler.finish(seq, "failed")
+        job.events.put(err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._cv:
+            self._stopping = True
+            pending = list(self._inbox)
+            self._inbox.clear()
+        for job in pending:
+            job.events.put(err)
+        for job in list(self._jobs.values()):
+            self._fail(job, err)

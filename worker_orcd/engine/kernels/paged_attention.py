@@ -1,0 +1,186 @@
+"""Causal GQA attention over the paged KV cache: ONE kernel for prefill chunks and decode rows.
+
+Batch invariance (the engine's determinism rule): the output of a query row
+must not depend on the batch it runs in, its place there, or how its prompt
+was chunked. So:
+
+* one launch configuration for every call of a model (BLOCK_T tokens x G_PAD
+  heads = 16 query rows per tile, BLOCK_N keys per block, fixed warps): the
+  same instructions compute every row whether it is a decode token or the
+  i-th token of a prefill chunk, so a token recomputed after preemption gets
+  the very K/V it had;
+* keys are visited in blocks aligned at absolute positions (0, BLOCK_N, ...),
+  always in increasing order, with no split-K: a row's reduction order is a
+  function of its own position only;
+* the online softmax is the "safe" form (max floored at 0 while nothing is
+  visible, exp(-inf) = 0), so a key block that is fully masked for a row is
+  an exact no-op: a tile may visit more blocks than one of its rows needs.
+
+A tile is (row, first token of the row's chunk, kv head); the G query heads
+sharing that kv head are packed into the tile's rows. Every index comes from
+device tensors, so a decode batch replays from a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import validate as val
+
+_LOG2E = 1.4426950408889634
+TILE_ROWS = 16  # query rows (tokens x heads) per tile: the smallest tensor-core M
+
+
+@triton.jit
+def _paged_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr,
+    tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_bt,
+    scale_log2, window,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.load(tile_row_ptr + tile)
+    q0 = tl.load(tile_q0_ptr + tile)
+    qstart = tl.load(row_qstart_ptr + r)
+    qlen = tl.load(row_qlen_ptr + r)
+    start = tl.load(row_start_ptr + r)
+
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    m = tl.arange(0, BLOCK_M)
+    t = q0 + m // G_PAD
+    g = m % G_PAD
+    valid = (t < qlen) & (g < G)
+    pos = tl.where(valid, start + t, start + q0)  # padding rows: any visible position, never stored
+    head = kvh * G + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q = tl.load(
+        q_ptr + (qstart + t)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=valid[:, None] & d_mask[None, :], other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    last = start + tl.minimum(q0 + BLOCK_T, qlen) - 1  # the tile's highest real position
+    lo = 0
+    if HAS_WINDOW:
+        first = start + q0 - window + 1  # lowest key any row of the tile can see
+        lo = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, last + 1, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n <= last
+        page = tl.load(bt_ptr + r * stride_bt + n // BS, mask=n_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kb + (n % BS) * stride_ks + kvh * stride_kh
+        kv_mask = n_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        vis = n[None, :] <= pos[:, None]
+        if HAS_WINDOW:
+            vis = vis & (pos[:, None] - n[None, :] < window)
+        s = tl.where(vis, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            pv = tl.dot(p, v)
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & d_mask[None, :],
+    )
+
+
+def tile_shape(n_heads: int, n_kv_heads: int) -> tuple[int, int]:
+    """(G_PAD, BLOCK_T): the query heads of one kv head, padded, and tokens per tile."""
+    g_pad = triton.next_power_of_2(n_heads // n_kv_heads)
+    return g_pad, max(1, TILE_ROWS // g_pad)
+
+
+def block_n(d: int, dtype: torch.dtype) -> int:
+    """Keys per block: fixed per (head_dim, dtype), i.e. per model."""
+    if dtype == torch.float32:
+        return 16
+    return 64 if d <= 128 else 32
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    tile_row: torch.Tensor,
+    tile_q0: torch.Tensor,
+    row_qstart: torch.Tensor,
+    row_qlen: torch.Tensor,
+    row_start: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] (rows' tokens back to back) over the paged cache [NB, BS, Hk, D] -> [T, Hq, D].
+
+    Row r's tokens are q[row_qstart[r] : row_qstart[r] + row_qlen[r]] at positions
+    row_start[r].., its keys are positions 0..row_start[r]+row_qlen[r]-1 found through
+    block_tables[r]; tile i covers row tile_row[i]'s tokens tile_q0[i] .. + BLOCK_T.
+    """
+    kernel = "paged_attention"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        val.tensor(kernel, name, t)
+    val.rank(kernel, "q", q, 3)
+    val.rank(kernel, "k_cache", k_cache, 4)
+    val.shape(kernel, "v_cache", v_cache, tuple(k_cache.shape))
+    T, Hq, D = q.shape
+    _, BS, Hk, Dk = k_cache.shape
+    val.check(Dk == D, kernel, "k_cache", f"head dim {Dk} != q's {D}")
+    val.check(Hk >= 1 and Hq % Hk == 0, kernel, "q", f"{Hq} query heads are not a multiple of {Hk} kv heads")
+    val.check(q.stride(2) == 1 and k_cache.stride(3) == 1, kernel, "q", "last dimension must have unit stride")
+    val.check(k_cache.is_contiguous() and v_cache.is_contiguous(), kernel, "k_cache", "must be contiguous")
+    for name, t in (("block_tables", block_tables), ("tile_row", tile_row), ("tile_q0", tile_q0),
+                    ("row_qstart", row_qstart), ("row_qlen", row_qlen), ("row_start", row_start)):
+        val.tensor(kernel, name, t)
+        val.dtype(kernel, name, t, (torch.int32,))
+    val.rank(kernel, "block_tables", block_tables, 2)
+    val.check(block_tables.stride(1) == 1, kernel, "block_tables", "rows must have unit stride")
+    window = 0 if sliding_window is None else int(sliding_window)
+    val.check(window >= 0, kernel, "sliding_window", "must be positive or None")
+    if out is None:
+        out = torch.empty_like(q)
+    g_pad, block_t = tile_shape(Hq, Hk)
+    upcast = q.device.type == "cpu"  # the interpreter multiplies 16-bit dots as integers
+    grid = (tile_row.shape[0], Hk)
+    if grid[0] == 0:
+        return out
+    try:
+        _paged_kernel[grid](
+            q, k_cache, v_cache, out, block_tables,
+            tile_row, tile_q0, row_qstart, row_qlen, row_start,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            scale * _LOG2E, window,
+            G=Hq // Hk, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n(D, q.dtype), BS=BS, D=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_WINDOW=window > 0, UPCAST=upcast,
+            num_warps=4, num_stages=2,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise val.launch_error(kernel, q.device, exc) from exc
+    return out

@@ -1,0 +1,322 @@
+"""The model runner: one scheduler step's batch in, sampled ids out (nano-vllm's ModelRunner, our boundary).
+
+It owns the paged KV cache, the static decode buffers and one CUDA graph per
+decode batch-size bucket; it holds no policy (the host's scheduler decides
+what runs). A pure-decode step whose batch fits a captured bucket replays that
+graph (padding rows compute on the scratch KV block and are dropped); any
+step with a prefill chunk runs eagerly. Both paths launch the same kernels
+with the same configuration, so a row's numbers do not depend on the path,
+the batch or the chunking (kernels/paged_attention.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..batching.step import Sampled, SampleSpec, StepBatch
+from ..engine.events import MAX_LOGPROBS, SamplingParams
+from . import ops
+from .kernels.paged_attention import tile_shape
+from .model import Model
+from .paged_kv import SCRATCH_BLOCKS, PagedKVCache
+
+# Decode batch sizes with a captured graph: a decode step runs in the smallest bucket that holds it.
+DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class AttentionMeta:
+    """Where each row's queries and keys are (kernels/paged_attention.py); host copies for the CPU path."""
+
+    block_tables: torch.Tensor  # [R, max_blocks] int32, physical block ids
+    tile_row: torch.Tensor  # [n_tiles] int32
+    tile_q0: torch.Tensor
+    row_qstart: torch.Tensor  # [R] int32
+    row_qlen: torch.Tensor
+    row_start: torch.Tensor
+    host_rows: list[tuple[int, int, int]]  # (qstart, qlen, start) per row
+    host_tables: list[list[int]]
+
+
+def _simple_greedy(p: SamplingParams) -> bool:
+    return (
+        p.temperature == 0.0
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and p.constraint is None
+        and not p.logprobs
+        and not p.top_logprobs
+    )
+
+
+def _mask_from_bitmask(words: object, vocab: int, device: torch.device) -> torch.Tensor:
+    """Packed int32 bitmask (bit t%32 of word t//32) -> bool [vocab]; ids past the mask are disallowed."""
+    w = np.asarray(words, dtype=np.int32).reshape(-1).view(np.uint32)
+    bits = ((w[:, None] >> np.arange(32, dtype=np.uint32)[None, :]) & 1).astype(bool).reshape(-1)
+    out = np.zeros(vocab, dtype=bool)
+    n = min(vocab, bits.size)
+    out[:n] = bits[:n]
+    return torch.from_numpy(out).to(device)
+
+
+class ModelRunner:
+    def __init__(self, model: Model, kv: PagedKVCache, device: torch.device, max_seq_len: int, max_batch: int) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._max_seq_len = max_seq_len
+        self.max_batch = max_batch
+        cfg = model.cfg
+        self.block_t = tile_shape(cfg.n_heads, cfg.n_kv_heads)[1]
+        self.max_blocks = -(-max_seq_len // kv.block_size)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._static: dict[str, torch.Tensor] = {}
+        self._static_meta: dict[int, AttentionMeta] = {}
+
+    # --- StepRunner ----------------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+    @torch.no_grad()
+    def step(self, batch: StepBatch) -> list[Sampled]:
+        specs = [r.sample for r in batch.rows if r.sample is not None]
+        n = len(batch.rows)
+        if batch.is_decode and self.graphs and n <= max(self.graphs):
+            logits = self._replay(batch)[:n]
+        else:
+            logits = self._eager(batch)
+        if not specs:
+            return []
+        return self._sample(logits, specs)
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def _slot(self, table: Sequence[int], pos: int) -> int:
+        bs = self.kv.block_size
+        return (table[pos // bs] + SCRATCH_BLOCKS) * bs + pos % bs
+
+    def _eager(self, batch: StepBatch) -> torch.Tensor:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[tuple[int, int, int]] = []
+        tables: list[list[int]] = []
+        tile_row: list[int] = []
+        tile_q0: list[int] = []
+        sample_index: list[int] = []
+        for r, row in enumerate(batch.rows):
+            qstart, qlen = len(tokens), len(row.tokens)
+            tokens.extend(row.tokens)
+            positions.extend(range(row.start, row.start + qlen))
+            slots.extend(self._slot(row.block_table, p) for p in range(row.start, row.start + qlen))
+            rows.append((qstart, qlen, row.start))
+            tables.append([b + SCRATCH_BLOCKS for b in row.block_table])
+            for q0 in range(0, qlen, self.block_t):
+                tile_row.append(r)
+                tile_q0.append(q0)
+            if row.sample is not None:
+                sample_index.append(qstart + qlen - 1)
+        width = max(len(t) for t in tables)
+        bt = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        dev = self.device
+
+        def i32(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int32).to(dev, non_blocking=True)
+
+        meta = AttentionMeta(
+            block_tables=bt.to(dev, non_blocking=True),
+            tile_row=i32(tile_row),
+            tile_q0=i32(tile_q0),
+            row_qstart=i32([q for q, _, _ in rows]),
+            row_qlen=i32([n for _, n, _ in rows]),
+            row_start=i32([s for _, _, s in rows]),
+            host_rows=rows,
+            host_tables=tables,
+        )
+        i64 = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(dev, non_blocking=True)
+        if not sample_index:
+            sample_index = [len(tokens) - 1]  # a prefill-only step still runs the head once (cheap, fixed shapes)
+        sidx = torch.tensor(sample_index, dtype=torch.int64).to(dev, non_blocking=True)
+        return self.model.forward_step(i64[0], i64[1], i64[2], meta, sidx, self.kv)
+
+    # --- CUDA graphs for decode ----------------------------------------------------------------
+
+    def _alloc_static(self, b_max: int) -> None:
+        dev = self.device
+        ar = torch.arange(b_max, dtype=torch.int32, device=dev)
+        self._static = {
+            "i64": torch.zeros((3, b_max), dtype=torch.int64, device=dev),  # tokens, positions, slots
+            "bt": torch.zeros((b_max, self.max_blocks), dtype=torch.int32, device=dev),
+            "row_start": torch.zeros(b_max, dtype=torch.int32, device=dev),
+            "arange": ar,
+            "zeros": torch.zeros(b_max, dtype=torch.int32, device=dev),
+            "ones": torch.ones(b_max, dtype=torch.int32, device=dev),
+            "sidx": torch.arange(b_max, dtype=torch.int64, device=dev),
+        }
+
+    def _bucket_meta(self, b: int) -> AttentionMeta:
+        s = self._static
+        return AttentionMeta(
+            block_tables=s["bt"][:b], tile_row=s["arange"][:b], tile_q0=s["zeros"][:b], row_qstart=s["arange"][:b],
+            row_qlen=s["ones"][:b], row_start=s["row_start"][:b], host_rows=[], host_tables=[],
+        )
+
+    def _run_bucket(self, b: int) -> torch.Tensor:
+        s = self._static
+        return self.model.forward_step(
+            s["i64"][0, :b], s["i64"][1, :b], s["i64"][2, :b], self._static_meta[b], s["sidx"][:b], self.kv
+        )
+
+    @torch.no_grad()
+    def capture(self, buckets: Sequence[int] | None = None) -> None:
+        """Record one decode graph per bucket (one shared memory pool: they never run at once).
+
+        Warm-up and capture run on rows that point at the scratch block only.
+        """
+        if not self.cuda:
+            return
+        sizes = [b for b in (buckets or DECODE_BUCKETS) if b <= self.max_batch] or [1]
+        if max(sizes) < self.max_batch:
+            sizes.append(self.max_batch)
+        self._alloc_static(max(sizes))
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        for b in sorted(sizes):
+            self._static_meta[b] = self._bucket_meta(b)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._run_bucket(b)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._run_bucket(b)
+            self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    def _replay(self, batch: StepBatch) -> torch.Tensor:
+        n = len(batch.rows)
+        b = min(x for x in self.graphs if x >= n)
+        s = self._static
+        width = max(len(r.block_table) for r in batch.rows)
+        host = torch.zeros((3, b), dtype=torch.int64)
+        bt = torch.zeros((b, width), dtype=torch.int32)
+        for i, row in enumerate(batch.rows):
+            pos = row.start
+            host[0, i] = row.tokens[0]
+            host[1, i] = pos
+            host[2, i] = self._slot(row.block_table, pos)
+            bt[i, : len(row.block_table)] = torch.tensor(row.block_table, dtype=torch.int32) + SCRATCH_BLOCKS
+        # padding rows: token 0 at position 0 of the scratch block (slot 0, table of zeros)
+        s["i64"][:, :b].copy_(host, non_blocking=True)
+        s["row_start"][:b].copy_(host[1].to(torch.int32), non_blocking=True)
+        s["bt"][:b, :width].copy_(bt, non_blocking=True)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[Sampled]:
+        if all(_simple_greedy(s.params) for s in specs):
+            # argmax picks the lowest index on ties, as the sampling kernel's greedy path does
+            ids = torch.argmax(logits, dim=-1).tolist()
+            return [Sampled(int(t)) for t in ids]
+        picked: list[torch.Tensor] = []
+        for i, spec in enumerate(specs):
+            p = spec.params
+            raw = logits[i]
+            if _simple_greedy(p):
+                picked.append(torch.argmax(raw).reshape(1))
+                continue
+            row = raw
+            if (p.presence_penalty or p.frequency_penalty) and spec.generated:
+                gen = torch.tensor(spec.generated, dtype=torch.int64, device=self.device)
+                counts = torch.bincount(gen, minlength=row.numel())[: row.numel()].to(torch.float32)
+                row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(torch.float32)
+            if p.constraint is not None:
+                row = row.masked_fill(~_mask_from_bitmask(p.constraint.allowed(), row.numel(), self.device), -math.inf)
+            penalty = None
+            if p.repetition_penalty != 1.0 and spec.history:
+                penalty = torch.tensor(spec.history, dtype=torch.int64, device=self.device)
+            picked.append(
+                ops.sample(
+                    row.contiguous(), temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty, penalty_ids=penalty, seed=p.seed, step=spec.step,
+                ).reshape(1)
+            )
+        ids = torch.cat(picked).tolist()
+        out: list[Sampled] = []
+        for i, (spec, tok) in enumerate(zip(specs, ids, strict=True)):
+            p = spec.params
+            if p.constraint is not None:
+                p.constraint.accept(int(tok))
+            if p.logprobs or p.top_logprobs:
+                lp = torch.log_softmax(logits[i].float(), dim=-1)
+                chosen = float(lp[tok])
+                top: tuple[tuple[int, float], ...] = ()
+                k = min(p.top_logprobs, MAX_LOGPROBS)
+                if k:
+                    vals, idx = torch.topk(lp, k)
+                    top = tuple(zip(idx.tolist(), vals.tolist(), strict=True))
+                out.append(Sampled(int(tok), chosen, top))
+            else:
+                out.append(Sampled(int(tok)))
+        return out
+
+    # --- housekeeping --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Compile the step and sampling kernels at load (on the scratch block), so the first
+        request's TTFT is not a JIT compile."""
+        from ..batching.step import StepRow
+
+        if not self.cuda:
+            return
+        bs = self.kv.block_size
+        n = min(8, bs)
+        specs = (
+            SamplingParams(max_tokens=1),
+            SamplingParams(max_tokens=1, temperature=0.7),
+            SamplingParams(max_tokens=1, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1),
+            SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),
+        )
+        for p in specs:
+            row = StepRow(-1, tuple([0] * n), 0, (-SCRATCH_BLOCKS,), SampleSpec(p, 0, history=(0,) * n))
+            self.step(StepBatch((row,)))
+        torch.cuda.synchronize(self.device)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Device scratch owned here (attested with the weights)."""
+        out = list(self._static.values())
+        out += [logits for _, logits in self.graphs.values()]
+        return out
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self._static.clear()
+        self._static_meta.clear()
