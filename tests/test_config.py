@@ -54,6 +54,7 @@ def test_worker_4981_spec_key_aliases_in_config_file(tmp_path: Path) -> None:
     c = load_config({}, env={}, config_file=file)
     assert (c.model, c.listen_port, c.callback_url) == ("m.gguf", 9100, "http://pm:7000")
     assert (c.max_tokens_out, c.max_prompt_chars, c.inference_timeout_sec) == (100, 500, 1.5)
+    assert c.max_batch == 1  # slots_total is --max-batch
 
 
 def test_worker_4990_port_flag_overrides_bind_port() -> None:
@@ -136,8 +137,10 @@ def test_worker_4983_config_file_errors(tmp_path: Path) -> None:
     assert error_of(None, file=f) == "config: colour (config file): unknown setting"
     f.write_text(json.dumps({"worker_id": "w", "model": "a", "model_path": "b"}))
     assert "given twice" in error_of(None, file=f)
-    f.write_text(json.dumps({"worker_id": "w", "slots_total": 2}))
-    assert error_of(None, file=f).startswith("config: slots_total (config file): Input should be less than or equal to 1")
+    f.write_text(json.dumps({"worker_id": "w", "slots_total": 0}))
+    assert error_of(None, file=f).startswith("config: max_batch (config file): Input should be greater than or equal to 1")
+    f.write_text(json.dumps({"worker_id": "w", "max_queue": -1}))
+    assert error_of(None, file=f).startswith("config: max_queue (config file): Input should be greater than or equal to 0")
     f.write_text(json.dumps({"worker_id": "w", "port": "8001"}))
     assert cfg(file=f).listen_port == 8001  # lax: a quoted number is still a number
 

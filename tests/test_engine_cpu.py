@@ -85,14 +85,11 @@ def test_worker_4700_decode_matches_full_prefill(engine: Engine, model_dir: Path
     try:
         toks, end = _run(rm, PROMPT, max_tokens=12)
         assert end.stop_reason == "max_tokens" and end.tokens_out == 12 and end.tokens_in == len(PROMPT)
-        gen = rm._gen
-        gen.prefill_chunk = 4
         seq = list(PROMPT)
-        with torch.no_grad():
-            for t in toks:
-                logits = gen.prefill(torch.tensor(seq))
-                assert int(torch.argmax(logits)) == t
-                seq.append(t)
+        for t in toks:
+            logits = rm.runner.prefill_logits(seq, chunk=4)
+            assert int(torch.argmax(logits)) == t
+            seq.append(t)
     finally:
         rm.close()
 
@@ -129,7 +126,7 @@ def test_worker_4421_kv_capacity_refused_before_any_work(qwen: ResidentModel, mo
     def no_work(*a: object) -> None:
         raise AssertionError("prefill ran for a request that cannot fit")
 
-    monkeypatch.setattr(qwen._gen, "prefill", no_work)
+    monkeypatch.setattr(qwen.runner, "step", no_work)
     s_max = qwen.max_seq_len
     with pytest.raises(InvalidParams) as e:
         qwen.generate([1] * (s_max - 3), SamplingParams(max_tokens=4))  # refused at call time
@@ -220,14 +217,17 @@ def test_worker_4252_cancel_honoured_within_one_step(qwen: ResidentModel) -> Non
     assert end2.stop_reason == "max_tokens" and len(toks) == 3
 
 
-def test_worker_4400_one_generation_at_a_time(qwen: ResidentModel) -> None:
-    first = qwen.generate(PROMPT, SamplingParams(max_tokens=4))
-    next(first)
-    with pytest.raises(WorkerError) as e:
-        next(qwen.generate(PROMPT, SamplingParams(max_tokens=4)))
-    assert e.value.code is ErrorCode.WORKER_BUSY
-    first.close()
-    assert len(_run(qwen, PROMPT, max_tokens=2)[0]) == 2
+def test_worker_4400_generations_overlap_and_match_their_lone_runs(qwen: ResidentModel) -> None:
+    """Continuous batching: a second generation starts while the first runs; each stream is the lone one."""
+    sampled = {"max_tokens": 6, "temperature": 0.9, "top_k": 40, "seed": 3}
+    alone = (_run(qwen, PROMPT, max_tokens=6)[0], _run(qwen, PROMPT[:4], **sampled)[0])
+    first = qwen.generate(PROMPT, SamplingParams(max_tokens=6))
+    assert isinstance(next(first), TokenEvent)
+    second = qwen.generate(PROMPT[:4], SamplingParams(**sampled))  # type: ignore[arg-type]
+    got_second = [e.token_id for e in second if isinstance(e, TokenEvent)]
+    got_first = [e.token_id for e in first if isinstance(e, TokenEvent)]
+    assert got_second == alone[1]
+    assert got_first == alone[0][1:]
 
 
 # --- determinism (SPEC 4710-4712) ----------------------------------------------------------------
@@ -383,7 +383,10 @@ def test_worker_4103_insufficient_vram_plan(engine: Engine, model_dir: Path, mon
     plan = engine.plan(g, kv_cache_mb=1, free_bytes=10**12)
     assert plan.feasible
     assert plan.weights_bytes >= sum(t.n_elements for t in g.tensors) * 4  # fp32 in CPU mode
-    assert plan.kv_cache_bytes == plan.max_seq_len * 2 * cfg.n_layers * cfg.kv_dim * 4
+    from worker_orcd.engine.paged_kv import BLOCK_SIZE, kv_tokens
+
+    pool = kv_tokens(cfg, torch.float32, 1, dev_mode=True)  # the paged pool + its scratch block
+    assert plan.kv_cache_bytes == (pool + BLOCK_SIZE) * 2 * cfg.n_layers * cfg.kv_dim * 4
     assert plan.required_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.scratch_bytes + plan.margin_bytes
     tight = engine.plan(g, kv_cache_mb=1, free_bytes=plan.required_bytes - 1)
     assert not tight.feasible
@@ -531,13 +534,11 @@ def test_worker_4700_triton_path_matches_torch_path(engine: Engine, model_dir: P
     prompt = PROMPT[:6]
     sampled = {"max_tokens": 3, "temperature": 1.0, "top_k": 20, "seed": 5}
     try:
-        with torch.no_grad():
-            ref_logits = rm._gen.prefill(torch.tensor(prompt))
+        ref_logits = rm.runner.prefill_logits(prompt)
         ref = (_run(rm, prompt, max_tokens=3)[0], _run(rm, prompt, **sampled)[0])
         ops.use_kernels_on_cpu(True)
         try:
-            with torch.no_grad():
-                logits = rm._gen.prefill(torch.tensor(prompt))
+            logits = rm.runner.prefill_logits(prompt)
             got = (_run(rm, prompt, max_tokens=3)[0], _run(rm, prompt, **sampled)[0])
         finally:
             ops.use_kernels_on_cpu(False)
@@ -558,11 +559,10 @@ def test_worker_4700_half_precision_path(
     if not validate.TRITON_INTERPRETED:
         pytest.skip("needs TRITON_INTERPRET=1")
     path = synth.write_synthetic_model(model_dir / f"half-{shape}.gguf", shape, "Q8_0")
-    prompt = torch.tensor(PROMPT[:6])
+    prompt = PROMPT[:6]
     ref_model = _load(engine, path)
     try:
-        with torch.no_grad():
-            ref = ref_model._gen.prefill(prompt)
+        ref = ref_model.runner.prefill_logits(prompt)
     finally:
         ref_model.close()
     monkeypatch.setattr(api, "resident_dtype", lambda cfg, ctx: dtype)
@@ -570,8 +570,7 @@ def test_worker_4700_half_precision_path(
     ops.use_kernels_on_cpu(True)
     try:
         assert rm._weights.embed.dtype == dtype and rm._kv.k.dtype == dtype
-        with torch.no_grad():
-            got = rm._gen.prefill(prompt)
+        got = rm.runner.prefill_logits(prompt)
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         rel = float((got - ref).norm() / ref.norm())
         assert rel < (2e-2 if dtype == torch.float16 else 6e-2), rel
@@ -633,7 +632,7 @@ def test_worker_4710_load_time_warmup_leaves_no_trace(qwen: ResidentModel) -> No
     """The load-time warm-up (prefill + every sampler variant) does not change later streams."""
     params = {"max_tokens": 6, "temperature": 0.8, "top_k": 30, "seed": 11}
     before = _run(qwen, PROMPT[:3], **params)[0]
-    qwen._gen.warmup(force=True)
+    qwen.runner.warmup(force=True)
     assert _run(qwen, PROMPT[:3], **params)[0] == before
 
 

@@ -81,12 +81,7 @@ SYNTH_LOGITS_CASES = [
 
 def prefill_logits(rm: ResidentModel, prompts: list[list[int]]) -> list[torch.Tensor]:
     """fp32 CPU copies of the last-token logits of a fresh prefill of each prompt."""
-    dev = rm._weights.arena.device
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            out.append(rm._gen.prefill(torch.tensor(ids, device=dev)).detach().float().cpu().clone())
-    return out
+    return [rm.runner.prefill_logits(ids).detach().float().cpu().clone() for ids in prompts]
 
 
 def assert_logits_agree(got: list[torch.Tensor], want: list[torch.Tensor], rel_tol: float, label: str) -> int:
@@ -224,14 +219,13 @@ def test_worker_4700_cuda_graph_decode_equals_eager(qwen: Subject) -> None:
     ids = qwen.prompts[2]
     params: list[dict[str, object]] = [{"max_tokens": 40}, {"max_tokens": 40, "temperature": 1.0, "top_p": 0.9, "seed": 3}]
     graphed = [_tokens(rm, ids, **p) for p in params]
-    gen = rm._gen
-    graph, logits = gen.graph, gen.graph_logits
-    gen.graph = None  # eager launches of the very same step function
+    graphs = dict(rm.runner.graphs)
+    rm.runner.graphs.clear()  # eager launches of the very same step function
     try:
         eager = [_tokens(rm, ids, **p) for p in params]
     finally:
-        gen.graph, gen.graph_logits = graph, logits
-    assert graphed == eager
+        rm.runner.graphs.update(graphs)
+    assert graphed == eager  # bitwise: the same kernels, graph or not (batch invariance)
 
 
 def test_worker_4121_seal_detects_one_flipped_byte_in_vram(qwen: Subject) -> None:
@@ -316,7 +310,7 @@ def test_worker_4700_synthetic_real_shapes_load_and_generate(
         assert rm.load_stats.gb_per_s > 0 and rm.graph_captured
         ids = list(range(5, 40))
         with torch.no_grad():
-            assert torch.isfinite(rm._gen.prefill(torch.tensor(ids, device="cuda"))).all()
+            assert torch.isfinite(rm.runner.prefill_logits(ids)).all()
         toks = _tokens(rm, ids, max_tokens=16)
         assert len(toks) == 16 and all(0 <= t < rm.config.vocab_size for t in toks)
         assert _tokens(rm, ids, max_tokens=16) == toks

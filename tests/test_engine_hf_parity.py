@@ -92,7 +92,7 @@ def gemma(gemma_path: Path) -> Iterator[Pair]:
 
 def _last_logits(pair: Pair, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        ours = pair.ours._gen.prefill(torch.tensor(ids))
+        ours = pair.ours.runner.prefill_logits(ids)
         ref = pair.hf(torch.tensor([ids])).logits[0, -1].float()
     return ours, ref
 

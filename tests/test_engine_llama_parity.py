@@ -42,7 +42,7 @@ def test_worker_4700_llama_logits_match_transformers(wtype: str, tmp_path: Path)
         for n in (1, 7, 40):
             ids = torch.randint(0, rm.config.vocab_size, (n,), generator=g)
             with torch.no_grad():
-                ours = rm._gen.prefill(ids)
+                ours = rm.runner.prefill_logits(ids.tolist())
                 ref = hf(ids[None]).logits[0, -1]
             rel = float((ours - ref).norm() / ref.norm())
             assert rel < REL_TOL, f"n={n}: relative L2 error {rel:.2e} vs transformers"

@@ -124,11 +124,10 @@ class FakeResident:
 
     def _run(self, ids: list[int], p: SamplingParams, cancel: threading.Event) -> Iterator[Any]:
         k = self.knobs
-        if not self._lock.acquire(blocking=False):
-            raise WorkerError("a generation is already running", code=ErrorCode.WORKER_BUSY)
-        k.active += 1
-        k.generations += 1
-        k.max_active = max(k.max_active, k.active)
+        with self._lock:
+            k.active += 1
+            k.generations += 1
+            k.max_active = max(k.max_active, k.active)
         try:
             t0 = time.perf_counter()
             time.sleep(k.prefill_s)
@@ -162,8 +161,8 @@ class FakeResident:
                     return
             yield end("max_tokens")
         finally:
-            k.active -= 1
-            self._lock.release()
+            with self._lock:
+                k.active -= 1
 
     def verify_seal(self) -> float:
         t0 = time.perf_counter()
@@ -197,7 +196,7 @@ class FakeEngine:
 
     def load(
         self, model: ValidatedModel, *, shard_id: str, sealer: Sealer, kv_cache_mb: int | None = None,
-        shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None,
+        shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None, **batching: Any,
     ) -> FakeResident:
         if self.knobs.load_error is not None:
             raise self.knobs.load_error

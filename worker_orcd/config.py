@@ -43,6 +43,7 @@ JSON_ALIASES: dict[str, str] = {
     "readiness_callback_url": "callback_url",
     "max_tokens": "max_tokens_out",
     "max_prompt_len": "max_prompt_chars",
+    "slots_total": "max_batch",
 }
 
 # The four environment variables of SPEC 4990 (never the token itself: 4910).
@@ -93,7 +94,11 @@ class WorkerConfig(BaseModel):
     sse_keepalive_sec: float = Field(default=5.0, ge=0.05, le=300)
     callback_attempts: int = Field(default=6, ge=1, le=100)
     callback_timeout_sec: float = Field(default=5.0, gt=0, le=300)
-    slots_total: int = Field(default=1, ge=1, le=1)  # SPEC 4982; M0 runs exactly one job at a time
+    # Continuous batching (issue 8). max_batch = SPEC 4982's slots_total: jobs running at once (None: as
+    # many as the KV pool holds for a typical request, capped; 1 = M0: one job, every other caller busy).
+    max_batch: int | None = Field(default=None, ge=1, le=1024)
+    max_queue: int = Field(default=256, ge=0, le=100_000)  # admitted jobs waiting for a slot (ignored when max_batch=1)
+    prefill_chunk: int | None = Field(default=None, ge=16, le=65_536)  # tokens per engine step (None: engine default)
     user: str | None = None  # SPEC 4901: started as root, drop to this user after device open + bind
     allow_root: bool = False  # keep running as root: development/CI only, never production (4900)
 

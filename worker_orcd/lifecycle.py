@@ -77,6 +77,8 @@ class EngineLike(Protocol):
     def load(
         self, model: ValidatedModel, *, shard_id: str, sealer: Sealer, kv_cache_mb: int | None = None,
         shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None,
+        max_batch: int | None = None, prefill_chunk: int | None = None,
+        before_admit: Callable[[int], None] | None = None, observer: Any = None,
     ) -> ResidentLike: ...
     def memory(self) -> dict[str, int]: ...
     def close(self) -> None: ...
@@ -145,6 +147,7 @@ class Worker:
         self._background: set[asyncio.Task[Any]] = set()
         self._watchdog: threading.Timer | None = None
         self._report: asyncio.Task[None] | None = None  # the status callback: once, however many paths fail
+        self.last_seal_ms = 0.0  # the engine loop's latest per-step seal check
 
     # --- state ---------------------------------------------------------------------------
 
@@ -173,8 +176,18 @@ class Worker:
             self.set_state(State.EXECUTING)
 
     def end_job(self) -> None:
-        if self._state == State.EXECUTING:
+        if self._state == State.EXECUTING and self.scheduler.active is None:
             self.set_state(State.READY)
+
+    def batching(self) -> dict[str, int]:
+        """Slots and queue depth for /health and /worker/ready."""
+        running, waiting = self.scheduler.counts()
+        return {
+            "slots_total": self.scheduler.slots,
+            "slots_busy": running,
+            "queue_depth": waiting,
+            "queue_limit": self.scheduler.max_queue,
+        }
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at
@@ -289,6 +302,8 @@ class Worker:
                 engine.load, validated, shard_id=shard_id, sealer=self.sealer, kv_cache_mb=self.config.kv_cache_size_mb,
                 shard_index=req.shard_index, total_shards=req.total_shards,
                 model_ref=req.model_ref,  # the handle names the model as the caller does
+                max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
+                before_admit=self._seal_check_in_step, observer=self.metrics,
             )
         )
         try:
@@ -298,6 +313,10 @@ class Worker:
             await asyncio.to_thread(resident.close)
             raise
         self.tokenizer = tokenizer
+        self.scheduler.configure(int(getattr(resident, "max_batch", 1)), self.config.max_queue)
+        stats = getattr(resident, "stats", None)
+        if callable(stats):
+            self.metrics.bind_engine(stats)
         return resident, validated.size
 
     def _same_model(self, current: ModelShardHandle, req: Commit) -> bool:
@@ -337,6 +356,20 @@ class Worker:
             "mcd": validated.mcd.to_dict(),
             "plan": vram_plan.as_dict(),
         }
+
+    def _seal_check_in_step(self, admitted: int) -> None:
+        """The engine loop's hook: one seal verification per step that admits jobs (SPEC 4121, issue 8).
+
+        Runs on the engine thread, before the admitted jobs' first computation; a failure fails
+        them with SEAL_VERIFICATION_FAILED and their streams stop the worker (fatal, 4122).
+        """
+        model = self.model
+        if model is None:
+            raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
+        t0 = time.perf_counter()
+        model.verify_seal()
+        self.last_seal_ms = (time.perf_counter() - t0) * 1000
+        self.metrics.seal_verify_ms.observe(self.last_seal_ms)
 
     async def verify_seal(self) -> float:
         """SPEC 4121/4245: re-verify before every execute; failure is fatal for the worker (4122)."""
@@ -447,9 +480,8 @@ class Worker:
         )
         self.set_state(State.STOPPED)
         self._arm_watchdog(self.config.shutdown_timeout_sec)  # whatever the callback or the engine does
-        active = self.scheduler.active
-        if active is not None:
-            active.request_stop(error.code, error.message)
+        for job in self.scheduler.active_jobs():
+            job.request_stop(error.code, error.message)
         self._spawn(self._report_and_stop(error))
 
     async def _report_and_stop(self, error: WorkerError) -> None:
@@ -476,13 +508,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         grace = shutdown_grace(timeout)
-        job = self.scheduler.active
-        if job is not None and not await self.scheduler.wait_idle(deadline - grace - loop.time()):
-            job.request_stop(ErrorCode.CANCELLED, "worker is shutting down")
-            logs.event(
-                "job_cancel", "Cancelled job {job_id}: it did not finish within the shutdown timeout.",
-                level=logging.WARNING, job_id=job.job_id, reason="shutdown",
-            )
+        if self.scheduler.active is not None and not await self.scheduler.wait_idle(deadline - grace - loop.time()):
+            for job in self.scheduler.active_jobs():
+                job.request_stop(ErrorCode.CANCELLED, "worker is shutting down")
+                logs.event(
+                    "job_cancel", "Cancelled job {job_id}: it did not finish within the shutdown timeout.",
+                    level=logging.WARNING, job_id=job.job_id, reason="shutdown",
+                )
             await self.scheduler.wait_idle(deadline - 0.75 * grace - loop.time())
         self.stop_requested.set()
 

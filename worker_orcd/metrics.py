@@ -8,6 +8,7 @@ one process. Histograms are in milliseconds, as the metric names say.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -64,7 +65,44 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 5_000),
             registry=r,
         )
+        # continuous batching (issue 8): fed by the engine loop through the LoopObserver methods below
+        self.requests_running = Gauge("worker_requests_running", "Jobs in the engine's running batch", registry=r)
+        self.requests_waiting = Gauge(
+            "worker_requests_waiting", "Admitted jobs waiting for a batch slot (queued or preempted)", registry=r
+        )
+        self.kv_blocks_used = Gauge("worker_kv_blocks_used", "KV-cache blocks held by jobs", registry=r)
+        self.kv_blocks_total = Gauge("worker_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
+        self.batch_size = Histogram(
+            "worker_batch_size", "Rows (jobs) per engine step",
+            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256), registry=r,
+        )
+        self.queue_time_ms = Histogram(
+            "worker_queue_time_ms", "From admission until the engine first schedules the job",
+            buckets=(0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000), registry=r,
+        )
+        self.preemptions = Counter(
+            "worker_preemptions_total", "Jobs preempted (KV blocks ran out) and later recomputed", registry=r
+        )
         self.set_state("starting")
+
+    # --- batching.loop.LoopObserver ----------------------------------------------------------
+
+    def step(self, rows: int, tokens: int, running: int, waiting: int, blocks_used: int, blocks_total: int) -> None:
+        self.batch_size.observe(rows)
+
+    def bind_engine(self, stats: Callable[[], dict[str, int]]) -> None:
+        """The batching gauges read the engine's live counts at scrape time (never stale when idle)."""
+        for gauge, key in (
+            (self.requests_running, "running"), (self.requests_waiting, "waiting"),
+            (self.kv_blocks_used, "kv_blocks_used"), (self.kv_blocks_total, "kv_blocks_total"),
+        ):
+            gauge.set_function(lambda key=key: float(stats().get(key, 0)))
+
+    def admitted(self, queue_ms: float) -> None:
+        self.queue_time_ms.observe(queue_ms)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
 
     def set_state(self, state: str) -> None:
         for s in STATES:

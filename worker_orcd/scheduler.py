@@ -1,10 +1,13 @@
-"""Single-slot job scheduler (SPEC "Scheduler (M0)", 4251).
+"""Job admission (SPEC 4251, 4982 slots_total; issue 8): who may start, who waits, who is told to retry.
 
-One job at a time: a job is admitted ``pending``, runs ``executing`` and ends
-``completed`` or ``failed``; while one is pending or executing every other is
-refused with a retriable WORKER_BUSY. The slot is released only by
-``finish()``, which the job runner calls after the engine thread has really
-stopped, so two generations can never share the resident model's KV cache.
+The engine batches up to ``slots`` jobs at once (``--max-batch``, alias
+``slots_total``) and queues up to ``max_queue`` more; a job beyond that is
+refused with a retriable WORKER_BUSY whose ``retry_after_ms`` comes from the
+measured rate at which jobs finish. ``slots=1`` with no queue is M0 exactly:
+one job, every other caller busy. A job is admitted ``pending``, becomes
+``executing`` when the engine first schedules it, and ends ``completed`` or
+``failed``; it leaves the admission count only in ``finish()``, which the job
+runner calls after the engine has really stopped working on it.
 
 Ended jobs are remembered (bounded) so that a cancel stays idempotent after
 the job is over and still checks who owns it.
@@ -60,33 +63,61 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, history: int = HISTORY) -> None:
+    def __init__(self, history: int = HISTORY, slots: int = 1, max_queue: int = 0) -> None:
         self._lock = threading.Lock()
-        self._active: Job | None = None
+        self._active: dict[str, Job] = {}  # admitted, not finished (running or queued), admission order
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._history = history
         self._idle = asyncio.Event()
         self._idle.set()
+        self.configure(slots, max_queue)
+        self._finish_rate = 0.0  # jobs per second, exponentially averaged over finishes
+        self._last_finish: float | None = None
+
+    def configure(self, slots: int, max_queue: int) -> None:
+        """Set the engine's batch size and the wait queue's bound (once the model is loaded)."""
+        if slots < 1 or max_queue < 0:
+            raise ValueError(f"slots must be >= 1 and max_queue >= 0, got {slots}, {max_queue}")
+        self.slots = slots
+        self.max_queue = 0 if slots == 1 else max_queue  # one slot = M0: busy, never queued
+
+    @property
+    def capacity(self) -> int:
+        return self.slots + self.max_queue
 
     @property
     def active(self) -> Job | None:
-        return self._active
+        """The oldest admitted job (None when idle)."""
+        with self._lock:
+            return next(iter(self._active.values()), None)
+
+    def active_jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._active.values())
+
+    def counts(self) -> tuple[int, int]:
+        """(executing, waiting) among admitted jobs."""
+        with self._lock:
+            running = sum(1 for j in self._active.values() if j.state == "executing")
+            return running, len(self._active) - running
 
     def admit(self, owner: str, correlation_id: str, job_id: str | None = None) -> Job:
-        """Take the slot or refuse with WORKER_BUSY (retriable, with a retry hint)."""
+        """Admit a job (it may wait for a batch slot) or refuse with WORKER_BUSY and a retry hint."""
         with self._lock:
-            if self._active is not None:
+            if len(self._active) >= self.capacity:
+                retry = self._retry_after_ms_locked()
+                why = "busy with another job" if self.capacity == 1 else (
+                    f"at capacity ({self.slots} running + {self.max_queue} queued)"
+                )
                 raise WorkerError(
-                    f"worker is busy with another job; retry after {self.retry_after_ms()} ms",
-                    code=ErrorCode.WORKER_BUSY,
-                    retry_after_ms=self.retry_after_ms(),
+                    f"worker is {why}; retry after {retry} ms", code=ErrorCode.WORKER_BUSY, retry_after_ms=retry
                 )
             if job_id is None:
                 job_id = uuid.uuid4().hex
             elif job_id in self._jobs:
                 raise WorkerError(f"job_id: {job_id!r} was already used", code=ErrorCode.INVALID_PARAMS)
             job = Job(job_id=job_id, owner=owner, correlation_id=correlation_id)
-            self._active = job
+            self._active[job_id] = job
             self._idle.clear()
             self._jobs[job_id] = job
             while len(self._jobs) > self._history:
@@ -99,12 +130,17 @@ class Scheduler:
                 job.state = "executing"
 
     def finish(self, job: Job, ok: bool) -> None:
-        """End the job and free the slot; safe to call twice (the first outcome stays)."""
+        """End the job and free its place; safe to call twice (the first outcome stays)."""
         with self._lock:
             if job.active:
                 job.state = "completed" if ok else "failed"
-            if self._active is job:
-                self._active = None
+            if self._active.pop(job.job_id, None) is job:
+                now = time.monotonic()
+                if self._last_finish is not None:
+                    dt = max(now - self._last_finish, 1e-3)
+                    self._finish_rate = 0.8 * self._finish_rate + 0.2 / dt if self._finish_rate else 1 / dt
+                self._last_finish = now
+            if not self._active:
                 self._idle.set()
 
     def cancel(self, job_id: str, owner: str) -> Job:
@@ -120,7 +156,7 @@ class Scheduler:
         return job
 
     async def wait_idle(self, timeout: float) -> bool:
-        """True once no job holds the slot; False if that did not happen within ``timeout``."""
+        """True once no job is admitted; False if that did not happen within ``timeout``."""
         if timeout <= 0:
             return self._idle.is_set()
         try:
@@ -130,5 +166,12 @@ class Scheduler:
         return True
 
     def retry_after_ms(self) -> int:
-        info = CODE_INFO[ErrorCode.WORKER_BUSY]
-        return info.retry_after_ms or 250
+        with self._lock:
+            return self._retry_after_ms_locked()
+
+    def _retry_after_ms_locked(self) -> int:
+        """When a place should free up: one job's share of the measured finish rate (bounded)."""
+        floor = CODE_INFO[ErrorCode.WORKER_BUSY].retry_after_ms or 250
+        if self._finish_rate <= 0:
+            return floor
+        return int(min(30_000, max(floor, 1000 / self._finish_rate)))

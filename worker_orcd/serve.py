@@ -77,6 +77,9 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--inference-timeout-sec", "per-job time limit (default 300)"),
     ("--shutdown-timeout-sec", "drain limit on SIGTERM or POST /shutdown (default 30)"),
     ("--kv-cache-size-mb", "KV cache budget; bounds the context (default: the engine's choice)"),
+    ("--max-batch", "jobs batched at once (alias slots_total; default: what the KV pool holds for ~1k-token jobs, capped at 128 on a GPU, 8 on the CPU; 1 = one job at a time)"),
+    ("--max-queue", "admitted jobs waiting for a batch slot before callers get WORKER_BUSY (default 256; none with --max-batch 1)"),
+    ("--prefill-chunk", "tokens per engine step: decode rows plus prompt chunks (default 512 on a GPU, 256 on the CPU)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
     ("--sse-keepalive-sec", "SSE keep-alive comment interval while no token flows (default 5)"),
@@ -92,7 +95,7 @@ _METAVARS: dict[str, str] = {
     "--model-public-key": "PEM", "--device": "cuda|cpu", "--gpu-device": "N", "--bind": "HOST[:PORT]",
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
-    "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB",
+    "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N", "--max-queue": "N", "--prefill-chunk": "TOKENS",
     "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--sse-keepalive-sec": "SEC", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME",
 }

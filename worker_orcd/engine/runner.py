@@ -287,15 +287,41 @@ class ModelRunner:
                 out.append(Sampled(int(tok)))
         return out
 
+    @torch.no_grad()
+    def prefill_logits(self, ids: Sequence[int], chunk: int | None = None) -> torch.Tensor:
+        """fp32 logits [V] of the last of ``ids`` computed from scratch, in chunks of ``chunk`` tokens.
+
+        For tests and benchmarks: it uses the highest KV blocks outside the engine loop's
+        bookkeeping, so call it only while no job runs.
+        """
+        from ..batching.step import StepRow
+
+        ids = [int(t) for t in ids]
+        n = len(ids)
+        bs = self.kv.block_size
+        need = -(-n // bs)
+        if need > self.num_blocks or n > self.max_seq_len:
+            raise ValueError(f"{n} tokens do not fit the KV pool")
+        table = tuple(range(self.num_blocks - need, self.num_blocks))
+        chunk = chunk or n
+        logits = None
+        for start in range(0, n, chunk):
+            toks = tuple(ids[start : start + chunk])
+            last = start + len(toks) == n
+            spec = SampleSpec(SamplingParams(max_tokens=1), 0) if last else None
+            logits = self._eager(StepBatch((StepRow(-1, toks, start, table, spec),)))
+        assert logits is not None
+        return logits[0]
+
     # --- housekeeping --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def warmup(self) -> None:
+    def warmup(self, force: bool = False) -> None:
         """Compile the step and sampling kernels at load (on the scratch block), so the first
-        request's TTFT is not a JIT compile."""
+        request's TTFT is not a JIT compile (CUDA; ``force`` runs it on the CPU too, for tests)."""
         from ..batching.step import StepRow
 
-        if not self.cuda:
+        if not (self.cuda or force):
             return
         bs = self.kv.block_size
         n = min(8, bs)
@@ -308,7 +334,8 @@ class ModelRunner:
         for p in specs:
             row = StepRow(-1, tuple([0] * n), 0, (-SCRATCH_BLOCKS,), SampleSpec(p, 0, history=(0,) * n))
             self.step(StepBatch((row,)))
-        torch.cuda.synchronize(self.device)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     def buffers(self) -> list[torch.Tensor]:
         """Device scratch owned here (attested with the weights)."""

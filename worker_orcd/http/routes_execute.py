@@ -117,7 +117,10 @@ async def execute(
     request.state.job_id = job.job_id
     logs.update(job_id=job.job_id)
     try:
-        seal_ms = await worker.verify_seal()
+        if getattr(model, "seals_per_step", False):
+            seal_ms = worker.last_seal_ms  # the engine loop verifies once per step that admits jobs
+        else:
+            seal_ms = await worker.verify_seal()
         model, tokenizer = _ready_model(worker)  # a drain or a fatal error may have begun meanwhile
         stream = JobStream(worker, job, model, tokenizer, ids, params, seal_ms, caller.fp6)
         stream.start()

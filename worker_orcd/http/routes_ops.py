@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..lifecycle import State
 from .deps import CallerDep, WorkerDep
-from .schemas import ErrorBody, HealthResponse, ShutdownResponse
+from .schemas import BatchingView, ErrorBody, HealthResponse, ShutdownResponse
 
 router = APIRouter()
 
@@ -30,6 +30,7 @@ async def health(worker: WorkerDep) -> JSONResponse:
         worker_id=worker.config.worker_id,
         device=worker.config.device,
         dev_mode=worker.config.dev_mode,
+        batching=BatchingView(**worker.batching()),
     )
     return JSONResponse(body.model_dump(), status_code=503 if stopped else 200)
 

@@ -24,6 +24,7 @@ from ..seal import ModelShardHandle
 from .deps import CallerDep, ReadyCallerDep, WorkerDep
 from .errors import invalid_params
 from .schemas import (
+    BatchingView,
     CommitRequest,
     CommitResponse,
     ErrorBody,
@@ -195,4 +196,5 @@ async def ready(
         nccl_group_id=None,
         device=worker.config.device,
         dev_mode=worker.config.dev_mode,
+        batching=BatchingView(**worker.batching()),
     )

@@ -154,6 +154,15 @@ class PlanResponse(BaseModel):
     plan: dict[str, Any] = Field(description="the engine's breakdown: weights, KV cache, scratch, margin, dtype, max_seq_len")
 
 
+class BatchingView(BaseModel):
+    """Continuous batching at a glance (issue 8): slots = jobs the engine runs at once."""
+
+    slots_total: int
+    slots_busy: int
+    queue_depth: int
+    queue_limit: int
+
+
 class ReadyResponse(BaseModel):
     ready: bool
     state: str
@@ -161,6 +170,7 @@ class ReadyResponse(BaseModel):
     nccl_group_id: str | None = None
     device: Literal["cuda", "cpu"]
     dev_mode: bool
+    batching: BatchingView
 
 
 class HealthResponse(BaseModel):
@@ -172,6 +182,7 @@ class HealthResponse(BaseModel):
     worker_id: str
     device: Literal["cuda", "cpu"]
     dev_mode: bool
+    batching: BatchingView
 
 
 class AcceptedResponse(BaseModel):

@@ -76,12 +76,12 @@ class JobStream:
         self._t0 = time.monotonic()
         self._last_token: float | None = None
         self._engine_ok = False  # the engine reached a normal end (eos / max_tokens)
+        self._released = False
 
     # --- engine side ---------------------------------------------------------------------
 
     def start(self) -> None:
         w, job = self.worker, self.job
-        w.scheduler.start(job)
         w.begin_job()
         w.metrics.jobs_started.inc()
         w.metrics.tokens_in.inc(len(self.prompt_ids))
@@ -127,10 +127,19 @@ class JobStream:
 
     def _thread_exited(self) -> None:
         """On the loop, once the engine really stopped: free the slot (however the job ended)."""
+        self._release(ok=self._engine_ok and self.job.stop_code is None)
+
+    def _release(self, ok: bool) -> None:
+        """Give the job's place back (idempotent). Called before ``end`` is sent: the engine has already
+        let go of the job when it emits its end, so a caller who sends the next request on ``end`` is
+        never refused as busy (issue 10, defect 4)."""
+        if self._released:
+            return
+        self._released = True
         if self._timer is not None:
             self._timer.cancel()
         w = self.worker
-        w.scheduler.finish(self.job, ok=self._engine_ok and self.job.stop_code is None)
+        w.scheduler.finish(self.job, ok=ok)
         w.end_job()
         w.metrics.inference_ms.observe((time.monotonic() - self._t0) * 1000)
 
@@ -175,6 +184,7 @@ class JobStream:
                         code = job.stop_code or ErrorCode.CANCELLED
                         yield self._error(WorkerError(job.stop_message or "job cancelled", code=code))
                         return
+                    self._release(ok=True)
                     for chunk in self._end(item):
                         yield chunk
                     return
@@ -207,6 +217,8 @@ class JobStream:
         return err
 
     def _token(self, event: Any) -> bytes:
+        if self.job.state == "pending":  # the engine scheduled it: queued -> executing
+            self.worker.scheduler.start(self.job)
         now = time.monotonic()
         if self._last_token is None:
             self.worker.metrics.ttft_ms.observe((now - self._t0) * 1000)

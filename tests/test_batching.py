@@ -1,0 +1,309 @@
+"""The batching engine's host side (no torch): block manager, scheduler and engine loop.
+
+The loop runs against a tiny deterministic runner written here: its "model"
+makes the next token a function of the whole sequence so far, so any lost,
+duplicated or reordered token, or a recomputation that reads the wrong KV
+blocks, changes every later token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence as Seq
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker_orcd.batching.block_manager import BlockManager
+from worker_orcd.batching.loop import EngineLoop
+from worker_orcd.batching.scheduler import Scheduler
+from worker_orcd.batching.sequence import Sequence, SeqStatus
+from worker_orcd.batching.step import Sampled, StepBatch
+from worker_orcd.engine.events import GenerationEnd, SamplingParams, TokenEvent
+from worker_orcd.errors import ErrorCode, WorkerError
+
+VOCAB = 1000
+
+
+class HashRunner:
+    """A 'model' whose KV cache is real bookkeeping: each block slot stores the token computed there.
+
+    The next token is a hash of every token read back through the block table, so a row that
+    reads a block it does not own, or that is missing a position, produces another stream.
+    """
+
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_seq_len: int = 256, delay: float = 0.0) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_seq_len = max_seq_len
+        self.vocab_size = VOCAB
+        self.kv: dict[tuple[int, int], int] = {}
+        self.delay = delay
+        self.steps: list[StepBatch] = []
+        self.fail_with: BaseException | None = None
+
+    def step(self, batch: StepBatch) -> list[Sampled]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.steps.append(batch)
+        if self.delay:
+            time.sleep(self.delay)
+        out = []
+        for row in batch.rows:
+            for i, t in enumerate(row.tokens):
+                p = row.start + i
+                self.kv[(row.block_table[p // self.block_size], p % self.block_size)] = t
+            if row.sample is None:
+                continue
+            n = row.start + len(row.tokens)
+            seq = [self.kv[(row.block_table[p // self.block_size], p % self.block_size)] for p in range(n)]
+            h = 17
+            for t in seq:
+                h = (h * 31 + t) % 1_000_003
+            h = (h + row.sample.step * 7 + row.sample.params.seed) % VOCAB
+            out.append(Sampled(h))
+        return out
+
+
+def expected_stream(prompt: Seq[int], params: SamplingParams) -> list[int]:
+    seq = list(prompt)
+    out: list[int] = []
+    for step in range(params.max_tokens):
+        h = 17
+        for t in seq:
+            h = (h * 31 + t) % 1_000_003
+        tok = (h + step * 7 + params.seed) % VOCAB
+        out.append(tok)
+        seq.append(tok)
+        if tok in params.stop_ids:
+            break
+    return out
+
+
+def drain(it) -> tuple[list[int], GenerationEnd]:
+    toks, end = [], None
+    for e in it:
+        if isinstance(e, TokenEvent):
+            assert e.index == len(toks), "token indices must be consecutive from 0"
+            toks.append(e.token_id)
+        else:
+            end = e
+    assert isinstance(end, GenerationEnd)
+    return toks, end
+
+
+# --- block manager ---------------------------------------------------------------------------
+
+
+def test_block_manager_grows_lazily_and_frees_everything() -> None:
+    bm = BlockManager(8, 4)
+    s = Sequence([1, 2, 3, 4, 5], SamplingParams(max_tokens=3))
+    assert bm.needed(s, 5) == 2
+    bm.grow(s, 5)
+    assert s.block_table == [0, 1] and bm.num_free == 6
+    s.num_computed = 5
+    assert bm.needed(s, 3) == 0  # positions 5..7 fit the second block
+    assert bm.needed(s, 4) == 1
+    bm.free(s)
+    assert bm.num_free == 8 and s.block_table == []
+    bm.check()
+
+
+def test_block_manager_refuses_overcommit() -> None:
+    bm = BlockManager(2, 4)
+    s = Sequence(list(range(9)), SamplingParams(max_tokens=1))
+    assert not bm.can_grow(s, 9)
+    with pytest.raises(RuntimeError, match="needs 3 KV blocks, 2 free"):
+        bm.grow(s, 9)
+    assert bm.num_free == 2 and s.block_table == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "step", "finish", "preempt"]), st.integers(0, 50)), max_size=80))
+def test_scheduler_never_leaks_or_double_allocates_blocks(ops: list[tuple[str, int]]) -> None:
+    bm = BlockManager(12, 4)
+    sched = Scheduler(bm, max_batch=4, token_budget=10)
+    live: list[Sequence] = []
+    for op, x in ops:
+        if op == "add":
+            s = Sequence(list(range(1 + x % 20)), SamplingParams(max_tokens=1 + x % 7))
+            sched.add(s)
+            live.append(s)
+        elif op == "step":
+            batch, seqs = sched.schedule()
+            assert batch.num_tokens <= sched.token_budget
+            assert len(sched.running) <= sched.max_batch
+            for row, s in zip(batch.rows, seqs, strict=True):
+                assert s.status is SeqStatus.RUNNING
+                assert row.start == s.num_computed
+                assert len(s.block_table) * bm.block_size >= row.start + len(row.tokens)
+                s.num_computed += len(row.tokens)
+                if row.sample is not None:
+                    s.output.append(x)
+                    if len(s.output) >= s.params.max_tokens:
+                        sched.finish(s, "max_tokens")
+        elif op == "finish" and live:
+            sched.finish(live[x % len(live)], "cancelled")
+        elif op == "preempt" and sched.running:
+            sched.preempt(sched.running[x % len(sched.running)])
+        bm.check()
+        owned = [b for s in sched.running for b in s.block_table]
+        assert len(owned) == len(set(owned)) == bm.num_used, "running sequences own exactly the used blocks"
+        assert all(not s.block_table for s in sched.waiting)
+
+
+def test_scheduler_chunks_prompts_and_keeps_decodes_running() -> None:
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_batch=4, token_budget=8)
+    a = Sequence([1, 2, 3], SamplingParams(max_tokens=5))
+    sched.add(a)
+    batch, _ = sched.schedule()
+    assert [len(r.tokens) for r in batch.rows] == [3] and batch.rows[0].sample is not None
+    a.num_computed = 3
+    a.output.append(9)
+    b = Sequence(list(range(20)), SamplingParams(max_tokens=5))
+    sched.add(b)
+    batch, seqs = sched.schedule()
+    # a's decode row first, then 7 tokens (the rest of the budget) of b's prompt, no sample for b yet
+    assert seqs == [a, b]
+    assert [len(r.tokens) for r in batch.rows] == [1, 7]
+    assert batch.rows[1].sample is None and batch.rows[1].start == 0
+
+
+def test_scheduler_preempts_the_youngest() -> None:
+    bm = BlockManager(3, 4)
+    sched = Scheduler(bm, max_batch=4, token_budget=64)
+    old, young = Sequence([1, 2, 3, 4], SamplingParams(max_tokens=8)), Sequence([5, 6, 7, 8], SamplingParams(max_tokens=8))
+    sched.add(old)
+    sched.add(young)
+    sched.schedule()
+    for s in (old, young):
+        s.num_computed = 4
+        s.output.append(1)
+    sched.schedule()  # old takes the third block for position 4; young needs one too: none left -> young preempted
+    assert young.status is SeqStatus.WAITING and young.num_computed == 0 and young.preemptions == 1
+    assert sched.waiting[0] is young and old.status is SeqStatus.RUNNING
+    bm.check()
+
+
+# --- the engine loop -------------------------------------------------------------------------
+
+
+def test_loop_streams_match_the_lone_run_under_concurrency_and_preemption() -> None:
+    runner = HashRunner(num_blocks=10, block_size=4, max_seq_len=40)
+    loop = EngineLoop(runner, max_batch=4, token_budget=6)
+    jobs = [([i + 1] * (3 + 4 * i), SamplingParams(max_tokens=12 + i, seed=i)) for i in range(6)]
+    results: dict[int, tuple[list[int], GenerationEnd]] = {}
+
+    def run(i: int) -> None:
+        results[i] = drain(loop.submit(*jobs[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    loop.close()
+    for i, (prompt, params) in enumerate(jobs):
+        toks, end = results[i]
+        assert toks == expected_stream(prompt, params), f"job {i}"
+        assert end.stop_reason == "max_tokens" and end.tokens_out == len(toks)
+    assert loop.scheduler.preemptions > 0, "the KV budget was meant to force preemption"
+    assert any(len(r.tokens) > 1 and r.start > 0 for b in runner.steps for r in b.rows), "prompts were chunked"
+    loop.blocks.check()
+    assert loop.blocks.num_used == 0
+
+
+def test_loop_stop_ids_and_capacity() -> None:
+    runner = HashRunner()
+    loop = EngineLoop(runner, max_batch=2, token_budget=16)
+    p = SamplingParams(max_tokens=50, seed=3)
+    full = expected_stream([5, 6], p)
+    stop = full[4]
+    toks, end = drain(loop.submit([5, 6], SamplingParams(max_tokens=50, seed=3, stop_ids=frozenset({stop}))))
+    assert toks == full[: full.index(stop) + 1] and end.stop_reason == "eos"
+    with pytest.raises(WorkerError) as e:
+        loop.submit([1] * 200, SamplingParams(max_tokens=100))
+    assert e.value.code == ErrorCode.INVALID_PARAMS
+    loop.close()
+
+
+def test_loop_cancel_stops_within_a_step_and_others_continue() -> None:
+    runner = HashRunner(delay=0.01)
+    loop = EngineLoop(runner, max_batch=4, token_budget=64)
+    cancel = threading.Event()
+    victim = loop.submit([1, 2], SamplingParams(max_tokens=250), cancel)
+    other_params = SamplingParams(max_tokens=30, seed=1)
+    other = loop.submit([3, 4], other_params)
+    first = next(victim)
+    assert isinstance(first, TokenEvent)
+    cancel.set()
+    t0 = time.monotonic()
+    rest = list(victim)
+    assert time.monotonic() - t0 < 1.0
+    assert isinstance(rest[-1], GenerationEnd) and rest[-1].stop_reason == "cancelled"
+    toks, end = drain(other)
+    assert toks == expected_stream([3, 4], other_params) and end.stop_reason == "max_tokens"
+    loop.close()
+
+
+def test_loop_abandoned_iterator_frees_its_blocks() -> None:
+    runner = HashRunner(delay=0.005)
+    loop = EngineLoop(runner, max_batch=2, token_budget=64)
+    it = loop.submit([1, 2, 3], SamplingParams(max_tokens=250))
+    next(it)
+    it.close()  # the consumer went away without cancelling
+    deadline = time.monotonic() + 2
+    while loop.blocks.num_used and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop.blocks.num_used == 0 and not loop.scheduler.has_work
+    loop.close()
+
+
+def test_loop_runner_failure_reaches_every_job_and_later_submits() -> None:
+    runner = HashRunner(delay=0.01)
+    loop = EngineLoop(runner, max_batch=4, token_budget=64)
+    a = loop.submit([1], SamplingParams(max_tokens=100))
+    next(a)
+    runner.fail_with = WorkerError("device fell over", code=ErrorCode.CUDA_ERROR)
+    with pytest.raises(WorkerError) as e:
+        list(a)
+    assert e.value.code == ErrorCode.CUDA_ERROR
+    with pytest.raises(WorkerError):
+        loop.submit([1], SamplingParams(max_tokens=1))
+
+
+def test_loop_seal_check_once_per_admitting_step() -> None:
+    calls: list[int] = []
+    runner = HashRunner(delay=0.02)
+    loop = EngineLoop(runner, max_batch=8, token_budget=64, before_admit=calls.append)
+    gate = threading.Barrier(5)
+    out: list[list[int]] = []
+
+    def run(i: int) -> None:
+        it = loop.submit([i + 1, 2], SamplingParams(max_tokens=3))
+        gate.wait()
+        out.append(drain(it)[0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    gate.wait()
+    for t in threads:
+        t.join(10)
+    loop.close()
+    assert len(out) == 4
+    assert sum(calls) == 4, "every admitted job was covered by a seal check"
+    assert len(calls) < 4, "jobs admitted in the same step share one check"
+
+
+def test_loop_seal_failure_fails_the_admitted_jobs() -> None:
+    def bad(n: int) -> None:
+        raise WorkerError("seal mismatch", code=ErrorCode.SEAL_VERIFICATION_FAILED)
+
+    loop = EngineLoop(HashRunner(), max_batch=2, token_budget=16, before_admit=bad)
+    with pytest.raises(WorkerError) as e:
+        list(loop.submit([1, 2], SamplingParams(max_tokens=3)))
+    assert e.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
