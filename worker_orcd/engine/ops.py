@@ -174,9 +174,37 @@ def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+# CPU dev mode: rows are multiplied in fixed-shape blocks of CPU_ROW_BLOCK (the last one zero-padded),
+# one BLAS call per block. MKL picks its kernels, threading and K blocking from the shape, so the
+# same [16, K] x [K, N] call computes a row identically whatever the batch size M is and wherever
+# the row sits; a single [M, K] call does not (measured: 28 of 77 row sets differ bitwise).
+CPU_ROW_BLOCK = 16
+
+
+def mm_rows_invariant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x[M, K] @ w[N, K].T on the CPU with each row's result independent of M and of its position."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    B = CPU_ROW_BLOCK
+    Mp = -(-M // B) * B
+    if Mp != M:
+        x2 = torch.cat((x2, x2.new_zeros(Mp - M, K)))
+    else:
+        x2 = x2.contiguous()
+    y = x2.new_empty(Mp, w.shape[0])
+    wt = w.t()
+    for i in range(0, Mp, B):
+        torch.mm(x2[i : i + B], wt, out=y[i : i + B])
+    return y[:M].reshape(*lead, w.shape[0])
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias) through cuBLAS / the CPU BLAS."""
-    return F.linear(x, w, bias)
+    """x @ w.T (+ bias); a row's result never depends on the batch size or its position in it."""
+    if _kernel(x):
+        return F.linear(x, w, bias)  # replaced by the batch-invariant Triton kernel (qmatmul)
+    y = mm_rows_invariant(x, w)
+    return y if bias is None else y + bias
 
 
 _MM_OUT_DTYPE: bool | None = None
@@ -185,6 +213,8 @@ _MM_OUT_DTYPE: bool | None = None
 def logits_fp32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Final projection with fp32 output: fp16 logits would round away near-ties (0.015 at 30)."""
     global _MM_OUT_DTYPE
+    if h.dtype == torch.float32 and not _kernel(h):
+        return mm_rows_invariant(h, w)
     if h.dtype == torch.float32:
         return h @ w.t()
     if _MM_OUT_DTYPE is None:
