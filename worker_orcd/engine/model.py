@@ -32,7 +32,7 @@ class Model:
     # --- building blocks --------------------------------------------------------------------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.embedding(tokens, self.w.embed)
+        x = ops.embedding(tokens, self.w.embed, self.w.dtype)
         if self.cfg.embed_scale is not None:
             x = x * self.cfg.embed_scale
         return x
