@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +46,7 @@ FLOATS = {GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16, GGMLType.F
 
 
 def random_weight(t: GGMLType, n: int, k: int, gen: torch.Generator) -> QWeight:
-    dev = torch.device("cuda")
+    dev = gen.device
     if t in FLOATS:
         w = (torch.randn(n, k, generator=gen, device=dev) * 0.05).to(FLOATS[t])
         return QWeight(w.view(-1).view(torch.uint8), t, n, k)
@@ -60,6 +61,10 @@ def random_weight(t: GGMLType, n: int, k: int, gen: torch.Generator) -> QWeight:
 
 def time_ms(fn, iters: int) -> float:  # noqa: ANN001
     fn()
+    if not torch.cuda.is_available():  # smoke run in the interpreter (TRITON_INTERPRET=1)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     torch.cuda.synchronize()
     samples = []
     for _ in range(iters):
@@ -78,12 +83,13 @@ def main() -> int:
     ap.add_argument("--ms", nargs="*", type=int, default=[1, 8, 32, 64, 128, 512, 2048])
     ap.add_argument("--n", type=int, default=18944)
     ap.add_argument("--k", type=int, default=3584)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=args.device).manual_seed(0)
     n, k, ms = args.n, args.k, sorted(args.ms)
-    x_all = torch.randn(ms[-1], k, generator=gen, device="cuda").to(torch.float16)
+    x_all = torch.randn(ms[-1], k, generator=gen, device=args.device).to(torch.float16)
     rows, failures = [], []
     print(f"qmatmul W[{n}, {k}], x fp16; GB/s vs bytes read once; cuBLAS fp16 on the dequantized weight for scale")
     print(f"{'type':6} {'M':>5} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8} {'cublas ms':>9} {'rel err':>9}  ok")
