@@ -82,3 +82,46 @@ def test_worker_4100_quantized_forward_equals_dense(q4km: Path) -> None:
             assert ((logits.double() - ref).norm() / ref.norm()).item() < 1e-6
         finally:
             ops.use_kernels_on_cpu(False)
+
+
+@pytest.mark.parametrize(("shape", "wtype"), [("tiny-qwen2", "Q4_K_M"), ("tiny-llama", "Q8_0"), ("tiny-gemma3", "F16")])
+@pytest.mark.parametrize("kv_mb", [None, 1])
+def test_worker_4103_vram_budget_equals_cuda_plan(
+    shape: str, wtype: str, kv_mb: int | None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """inspect's torch-free vram_plan == the CUDA engine's plan (INSUFFICIENT_VRAM's numbers) == the layout."""
+    from worker_orcd.engine.plan import plan_vram
+    from worker_orcd.engine.vram_budget import vram_plan_summary
+
+    path = synth.write_synthetic_model(tmp_path_factory.mktemp("vb") / f"{shape}.gguf", shape, wtype)
+    g = parse_file(path)
+    cfg = model_config(g)
+    dtype = torch.bfloat16 if cfg.arch == "gemma3" else torch.float16
+    summary = vram_plan_summary(cfg, g, kv_mb)
+    plan = plan_vram(cfg, g, dtype, kv_mb, 1 << 40, 0, 512, dev_mode=False)
+    assert summary["weights_bytes"] == plan.weights_bytes == weight_layout(cfg, g, dtype, quantized=True).total_bytes
+    assert summary["max_context"] == plan.max_seq_len
+    assert summary["kv_cache_bytes"] == plan.kv_cache_bytes
+    assert summary["weights_bytes"] <= 1.05 * g.tensor_bytes + 256 * len(g.tensors)
+    if wtype != "F16":  # quantized residency is smaller than the dense fp16 plan
+        assert plan.weights_bytes < weight_layout(cfg, g, dtype).total_bytes
+
+
+def test_worker_4103_inspect_json_has_vram_plan(q4km: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "worker_orcd", "inspect", str(q4km), "--json", "--kv-cache-size-mb", "1"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    plan = json.loads(out.stdout)["vram_plan"]
+    g = parse_file(q4km)
+    cfg = model_config(g)
+    assert plan["kv_bytes_per_token"] == 2 * cfg.n_layers * cfg.kv_dim * 2
+    assert plan["max_context"] == min(cfg.context_length, (1 << 20) // plan["kv_bytes_per_token"])
+    assert plan["weights_bytes"] == weight_layout(cfg, g, torch.float16, quantized=True).total_bytes
+    assert plan["weights_and_kv_bytes"] == plan["weights_bytes"] + plan["max_context"] * plan["kv_bytes_per_token"]
