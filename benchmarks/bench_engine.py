@@ -84,8 +84,9 @@ def decode_bytes_per_token(rm: ResidentModel, seq_len: int) -> int:
     w = rm._weights
     weights = w.arena.numel()
     if not rm.config.tied_embeddings:
-        weights -= w.embed.numel() * w.embed.element_size()
-    kv = 2 * rm.config.n_layers * rm.config.kv_dim * w.embed.element_size() * seq_len
+        emb = w.embed
+        weights -= emb.numel() * emb.element_size() if isinstance(emb, torch.Tensor) else emb.raw.numel()
+    kv = 2 * rm.config.n_layers * rm.config.kv_dim * w.dtype.itemsize * seq_len
     return weights + kv
 
 

@@ -195,7 +195,7 @@ def test_worker_4700_gpu_logits_match_cpu_reference(
         finally:
             cpu.close()
         got = prefill_logits(gpu, prompts)
-        decisive = assert_logits_agree(got, want, REL_TOL[gpu._weights.embed.dtype], case.model)
+        decisive = assert_logits_agree(got, want, REL_TOL[gpu._weights.dtype], case.model)
         if case.synthetic:
             assert decisive >= MIN_DECISIVE, f"only {decisive} prompts have a clear top-1"
         assert len(_tokens(gpu, prompts[0], max_tokens=16)) == 16

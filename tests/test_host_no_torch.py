@@ -17,7 +17,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # GPU layer: worker_orcd.engine.* may import torch, except these (host-readable data).
-HOST_READABLE_ENGINE = ("worker_orcd.engine", "worker_orcd.engine.profile")
+HOST_READABLE_ENGINE = (
+    "worker_orcd.engine",
+    "worker_orcd.engine.profile",
+    "worker_orcd.engine.config",
+    "worker_orcd.engine.vram_budget",
+)
 
 PROBE = textwrap.dedent(
     """

@@ -50,6 +50,9 @@ def add_inspect(sub: Subparsers) -> None:
     p.add_argument("--expected-sha256", type=_sha256_arg, metavar="HEX", help="refuse unless the file has this SHA-256")
     p.add_argument("--model-public-key", type=Path, metavar="PEM", help="Ed25519 public key; the .sig must verify")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--kv-cache-size-mb", type=int, metavar="MB", help="KV budget for vram_plan's max_context (default: full context)"
+    )
     p.set_defaults(run=cmd_inspect)
 
 
@@ -61,6 +64,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model_root=args.model_root,
         expected_sha256=args.expected_sha256,
         public_key_path=args.model_public_key,
+        kv_cache_mb=args.kv_cache_size_mb,
     )
     print(json.dumps(rep) if args.json else render_text(rep))
     return 0

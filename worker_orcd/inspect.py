@@ -24,8 +24,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .capability import match
+from .engine.config import model_config
 from .engine.profile import build_ecp
-from .errors import ModelLoadError
+from .engine.vram_budget import vram_plan_summary
+from .errors import ModelLoadError, WorkerError
 from .gguf.constants import ValueType
 from .gguf.reader import GGUFFile
 from .loader import LoadOptions, ValidatedModel, validate_model
@@ -133,7 +135,16 @@ def tensor_histogram(gguf: GGUFFile) -> dict[str, Any]:
     return {"count": len(gguf.tensors), "bytes": gguf.tensor_bytes, "types": types}
 
 
-def report(model: ValidatedModel) -> dict[str, Any]:
+def vram_plan(gguf: GGUFFile, kv_cache_mb: int | None) -> dict[str, Any] | None:
+    """The CUDA engine's resident bytes for this file (no GPU needed); null for a model it cannot run."""
+    try:
+        cfg = model_config(gguf)
+    except WorkerError:
+        return None
+    return vram_plan_summary(cfg, gguf, kv_cache_mb)
+
+
+def report(model: ValidatedModel, kv_cache_mb: int | None = None) -> dict[str, Any]:
     """The inspector's one JSON object (keys are stable; absent facts are null)."""
     gguf = model.gguf
     ecp = build_ecp("inspect", 0)
@@ -157,6 +168,7 @@ def report(model: ValidatedModel) -> dict[str, Any]:
         "mcd": model.mcd.to_dict(),
         "ecp": engine,
         "match": match(model.mcd, ecp).to_dict(),
+        "vram_plan": vram_plan(gguf, kv_cache_mb),
     }
 
 
@@ -166,6 +178,7 @@ def inspect_model(
     model_root: Path | None = None,
     expected_sha256: str | None = None,
     public_key_path: Path | None = None,
+    kv_cache_mb: int | None = None,
 ) -> dict[str, Any]:
     """Validate like a load (same errors), then report. Raises WorkerError on a bad file."""
     if model_root is None:
@@ -173,7 +186,7 @@ def inspect_model(
         if not model_root.is_dir():  # else the resolver would blame a root the operator never gave
             raise ModelLoadError(f"model file {ref} not found ({model_root} does not exist)")
     options = LoadOptions(model_root=model_root, expected_sha256=expected_sha256, public_key_path=public_key_path)
-    return report(validate_model(ref, options, ecp=None))
+    return report(validate_model(ref, options, ecp=None), kv_cache_mb)
 
 
 # --- human output -------------------------------------------------------------------------

@@ -312,13 +312,13 @@ class Engine:
         try:
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
-                lay = weight_layout(cfg, g, dtype)
+                lay = weight_layout(cfg, g, dtype, quantized=not self.ctx.dev_mode)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 with open_model(model.source) as fh:
                     stats = upload(fh, g, lay, arena, model.digest, self.ctx)
                 weights = bind(arena, lay, cfg)
                 kv = PagedKVCache.allocate(cfg, pool, dtype, dev)
-                runner = ModelRunner(Model(cfg, weights, None), kv, dev, s_max, batch)  # type: ignore[arg-type]
+                runner = ModelRunner(Model(cfg, weights), kv, dev, s_max, batch)
                 runner.warmup()
                 if capture_graph:
                     runner.capture()

@@ -17,7 +17,6 @@ import torch
 
 from . import ops
 from .config import ModelConfig
-from .kv_cache import KVCache
 from .weights import LayerWeights, ModelWeights
 
 if TYPE_CHECKING:
@@ -29,15 +28,16 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Model:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, kv: KVCache) -> None:
+    """The forward pass over resident weights; the KV cache is the runner's, passed per step."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights) -> None:
         self.cfg = cfg
         self.w = weights
-        self.kv = kv
 
     # --- building blocks --------------------------------------------------------------------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.embedding(tokens, self.w.embed)
+        x = ops.embedding(tokens, self.w.embed, self.w.dtype)
         if self.cfg.embed_scale is not None:
             x = x * self.cfg.embed_scale
         return x
@@ -82,58 +82,6 @@ class Model:
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """fp32 logits [V] of one final-normed hidden state [1, d]."""
         return ops.logits_fp32(h_last, self.w.lm_head)[0]
-
-    # --- prefill: a run of prompt tokens at known (host-side) positions ---------------------
-
-    def prefill(
-        self, tokens: torch.Tensor, start: int, last: torch.Tensor | None = None, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Run ``tokens`` at positions start.. (filling the cache); fp32 logits of the last one.
-
-        ``last`` (a device index [1]) picks another row than the final one: a
-        graph-captured prefill runs a padded bucket of tokens and returns the
-        logits of the last real token. Padding rows come after every real row,
-        so causal attention keeps them out of the real rows' results; the K/V
-        they write lies past the sequence and is overwritten by decode before
-        anything reads it.
-        """
-        T = tokens.shape[0]
-        if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)
-        end = start + T
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = self.kv.k[i], self.kv.v[i]
-            kc[start:end].copy_(k)
-            vc[start:end].copy_(v)
-            window = self.cfg.layer_window(i)
-            lo = 0 if window is None else max(0, start - window + 1)  # older keys are masked anyway
-            return ops.attention_prefill(
-                q, kc[lo:end], vc[lo:end], self.cfg.attn_scale, sliding_window=window, q_offset=start - lo
-            )
-
-        h = self.hidden(tokens, positions, attend)
-        return self.logits(h[-1:] if last is None else h.index_select(0, last))
-
-    # --- decode: one token whose position lives on the device (CUDA-graph safe) -------------
-
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
-        """One step for ``token`` [1] at ``pos`` [1] with ``seq_len`` [1] = pos + 1; fp32 logits [V].
-
-        Reads positions only on the device, never on the host, so the same
-        launches replay correctly from a captured CUDA graph.
-        """
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = self.kv.k[i], self.kv.v[i]
-            ops.kv_write_(kc, vc, k[0], v[0], pos)
-            out = ops.attention_decode(
-                q[0], kc, vc, seq_len, self.cfg.attn_scale, sliding_window=self.cfg.layer_window(i)
-            )
-            return out[None]
-
-        h = self.hidden(token, pos, attend)
-        return self.logits(h)
 
     # --- one batching-engine step: rows of tokens over the paged KV cache --------------------
 

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 from . import fused
 from . import kernels as K
+from .dequant import dequantize
+from .kernels.qmatmul import qlinear
+from .qweight import QWeight, Weight, WeightGroup
+from ..gguf.constants import GGMLType
 from .reference import checksum_cpu, sample_reference
 
 if TYPE_CHECKING:
@@ -243,33 +247,53 @@ def mm_rows_invariant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y[:M].reshape(*lead, w.shape[0])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias); a row's result never depends on the batch size or its position in it."""
-    if _kernel(x):
-        return F.linear(x, w, bias)  # replaced by the batch-invariant Triton kernel (qmatmul)
+def _as_qweight(w: Weight) -> QWeight | WeightGroup:
+    """A dense [N, K] float matrix is a QWeight of its float type: the same invariant kernel."""
+    if isinstance(w, (QWeight, WeightGroup)):
+        return w
+    t = {torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16, torch.float32: GGMLType.F32}[w.dtype]
+    return QWeight(w.contiguous().view(-1).view(torch.uint8), t, w.shape[0], w.shape[1])
+
+
+def _qkernel(x: torch.Tensor) -> bool:
+    """The Triton matmul path; not for bf16 on CPU tensors (the interpreter's tl.dot multiplies
+    bf16 as raw integer bits), which take the torch path."""
+    return x.device.type == "cuda" or (_kernels_on_cpu and x.dtype != torch.bfloat16)
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias); a row's result never depends on the batch size or its position in it.
+
+    CUDA: the batch-invariant fused dequant-matmul (``kernels/qmatmul``) for quantized and dense
+    weights alike (never cuBLAS, which picks its algorithm by M). CPU: ``mm_rows_invariant``."""
+    if _qkernel(x):
+        lead = x.shape[:-1]
+        y = qlinear(x.reshape(-1, x.shape[-1]), _as_qweight(w), bias)
+        return y.reshape(*lead, y.shape[-1])
+    if not isinstance(w, torch.Tensor):
+        w = w.dequantize(torch.float32).to(x.dtype)  # a quantized weight on the CPU: tests only
     y = mm_rows_invariant(x, w)
     return y if bias is None else y + bias
 
 
-_MM_OUT_DTYPE: bool | None = None
-
-
-def logits_fp32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def logits_fp32(h: torch.Tensor, w: Weight) -> torch.Tensor:
     """Final projection with fp32 output: fp16 logits would round away near-ties (0.015 at 30)."""
-    global _MM_OUT_DTYPE
-    if h.dtype == torch.float32 and not _kernel(h):
-        return mm_rows_invariant(h, w)
-    if h.dtype == torch.float32:
-        return h @ w.t()
-    if _MM_OUT_DTYPE is None:
-        try:
-            torch.mm(h[:1], w[:1].t(), out_dtype=torch.float32)
-            _MM_OUT_DTYPE = True
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE = False
-    if _MM_OUT_DTYPE:
-        return torch.mm(h, w.t(), out_dtype=torch.float32)
-    return (h @ w.t()).float()
+    if _qkernel(h):
+        return qlinear(h, _as_qweight(w), out_dtype=torch.float32)
+    if not isinstance(w, torch.Tensor):
+        w = w.dequantize(torch.float32).to(h.dtype)
+    return mm_rows_invariant(h, w).float()
+
+
+def embedding(tokens: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``tokens`` of the embedding matrix in ``dtype``; a quantized one dequantizes only those rows."""
+    if isinstance(w, torch.Tensor):
+        return F.embedding(tokens, w)
+    if isinstance(w, WeightGroup):
+        raise TypeError("an embedding matrix is one tensor, not a group")
+    rows = w.rows(tokens)
+    n = tokens.numel() * w.k
+    return dequantize(rows, w.ggml_type, n, dtype, force_triton=_kernels_on_cpu).view(*tokens.shape, w.k)
 
 
 # --- sampling and fingerprint -----------------------------------------------------------------

@@ -15,34 +15,29 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidParams, ModelLoadError
+from . import vram_budget
 from .config import ModelConfig
 
-BLOCK_SIZE = 16  # tokens per KV block (vLLM's default): little waste per job, short block tables
+BLOCK_SIZE = vram_budget.KV_BLOCK_SIZE  # tokens per KV block (vLLM's default): little waste per job, short tables
 SCRATCH_BLOCKS = 1
-MIN_TOKENS = 16
-# With no --kv-cache-size-mb: room for this many full-context jobs (GPU), one on the CPU.
-DEFAULT_CONTEXTS_CUDA = 4
-DEFAULT_CONTEXTS_CPU = 1
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * cfg.n_layers * cfg.kv_dim * dtype.itemsize
+    return vram_budget.kv_bytes_per_token(cfg, dtype.itemsize)
 
 
 def kv_tokens(cfg: ModelConfig, dtype: torch.dtype, kv_cache_mb: int | None, dev_mode: bool) -> int:
-    """Tokens the whole pool holds (a multiple of BLOCK_SIZE)."""
-    if kv_cache_mb is None:
-        n = cfg.context_length * (DEFAULT_CONTEXTS_CPU if dev_mode else DEFAULT_CONTEXTS_CUDA)
-    else:
-        if isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, int) or kv_cache_mb <= 0:
-            raise InvalidParams(f"kv_cache_mb must be a positive integer, got {kv_cache_mb!r}")
-        n = kv_cache_mb * (1 << 20) // bytes_per_token(cfg, dtype)
-        if n < MIN_TOKENS:
-            raise ModelLoadError(
-                f"kv_cache_mb={kv_cache_mb} holds only {n} tokens of this model "
-                f"({bytes_per_token(cfg, dtype)} bytes per token); at least {MIN_TOKENS} are needed"
-            )
-    return n // BLOCK_SIZE * BLOCK_SIZE
+    """Tokens the whole pool holds (a multiple of BLOCK_SIZE); the arithmetic is vram_budget's (torch-free)."""
+    if kv_cache_mb is not None and (isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, int) or kv_cache_mb <= 0):
+        raise InvalidParams(f"kv_cache_mb must be a positive integer, got {kv_cache_mb!r}")
+    n = vram_budget.kv_pool_tokens(cfg, kv_cache_mb, dtype.itemsize, dev_mode)
+    if n == 0:
+        fits = (kv_cache_mb or 0) * (1 << 20) // bytes_per_token(cfg, dtype)
+        raise ModelLoadError(
+            f"kv_cache_mb={kv_cache_mb} holds only {fits} tokens of this model "
+            f"({bytes_per_token(cfg, dtype)} bytes per token); at least {vram_budget.MIN_SEQ_LEN} are needed"
+        )
+    return n
 
 
 def max_seq_len(cfg: ModelConfig, dtype: torch.dtype, kv_cache_mb: int | None, dev_mode: bool) -> int:

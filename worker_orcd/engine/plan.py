@@ -99,7 +99,7 @@ def plan_vram(
     dev_mode: bool,
 ) -> VramPlan:
     """Pure arithmetic over the header: what loading would allocate, against ``free_bytes``."""
-    lay = weight_layout(cfg, g, dtype)
+    lay = weight_layout(cfg, g, dtype, quantized=not dev_mode)
     s_max = max_seq_len(cfg, dtype, kv_cache_mb, dev_mode)
     kv = (kv_tokens(cfg, dtype, kv_cache_mb, dev_mode) + SCRATCH_BLOCKS * BLOCK_SIZE) * bytes_per_token(cfg, dtype)
     margin = FIXED_MARGIN_BYTES + int(MARGIN_FRACTION * (lay.total_bytes + kv))

@@ -1,10 +1,12 @@
-"""Streamed upload with on-device dequantization and an in-order re-hash (SPEC 4100-4102, 4113).
+"""Streamed upload with an in-order re-hash (SPEC 4100-4102, 4113).
 
 Tensors are read from the file in whole-block chunks into a small reusable
-staging ring (pinned on CUDA, for the copy only, never for live data),
-copied to a device staging buffer and dequantized there straight into their
-arena slice, so the host never holds the model. A reader thread keeps file
-I/O ahead of hashing and the GPU work.
+staging ring (pinned on CUDA, for the copy only, never for live data). A
+quantized-resident matrix (``Slot.ggml_type``) is copied byte for byte from
+the ring into its arena slice (no dequant pass); a dense slot (norms, biases,
+CPU dev mode) goes through a device staging buffer and is dequantized there
+straight into its arena slice. The host never holds the model. A reader
+thread keeps file I/O ahead of hashing and the GPU work.
 
 While streaming, the whole file (header, padding and unused tensors
 included) is hashed again in order; the bytes uploaded are exactly the bytes
@@ -162,12 +164,18 @@ def upload(
             if chunk.tensor is not None:
                 t = chunk.tensor
                 part = lay.parts[t.name]
-                n_el = chunk.n_bytes // BLOCK_LAYOUT[t.ggml_type].type_size * BLOCK_LAYOUT[t.ggml_type].block_size
-                raw = staging[k][: chunk.n_bytes]
-                if cuda:
-                    raw.copy_(host[k][: chunk.n_bytes], non_blocking=True)
-                start = part.elem_offset + chunk.elem_start
-                dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=flat[part.slot][start : start + n_el])
+                slot = lay.slots[part.slot]
+                if slot.ggml_type is not None:  # quantized residency: the verified bytes, as they are
+                    at = slot.byte_offset + chunk.file_offset - t.data_offset
+                    arena[at : at + chunk.n_bytes].copy_(host[k][: chunk.n_bytes], non_blocking=cuda)
+                else:
+                    layout = BLOCK_LAYOUT[t.ggml_type]
+                    n_el = chunk.n_bytes // layout.type_size * layout.block_size
+                    raw = staging[k][: chunk.n_bytes]
+                    if cuda:
+                        raw.copy_(host[k][: chunk.n_bytes], non_blocking=True)
+                    start = part.elem_offset + chunk.elem_start
+                    dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=flat[part.slot][start : start + n_el])
                 uploaded += chunk.n_bytes
             if events is not None:
                 events[k].record()

@@ -2,8 +2,20 @@
 
 All weights live in ONE device allocation (the arena): one pointer to
 attest, one buffer for the GPU fingerprint kernel, and an exact
-``vram_bytes``. Q/K/V and gate/up are fused at load into one matrix each
-(one GEMM instead of 3 and 2); ``upload.py`` streams the bytes in.
+``vram_bytes``; ``upload.py`` streams the bytes in.
+
+Two residencies:
+
+* quantized (CUDA): every matrix (Q/K/V, O, gate/up/down, embedding, output
+  head) stays as the file's GGUF blocks, byte for byte (no repacking), and is
+  bound as a ``QWeight``; Q/K/V and gate/up become ``WeightGroup``s (their
+  parts may have different types: Q4_K_M mixes Q4_K and Q6_K) that the fused
+  dequant-matmul kernel writes into one output. Norm weights and biases (tiny)
+  are dequantized at load to the resident dtype. The seal fingerprints the
+  arena, i.e. exactly the verified file bytes that are resident. Every type the
+  loader accepts has a fused kernel, so nothing is dequantized at load.
+* dense (CPU dev mode): everything dequantized to fp32 at load, Q/K/V and
+  gate/up fused into one matrix each (one GEMM instead of 3 and 2).
 """
 
 from __future__ import annotations
@@ -15,8 +27,10 @@ import torch
 from ..errors import ModelLoadError
 from ..gguf import GGUFFile
 from .config import ModelConfig
+from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 from .dequant import SUPPORTED_TYPES
 from .device import DeviceContext
+from .qweight import FUSED_TYPES, QWeight, Weight, WeightGroup
 
 ARENA_ALIGN = 256  # bytes; cuBLAS and vectorised Triton loads want >= 16
 
@@ -39,6 +53,7 @@ class Slot:
     shape: tuple[int, ...]
     byte_offset: int
     n_bytes: int
+    ggml_type: GGMLType | None = None  # None: dense at the layout's dtype; else raw GGUF blocks [N, K]
 
 
 @dataclass(frozen=True)
@@ -54,18 +69,42 @@ class Part:
 @dataclass
 class WeightLayout:
     dtype: torch.dtype
+    quantized: bool = False
     slots: dict[str, Slot] = field(default_factory=dict)
     parts: dict[str, Part] = field(default_factory=dict)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
+
+    def _reserve(self, slot: Slot) -> None:
+        self.slots[slot.name] = slot
+        self.total_bytes += -(-slot.n_bytes // ARENA_ALIGN) * ARENA_ALIGN
+
+    def matrix(self, g: GGUFFile, name: str, shape: tuple[int, int], *sources: tuple[str, tuple[int, ...]]) -> None:
+        """A matrix weight: fused dense (``add``) or, quantized, one raw slot per source tensor."""
+        if not self.quantized:
+            self.add(name, shape, *sources)
+            return
+        names = []
+        for tensor, ggml_shape in sources:
+            if not g.has_tensor(tensor):
+                raise ModelLoadError(f"tensor {tensor} is missing from the GGUF file")
+            t = GGMLType(g.tensor(tensor).ggml_type) if g.tensor(tensor).ggml_type in SUPPORTED_TYPES else None
+            if t is None or t not in FUSED_TYPES:
+                self.add(tensor, (ggml_shape[1], ggml_shape[0]), (tensor, ggml_shape))  # rejected by the check
+            else:
+                layout = BLOCK_LAYOUT[t]
+                n = ggml_shape[0] * ggml_shape[1] // layout.block_size * layout.type_size
+                self._reserve(Slot(tensor, (ggml_shape[1], ggml_shape[0]), self.total_bytes, n, t))
+                self.parts[tensor] = Part(tensor, tensor, 0, ggml_shape)
+            names.append(tensor)
+        self.groups[name] = tuple(names)
 
     def add(self, name: str, shape: tuple[int, ...], *sources: tuple[str, tuple[int, ...]]) -> None:
         """Reserve ``name`` (torch shape) filled by ``sources`` (GGUF name, ggml shape) in order."""
         n = 1
         for d in shape:
             n *= d
-        nbytes = n * self.dtype.itemsize
-        self.slots[name] = Slot(name, shape, self.total_bytes, nbytes)
-        self.total_bytes += -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+        self._reserve(Slot(name, shape, self.total_bytes, n * self.dtype.itemsize))
         off = 0
         for tensor, ggml_shape in sources:
             self.parts[tensor] = Part(tensor, name, off, ggml_shape)
@@ -76,18 +115,21 @@ class WeightLayout:
         assert off == n, f"{name}: parts fill {off} of {n} elements"
 
 
-def weight_layout(cfg: ModelConfig, g: GGUFFile, dtype: torch.dtype) -> WeightLayout:
-    """Where every weight goes, checked against the file's tensors (names, shapes, types)."""
+def weight_layout(cfg: ModelConfig, g: GGUFFile, dtype: torch.dtype, quantized: bool = False) -> WeightLayout:
+    """Where every weight goes, checked against the file's tensors (names, shapes, types).
+
+    ``quantized``: matrices stay GGUF blocks (the CUDA engine); else dense ``dtype`` (CPU dev mode)."""
     d, V, f, q, kv, hd = cfg.d_model, cfg.vocab_size, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim, cfg.head_dim
-    lay = WeightLayout(dtype)
-    lay.add("embed", (V, d), ("token_embd.weight", (d, V)))
+    lay = WeightLayout(dtype, quantized)
+    lay.matrix(g, "embed", (V, d), ("token_embd.weight", (d, V)))
     if not cfg.tied_embeddings:
-        lay.add("lm_head", (V, d), ("output.weight", (d, V)))
+        lay.matrix(g, "lm_head", (V, d), ("output.weight", (d, V)))
     lay.add("norm", (d,), ("output_norm.weight", (d,)))
     for i in range(cfg.n_layers):
         b = f"blk.{i}."
         lay.add(f"{i}.attn_norm", (d,), (b + "attn_norm.weight", (d,)))
-        lay.add(
+        lay.matrix(
+            g,
             f"{i}.wqkv",
             (q + 2 * kv, d),
             (b + "attn_q.weight", (d, q)),
@@ -105,12 +147,12 @@ def weight_layout(cfg: ModelConfig, g: GGUFFile, dtype: torch.dtype) -> WeightLa
         if cfg.qk_norm:
             lay.add(f"{i}.q_norm", (hd,), (b + "attn_q_norm.weight", (hd,)))
             lay.add(f"{i}.k_norm", (hd,), (b + "attn_k_norm.weight", (hd,)))
-        lay.add(f"{i}.wo", (d, q), (b + "attn_output.weight", (q, d)))
+        lay.matrix(g, f"{i}.wo", (d, q), (b + "attn_output.weight", (q, d)))
         if cfg.post_norms:
             lay.add(f"{i}.post_attn_norm", (d,), (b + "post_attention_norm.weight", (d,)))
         lay.add(f"{i}.ffn_norm", (d,), (b + "ffn_norm.weight", (d,)))
-        lay.add(f"{i}.w_gate_up", (2 * f, d), (b + "ffn_gate.weight", (d, f)), (b + "ffn_up.weight", (d, f)))
-        lay.add(f"{i}.w_down", (d, f), (b + "ffn_down.weight", (f, d)))
+        lay.matrix(g, f"{i}.w_gate_up", (2 * f, d), (b + "ffn_gate.weight", (d, f)), (b + "ffn_up.weight", (d, f)))
+        lay.matrix(g, f"{i}.w_down", (d, f), (b + "ffn_down.weight", (f, d)))
         if cfg.post_norms:
             lay.add(f"{i}.post_ffn_norm", (d,), (b + "post_ffw_norm.weight", (d,)))
     _check_against_file(lay, g)
@@ -143,25 +185,26 @@ def _check_against_file(lay: WeightLayout, g: GGUFFile) -> None:
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor
-    wqkv: torch.Tensor
+    wqkv: Weight
     bqkv: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    wo: torch.Tensor
+    wo: Weight
     post_attn_norm: torch.Tensor | None
     ffn_norm: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    w_gate_up: Weight
+    w_down: Weight
     post_ffn_norm: torch.Tensor | None
 
 
 @dataclass
 class ModelWeights:
     arena: torch.Tensor  # uint8, every weight is a view of it
-    embed: torch.Tensor
-    lm_head: torch.Tensor
+    embed: Weight
+    lm_head: Weight
     norm: torch.Tensor
     layers: list[LayerWeights]
+    dtype: torch.dtype  # of activations and dense weights
 
     @property
     def n_bytes(self) -> int:
@@ -169,15 +212,29 @@ class ModelWeights:
 
 
 def views(arena: torch.Tensor, lay: WeightLayout) -> dict[str, torch.Tensor]:
-    """Every slot as a typed, shaped view of the arena."""
+    """Every slot as a view of the arena: dense slots typed and shaped, raw slots as their bytes."""
     out = {}
     for s in lay.slots.values():
-        out[s.name] = arena[s.byte_offset : s.byte_offset + s.n_bytes].view(lay.dtype).view(s.shape)
+        raw = arena[s.byte_offset : s.byte_offset + s.n_bytes]
+        out[s.name] = raw if s.ggml_type is not None else raw.view(lay.dtype).view(s.shape)
     return out
+
+
+def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str) -> Weight:
+    if name not in lay.groups:
+        return v[name]
+    parts = []
+    for slot_name in lay.groups[name]:
+        s = lay.slots[slot_name]
+        assert s.ggml_type is not None
+        parts.append(QWeight(v[slot_name], s.ggml_type, s.shape[0], s.shape[1]))
+    return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
 
 def bind(arena: torch.Tensor, lay: WeightLayout, cfg: ModelConfig) -> ModelWeights:
     v = views(arena, lay)
+    for name in lay.groups:
+        v[name] = _matrix(v, lay, name)  # type: ignore[assignment]
     layers = [
         LayerWeights(
             attn_norm=v[f"{i}.attn_norm"],
@@ -194,4 +251,4 @@ def bind(arena: torch.Tensor, lay: WeightLayout, cfg: ModelConfig) -> ModelWeigh
         )
         for i in range(cfg.n_layers)
     ]
-    return ModelWeights(arena, v["embed"], v.get("lm_head", v["embed"]), v["norm"], layers)
+    return ModelWeights(arena, v["embed"], v.get("lm_head", v["embed"]), v["norm"], layers, lay.dtype)

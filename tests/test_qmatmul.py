@@ -1,0 +1,170 @@
+"""Fused dequant-matmul (issue 13): y = x·Wᵀ with W as GGUF blocks, for every fused type.
+
+Oracle: gguf-py's dequantizer (llama.cpp's Python port) + float64 matmul. Batch invariance: a row's
+result is bitwise identical whatever M is and wherever the row sits (the batching engine rests on it).
+On the CPU the kernel runs in Triton's interpreter; the ``gpu`` tests repeat it compiled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REQUIRE_REAL_GPU
+from kernel_testing import rel
+from test_dequant import F16_FIELDS, oracle
+from worker_orcd.engine.errors import KernelDimensionError
+from worker_orcd.engine.kernels.qmatmul import qlinear, qmatmul, qmatmul_reference
+from worker_orcd.engine.qweight import FUSED_TYPES, QWeight, WeightGroup
+from worker_orcd.gguf.constants import BLOCK_LAYOUT, GGMLType
+
+TYPES = sorted(FUSED_TYPES)
+FLOAT_NP = {GGMLType.F32: np.float32, GGMLType.F16: np.float16}
+
+
+def random_weight(t: GGMLType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random rows of type t as file bytes, scales small so fp16 never overflows (|w| <~ 2)."""
+    if t in FLOAT_NP:
+        return (rng.standard_normal((n, k)) * 0.05).astype(FLOAT_NP[t]).view(np.uint8).reshape(-1)
+    if t == GGMLType.BF16:
+        f = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(-1)
+    layout = BLOCK_LAYOUT[t]
+    nb = n * k // layout.block_size
+    blocks = rng.integers(0, 256, size=(nb, layout.type_size), dtype=np.uint8)
+    for off in F16_FIELDS[t]:
+        scale = (rng.random(nb) * 0.004 + 0.0005).astype(np.float16)
+        blocks[:, off : off + 2] = scale.view(np.uint8).reshape(nb, 2)
+    return blocks.reshape(-1)
+
+
+def make(t: GGMLType, n: int, k: int, rng: np.random.Generator, device: str) -> tuple[QWeight, torch.Tensor]:
+    raw = random_weight(t, n, k, rng)
+    w = QWeight(torch.from_numpy(raw).to(device), t, n, k)
+    return w, oracle(raw, t).view(n, k)
+
+
+@pytest.fixture
+def rowwise_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model the tensor core's per-element property in the interpreter: C[m, n] = acc continued by
+    a[m, k] * b[k, n] for k in order, in fp32, whatever the other rows hold.
+
+    The interpreter's own ``tl.dot`` is ``np.matmul(a, b) + acc``, whose result for a row changes with
+    the row's position and the operand shape (numpy's kernels; checked: all 50 of 50 random tiles).
+    With this model, what remains under test is the kernel's own structure: tiling, masking, the K
+    loop, GROUP_M, nothing depending on M. The GPU test checks the compiled mma for real.
+    """
+    if not REQUIRE_REAL_GPU:
+        from triton.runtime import interpreter
+
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # noqa: ANN001, ARG001
+            a32, b32 = a.data.astype(np.float32), b.data.astype(np.float32)
+            c = d.data.astype(np.float32).copy()
+            for k in range(a32.shape[-1]):
+                c += a32[..., :, k, None] * b32[..., None, k, :]
+            return interpreter.TensorHandle(c.astype(d.data.dtype), d.dtype.scalar)
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def k_for(t: GGMLType) -> int:
+    return 512 if BLOCK_LAYOUT[t].block_size == 256 else 320  # 320: a ragged last K tile
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_worker_4701_qmatmul_matches_gguf_float64(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    n, k = 40, k_for(t)
+    w, wf = make(t, n, k, rng, device)
+    x = torch.randn(5, k, generator=gen).to(device=device, dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(device)
+    y = qmatmul(x, w, bias)
+    assert y.dtype == torch.float16 and y.shape == (5, n)
+    ref = x.double().cpu() @ wf.to(torch.float16).double().t() + bias.double().cpu()
+    assert rel(y.cpu(), ref) < 2e-3
+    y32 = qmatmul(x, w, out_dtype=torch.float32)  # logits: fp32 output
+    assert y32.dtype == torch.float32
+    assert rel(y32.cpu(), ref - bias.double().cpu()) < 1e-5
+    assert torch.equal(qmatmul(x, w, bias), y), "not deterministic"
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+def test_worker_4711_qmatmul_batch_invariant(rowwise_dot: None, t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """Rows of M = 1..70 (one, two and four 16-row dots per program) equal the same rows at M = 70."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    n, k = 40, k_for(t)
+    w, _ = make(t, n, k, rng, device)
+    pool = torch.randn(70, k, generator=gen).to(device=device, dtype=torch.float16)
+    full = qmatmul(pool, w)
+    for m in (1, 2, 7, 16, 17, 33, 50):
+        idx = torch.randperm(70, generator=gen)[:m].to(device)
+        assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"
+
+
+def test_worker_4701_qmatmul_fp32_activations_and_bf16(gen: torch.Generator, device: str) -> None:
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    w, wf = make(GGMLType.Q6_K, 33, 256, rng, device)
+    cases = [(torch.float32, 1e-6)]
+    if device == "cuda":  # the interpreter's tl.dot multiplies bf16 as raw uint16 bits
+        cases.append((torch.bfloat16, 2e-2))
+    for dt, tol in cases:
+        x = torch.randn(3, 256, generator=gen).to(device=device, dtype=dt)
+        y = qmatmul(x, w)
+        assert y.dtype == dt
+        assert rel(y.cpu(), qmatmul_reference(x.cpu(), QWeight(w.raw.cpu(), w.ggml_type, 33, 256))) < tol
+
+
+def test_worker_4701_mixed_type_group_writes_each_part(gen: torch.Generator, device: str) -> None:
+    """Q4_K_M's fused QKV: Q and K in Q4_K, V in Q6_K; one output, each part its columns (+ bias)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    parts = [make(GGMLType.Q4_K, 32, 256, rng, device), make(GGMLType.Q4_K, 16, 256, rng, device),
+             make(GGMLType.Q6_K, 16, 256, rng, device)]  # fmt: skip
+    g = WeightGroup(tuple(p for p, _ in parts))
+    assert g.shape == (64, 256)
+    x = torch.randn(4, 256, generator=gen).to(device=device, dtype=torch.float16)
+    bias = torch.randn(64, generator=gen).to(device)
+    y = qlinear(x, g, bias)
+    wf = torch.cat([f for _, f in parts]).to(torch.float16).double()
+    assert rel(y.cpu(), x.double().cpu() @ wf.t() + bias.double().cpu()) < 2e-3
+    assert torch.equal(y[:, 48:], qmatmul(x, parts[2][0], bias[48:]))
+
+
+def test_worker_4400_qmatmul_bad_shapes_rejected(gen: torch.Generator, device: str) -> None:
+    rng = np.random.default_rng(1)
+    w, _ = make(GGMLType.Q8_0, 8, 64, rng, device)
+    x = torch.randn(2, 64, generator=gen).to(device=device, dtype=torch.float16)
+    bad = {
+        "K mismatch": lambda: qmatmul(torch.zeros(2, 96, dtype=torch.float16, device=device), w),
+        "x rank": lambda: qmatmul(x[0], w),
+        "x dtype": lambda: qmatmul(x.to(torch.int32), w),
+        "x stride": lambda: qmatmul(torch.zeros(64, 2, dtype=torch.float16, device=device).t(), w),
+        "out shape": lambda: qmatmul(x, w, out=torch.empty(2, 9, dtype=torch.float16, device=device)),
+        "bias shape": lambda: qmatmul(x, w, torch.zeros(7, device=device)),
+        "weight not QWeight": lambda: qmatmul(x, torch.zeros(8, 64)),  # type: ignore[arg-type]
+        "no rows": lambda: qmatmul(x[:0], w),
+    }
+    for what, call in bad.items():
+        with pytest.raises(KernelDimensionError, match="qmatmul"):
+            call()
+            pytest.fail(what)
+    with pytest.raises(ValueError):
+        QWeight(w.raw[:-1], GGMLType.Q8_0, 8, 64)
+    with pytest.raises(ValueError):
+        QWeight(w.raw, GGMLType.Q8_0, 8, 48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_worker_4711_gpu_qmatmul_batch_invariant_large(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """Compiled: rows at M = 1..2048 bitwise equal to the same rows at M = 2048 (7B-ish K), and exact."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    w, wf = make(t, 1000, 3584, rng, device)
+    pool = torch.randn(2048, 3584, generator=gen).to(device=device, dtype=torch.float16)
+    full = qmatmul(pool, w)
+    ref = pool.double() @ wf.to(device=device, dtype=torch.float16).double().t()
+    assert rel(full, ref) < 2e-3
+    for m in (1, 2, 3, 8, 15, 16, 17, 31, 32, 33, 64, 100, 128, 512, 1999):
+        idx = torch.randperm(2048, generator=gen)[:m].to(device)
+        assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"
+        assert torch.equal(qmatmul(pool[:m], w), full[:m]), f"M={m} prefix"

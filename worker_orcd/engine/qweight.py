@@ -1,0 +1,107 @@
+"""A matrix weight as it is resident: GGUF block bytes (any fused type), plus mixed-type groups.
+
+``QWeight`` is W[N, K] (torch orientation: N output features, rows of K
+inputs) kept as the file's blocks, row after row (a GGUF tensor of ggml shape
+(K, N) is exactly that). ``WeightGroup`` is several of them stacked along N
+(fused Q/K/V, gate/up): in a Q4_K_M file the parts have different types, so
+each part keeps its own bytes and the matmul writes each part's columns of
+one output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..gguf.constants import BLOCK_LAYOUT, GGMLType
+
+# Types the fused dequant-matmul kernel reads directly; others are dequantized at load.
+FUSED_TYPES: frozenset[GGMLType] = frozenset(
+    {
+        GGMLType.F32,
+        GGMLType.F16,
+        GGMLType.BF16,
+        GGMLType.Q8_0,
+        GGMLType.Q4_0,
+        GGMLType.Q4_1,
+        GGMLType.Q5_0,
+        GGMLType.Q5_1,
+        GGMLType.Q4_K,
+        GGMLType.Q5_K,
+        GGMLType.Q6_K,
+    }
+)
+
+
+def row_bytes(ggml_type: GGMLType, k: int) -> int:
+    """Bytes of one row of ``k`` elements (``k`` a multiple of the block size)."""
+    layout = BLOCK_LAYOUT[ggml_type]
+    if k % layout.block_size:
+        raise ValueError(f"{ggml_type.name}: row length {k} is not a multiple of {layout.block_size}")
+    return k // layout.block_size * layout.type_size
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """W[N, K] as GGUF blocks: ``raw`` is uint8 [N * row_bytes], row n at n * row_bytes."""
+
+    raw: torch.Tensor
+    ggml_type: GGMLType
+    n: int
+    k: int
+
+    def __post_init__(self) -> None:
+        want = self.n * row_bytes(self.ggml_type, self.k)
+        if self.raw.dtype != torch.uint8 or self.raw.dim() != 1 or self.raw.numel() != want:
+            raise ValueError(
+                f"QWeight {self.ggml_type.name} [{self.n}, {self.k}]: raw must be uint8 [{want}], "
+                f"got {self.raw.dtype} {tuple(self.raw.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    @property
+    def row_bytes(self) -> int:
+        return row_bytes(self.ggml_type, self.k)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The block bytes of rows ``idx`` as uint8 [len(idx) * row_bytes] (for an embedding lookup)."""
+        return self.raw.view(self.n, self.row_bytes).index_select(0, idx.reshape(-1)).reshape(-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole matrix [N, K] in ``dtype`` (tests, references, the CPU fallback)."""
+        from .dequant import dequantize
+
+        return dequantize(self.raw, self.ggml_type, self.n * self.k, dtype).view(self.n, self.k)
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """Parts stacked along N: y[:, off_i : off_i + n_i] = x @ part_i.T (one launch per part)."""
+
+    parts: tuple[QWeight, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or len({p.k for p in self.parts}) != 1:
+            raise ValueError("WeightGroup needs at least one part, all with the same K")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.n for p in self.parts), self.parts[0].k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts])
+
+
+Weight = torch.Tensor | QWeight | WeightGroup

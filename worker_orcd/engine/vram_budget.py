@@ -1,0 +1,92 @@
+"""What the CUDA engine keeps resident for a model, from the GGUF header alone, without torch.
+
+``inspect --json`` reports it as ``vram_plan`` on machines with no GPU (host
+layer: no torch here). The numbers are those ``plan.plan_vram`` uses for the
+CUDA engine's INSUFFICIENT_VRAM check (tests hold the two equal): matrices stay
+GGUF blocks (``weights.py``, quantized residency), 1-D tensors (norms, the
+fused Q/K/V bias) are 16-bit, every slot rounded up to the arena alignment;
+the KV cache is 16-bit K and V per layer and token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..gguf import GGUFFile
+from .config import ModelConfig
+
+ARENA_ALIGN = 256  # bytes, as weights.ARENA_ALIGN
+RESIDENT_ITEMSIZE = 2  # fp16 (bf16 for Gemma 3) activations, KV cache and dense weights on CUDA
+MIN_SEQ_LEN = 16  # the smallest KV pool a load accepts
+KV_BLOCK_SIZE = 16  # tokens per paged-KV block (paged_kv.py); one extra block is the runner's scratch
+# With no --kv-cache-size-mb: a pool of this many full contexts (GPU) / one (CPU dev mode).
+DEFAULT_CONTEXTS_CUDA = 4
+DEFAULT_CONTEXTS_CPU = 1
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ARENA_ALIGN) * ARENA_ALIGN
+
+
+def resident_weight_bytes(g: GGUFFile, itemsize: int = RESIDENT_ITEMSIZE) -> int:
+    """Arena bytes of the quantized-resident layout: raw blocks per matrix, dense 1-D slots."""
+    total = 0
+    dense: dict[str, int] = {}
+    for t in g.tensors:
+        if len(t.shape) >= 2:
+            total += _aligned(t.n_bytes)
+        else:
+            key = t.name
+            for part in ("attn_q.bias", "attn_k.bias", "attn_v.bias"):
+                key = key.replace(part, "attn_qkv.bias")  # fused into one slot
+            dense[key] = dense.get(key, 0) + t.n_elements * itemsize
+    return total + sum(_aligned(n) for n in dense.values())
+
+
+def kv_bytes_per_token(cfg: ModelConfig, itemsize: int = RESIDENT_ITEMSIZE) -> int:
+    return 2 * cfg.n_layers * cfg.kv_dim * itemsize
+
+
+def kv_pool_tokens(
+    cfg: ModelConfig, kv_cache_mb: int | None, itemsize: int = RESIDENT_ITEMSIZE, dev_mode: bool = False
+) -> int:
+    """Tokens the paged KV pool holds for all jobs together (a multiple of the block size; 0 if < 16)."""
+    if kv_cache_mb is None:
+        n = cfg.context_length * (DEFAULT_CONTEXTS_CPU if dev_mode else DEFAULT_CONTEXTS_CUDA)
+    else:
+        n = kv_cache_mb * (1 << 20) // kv_bytes_per_token(cfg, itemsize)
+        if n < MIN_SEQ_LEN:
+            return 0
+    return n // KV_BLOCK_SIZE * KV_BLOCK_SIZE
+
+
+def max_context(
+    cfg: ModelConfig, kv_cache_mb: int | None, itemsize: int = RESIDENT_ITEMSIZE, dev_mode: bool = False
+) -> int:
+    """The longest job (prompt + output): the model's context, or the whole pool if smaller; 0 if < 16."""
+    return min(cfg.context_length, kv_pool_tokens(cfg, kv_cache_mb, itemsize, dev_mode))
+
+
+def kv_cache_bytes(cfg: ModelConfig, kv_cache_mb: int | None, itemsize: int = RESIDENT_ITEMSIZE, dev_mode: bool = False) -> int:
+    """Bytes of the paged pool as allocated: its blocks plus the scratch block."""
+    pool = kv_pool_tokens(cfg, kv_cache_mb, itemsize, dev_mode)
+    return (pool + KV_BLOCK_SIZE) * kv_bytes_per_token(cfg, itemsize) if pool else 0
+
+
+def vram_plan_summary(cfg: ModelConfig, g: GGUFFile, kv_cache_mb: int | None) -> dict[str, Any]:
+    """The ``vram_plan`` object of ``inspect --json`` (bytes; scratch and margin are the engine's)."""
+    weights = resident_weight_bytes(g)
+    per_token = kv_bytes_per_token(cfg)
+    ctx = max_context(cfg, kv_cache_mb)
+    kv = kv_cache_bytes(cfg, kv_cache_mb)
+    return {
+        "engine": "cuda",
+        "weights_bytes": weights,
+        "file_tensor_bytes": g.tensor_bytes,
+        "kv_bytes_per_token": per_token,
+        "kv_cache_size_mb": kv_cache_mb,
+        "kv_pool_tokens": kv_pool_tokens(cfg, kv_cache_mb),
+        "max_context": ctx,
+        "kv_cache_bytes": kv,
+        "weights_and_kv_bytes": weights + kv,
+    }
