@@ -124,6 +124,9 @@ def test_worker_4103_inspect_json_has_vram_plan(q4km: Path) -> None:
     g = parse_file(q4km)
     cfg = model_config(g)
     assert plan["kv_bytes_per_token"] == 2 * cfg.n_layers * cfg.kv_dim * 2
-    assert plan["max_context"] == min(cfg.context_length, (1 << 20) // plan["kv_bytes_per_token"])
+    pool = (1 << 20) // plan["kv_bytes_per_token"] // 16 * 16  # whole 16-token blocks
+    assert plan["kv_pool_tokens"] == pool
+    assert plan["max_context"] == min(cfg.context_length, pool)
+    assert plan["kv_cache_bytes"] == (pool + 16) * plan["kv_bytes_per_token"]  # + the runner's scratch block
     assert plan["weights_bytes"] == weight_layout(cfg, g, torch.float16, quantized=True).total_bytes
-    assert plan["weights_and_kv_bytes"] == plan["weights_bytes"] + plan["max_context"] * plan["kv_bytes_per_token"]
+    assert plan["weights_and_kv_bytes"] == plan["weights_bytes"] + plan["kv_cache_bytes"]
