@@ -1,0 +1,117 @@
+"""The paged attention kernel (prefill chunks and decode rows in one launch) vs a float64 reference,
+plus its batch invariance on the GPU (SPEC 4700, 4710; issue 8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker_orcd.engine import ops
+from worker_orcd.engine.errors import EngineError
+from worker_orcd.engine.kernels.paged_attention import paged_attention, tile_shape
+from worker_orcd.engine.runner import AttentionMeta
+from kernel_testing import TOL, randn, rel
+
+BS = 16
+
+
+def build(rows: list[tuple[int, int]], hq: int, hk: int, n_blocks: int, gen: torch.Generator, device: str):  # noqa: ANN201
+    """rows: (start, qlen) per row. Random block tables (distinct blocks per row, shuffled)."""
+    perm = torch.randperm(n_blocks, generator=gen).tolist()
+    tables, host_rows, tile_row, tile_q0 = [], [], [], []
+    qstart = 0
+    _, block_t = tile_shape(hq, hk)
+    for r, (start, qlen) in enumerate(rows):
+        need = -(-(start + qlen) // BS)
+        tables.append([perm.pop() for _ in range(need)])
+        host_rows.append((qstart, qlen, start))
+        for q0 in range(0, qlen, block_t):
+            tile_row.append(r)
+            tile_q0.append(q0)
+        qstart += qlen
+    width = max(len(t) for t in tables)
+    bt = torch.zeros((len(rows), width), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t)
+
+    def i32(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    meta = AttentionMeta(
+        bt.to(device), i32(tile_row), i32(tile_q0), i32([q for q, _, _ in host_rows]),
+        i32([n for _, n, _ in host_rows]), i32([s for _, _, s in host_rows]), host_rows, tables,
+    )
+    return meta, qstart
+
+
+CASES = [
+    # rows (start, qlen), Hq, Hk, D, window, dtype
+    ([(0, 37)], 4, 2, 64, None, torch.float32),
+    ([(0, 1), (40, 1), (3, 1)], 14, 2, 64, None, torch.float32),  # decode rows, GQA 7
+    ([(0, 20), (35, 1), (16, 9), (100, 3)], 4, 4, 128, None, torch.float32),  # mixed prefill + decode
+    ([(0, 30), (50, 1)], 2, 1, 256, 8, torch.float32),  # sliding window (Gemma 3 local layers)
+    ([(0, 33), (17, 1)], 14, 2, 64, None, torch.float16),
+    ([(5, 12), (64, 1)], 4, 1, 128, 16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[0])}rows-{c[1]}x{c[2]}-D{c[3]}-w{c[4]}-{str(c[5])[6:]}")
+def test_worker_4700_paged_attention_matches_float64(gen: torch.Generator, device: str, case: tuple) -> None:
+    rows, hq, hk, d, window, dtype = case
+    n_blocks = sum(-(-(s + n) // BS) for s, n in rows) + 5
+    meta, T = build(rows, hq, hk, n_blocks, gen, device)
+    kc = randn(gen, n_blocks, BS, hk, d, dtype=dtype, device=device)
+    vc = randn(gen, n_blocks, BS, hk, d, dtype=dtype, device=device)
+    q = randn(gen, T, hq, d, dtype=dtype, device=device)
+    scale = d**-0.5
+    out = torch.full_like(q, float("nan"))
+    paged_attention(
+        q, kc, vc, meta.block_tables, meta.tile_row, meta.tile_q0, meta.row_qstart, meta.row_qlen, meta.row_start,
+        scale, sliding_window=window, out=out,
+    )
+    assert torch.isfinite(out).all(), "every query row must be written"
+    ref = ops.paged_attention(q.cpu().double(), kc.cpu().double(), vc.cpu().double(), meta, scale, sliding_window=window)
+    assert rel(out.cpu(), ref) < TOL[dtype], rel(out.cpu(), ref)
+
+
+def test_worker_4700_paged_attention_rejects_bad_shapes(device: str) -> None:
+    q = torch.zeros(4, 6, 64, device=device)
+    kc = torch.zeros(3, BS, 4, 64, device=device)  # 6 heads over 4 kv heads
+    z = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(EngineError, match="not a multiple"):
+        paged_attention(q, kc, kc, z[None], z, z, z, z + 4, z, 0.1)
+    with pytest.raises(EngineError, match="int32"):
+        paged_attention(q[:, :4], kc, kc, z[None].long(), z, z, z, z + 4, z, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_worker_4710_paged_attention_batch_invariant(gen: torch.Generator, device: str, dtype: torch.dtype) -> None:
+    """A decode row, or a prefill chunk's token, gives bitwise the same output alone, among other rows,
+    at another place in the batch, or inside a differently chunked prompt."""
+    hq, hk, d = 28, 4, 128
+    n_blocks = 64
+    kc = randn(gen, n_blocks, BS, hk, d, dtype=dtype, device=device)
+    vc = randn(gen, n_blocks, BS, hk, d, dtype=dtype, device=device)
+    table = torch.randperm(n_blocks, generator=gen)[:40].tolist()
+    n = 300
+    q_all = randn(gen, n, hq, d, dtype=dtype, device=device)
+
+    def run(layout: list[tuple[int, int]], extra: int) -> torch.Tensor:
+        """layout: chunks (start, qlen) of the same sequence, plus ``extra`` unrelated decode rows first."""
+        rows = [(int(torch.randint(0, 200, (1,), generator=gen)), 1) for _ in range(extra)] + layout
+        meta, T = build(rows, hq, hk, n_blocks, gen, device)
+        tables = meta.block_tables.clone()
+        for i in range(extra, len(rows)):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        qs = [randn(gen, 1, hq, d, dtype=dtype, device=device) for _ in range(extra)]
+        qs += [q_all[s : s + ln] for s, ln in layout]
+        q = torch.cat(qs)
+        out = paged_attention(q, kc, vc, tables, meta.tile_row, meta.tile_q0, meta.row_qstart, meta.row_qlen,
+                              meta.row_start, d**-0.5)
+        return out[extra:]
+
+    whole = run([(0, n)], 0)
+    assert torch.equal(run([(0, 100), (100, 77), (177, 123)], 5), whole)
+    assert torch.equal(run([(s, 1) for s in range(250, 300)], 30)[-50:], whole[250:])
+    assert torch.equal(run([(0, 299), (299, 1)], 63)[-1:], whole[-1:])
