@@ -41,7 +41,7 @@ def _paged_kernel(
     stride_kb, stride_ks, stride_kh, stride_bt,
     scale_log2, window,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -86,7 +86,10 @@ def _paged_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        if IEEE:  # fp32 inputs (tests): exact fp32 products, not tf32
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale_log2
         vis = n[None, :] <= pos[:, None]
         if HAS_WINDOW:
             vis = vis & (pos[:, None] - n[None, :] < window)
@@ -96,8 +99,8 @@ def _paged_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if UPCAST:
-            pv = tl.dot(p, v)
+        if UPCAST or IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
@@ -178,7 +181,7 @@ def paged_attention(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             scale * _LOG2E, window,
             G=Hq // Hk, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n(D, q.dtype), BS=BS, D=D,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_WINDOW=window > 0, UPCAST=upcast,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_WINDOW=window > 0, UPCAST=upcast, IEEE=q.dtype == torch.float32,
             num_warps=4, num_stages=2,
         )
     except Exception as exc:  # noqa: BLE001

@@ -1,0 +1,105 @@
+"""Where a decode step's time goes: graph replay (GPU) vs the runner's host work vs the engine loop.
+
+For batch sizes B: a pure-decode StepBatch of B rows at context ~C is timed
+as (a) the captured graph's replay alone, (b) ``runner.step`` (inputs, replay,
+sampling, the host read), (c) the engine loop end to end (one job per row,
+tokens/s per row); and one eager step under the torch profiler lists the
+kernels by device time. Prints a short table; JSON to $OUT/profile_step.json.
+
+    python benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from synth import write_synthetic_model  # noqa: E402
+
+from worker_orcd.batching.step import SampleSpec, StepBatch, StepRow  # noqa: E402
+from worker_orcd.engine.api import Engine, SamplingParams  # noqa: E402
+from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
+from worker_orcd.seal import Sealer  # noqa: E402
+
+
+def med_ms(fn, n: int = 30) -> float:  # noqa: ANN001
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen2.5-0.5b")
+    ap.add_argument("--type", default="F16")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    path = Path("/tmp/profile-step") / f"{args.shape}-{args.type}.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        write_synthetic_model(path, args.shape, args.type)  # type: ignore[arg-type]
+    engine = Engine.open("cuda", 0)
+    rm = engine.load(validate_model(str(path), LoadOptions(model_root=path.parent)), shard_id="p", sealer=Sealer(),
+                     max_batch=max(args.batch))
+    runner = rm.runner
+    bs = runner.block_size
+    per_row = -(-(args.context + 1) // bs)
+    rows_out = []
+    for b in args.batch:
+        rows = tuple(
+            StepRow(i, (7,), args.context, tuple(range(i * per_row, (i + 1) * per_row)),
+                    SampleSpec(SamplingParams(max_tokens=1), 0))
+            for i in range(b)
+        )
+        batch = StepBatch(rows)
+        bucket = min(x for x in runner.graphs if x >= b)
+        graph, _ = runner.graphs[bucket]
+        replay = med_ms(graph.replay)
+        step = med_ms(lambda: runner.step(batch))
+        eager_rows = StepBatch(rows)
+        graphs = dict(runner.graphs)
+        runner.graphs.clear()
+        eager = med_ms(lambda: runner.step(eager_rows), 10)
+        runner.graphs.update(graphs)
+        r = {"batch": b, "bucket": bucket, "replay_ms": replay, "step_ms": step, "eager_step_ms": eager,
+             "host_ms": step - replay, "tok_s_at_step": b / step * 1e3}
+        rows_out.append(r)
+        print(json.dumps(r), flush=True)
+        if args.profile and b in (1, max(args.batch)):
+            runner.graphs.clear()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                runner.step(eager_rows)
+                torch.cuda.synchronize()
+            runner.graphs.update(graphs)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print("\n| B | bucket | graph replay ms | runner.step ms | host ms | eager step ms | tok/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows_out:
+        print(f"| {r['batch']} | {r['bucket']} | {r['replay_ms']:.3f} | {r['step_ms']:.3f} | {r['host_ms']:.3f} | "
+              f"{r['eager_step_ms']:.3f} | {r['tok_s_at_step']:,.0f} |")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "profile_step.json").write_text(json.dumps(rows_out, indent=1))
+    rm.close()
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
