@@ -147,9 +147,32 @@ def run_serve(args: argparse.Namespace) -> int:
             level=logging.WARNING,
         )
     try:
-        return asyncio.run(serve(config, real_binding(config), drop_plan=plan))
+        code = asyncio.run(serve(config, real_binding(config), drop_plan=plan))
     except KeyboardInterrupt:
-        return EXIT_OK
+        code = EXIT_OK
+    return exit_process(code)
+
+
+def exit_process(code: int, exit_now: Callable[[int], None] = os._exit) -> int:
+    """Exit with ``code`` even while an engine thread is still inside torch (issue 10, defect 1).
+
+    A drain may cancel a job whose thread cannot stop yet (a long prefill, a device call):
+    its slot is abandoned and the process ends. Letting the interpreter finalise then is
+    fatal: CPython ends a daemon thread that wakes up during finalisation with
+    ``pthread_exit``, whose forced unwind through torch's ``noexcept`` C++ frames calls
+    ``std::terminate`` (SIGABRT, rc -6, a non-JSON line on stderr) after the log already said
+    "exit code 0". So when any other thread is alive, everything logged is flushed and the
+    process leaves at once with the code the log stated. With no thread left the
+    interpreter exits normally.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if others:
+        logs.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        exit_now(code)
+    return code
 
 
 def real_binding(config: WorkerConfig) -> EngineBinding:
