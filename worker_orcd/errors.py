@@ -74,12 +74,16 @@ class WorkerError(Exception):
         code: ErrorCode | None = None,
         retriable: bool | None = None,
         retry_after_ms: int | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         info = CODE_INFO[self.code]
         self.message = message
+        # For the operator's log only, never rendered to a caller: resolved paths, the model
+        # root, bytes of a file, OS errors (issue 10, defect 9). The message stays generic.
+        self.detail = detail
         self.retriable = info.retriable if retriable is None else retriable
         self.retry_after_ms = info.retry_after_ms if retry_after_ms is None else retry_after_ms
 

@@ -337,9 +337,10 @@ def _http_server(worker: Worker, config: WorkerConfig, auth: BearerAuth) -> _Ser
     """The app and uvicorn, fully imported and configured while every file is still readable."""
     from . import tokenizer  # noqa: F401 - imported lazily by a later commit; import it before the drop
     from .http import create_app
+    from .http.protocol import WorkerH11Protocol
 
     uv = uvicorn.Config(
-        create_app(worker, auth), lifespan="off", log_config=None, access_log=False, http="h11",
+        create_app(worker, auth), lifespan="off", log_config=None, access_log=False, http=WorkerH11Protocol,
         server_header=False,
         timeout_graceful_shutdown=shutdown_grace(config.shutdown_timeout_sec) / 4,  # type: ignore[arg-type]
     )
@@ -438,7 +439,7 @@ def _on_signal(worker: Worker, sig: int) -> None:
 async def _startup_failed(worker: Worker, error: WorkerError) -> int:
     logs.event(
         "startup_failed", "Startup failed: {error}", level=logging.ERROR,
-        code=error.code.value, error=error.message,
+        code=error.code.value, error=error.message + (f" ({error.detail})" if error.detail else ""),
     )
     worker.set_state(State.STOPPED)
     await worker.report_failure(error)
