@@ -52,7 +52,7 @@ CODE_INFO: dict[ErrorCode, CodeInfo] = {
     ErrorCode.SEAL_VERIFICATION_FAILED: CodeInfo(500, False, None, "resident weights or seal no longer match; worker stops"),
     ErrorCode.INSUFFICIENT_VRAM: CodeInfo(507, False, None, "model + KV cache + scratch do not fit in free VRAM"),
     ErrorCode.VRAM_OOM: CodeInfo(503, True, 1000, "device allocation failed during a request"),
-    ErrorCode.HOST_OOM: CodeInfo(503, True, 1000, "host allocation failed"),
+    ErrorCode.HOST_OOM: CodeInfo(503, True, 1000, "host allocation failed, or no disk space to stage a streamed commit"),
     ErrorCode.CUDA_ERROR: CodeInfo(500, False, None, "CUDA/driver error; worker stops"),
     ErrorCode.INFERENCE_TIMEOUT: CodeInfo(504, True, 0, "job exceeded the inference timeout"),
     ErrorCode.CANCELLED: CodeInfo(409, False, None, "job cancelled by its owner or by client disconnect"),
