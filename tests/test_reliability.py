@@ -29,13 +29,13 @@ import adversarial as adv  # noqa: E402
 from worker_orcd.http import protocol  # noqa: E402
 
 
-def _bare(tmp: Path, root: Path, extra: list[str] | None = None) -> tuple[Proc, str]:
+def _bare(tmp: Path, root: Path, extra: list[str] | None = None, listen_s: float = 120) -> tuple[Proc, str]:
     token_file, token, _ = write_tokens(tmp)
     port = _free_port()
     p = start(tmp, ["--worker-id", "adv", "--device", "cpu", "--model-root", str(root), "--port", str(port),
                     "--upload-dir", str(tmp), *(extra or [])], token_file)
     p.url = f"http://127.0.0.1:{port}"
-    _wait_listening(p, 120)
+    _wait_listening(p, listen_s)  # with --model it listens only once the model is sealed
     return p, token
 
 
@@ -195,7 +195,7 @@ def test_streamed_commit_larger_than_free_disk_refused_before_storing(bare: tupl
 @pytest.fixture(scope="module")
 def sealed(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str, Path]]:
     tmp = tmp_path_factory.mktemp("sealed")
-    p, token = _bare(tmp, gemma_path.parent, ["--model", gemma_path.name])
+    p, token = _bare(tmp, gemma_path.parent, ["--model", gemma_path.name], listen_s=600)
     with p.client(None) as c:
         deadline = time.monotonic() + 600
         while c.get("/health").json()["state"] != "ready":
