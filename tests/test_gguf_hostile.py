@@ -53,7 +53,7 @@ def tensors_at(*infos: bytes, kvs: tuple[bytes, ...] = (ARCH,)) -> tuple[bytes, 
 
 
 def test_worker_4312_wrong_magic(refuse) -> None:
-    refuse(image([ARCH], magic=b"GGML"), "magic", 0, "expected b'GGUF'")
+    refuse(image([ARCH], magic=b"GGML"), "magic", 0, "not a GGUF file")
 
 
 @pytest.mark.parametrize("version", [1, 4, 0, 2**32 - 1, 0x03000000])

@@ -126,7 +126,7 @@ def test_worker_4312_inspect_corrupt_file_one_line_error(tmp_path: Path) -> None
 def test_worker_4312_inspect_not_gguf(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    assert_one_line_error(cli("inspect", path, "--json"), "MODEL_LOAD_FAILED", "expected b'GGUF', found b'hell'")
+    assert_one_line_error(cli("inspect", path, "--json"), "MODEL_LOAD_FAILED", "not a GGUF file (bad magic number) (expected b'GGUF', found b'hell')")
 
 
 def test_worker_4321_inspect_digest_mismatch(tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ def test_worker_4332_flipped_byte_in_signature_refused(keys: tuple[Path, Path], 
         sig_path.write_bytes(bytes(sig))
         key = load_public_key(pub)
         message = _refused_sig(sha256_path(model), sig_path, key)
-        assert f"Ed25519 signature {sig_path} does not verify with public key {public_key_fingerprint(key)}" in message
+        assert f"Ed25519 signature does not verify with public key {public_key_fingerprint(key)}" in message
         sig[index] ^= 0x01
         sig_path.write_bytes(bytes(sig))
     verify_signature(sha256_path(model), sig_path, load_public_key(pub))
@@ -226,7 +226,7 @@ def test_worker_4333_missing_signature_refused_when_key_configured(keys: tuple[P
     _, pub = keys
     message = _refused_sig(sha256_path(model), signature_path_for(model), load_public_key(pub))
     assert message.startswith("signature required (public key ed25519:")
-    assert message.endswith(f"but {signature_path_for(model)} is missing")
+    assert message.endswith("but the model's .sig file is missing") and str(model) not in message
 
 
 @pytest.mark.parametrize("size", [0, 63, 65, 128])

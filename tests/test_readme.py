@@ -34,3 +34,20 @@ def test_worker_4995_ci_runs_the_readme_test_command() -> None:
     test_cmd = "python -m pytest -q"
     assert f". .venv/bin/activate && {test_cmd}" in readme
     assert any(line.strip() == test_cmd for line in ci.splitlines()), ".ci/run must call the README's test command"
+
+
+def test_readme_log_allow_list_equals_fields() -> None:
+    """Issue 10, defect 10: the README listed fewer log fields than the code lets through."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("drawn only from this allow-list")
+    listed = re.findall(r"`([a-z0-9_]+)`", readme[start : readme.index("**Redaction is structural**")])
+    from worker_orcd.logs import FIELDS
+
+    assert set(listed) - {"worker_orcd"} == set(FIELDS)
+
+
+def test_readme_request_metric_labels_are_the_codes() -> None:
+    """Issue 10, defect 10: `worker_requests_total` is labelled `success` or an error code (metrics.outcome)."""
+    row = next(ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("| `worker_requests_total`"))
+    assert "`success`" in row and "error code" in row
+    assert not {"unauthorized", "unavailable", "client_error", "server_error"} & set(re.findall(r"`(\w+)`", row))

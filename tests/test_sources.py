@@ -50,10 +50,14 @@ def shm_segment() -> Iterator[str]:
 
 
 def _refused(ref: str, root: Path | str) -> str:
+    return _refusal(ref, root).message
+
+
+def _refusal(ref: str, root: Path | str) -> ModelLoadError:
     with pytest.raises(ModelLoadError) as info:
         resolve_model_source(ref, root)
     assert info.value.code is ErrorCode.MODEL_LOAD_FAILED
-    return info.value.message
+    return info.value
 
 
 # --- plain paths and file: URIs ----------------------------------------------------------------
@@ -90,11 +94,11 @@ def test_worker_file_uri_remote_host_and_relative_path_refused(root: Path) -> No
 
 
 def test_worker_4341_dotdot_outside_root_refused(root: Path) -> None:
-    message = _refused("../outside.gguf", root)
+    err = _refusal("../outside.gguf", root)
     resolved_root = root.resolve()
-    assert f"resolves outside the model root {resolved_root}" in message
-    assert str(resolved_root.parent / "outside.gguf") in message  # says where it landed
-    assert "--model-root" in message
+    assert "resolves outside the model root" in err.message and "--model-root" in err.message
+    assert str(resolved_root) not in err.message  # the caller learns the rule, not the layout (issue 10, 9)
+    assert err.detail is not None and str(resolved_root.parent / "outside.gguf") in err.detail  # the log does
 
 
 def test_worker_4341_dotdot_staying_inside_root_is_fine(root: Path) -> None:
@@ -102,11 +106,11 @@ def test_worker_4341_dotdot_staying_inside_root_is_fine(root: Path) -> None:
 
 
 def test_worker_4341_absolute_path_elsewhere_refused(root: Path) -> None:
-    message = _refused("/etc/passwd", root)
-    assert message == (
-        f"model path /etc/passwd resolves outside the model root {root.resolve()} "
-        "(set --model-root to the directory that holds your models)"
+    err = _refusal("/etc/passwd", root)
+    assert err.message == (
+        "model path resolves outside the model root (set --model-root to the directory that holds your models)"
     )
+    assert err.detail == f"/etc/passwd resolves to /etc/passwd, outside the model root {root.resolve()}"
     assert "resolves outside" in _refused(f"file:{root.parent}/outside.gguf", root)
 
 
@@ -117,8 +121,9 @@ def test_worker_4341_outside_root_refused_before_existence_is_checked(root: Path
 
 def test_worker_4342_symlink_inside_root_pointing_outside_refused(root: Path) -> None:
     (root / "evil.gguf").symlink_to(root.parent / "outside.gguf")
-    message = _refused("evil.gguf", root)
-    assert "resolves outside" in message and str(root.parent.resolve() / "outside.gguf") in message
+    err = _refusal("evil.gguf", root)
+    assert "resolves outside" in err.message and "outside.gguf" not in err.message  # no symlink target
+    assert err.detail is not None and str(root.parent.resolve() / "outside.gguf") in err.detail
     (root / "evil-dir").symlink_to(root.parent)
     assert "resolves outside" in _refused("evil-dir/outside.gguf", root)
 

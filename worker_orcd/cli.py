@@ -264,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return _exit_code(e)
     except WorkerError as e:
-        print(f"{PROG}: error: {e.code.value}: {e.message}", file=sys.stderr)
+        detail = f" ({e.detail})" if e.detail else ""  # the operator's own tool: the detail is theirs
+        print(f"{PROG}: error: {e.code.value}: {e.message}{detail}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `worker-orcd inspect M | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

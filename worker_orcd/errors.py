@@ -52,7 +52,7 @@ CODE_INFO: dict[ErrorCode, CodeInfo] = {
     ErrorCode.SEAL_VERIFICATION_FAILED: CodeInfo(500, False, None, "resident weights or seal no longer match; worker stops"),
     ErrorCode.INSUFFICIENT_VRAM: CodeInfo(507, False, None, "model + KV cache + scratch do not fit in free VRAM"),
     ErrorCode.VRAM_OOM: CodeInfo(503, True, 1000, "device allocation failed during a request"),
-    ErrorCode.HOST_OOM: CodeInfo(503, True, 1000, "host allocation failed"),
+    ErrorCode.HOST_OOM: CodeInfo(503, True, 1000, "host allocation failed, or no disk space to stage a streamed commit"),
     ErrorCode.CUDA_ERROR: CodeInfo(500, False, None, "CUDA/driver error; worker stops"),
     ErrorCode.INFERENCE_TIMEOUT: CodeInfo(504, True, 0, "job exceeded the inference timeout"),
     ErrorCode.CANCELLED: CodeInfo(409, False, None, "job cancelled by its owner or by client disconnect"),
@@ -74,12 +74,16 @@ class WorkerError(Exception):
         code: ErrorCode | None = None,
         retriable: bool | None = None,
         retry_after_ms: int | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         info = CODE_INFO[self.code]
         self.message = message
+        # For the operator's log only, never rendered to a caller: resolved paths, the model
+        # root, bytes of a file, OS errors (issue 10, defect 9). The message stays generic.
+        self.detail = detail
         self.retriable = info.retriable if retriable is None else retriable
         self.retry_after_ms = info.retry_after_ms if retry_after_ms is None else retry_after_ms
 

@@ -203,21 +203,26 @@ def verify_signature(digest_hex: str, sig_path: str | os.PathLike[str], public_k
             sig = fh.read(SIGNATURE_BYTES + 1)
     except FileNotFoundError:
         raise ModelLoadError(
-            f"signature required (public key {fingerprint} is configured) but {sig_path} is missing"
+            f"signature required (public key {fingerprint} is configured) but the model's .sig file is missing",
+            detail=f"missing: {sig_path}",
         ) from None
     except OSError as e:
-        raise ModelLoadError(f"signature file {sig_path} cannot be read: {e.strerror or e}") from None
+        raise ModelLoadError(
+            "the model's .sig file cannot be read", detail=f"{sig_path}: {e.strerror or e}"
+        ) from None
     if len(sig) != SIGNATURE_BYTES:
         size = f"{len(sig)} bytes" if len(sig) <= SIGNATURE_BYTES else f"more than {SIGNATURE_BYTES} bytes"
         raise ModelLoadError(
-            f"signature file {sig_path} has {size}; an Ed25519 signature is exactly {SIGNATURE_BYTES} raw bytes"
+            f"the model's .sig file has {size}; an Ed25519 signature is exactly {SIGNATURE_BYTES} raw bytes",
+            detail=str(sig_path),
         )
     try:
         public_key.verify(sig, message)
     except InvalidSignature:
         raise ModelLoadError(
-            f"Ed25519 signature {sig_path} does not verify with public key {fingerprint} "
-            f"for sha256 {message[len(SIGNATURE_CONTEXT):].hex()}"
+            f"the model's Ed25519 signature does not verify with public key {fingerprint} "
+            f"for sha256 {message[len(SIGNATURE_CONTEXT):].hex()}",
+            detail=str(sig_path),
         ) from None
 
 

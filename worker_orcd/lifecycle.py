@@ -242,11 +242,15 @@ class Worker:
         """Validate, load and seal one model (SPEC 4220-4227); (handle, newly loaded).
 
         Repeating the commit of the loaded model returns its handle; a different one is refused (4022).
+        A repeat is checked like a first commit (issue 10, defect 3): its source is resolved under
+        the model root, hashed and parsed, and must be the sealed bytes; naming the sealed model
+        is not enough.
         """
         async with self._commit_lock:
             current = self.handle
             if current is not None:
                 if self._same_model(current, req):
+                    await self._check_repeat(current, req)
                     return current, False
                 raise ModelLoadError(
                     f"this worker already holds model {current.model_ref!r} (digest {current.digest}); "
@@ -318,6 +322,15 @@ class Worker:
         if callable(stats):
             self.metrics.bind_engine(stats)
         return resident, validated.size
+
+    async def _check_repeat(self, current: ModelShardHandle, req: Commit) -> None:
+        options = self._load_options(req.model_root, req.expected_sha256)
+        validated = await asyncio.to_thread(validate_model, req.source, options, None, self._loader_log)
+        if validated.digest != current.digest:
+            raise ModelLoadError(
+                f"this worker already holds model {current.model_ref!r} (digest {current.digest}); the file named "
+                "by this commit is a different model (SPEC 4022)"
+            )
 
     def _same_model(self, current: ModelShardHandle, req: Commit) -> bool:
         if req.shard_id is not None and req.shard_id != current.shard_id:

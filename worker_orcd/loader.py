@@ -109,7 +109,9 @@ def validate_model(
         if _identity(fh) != before or gguf.file_size != size:
             # Same descriptor, so only an in-place rewrite can do this: the parsed bytes
             # may not be the hashed ones.
-            raise ModelLoadError(f"model file {source.path} changed while it was being validated; refusing it")
+            raise ModelLoadError(
+                "the model file changed while it was being validated; refusing it", detail=str(source.path)
+            )
 
     partial = mcd_fields(gguf, model_id=source.path.stem)
     sidecar = sidecar_path_for(source.path)

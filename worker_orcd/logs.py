@@ -72,7 +72,7 @@ FIELDS: Mapping[str, Kind] = MappingProxyType(
         # lifecycle / errors
         "state": "id", "from_state": "id", "code": "id", "retriable": "bool", "error": "text",
         "exc_type": "id", "traceback": "trace", "reason": "text", "signal": "id", "exit_code": "int",
-        "timeout_sec": "num", "attempt": "int", "attempts": "int", "delay_ms": "num",
+        "timeout_sec": "num", "connections": "int", "max_connections": "int", "attempt": "int", "attempts": "int", "delay_ms": "num",
     }
 )
 _EVENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")

@@ -150,9 +150,32 @@ def run_serve(args: argparse.Namespace) -> int:
             level=logging.WARNING,
         )
     try:
-        return asyncio.run(serve(config, real_binding(config), drop_plan=plan))
+        code = asyncio.run(serve(config, real_binding(config), drop_plan=plan))
     except KeyboardInterrupt:
-        return EXIT_OK
+        code = EXIT_OK
+    return exit_process(code)
+
+
+def exit_process(code: int, exit_now: Callable[[int], None] = os._exit) -> int:
+    """Exit with ``code`` even while an engine thread is still inside torch (issue 10, defect 1).
+
+    A drain may cancel a job whose thread cannot stop yet (a long prefill, a device call):
+    its slot is abandoned and the process ends. Letting the interpreter finalise then is
+    fatal: CPython ends a daemon thread that wakes up during finalisation with
+    ``pthread_exit``, whose forced unwind through torch's ``noexcept`` C++ frames calls
+    ``std::terminate`` (SIGABRT, rc -6, a non-JSON line on stderr) after the log already said
+    "exit code 0". So when any other thread is alive, everything logged is flushed and the
+    process leaves at once with the code the log stated. With no thread left the
+    interpreter exits normally.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if others:
+        logs.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        exit_now(code)
+    return code
 
 
 def real_binding(config: WorkerConfig) -> EngineBinding:
@@ -317,9 +340,10 @@ def _http_server(worker: Worker, config: WorkerConfig, auth: BearerAuth) -> _Ser
     """The app and uvicorn, fully imported and configured while every file is still readable."""
     from . import tokenizer  # noqa: F401 - imported lazily by a later commit; import it before the drop
     from .http import create_app
+    from .http.protocol import WorkerH11Protocol
 
     uv = uvicorn.Config(
-        create_app(worker, auth), lifespan="off", log_config=None, access_log=False, http="h11",
+        create_app(worker, auth), lifespan="off", log_config=None, access_log=False, http=WorkerH11Protocol,
         server_header=False,
         timeout_graceful_shutdown=shutdown_grace(config.shutdown_timeout_sec) / 4,  # type: ignore[arg-type]
     )
@@ -418,7 +442,7 @@ def _on_signal(worker: Worker, sig: int) -> None:
 async def _startup_failed(worker: Worker, error: WorkerError) -> int:
     logs.event(
         "startup_failed", "Startup failed: {error}", level=logging.ERROR,
-        code=error.code.value, error=error.message,
+        code=error.code.value, error=error.message + (f" ({error.detail})" if error.detail else ""),
     )
     worker.set_state(State.STOPPED)
     await worker.report_failure(error)

@@ -57,15 +57,19 @@ def resolve_model_root(model_root: str | Path) -> Path:
     """Canonical model root; it must exist and be a directory, or nothing can load."""
     raw = os.fspath(model_root)
     if not raw or "\0" in raw:
-        raise ModelLoadError(f"model root {raw!r} is not a usable path ({_ROOT_HINT})")
+        raise ModelLoadError(f"the model root is not a usable path ({_ROOT_HINT})", detail=f"model root {raw!r}")
     try:
         root = Path(raw).resolve(strict=True)
     except FileNotFoundError:
-        raise ModelLoadError(f"model root {raw} does not exist ({_ROOT_HINT})") from None
+        raise ModelLoadError(f"the model root does not exist ({_ROOT_HINT})", detail=f"model root {raw}") from None
     except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop on older Pythons
-        raise ModelLoadError(f"model root {raw} cannot be resolved: {e} ({_ROOT_HINT})") from None
+        raise ModelLoadError(
+            f"the model root cannot be resolved ({_ROOT_HINT})", detail=f"model root {raw}: {e}"
+        ) from None
     if not root.is_dir():
-        raise ModelLoadError(f"model root {raw} (resolved to {root}) is not a directory ({_ROOT_HINT})")
+        raise ModelLoadError(
+            f"the model root is not a directory ({_ROOT_HINT})", detail=f"model root {raw} (resolved to {root})"
+        )
     return root
 
 
@@ -123,24 +127,23 @@ def _resolve_file(ref: str, raw_path: str, model_root: str | Path) -> ModelSourc
         candidate = root / candidate
     # Confinement is decided on the fully resolved path before anything is said about
     # existence, so a reference outside the root learns nothing about what lives there.
+    # The caller learns the rule that refused it; where the path led (symlink targets, the
+    # model root, /proc/<pid>/...) goes only to the operator's log (issue 10, defect 9).
     try:
         resolved = Path(os.path.realpath(candidate))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model path {raw_path} cannot be resolved: {e}") from None
+        raise ModelLoadError("model path cannot be resolved", detail=f"{raw_path}: {e}") from None
+    outside = f"model path resolves outside the model root ({_ROOT_HINT})"
     if not resolved.is_relative_to(root):
-        raise ModelLoadError(
-            f"model path {raw_path} resolves outside the model root {root}"
-            + (f" (to {resolved})" if str(resolved) != raw_path else "")
-            + f" ({_ROOT_HINT})"
-        )
+        raise ModelLoadError(outside, detail=f"{raw_path} resolves to {resolved}, outside the model root {root}")
     try:
         canonical = resolved.resolve(strict=True)
     except FileNotFoundError:
-        raise ModelLoadError(f"model file {raw_path} not found (looked for {resolved})") from None
+        raise ModelLoadError("model file not found under the model root", detail=f"looked for {resolved}") from None
     except (OSError, RuntimeError) as e:
-        raise ModelLoadError(f"model path {raw_path} cannot be resolved: {e}") from None
+        raise ModelLoadError("model path cannot be resolved", detail=f"{raw_path}: {e}") from None
     if not canonical.is_relative_to(root):  # changed between the two resolutions
-        raise ModelLoadError(f"model path {raw_path} resolves outside the model root {root} ({_ROOT_HINT})")
+        raise ModelLoadError(outside, detail=f"{raw_path} resolves to {canonical}, outside the model root {root}")
     _require_regular(canonical, raw_path)
     return ModelSource(ref=ref, kind="file", path=canonical)
 
@@ -167,11 +170,11 @@ def _resolve_shm(ref: str, name: str) -> ModelSource:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise ModelLoadError(f"shm segment {name!r} does not exist ({path})") from None
+        raise ModelLoadError(f"shm segment {name!r} does not exist") from None
     except OSError as e:
-        raise ModelLoadError(f"shm segment {name!r} cannot be read: {e}") from None
+        raise ModelLoadError(f"shm segment {name!r} cannot be read", detail=f"{path}: {e}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise ModelLoadError(f"shm segment {path} is a symlink; a staged segment must be a regular file")
+        raise ModelLoadError(f"shm segment {name!r} is a symlink; a staged segment must be a regular file")
     _require_regular(path, ref)
     return ModelSource(ref=ref, kind="shm", path=path)
 
@@ -181,10 +184,10 @@ def _require_regular(path: Path, shown: str) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise ModelLoadError(f"model {shown} cannot be read: {e}") from None
+        raise ModelLoadError("model file cannot be read", detail=f"{shown} ({path}): {e}") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise ModelLoadError(f"model {shown} ({path}) is {kind}")
+        raise ModelLoadError(f"model path is {kind}", detail=f"{shown} ({path})")
 
 
 def open_model(source: ModelSource) -> BinaryIO:
@@ -198,12 +201,12 @@ def open_model(source: ModelSource) -> BinaryIO:
     try:
         fd = os.open(source.path, flags)
     except OSError as e:
-        reason = "it was replaced by a symlink after resolution" if _is_symlink_error(e) else e.strerror
-        raise ModelLoadError(f"cannot open model {source.ref!r} ({source.path}): {reason}") from None
+        reason = "it was replaced by a symlink after resolution" if _is_symlink_error(e) else "the file cannot be read"
+        raise ModelLoadError(f"cannot open model: {reason}", detail=f"{source.path}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ModelLoadError(f"model {source.ref!r} ({source.path}) is no longer a regular file")
+            raise ModelLoadError("model is no longer a regular file", detail=str(source.path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

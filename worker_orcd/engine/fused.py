@@ -3,26 +3,16 @@
 ``kv_write_``: store one token's K/V rows at a position read from device
 memory, so the captured decode graph needs no host-side index.
 ``gated_act``: act(gate) * up over the fused gate/up projection in one pass.
-Both validate their arguments before launching (SPEC 4400).
+Both validate their arguments before launching (SPEC 4400). The kernels live in
+fused_kernels.py and are imported at the first launch: the checks here run in
+CPU mode too, which must not need Triton (issue 10, defect 11).
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .errors import KernelDimensionError
-
-
-@triton.jit
-def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
-    # One token's K and V rows ([Hk*D] each) into row `pos` of the caches.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = tl.load(pos_ptr).to(tl.int64) * N
-    tl.store(kc_ptr + row + offs, tl.load(k_ptr + offs, mask=mask), mask=mask)
-    tl.store(vc_ptr + row + offs, tl.load(v_ptr + offs, mask=mask), mask=mask)
 
 
 def check_kv_write(
@@ -48,24 +38,13 @@ def kv_write_(
     """k_cache[pos] = k; v_cache[pos] = v. The caller guarantees 0 <= pos < S_max (requests are
     checked against the cache capacity before any work starts)."""
     check_kv_write(k_cache, v_cache, k, v, pos)
+    import triton  # here, not at module level: the CPU mode runs without Triton
+
+    from .fused_kernels import _kv_write_kernel
+
     n = k.numel()
     block = min(4096, triton.next_power_of_2(n))
     _kv_write_kernel[(triton.cdiv(n, block),)](k, v, k_cache, v_cache, pos, N=n, BLOCK=block)
-
-
-@triton.jit
-def _gated_act_kernel(gu_ptr, out_ptr, f, gu_stride, out_stride, GELU: tl.constexpr, BLOCK: tl.constexpr):
-    # out[t, i] = act(gu[t, i]) * gu[t, f + i], math in fp32
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < f
-    g = tl.load(gu_ptr + row * gu_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * gu_stride + f + offs, mask=mask, other=0.0).to(tl.float32)
-    if GELU:  # 0.5 g (1 + tanh(y)) == g * sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g^3)
-        a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-    else:
-        a = g * tl.sigmoid(g)
-    tl.store(out_ptr + row * out_stride + offs, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check_gated_act(gate_up: torch.Tensor, activation: str) -> int:
@@ -83,6 +62,10 @@ def check_gated_act(gate_up: torch.Tensor, activation: str) -> int:
 def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up for the fused [T, 2f] projection: one read of gate/up, one write."""
     f = check_gated_act(gate_up, activation)
+    import triton
+
+    from .fused_kernels import _gated_act_kernel
+
     out = torch.empty((gate_up.shape[0], f), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(f))
     _gated_act_kernel[(gate_up.shape[0], triton.cdiv(f, block))](

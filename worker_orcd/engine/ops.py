@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from . import fused
 from . import kernels as K
 from .dequant import dequantize
-from .kernels.qmatmul import qlinear
 from .qweight import QWeight, Weight, WeightGroup
 from ..gguf.constants import GGMLType
 from .reference import checksum_cpu, sample_reference
@@ -268,7 +267,7 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     weights alike (never cuBLAS, which picks its algorithm by M). CPU: ``mm_rows_invariant``."""
     if _qkernel(x):
         lead = x.shape[:-1]
-        y = qlinear(x.reshape(-1, x.shape[-1]), _as_qweight(w), bias)
+        y = K.qlinear(x.reshape(-1, x.shape[-1]), _as_qweight(w), bias)
         return y.reshape(*lead, y.shape[-1])
     if not isinstance(w, torch.Tensor):
         w = w.dequantize(torch.float32).to(x.dtype)  # a quantized weight on the CPU: tests only
@@ -279,7 +278,7 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
 def logits_fp32(h: torch.Tensor, w: Weight) -> torch.Tensor:
     """Final projection with fp32 output: fp16 logits would round away near-ties (0.015 at 30)."""
     if _qkernel(h):
-        return qlinear(h, _as_qweight(w), out_dtype=torch.float32)
+        return K.qlinear(h, _as_qweight(w), out_dtype=torch.float32)
     if not isinstance(w, torch.Tensor):
         w = w.dequantize(torch.float32).to(h.dtype)
     return mm_rows_invariant(h, w).float()

@@ -19,7 +19,7 @@ import torch
 
 from .errors import KernelParamError
 from .kernels import validate as v
-from .kernels.checksum import HOST_CHUNK_WORDS, _fmix64, length_constant, term_sum
+from .kernels.checksum_host import HOST_CHUNK_WORDS, _fmix64, length_constant, term_sum
 
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57

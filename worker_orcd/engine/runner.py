@@ -21,7 +21,7 @@ import torch
 from ..batching.step import Sampled, SampleSpec, StepBatch
 from ..engine.events import MAX_LOGPROBS, SamplingParams
 from . import ops
-from .kernels.paged_attention import tile_shape
+from .kernels.paged_layout import tile_shape
 from .model import Model
 from .paged_kv import SCRATCH_BLOCKS, PagedKVCache
 

@@ -287,7 +287,9 @@ def _parse(cur: _Cursor) -> GGUFFile:
     cur.need(4, "magic")
     magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
-        raise cur.fail("magic", f"expected b'GGUF', found {magic!r}")
+        err = cur.fail("magic", "not a GGUF file (bad magic number)")
+        err.detail = f"expected b'GGUF', found {magic!r}"  # the file's bytes: the operator's log only
+        raise err
     cur.pos = 4
     version = cur.u32("version")
     if version not in SUPPORTED_VERSIONS:

@@ -14,7 +14,7 @@ from starlette.types import Scope
 from .. import __version__
 from ..auth import BearerAuth
 from ..lifecycle import Worker
-from . import errors, routes_execute, routes_ops, routes_worker, schemas
+from . import deps, errors, routes_execute, routes_ops, routes_worker, schemas
 from .middleware import RequestContext
 
 JSON_BODY_FLOOR = 64 * 1024
@@ -28,6 +28,9 @@ def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json",
+        # A trailing-slash redirect built its Location from the client's Host header, before
+        # authentication (issue 10, defect 8): a wrong path is simply 404.
+        redirect_slashes=False,
     )
     app.state.worker = worker
     app.state.auth = auth
@@ -44,13 +47,30 @@ def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
         return json_limit
 
     # The request log names only these paths; any other request target is logged as "(unmatched)".
-    paths = {str(app.openapi_url)} | {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
-    app.add_middleware(RequestContext, metrics=worker.metrics, body_limit=body_limit, paths=paths)
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    paths = {str(app.openapi_url)} | {r.path for r in routes}
+    # Routes that need a caller are authenticated before their body is read or parsed (issue 10, defect 6).
+    protected = {r.path for r in routes if _needs_caller(r)}
+    app.add_middleware(
+        RequestContext, metrics=worker.metrics, body_limit=body_limit, paths=paths, auth=auth, protected=protected,
+    )
     app.openapi = _openapi_builder(app)  # type: ignore[method-assign]
     return app
 
 
+def _needs_caller(route: APIRoute) -> bool:
+    stack = [route.dependant]
+    while stack:
+        dep = stack.pop()
+        if dep.call is deps.require_caller:
+            return True
+        stack.extend(dep.dependencies)
+    return False
+
+
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_INVALID = {"description": "INVALID_PARAMS: the message names the field",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
 
 
 def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -64,6 +84,17 @@ def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = doc.get("components", {}).get("schemas", {})
+        # FastAPI documents a 422 HTTPValidationError on every route with a body; this worker answers
+        # validation failures 400 INVALID_PARAMS in ErrorBody shape (issue 10, defect 10).
+        for ops in doc.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.get("responses", {})
+                default = responses.get("422", {})
+                if "HTTPValidationError" in str(default.get("content", "")):
+                    del responses["422"]
+                    responses.setdefault("400", _INVALID)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
         for model in vars(schemas).values():
             if not (isinstance(model, type) and issubclass(model, BaseModel)) or model.__name__ not in components:
                 continue

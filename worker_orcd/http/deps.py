@@ -21,6 +21,9 @@ def get_worker(request: Request) -> Worker:
 
 
 def _authenticate(request: Request) -> Caller:
+    known = getattr(request.state, "caller", None)  # the middleware authenticated before the body was read
+    if isinstance(known, Caller):
+        return known
     auth: BearerAuth = request.app.state.auth
     caller = auth.authenticate(request.headers.get("authorization"))
     request.state.fp6 = caller.fp6  # picked up by the request log line

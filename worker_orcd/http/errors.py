@@ -6,6 +6,7 @@ the input may be a prompt, and prompts never leave the request (4802).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from .. import logs
 from ..errors import ErrorCode, WorkerError
 
 
@@ -52,6 +54,11 @@ def invalid_params(errors: list[Any], drop_prefix: tuple[str, ...] = ("body", "q
 
 def _answer(request: Request, err: WorkerError) -> JSONResponse:
     request.state.outcome = err.code.value  # the request metric's label (middleware.py)
+    if err.detail:  # what the caller is not told (paths, file bytes) is the operator's (issue 10, 9)
+        logs.event(
+            "request_refused", "Refused the request with {code}: {error} ({reason}).",
+            level=logging.WARNING, code=err.code.value, error=err.message, reason=err.detail,
+        )
     return error_response(err)
 
 
@@ -78,6 +85,8 @@ def install(app: FastAPI) -> None:
             err = WorkerError("method not allowed on this endpoint", code=ErrorCode.INVALID_PARAMS)
             resp = _answer(request, err)
             resp.status_code = 405
+            if exc.headers and "Allow" in exc.headers:  # RFC 9110: a 405 names the allowed methods
+                resp.headers["Allow"] = exc.headers["Allow"]
             return resp
         elif exc.status_code < 500:
             err = WorkerError(str(exc.detail), code=ErrorCode.INVALID_PARAMS)

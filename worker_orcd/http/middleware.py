@@ -31,6 +31,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import logs
+from ..auth import AuthError, BearerAuth
 from ..errors import ErrorCode, WorkerError
 from ..metrics import Metrics, outcome
 from .errors import error_response
@@ -48,12 +49,15 @@ class BodyTooLarge(WorkerError):
 
 class RequestContext:
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, body_limit: Callable[[Scope], int | None], paths: Collection[str] = ()
+        self, app: ASGIApp, metrics: Metrics, body_limit: Callable[[Scope], int | None], paths: Collection[str] = (),
+        auth: BearerAuth | None = None, protected: Collection[str] = (),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.body_limit = body_limit
         self.paths = frozenset(paths)
+        self.auth = auth
+        self.protected = frozenset(protected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,6 +104,8 @@ class RequestContext:
                         code=ErrorCode.INVALID_PARAMS,
                     )
                 )
+            elif (denied := self._authenticate(scope, state, headers)) is not None:
+                await refuse(denied)
             elif limit is not None and _content_length(headers) > limit:
                 await refuse(BodyTooLarge(f"body: the request body exceeds {limit} bytes"))
             else:
@@ -125,6 +131,22 @@ class RequestContext:
                 duration_ms=round((time.perf_counter() - t0) * 1000, 3), fp6=state.get("fp6"), job_id=state.get("job_id"),
             )
             logs.reset(token)
+
+    def _authenticate(self, scope: Scope, state: dict[str, Any], headers: dict[str, str]) -> AuthError | None:
+        """Authenticate before the body is read or parsed: a stranger's body costs nothing (issue 10, 6).
+
+        Only for routes that need a caller; the caller is kept in the request state, where the
+        route's dependency picks it up. Returns the refusal, or None to go on.
+        """
+        if self.auth is None or scope.get("path") not in self.protected:
+            return None
+        try:
+            caller = self.auth.authenticate(headers.get("authorization"))
+        except AuthError as e:
+            return e
+        state["caller"], state["fp6"] = caller, caller.fp6
+        logs.update(fp6=caller.fp6)
+        return None
 
     def _path(self, scope: Scope) -> str:
         path = str(scope.get("path", ""))

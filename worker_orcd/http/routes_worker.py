@@ -10,6 +10,7 @@ then go through exactly the same validation as a file reference.
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from ..errors import InvalidParams, ModelLoadError
+from ..errors import ErrorCode, InvalidParams, ModelLoadError, WorkerError
 from ..lifecycle import Commit, Worker
 from ..seal import ModelShardHandle
 from .deps import CallerDep, ReadyCallerDep, WorkerDep
@@ -44,7 +45,7 @@ _LOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "INVALID_PARAMS"},
     401: {"model": ErrorBody, "description": "AUTH_FAILED"},
     422: {"model": ErrorBody, "description": "MODEL_LOAD_FAILED / CAPABILITY_MISMATCH"},
-    503: {"model": ErrorBody, "description": "WORKER_NOT_READY"},
+    503: {"model": ErrorBody, "description": "WORKER_NOT_READY / WORKER_BUSY / HOST_OOM (commit: no disk space to stage)"},
     507: {"model": ErrorBody, "description": "INSUFFICIENT_VRAM"},
 }
 
@@ -118,20 +119,26 @@ async def commit(
             q = StreamCommitQuery.model_validate(dict(request.query_params))
         except ValidationError as e:
             raise invalid_params(e.errors(include_url=False, include_input=False)) from None
-        if worker.handle is not None and not (q.expected_digest and q.expected_digest.lower() == worker.handle.digest):
-            # Refuse before accepting gigabytes we would throw away (SPEC 4022).
+        if worker.handle is not None:
+            # Refused before a byte is stored (issue 10, defect 3): a sealed worker never needs model
+            # bytes again, whatever the query claims. A JSON commit naming the file repeats one.
             raise ModelLoadError(
-                f"this worker already holds model {worker.handle.model_ref!r}; one model per process (SPEC 4022)"
+                f"this worker already holds model {worker.handle.model_ref!r}; one model per process (SPEC 4022), "
+                "and a streamed commit is accepted only before the first model is sealed"
             )
-        staged = await _stage_body(request, worker)
-        try:
-            spec = Commit(
-                model_ref=q.model_ref, source=STAGED_NAME, model_root=staged, expected_sha256=q.expected_digest,
-                shard_id=q.shard_id, shard_index=q.shard_index, total_shards=q.total_shards,
-            )
-            handle, created = await worker.commit(spec)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, staged, True)
+        lock = _staging_lock(request)
+        if lock.locked():  # one body on disk at a time: N parallel uploads would need N times the space
+            raise WorkerError("another streamed commit is being received", code=ErrorCode.WORKER_BUSY)
+        async with lock:
+            staged = await _stage_body(request, worker)
+            try:
+                spec = Commit(
+                    model_ref=q.model_ref, source=STAGED_NAME, model_root=staged, expected_sha256=q.expected_digest,
+                    shard_id=q.shard_id, shard_index=q.shard_index, total_shards=q.total_shards,
+                )
+                handle, created = await worker.commit(spec)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, staged, True)
     else:
         raise InvalidParams("Content-Type: must be application/json (a model reference) or application/octet-stream (the bytes)")
     if created:
@@ -150,13 +157,45 @@ async def _read_capped(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
+def _staging_lock(request: Request) -> asyncio.Lock:
+    state = request.app.state
+    if not hasattr(state, "staging_lock"):
+        state.staging_lock = asyncio.Lock()
+    lock: asyncio.Lock = state.staging_lock
+    return lock
+
+
+def _no_space(needed: int, free: int) -> WorkerError:
+    return WorkerError(
+        f"not enough disk space to stage the model: {needed} bytes needed, {free} free in the upload directory",
+        code=ErrorCode.HOST_OOM,
+    )
+
+
+async def _disk(call: Any, arg: Any, size: int) -> None:
+    """A write or close of the staged file; a full disk (ENOSPC) is HOST_OOM, not INTERNAL."""
+    try:
+        await asyncio.to_thread(call, *(() if arg is None else (arg,)))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise _no_space(size, 0) from None
+
+
 async def _stage_body(request: Request, worker: Worker) -> Path:
-    """Write the body to a private temp dir, refusing it the moment it passes the size cap (SPEC 4225)."""
+    """Write the body to a private temp dir, refusing it the moment it passes the size cap (SPEC 4225).
+
+    The free space of the upload directory is checked against the declared length before a
+    byte is written, and a disk that fills up while writing is refused the same way (HOST_OOM).
+    """
     cap = worker.config.max_model_size_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise ModelLoadError(f"model body is {declared} bytes, over the MAX_MODEL_SIZE limit of {cap} bytes")
     base = worker.config.upload_dir
+    free = (await asyncio.to_thread(shutil.disk_usage, base or tempfile.gettempdir())).free
+    if declared is not None and declared.isdigit() and int(declared) > free:
+        raise _no_space(int(declared), free)
     staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="worker-orcd-upload-", dir=base))
     try:
         size = 0
@@ -166,9 +205,11 @@ async def _stage_body(request: Request, worker: Worker) -> Path:
                 size += len(chunk)
                 if size > cap:
                     raise ModelLoadError(f"model body exceeds the MAX_MODEL_SIZE limit of {cap} bytes")
-                await asyncio.to_thread(fh.write, chunk)
+                if size > free:  # a body without Content-Length may not fill the disk either
+                    raise _no_space(size, free)
+                await _disk(fh.write, chunk, size)
         finally:
-            await asyncio.to_thread(fh.close)
+            await _disk(fh.close, None, size)
         if size == 0:
             raise InvalidParams("body: an octet-stream commit needs the model bytes in the body")
     except BaseException:

@@ -69,10 +69,19 @@ class CancelRequest(Strict):
     job_id: str = Field(pattern=ID_PATTERN)
 
 
+def _refuse_nul(v: str | None) -> str | None:
+    """A model reference with NUL is a 400 on every endpoint that takes one (issue 10, defect 10)."""
+    if v is not None and "\0" in v:
+        raise ValueError("must not contain NUL bytes")
+    return v
+
+
 class PlanRequest(Strict):
     model_ref: str = Field(min_length=1, max_length=4096)
     shard_layout: Literal["single", "tensor_parallel"] = "single"
     tp_degree: int = Field(default=1, ge=1, le=64)
+
+    _no_nul = field_validator("model_ref")(classmethod(lambda cls, v: _refuse_nul(v)))
 
 
 class CommitRequest(Strict):
@@ -88,12 +97,7 @@ class CommitRequest(Strict):
     total_shards: int = Field(default=1, ge=1, le=1)
     expected_digest: str | None = Field(default=None, pattern=SHA256_PATTERN)
 
-    @field_validator("model_ref", "model_path")
-    @classmethod
-    def _no_nul(cls, v: str | None) -> str | None:
-        if v is not None and "\0" in v:
-            raise ValueError("must not contain NUL bytes")
-        return v
+    _no_nul = field_validator("model_ref", "model_path")(classmethod(lambda cls, v: _refuse_nul(v)))
 
 
 class StreamCommitQuery(Strict):
@@ -105,6 +109,8 @@ class StreamCommitQuery(Strict):
     shard_index: int = Field(default=0, ge=0, le=0)
     total_shards: int = Field(default=1, ge=1, le=1)
     expected_digest: str | None = Field(default=None, pattern=SHA256_PATTERN)
+
+    _no_nul = field_validator("model_ref")(classmethod(lambda cls, v: _refuse_nul(v)))
 
 
 # --- responses ---------------------------------------------------------------------------

@@ -6,16 +6,14 @@ and launch failures cross the boundary as ``EngineError`` with a stable code.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
-import triton
 
 from ...errors import ErrorCode
 from ...gguf.constants import BLOCK_LAYOUT, GGMLType
 from ..errors import EngineError
-from . import kernels_basic as kb
-from . import kernels_k as kk
 from .formats import ELEMENTS_PER_PROGRAM, FLOAT_TYPES, blocks_per_program
 from .reference import dequantize_reference
 from .validate import check_args, check_type
@@ -24,15 +22,16 @@ from .validate import check_args, check_type
 # time), so this is what decides whether CPU tensors can go through Triton.
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-_BLOCK_KERNELS = {
-    GGMLType.Q8_0: kb.q8_0_kernel,
-    GGMLType.Q4_0: kb.q4_0_kernel,
-    GGMLType.Q4_1: kb.q4_1_kernel,
-    GGMLType.Q5_0: kb.q5_0_kernel,
-    GGMLType.Q5_1: kb.q5_1_kernel,
-    GGMLType.Q4_K: kk.q4_k_kernel,
-    GGMLType.Q5_K: kk.q5_k_kernel,
-    GGMLType.Q6_K: kk.q6_k_kernel,
+# (module, kernel): imported at the first launch, so the CPU mode runs without Triton (issue 10, defect 11).
+_BLOCK_KERNELS: dict[GGMLType, tuple[str, str]] = {
+    GGMLType.Q8_0: ("kernels_basic", "q8_0_kernel"),
+    GGMLType.Q4_0: ("kernels_basic", "q4_0_kernel"),
+    GGMLType.Q4_1: ("kernels_basic", "q4_1_kernel"),
+    GGMLType.Q5_0: ("kernels_basic", "q5_0_kernel"),
+    GGMLType.Q5_1: ("kernels_basic", "q5_1_kernel"),
+    GGMLType.Q4_K: ("kernels_k", "q4_k_kernel"),
+    GGMLType.Q5_K: ("kernels_k", "q5_k_kernel"),
+    GGMLType.Q6_K: ("kernels_k", "q6_k_kernel"),
 }
 
 # BF16 is handed to the kernel as int16 bits (see convert_kernel).
@@ -41,6 +40,10 @@ _FLOAT_SOURCE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLT
 
 def _launch(raw: torch.Tensor, ggml_type: GGMLType, n: int, out: torch.Tensor) -> None:
     """Launch the type's kernel; fp fusion off so results match ggml bit for bit."""
+    import triton
+
+    from . import kernels_basic as kb
+
     if ggml_type in FLOAT_TYPES:
         src_dtype = _FLOAT_SOURCE[ggml_type]
         if raw.storage_offset() % src_dtype.itemsize:
@@ -58,7 +61,8 @@ def _launch(raw: torch.Tensor, ggml_type: GGMLType, n: int, out: torch.Tensor) -
     n_blocks = n // BLOCK_LAYOUT[ggml_type].block_size
     nb = blocks_per_program(ggml_type)
     grid = (triton.cdiv(n_blocks, nb),)
-    _BLOCK_KERNELS[ggml_type][grid](raw, out, n_blocks, NB=nb, enable_fp_fusion=False)
+    module, name = _BLOCK_KERNELS[ggml_type]
+    getattr(importlib.import_module(f".{module}", __package__), name)[grid](raw, out, n_blocks, NB=nb, enable_fp_fusion=False)
 
 
 def dequantize(

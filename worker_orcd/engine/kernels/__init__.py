@@ -15,17 +15,45 @@ rounds fp32 -> bf16 by truncation where the GPU rounds to nearest-even.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .attention import attention_decode, attention_prefill, attention_reference, decode_split_size
-from .paged_attention import paged_attention
-from .checksum import ChecksumPlan, checksum, checksum_hex, checksum_reference, digest_hex
-from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-from .rope import rope_, rope_reference
-from .sampling import filtered_probs_reference, sample, sample_draws
+if TYPE_CHECKING:
+    from .attention import attention_decode, attention_prefill, attention_reference, decode_split_size
+    from .checksum import ChecksumPlan, checksum, checksum_hex, checksum_reference, digest_hex
+    from .paged_attention import paged_attention
+    from .qmatmul import qlinear
+    from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+    from .rope import rope_, rope_reference
+    from .sampling import filtered_probs_reference, sample, sample_draws
+
+# Each name's module is imported at its first use (PEP 562): importing this package, or a
+# Triton-free submodule such as ``validate`` or ``checksum_host``, never loads Triton, so the
+# CPU mode runs without it (issue 10, defect 11).
+_HOME = {
+    "attention": ("attention_decode", "attention_prefill", "attention_reference", "decode_split_size"),
+    "checksum": ("ChecksumPlan", "checksum", "checksum_hex", "checksum_reference", "digest_hex"),
+    "paged_attention": ("paged_attention",),
+    "qmatmul": ("qlinear",),
+    "rmsnorm": ("add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"),
+    "rope": ("rope_", "rope_reference"),
+    "sampling": ("filtered_probs_reference", "sample", "sample_draws"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ChecksumPlan",
@@ -41,6 +69,7 @@ __all__ = [
     "decode_split_size",
     "digest_hex",
     "paged_attention",
+    "qlinear",
     "filtered_probs_reference",
     "rms_norm",
     "rms_norm_reference",
@@ -77,6 +106,10 @@ def bench_kernels(device: str | torch.device) -> dict[str, float]:
     several sequence lengths in a 32k cache. CPU (interpreter): tiny sizes,
     only to exercise the code path.
     """
+    from .attention import attention_decode
+    from .checksum import ChecksumPlan
+    from .sampling import sample
+
     dev = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     cuda = dev.type == "cuda"

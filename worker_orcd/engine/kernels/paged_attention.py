@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from . import validate as val
+from .paged_layout import tile_shape
 
 _LOG2E = 1.4426950408889634
-TILE_ROWS = 16  # query rows (tokens x heads) per tile: the smallest tensor-core M
 
 
 @triton.jit
@@ -110,12 +110,6 @@ def _paged_kernel(
         o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
         out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & d_mask[None, :],
     )
-
-
-def tile_shape(n_heads: int, n_kv_heads: int) -> tuple[int, int]:
-    """(G_PAD, BLOCK_T): the query heads of one kv head, padded, and tokens per tile."""
-    g_pad = triton.next_power_of_2(n_heads // n_kv_heads)
-    return g_pad, max(1, TILE_ROWS // g_pad)
 
 
 def block_n(d: int, dtype: torch.dtype) -> int:
