@@ -192,13 +192,14 @@ def test_scheduler_preempts_the_youngest() -> None:
 
 
 def test_loop_streams_match_the_lone_run_under_concurrency_and_preemption() -> None:
-    runner = HashRunner(num_blocks=10, block_size=4, max_seq_len=40)
+    runner = HashRunner(num_blocks=10, block_size=4, max_seq_len=40, delay=0.002)
     loop = EngineLoop(runner, max_batch=4, token_budget=6)
     jobs = [([i + 1] * (3 + 4 * i), SamplingParams(max_tokens=12 + i, seed=i)) for i in range(6)]
     results: dict[int, tuple[list[int], GenerationEnd]] = {}
+    streams = [loop.submit(*job) for job in jobs]  # all queued before any finishes: they must share 10 blocks
 
     def run(i: int) -> None:
-        results[i] = drain(loop.submit(*jobs[i]))
+        results[i] = drain(streams[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for t in threads:
