@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import ops
@@ -43,6 +44,44 @@ def _cancelled(cancel: Cancel) -> bool:
     if isinstance(cancel, threading.Event):
         return cancel.is_set()
     return bool(cancel())
+
+
+def _per_token_host_work(p: SamplingParams) -> bool:
+    """Features the single-job loop implements on the host, per token (the batched engine does them on
+    device): OpenAI penalties, logprobs and a grammar constraint."""
+    return bool(p.presence_penalty or p.frequency_penalty or p.logprobs or p.constraint is not None)
+
+
+def _needs_history(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
+def _shape_logits(logits: torch.Tensor, p: SamplingParams, generated: torch.Tensor) -> torch.Tensor:
+    """logit -= presence * [count > 0] + frequency * count over generated ids; then the constraint's
+    packed bitmask (ids past it, e.g. padding rows beyond the tokenizer, are disallowed)."""
+    out = logits.detach().float().reshape(-1).clone()
+    V = out.numel()
+    if (p.presence_penalty or p.frequency_penalty) and generated.numel():
+        counts = torch.bincount(generated.to(torch.int64).clamp(0, V - 1), minlength=V).to(out.dtype)
+        out -= p.presence_penalty * (counts > 0).to(out.dtype) + p.frequency_penalty * counts
+    if p.constraint is not None:
+        words = torch.from_numpy(np.ascontiguousarray(p.constraint.allowed(), dtype=np.int32)).to(out.device)
+        bits = (words.to(torch.int64).unsqueeze(1) >> torch.arange(32, device=out.device)) & 1
+        allowed = torch.zeros(V, dtype=torch.bool, device=out.device)
+        n = min(V, bits.numel())
+        allowed[:n] = bits.reshape(-1)[:n].bool()
+        out.masked_fill_(~allowed, float("-inf"))
+    return out.reshape(logits.shape)
+
+
+def _logprobs_of(raw: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Chosen token's log-probability and the ``top`` most likely alternatives, from the raw logits."""
+    lp = torch.log_softmax(raw.detach().float().reshape(-1), dim=-1)
+    alts: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        vals, ids = torch.topk(lp, min(top, lp.numel()))
+        alts = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist()))
+    return float(lp[token]), alts
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -80,6 +119,7 @@ class Generator:
         self.pf_positions: torch.Tensor | None = None
         self.pf_last = torch.zeros(1, dtype=torch.int64, device=device)
         self.pf_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}  # step -> (chosen, top)
 
     def buffers(self) -> list[torch.Tensor]:
         """Device scratch owned here (attested with the weights and the KV cache)."""
@@ -206,7 +246,10 @@ class Generator:
 
     def _sample(self, logits: torch.Tensor, p: SamplingParams, n_ctx: int, step: int) -> torch.Tensor:
         penalty = self.history[:n_ctx] if p.repetition_penalty != 1.0 else None
-        return ops.sample(
+        raw = logits
+        if _per_token_host_work(p):
+            logits = _shape_logits(logits, p, self.history[n_ctx - step : n_ctx])
+        nxt = ops.sample(
             logits,
             temperature=p.temperature,
             top_k=p.top_k,
@@ -217,6 +260,19 @@ class Generator:
             seed=p.seed,
             step=step,
         )
+        if _per_token_host_work(p):
+            token = int(nxt.reshape(-1)[0])  # a constraint must see this token before the next mask
+            if p.logprobs:
+                self._logprobs[step] = _logprobs_of(raw, token, p.top_logprobs)
+            if p.constraint is not None:
+                p.constraint.accept(token)
+        return nxt
+
+    def _event(self, index: int, token: int) -> TokenEvent:
+        got = self._logprobs.pop(index, None)
+        if got is None:
+            return TokenEvent(index, token)
+        return TokenEvent(index, token, logprob=got[0], top_logprobs=got[1])
 
     def _emit(self, nxt: torch.Tensor, slot: int) -> None:
         self.ring[slot : slot + 1].copy_(nxt.reshape(1), non_blocking=True)
@@ -236,7 +292,8 @@ class Generator:
         t0 = time.perf_counter()
         n_prompt = len(prompt_ids)
         ids = torch.tensor(list(prompt_ids), dtype=torch.int64).to(self.device, non_blocking=False)
-        if p.repetition_penalty != 1.0:
+        self._logprobs.clear()
+        if _needs_history(p):
             self.history[:n_prompt].copy_(ids)
         logits = self.prefill(ids)
         if self.cuda:
@@ -248,7 +305,7 @@ class Generator:
         t_first = time.perf_counter()
         ttft_ms = (t_first - t0) * 1e3
         n_out = 1
-        yield TokenEvent(0, first)
+        yield self._event(0, first)
 
         def end(reason: StopReason) -> GenerationEnd:
             return GenerationEnd(n_prompt, n_out, reason, prefill_ms, ttft_ms, (time.perf_counter() - t_first) * 1e3)
@@ -263,7 +320,7 @@ class Generator:
         self.token.copy_(nxt.reshape(1))
         self.pos.fill_(n_prompt)
         self.seq_len.fill_(n_prompt + 1)
-        if p.repetition_penalty != 1.0:
+        if _needs_history(p):
             self.history[n_prompt : n_prompt + 1].copy_(nxt.reshape(1))
         pending: deque[tuple[int, int]] = deque()  # (token index, ring slot) queued on the GPU
         step = 1
@@ -275,7 +332,7 @@ class Generator:
                 logits = self.decode_step()
                 nxt = self._sample(logits, p, n_prompt + step, step)
                 self.token.copy_(nxt.reshape(1))
-                if p.repetition_penalty != 1.0:
+                if _needs_history(p):
                     self.history[n_prompt + step : n_prompt + step + 1].copy_(nxt.reshape(1))
                 slot = step % RING
                 self._emit(nxt, slot)
@@ -290,7 +347,7 @@ class Generator:
                 yield end("cancelled")
                 return
             n_out += 1
-            yield TokenEvent(index, token)
+            yield self._event(index, token)
             if token in p.stop_ids:
                 yield end("eos")
                 return
