@@ -130,7 +130,9 @@ class JobStream:
         if self._timer is not None:
             self._timer.cancel()
         w = self.worker
-        w.scheduler.finish(self.job, ok=self._engine_ok and self.job.stop_code is None)
+        # A façade may end the stream itself (an OpenAI stop string) and stop the engine early: still a success.
+        ok = (self._engine_ok or self.outcome == "end") and self.job.stop_code is None
+        w.scheduler.finish(self.job, ok=ok)
         w.end_job()
         w.metrics.inference_ms.observe((time.monotonic() - self._t0) * 1000)
 
@@ -140,15 +142,9 @@ class JobStream:
         job = self.job
         keepalive = self.worker.config.sse_keepalive_sec
         try:
-            yield frame(
-                "started",
-                {
-                    "job_id": job.job_id,
-                    "model": self.model.handle.model_ref,
-                    "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                    "correlation_id": job.correlation_id,
-                },
-            )
+            started = self.render_started()
+            if started:
+                yield started
             while True:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), keepalive)
@@ -169,14 +165,19 @@ class JobStream:
                     yield self._error(WorkerError("the engine stopped without ending the stream", code=ErrorCode.INTERNAL))
                     return
                 if hasattr(item, "token_id"):
-                    yield self._token(item)
+                    chunk = self._token(item)
+                    if chunk:
+                        yield chunk
+                    if self.outcome is not None:  # the rendering ended the stream (e.g. a stop string)
+                        return
                 elif hasattr(item, "stop_reason"):
                     if item.stop_reason == "cancelled":  # engine saw the cancel flag first
                         code = job.stop_code or ErrorCode.CANCELLED
                         yield self._error(WorkerError(job.stop_message or "job cancelled", code=code))
                         return
                     for chunk in self._end(item):
-                        yield chunk
+                        if chunk:
+                            yield chunk
                     return
         finally:
             self.abandon()
@@ -215,7 +216,7 @@ class JobStream:
         self._last_token = now
         self.worker.metrics.tokens_generated.inc()
         self.job.tokens_sent += 1
-        return frame("token", {"t": self.detok.push(event.token_id), "i": event.index})
+        return self.render_token(event, self.detok.push(event.token_id))
 
     def _end(self, end: Any) -> list[bytes]:
         m, job = self.worker.metrics, self.job
@@ -253,7 +254,7 @@ class JobStream:
             "seal_verify_ms": round(self.seal_ms, 3),
             "total_ms": round((time.monotonic() - self._t0) * 1000, 3),
         }
-        return [frame("metrics", metrics), frame("end", data)]
+        return self.render_end(end, data, metrics)
 
     def _error(self, err: WorkerError) -> bytes:
         self.outcome = err.code.value
@@ -264,6 +265,28 @@ class JobStream:
             job_id=self.job.job_id, code=err.code.value, error=err.message, tokens_sent=self.job.tokens_sent,
             retriable=err.retriable,
         )
+        return self.render_error(err)
+
+    # --- the wire format: /worker/execute's events; another façade (OpenAI) overrides these ---
+
+    def render_started(self) -> bytes:
+        return frame(
+            "started",
+            {
+                "job_id": self.job.job_id,
+                "model": self.model.handle.model_ref,
+                "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "correlation_id": self.job.correlation_id,
+            },
+        )
+
+    def render_token(self, event: Any, text: str) -> bytes:
+        return frame("token", {"t": text, "i": event.index})
+
+    def render_end(self, end: Any, data: dict[str, Any], metrics: dict[str, Any]) -> list[bytes]:
+        return [frame("metrics", metrics), frame("end", data)]
+
+    def render_error(self, err: WorkerError) -> bytes:
         return frame("error", err.to_dict())
 
 
