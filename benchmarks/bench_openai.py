@@ -8,7 +8,7 @@ records, per stream, the monotonic time each SSE event leaves ``JobStream.frames
 (CLOCK_MONOTONIC is shared by processes on one host). The client records when
 each event arrives, so per event: emit -> receive latency. Per path it reports
 client tok/s, client TTFT, latency p50/p99; then the same OpenAI request with
-``response_format: json_object`` (the grammar mask per token) for the
+``response_format`` json_schema (an array of at least N/2 digits: the grammar mask on every token) for the
 structured-output overhead per token. Random weights emit arbitrary tokens, so
 ``ignore_eos``-like behaviour is forced by the prompt length only: rows with
 fewer tokens than asked are reported as such.
@@ -73,7 +73,8 @@ def stream(c: httpx.Client, path: str, body: dict[str, Any], headers: dict[str, 
                     payload = line[5:].strip()
                     if payload != "[DONE]":
                         d = json.loads(payload)
-                        if d.get("choices") and d["choices"][0].get("delta", {}).get("content"):
+                        choice = (d.get("choices") or [{}])[0]
+                        if choice.get("text") or choice.get("delta", {}).get("content"):
                             n += 1
                 elif '"t":' in line:
                     n += 1
@@ -156,8 +157,11 @@ def main() -> int:
             chat = {"model": model.name, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.tokens,
                     "temperature": 0, "stream": True}
             rows.append(measure(c, "/v1/chat/completions", chat, h, emit_log, args.runs))
-            rows.append({**measure(c, "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, h,
-                                   emit_log, args.runs), "path": "/v1/chat/completions json_object"})
+            # random weights would close a json_object at once: an array of at least N integers keeps the grammar busy
+            forced = {"type": "json_schema", "json_schema": {"name": "ints", "schema": {
+                "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": args.tokens // 2}}}
+            rows.append({**measure(c, "/v1/chat/completions", {**chat, "response_format": forced}, h, emit_log, args.runs),
+                         "path": "/v1/chat/completions json_schema"})
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

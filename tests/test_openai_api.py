@@ -147,7 +147,8 @@ def test_busy_is_503_with_retry_after(h: WorkerHarness) -> None:
         with h.client() as c, c.stream("POST", "/v1/chat/completions", json={
             "model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 30, "stream": True,
         }) as first:
-            next(first.iter_lines())
+            lines = first.iter_lines()  # held: a collected line iterator closes the stream (a disconnect)
+            next(lines)
             r = chat(h, max_tokens=2)
             assert_oai_error(r, 503, "WORKER_BUSY")
             assert int(r.headers["retry-after"]) >= 1

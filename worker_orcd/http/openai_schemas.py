@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .schemas import PROMPT_CEILING, U64_MAX
+from .schemas import prompt_text as _text
 
 # Sent by common clients (SDKs, LangChain, editors); no meaning for one local model, so accepted and ignored.
 ACCEPTED_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -25,16 +26,6 @@ I64_MIN = -(2**63)
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-def _text(v: str, what: str = "text") -> str:
-    if "\0" in v:
-        raise ValueError("must not contain NUL bytes (SPEC 4244)")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (it contains a lone surrogate)") from None
-    return v
 
 
 class StreamOptions(_Body):

@@ -22,10 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine.events import GenerationEnd
 from ..errors import ErrorCode, WorkerError
-from ..metrics import SUCCESS
 from ..stop_strings import StopMatcher
 from . import openai_errors
-from .stream import JobStream
+from .stream import JobStream, record_outcome
 
 DONE = b"data: [DONE]\n\n"
 ENGINE_EXIT_WAIT_S = 5.0  # [DONE] waits (at most this) for the engine to give the slot back
@@ -245,10 +244,7 @@ class CompletionResponse(Response):
                 tg.start_soon(watch)
         finally:
             self.job.abandon()
-            ended = self.job.outcome
-            scope.setdefault("state", {})["outcome"] = (
-                SUCCESS if ended == "end" else ErrorCode.CANCELLED.value if ended in (None, "disconnected") else ended
-            )
+            record_outcome(scope, self.job)
         if gone:
             return
         err = self.job.failure

@@ -326,8 +326,12 @@ class EventStreamResponse(Response):
                 tg.start_soon(watch)
         finally:
             self.job.abandon()
-            # The request metric counts a stream by how it ended, not by its 200 (middleware.py).
-            ended = self.job.outcome
-            scope.setdefault("state", {})["outcome"] = (
-                SUCCESS if ended == "end" else ErrorCode.CANCELLED.value if ended in (None, "disconnected") else ended
-            )
+            record_outcome(scope, self.job)
+
+
+def record_outcome(scope: Scope, job: JobStream) -> None:
+    """The request metric counts a job's response by how the job ended, not by its status (middleware.py)."""
+    ended = job.outcome
+    scope.setdefault("state", {})["outcome"] = (
+        SUCCESS if ended == "end" else ErrorCode.CANCELLED.value if ended in (None, "disconnected") else ended
+    )
