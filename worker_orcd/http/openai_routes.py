@@ -26,7 +26,7 @@ from ..errors import ErrorCode, InvalidParams, WorkerError
 from ..lifecycle import ResidentLike, TokenizerLike, Worker
 from ..structured_output import StructuredOutput
 from .deps import CallerDep, WorkerDep
-from .openai_schemas import I64_MIN, ChatCompletionRequest, CompletionRequest, _Sampling
+from .openai_schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from .openai_stream import CompletionResponse, OpenAIOptions, OpenAIStream
 from .routes_execute import _max_tokens, _prompt_ids, _ready_model, start_job
 from .stream import EventStreamResponse
@@ -165,4 +165,3 @@ async def completions(request: Request, body: CompletionRequest, caller: CallerD
     return await _run(request, body, caller, worker, model, tokenizer, ids, "text")
 
 
-__all__ = ["I64_MIN", "ModelTools", "fingerprint", "router"]
