@@ -73,8 +73,10 @@ class ByteTokenizer:
     special_ids = frozenset({0, 1, 2})
     strips_leading_space = False
     eos_ids = frozenset({EOS})
+    eos_id, bos_id, vocab_size = EOS, 2, 256 + BYTE_OFFSET
+    chat_template = None  # the OpenAI tests pass --chat-template
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
         return [b + BYTE_OFFSET for b in text.encode("utf-8")]
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -92,6 +92,7 @@ class WorkerConfig(BaseModel):
     upload_dir: Path | None = None  # where streamed commit bodies are staged; default: the system temp dir
     ready_open: bool = False
     sse_keepalive_sec: float = Field(default=5.0, ge=0.05, le=300)
+    chat_template: Path | None = None  # Jinja file replacing the model's tokenizer.chat_template (/v1/chat)
     callback_attempts: int = Field(default=6, ge=1, le=100)
     callback_timeout_sec: float = Field(default=5.0, gt=0, le=300)
     # Continuous batching (issue 8). max_batch = SPEC 4982's slots_total: jobs running at once (None: as
@@ -127,6 +128,23 @@ class WorkerConfig(BaseModel):
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("must not carry a query, fragment or credentials")
         return v.rstrip("/")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        try:
+            text = v.read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read the file ({e.strerror or e})") from None
+        if len(text) > 1 << 20:
+            raise ValueError("larger than 1 MiB")
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+        return v
 
     @field_validator("bind")
     @classmethod

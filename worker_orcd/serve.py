@@ -83,6 +83,7 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
     ("--sse-keepalive-sec", "SSE keep-alive comment interval while no token flows (default 5)"),
+    ("--chat-template", "Jinja chat template file for /v1/chat/completions, replacing the model's own"),
     ("--callback-attempts", "readiness callback attempts before giving up (default 6)"),
     ("--callback-timeout-sec", "per-attempt callback timeout (default 5)"),
     ("--user", (
@@ -95,8 +96,9 @@ _METAVARS: dict[str, str] = {
     "--model-public-key": "PEM", "--device": "cuda|cpu", "--gpu-device": "N", "--bind": "HOST[:PORT]",
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
-    "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N", "--max-queue": "N", "--prefill-chunk": "TOKENS",
-    "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--sse-keepalive-sec": "SEC", "--callback-attempts": "N",
+    "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR",
+    "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME",
 }
 _SWITCHES: tuple[tuple[str, str], ...] = (

@@ -14,7 +14,7 @@ from starlette.types import Scope
 from .. import __version__
 from ..auth import BearerAuth
 from ..lifecycle import Worker
-from . import deps, errors, routes_execute, routes_ops, routes_worker, schemas
+from . import deps, errors, openai_routes, routes_execute, routes_ops, routes_worker, schemas
 from .middleware import RequestContext
 
 JSON_BODY_FLOOR = 64 * 1024
@@ -34,8 +34,9 @@ def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
     )
     app.state.worker = worker
     app.state.auth = auth
+    app.state.openai_tools = openai_routes.ModelTools(worker.config.chat_template)
     errors.install(app)
-    routers = (routes_worker.router, routes_execute.router, routes_ops.router)
+    routers = (routes_worker.router, routes_execute.router, routes_ops.router, openai_routes.router)
     for router in routers:
         app.include_router(router)
     # A JSON prompt of N characters is at most 12N bytes (two \uXXXX escapes per astral character).

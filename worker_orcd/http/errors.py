@@ -18,15 +18,18 @@ from starlette.exceptions import HTTPException
 
 from .. import logs
 from ..errors import ErrorCode, WorkerError
+from . import openai_errors
 
 
-def error_response(err: WorkerError) -> JSONResponse:
+def error_response(err: WorkerError, path: str | None = None) -> JSONResponse:
+    """The error body of the path's façade: ours (SPEC 4951), or OpenAI's under /v1/."""
     headers: dict[str, str] = {}
     if err.code == ErrorCode.AUTH_FAILED:
         headers["WWW-Authenticate"] = 'Bearer realm="worker-orcd"'
     if err.retry_after_ms is not None and err.http_status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_ms / 1000)))
-    return JSONResponse(err.to_dict(), status_code=err.http_status, headers=headers)
+    content = openai_errors.body(err) if openai_errors.is_openai_path(path) else err.to_dict()
+    return JSONResponse(content, status_code=err.http_status, headers=headers)
 
 
 def describe_validation(errors: list[Any], drop_prefix: tuple[str, ...] = ("body", "query")) -> str:
@@ -45,6 +48,8 @@ def describe_validation(errors: list[Any], drop_prefix: tuple[str, ...] = ("body
     field = ""
     for part in loc:
         field += f"[{part}]" if part.isdigit() and field else (f".{part}" if field else part)
+    if not field and openai_errors.param_of(msg):  # a model-level rule that names its field itself
+        return msg
     return f"{field or 'body'}: {msg}"
 
 
@@ -59,7 +64,7 @@ def _answer(request: Request, err: WorkerError) -> JSONResponse:
             "request_refused", "Refused the request with {code}: {error} ({reason}).",
             level=logging.WARNING, code=err.code.value, error=err.message, reason=err.detail,
         )
-    return error_response(err)
+    return error_response(err, request.url.path)
 
 
 def install(app: FastAPI) -> None:

@@ -81,7 +81,7 @@ class RequestContext:
 
         async def refuse(err: WorkerError) -> None:
             state["outcome"] = err.code.value
-            await error_response(err)(scope, receive, send_wrapper)
+            await error_response(err, scope.get("path"))(scope, receive, send_wrapper)
 
         limit = self.body_limit(scope)
         received = 0

@@ -9,12 +9,14 @@ characters, prompt tokens, max_tokens, the slot (busy), the seal. After the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .. import logs
+from ..auth import Caller
 from ..errors import ErrorCode, InvalidParams, WorkerError
 from ..lifecycle import ResidentLike, TokenizerLike, Worker
 from .deps import CallerDep, WorkerDep, correlation_id
@@ -55,38 +57,71 @@ def _ready_model(worker: Worker) -> tuple[ResidentLike, TokenizerLike]:
     return model, tokenizer
 
 
-def _max_tokens(worker: Worker, model: ResidentLike, params: SamplingIn, n_prompt: int) -> int:
+def _max_tokens(
+    worker: Worker, model: ResidentLike, requested: int | None, n_prompt: int, field: str = "params.max_tokens"
+) -> int:
     """SPEC 4243/4420-4423: requested output within --max-tokens-out and within what the KV cache holds."""
     cfg = worker.config
     room = model.max_seq_len - n_prompt
-    requested = params.max_tokens
     if requested is None:
         return max(1, min(DEFAULT_MAX_TOKENS, cfg.max_tokens_out, room))
     if requested > cfg.max_tokens_out:
-        raise InvalidParams(f"params.max_tokens: {requested} is over the limit of {cfg.max_tokens_out} (--max-tokens-out)")
+        raise InvalidParams(f"{field}: {requested} is over the limit of {cfg.max_tokens_out} (--max-tokens-out)")
     if requested > room:
         raise InvalidParams(
-            f"params.max_tokens: {n_prompt} prompt tokens + {requested} new tokens exceed the context of "
+            f"{field}: {n_prompt} prompt tokens + {requested} new tokens exceed the context of "
             f"{model.max_seq_len} tokens; at most {room} new tokens fit"
         )
     return requested
 
 
-async def _prompt_ids(worker: Worker, model: ResidentLike, tokenizer: TokenizerLike, prompt: str) -> list[int]:
-    """SPEC 4242 then 4420: characters first (cheap), then tokens against context / --max-tokens-in."""
+async def _prompt_ids(
+    worker: Worker, model: ResidentLike, tokenizer: TokenizerLike, prompt: str,
+    encode: Callable[[str], list[int]] | None = None, field: str = "prompt",
+) -> list[int]:
+    """SPEC 4242 then 4420: characters first (cheap), then tokens against context / --max-tokens-in.
+
+    ``encode`` replaces ``tokenizer.encode`` where the text already carries its specials (a chat template's).
+    """
     cfg = worker.config
     if len(prompt) > cfg.max_prompt_chars:
-        raise InvalidParams(f"prompt: {len(prompt)} characters; the limit is {cfg.max_prompt_chars} (--max-prompt-chars)")
-    ids = await asyncio.to_thread(tokenizer.encode, prompt)
+        raise InvalidParams(f"{field}: {len(prompt)} characters; the limit is {cfg.max_prompt_chars} (--max-prompt-chars)")
+    ids = await asyncio.to_thread(encode or tokenizer.encode, prompt)
     if not ids:
-        raise InvalidParams("prompt: encodes to no tokens")
+        raise InvalidParams(f"{field}: encodes to no tokens")
     limit = model.max_seq_len - 1  # at least one position must remain for output
     source = "the model context minus one output position"
     if cfg.max_tokens_in is not None and cfg.max_tokens_in < limit:
         limit, source = cfg.max_tokens_in, "--max-tokens-in"
     if len(ids) > limit:
-        raise InvalidParams(f"prompt: {len(ids)} tokens; the limit is {limit} ({source})")
+        raise InvalidParams(f"{field}: {len(ids)} tokens; the limit is {limit} ({source})")
     return list(ids)
+
+
+async def start_job(
+    request: Request, worker: Worker, caller: Caller, ids: list[int], params: Any,
+    job_id: str | None = None, make_stream: Callable[..., JobStream] = JobStream,
+) -> JobStream:
+    """Admit (or WORKER_BUSY), verify the seal (or leave it to the engine loop), start: what every façade shares.
+
+    ``make_stream`` builds the stream with JobStream's arguments (a subclass renders another wire format).
+    """
+    job = worker.scheduler.admit(caller.owner, correlation_id(request), job_id)
+    request.state.job_id = job.job_id
+    logs.update(job_id=job.job_id)
+    try:
+        model, _ = _ready_model(worker)
+        if getattr(model, "seals_per_step", False):
+            seal_ms = worker.last_seal_ms  # the engine loop verifies once per step that admits jobs
+        else:
+            seal_ms = await worker.verify_seal()
+        model, tokenizer = _ready_model(worker)  # a drain or a fatal error may have begun meanwhile
+        stream = make_stream(worker, job, model, tokenizer, ids, params, seal_ms, caller.fp6)
+        stream.start()
+    except BaseException:
+        worker.scheduler.finish(job, ok=False)
+        raise
+    return stream
 
 
 @router.post(
@@ -105,29 +140,15 @@ async def execute(
     if body.handle_id is not None and body.handle_id != model.handle.shard_id:
         raise WorkerError(f"handle_id: no sealed handle {body.handle_id!r} on this worker", code=ErrorCode.NOT_FOUND)
     ids = await _prompt_ids(worker, model, tokenizer, body.prompt)
-    max_tokens = _max_tokens(worker, model, body.params, len(ids))
+    max_tokens = _max_tokens(worker, model, body.params.max_tokens, len(ids))
     p = body.params
     params = worker.binding.sampling_params(
         max_tokens=max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
         repetition_penalty=p.repetition_penalty, seed=p.seed,
         stop_ids=frozenset(tokenizer.eos_ids) | frozenset(p.stop_token_ids),
     )
-    cid = correlation_id(request)
-    job = worker.scheduler.admit(caller.owner, cid, body.job_id)
-    request.state.job_id = job.job_id
-    logs.update(job_id=job.job_id)
-    try:
-        if getattr(model, "seals_per_step", False):
-            seal_ms = worker.last_seal_ms  # the engine loop verifies once per step that admits jobs
-        else:
-            seal_ms = await worker.verify_seal()
-        model, tokenizer = _ready_model(worker)  # a drain or a fatal error may have begun meanwhile
-        stream = JobStream(worker, job, model, tokenizer, ids, params, seal_ms, caller.fp6)
-        stream.start()
-    except BaseException:
-        worker.scheduler.finish(job, ok=False)
-        raise
-    return EventStreamResponse(stream, headers={"X-Job-Id": job.job_id})
+    stream = await start_job(request, worker, caller, ids, params, body.job_id)
+    return EventStreamResponse(stream, headers={"X-Job-Id": stream.job.job_id})
 
 
 router.add_api_route(

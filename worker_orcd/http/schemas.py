@@ -19,6 +19,17 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 
+def prompt_text(v: str) -> str:
+    """Text that reaches the tokenizer: no NUL bytes (SPEC 4244), no lone surrogates."""
+    if "\0" in v:
+        raise ValueError("must not contain NUL bytes (SPEC 4244)")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it contains a lone surrogate)") from None
+    return v
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -56,13 +67,7 @@ class ExecuteRequest(Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt_text(cls, v: str) -> str:
-        if "\0" in v:
-            raise ValueError("must not contain NUL bytes (SPEC 4244)")
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("must be valid Unicode (it contains a lone surrogate)") from None
-        return v
+        return prompt_text(v)
 
 
 class CancelRequest(Strict):

@@ -127,7 +127,8 @@ class JobStream:
 
     def _thread_exited(self) -> None:
         """On the loop, once the engine really stopped: free the slot (however the job ended)."""
-        self._release(ok=self._engine_ok and self.job.stop_code is None)
+        # A façade may end the stream itself (an OpenAI stop string) and stop the engine early: still a success.
+        self._release(ok=(self._engine_ok or self.outcome == "end") and self.job.stop_code is None)
 
     def _release(self, ok: bool) -> None:
         """Give the job's place back (idempotent). Called before ``end`` is sent: the engine has already
@@ -149,15 +150,9 @@ class JobStream:
         job = self.job
         keepalive = self.worker.config.sse_keepalive_sec
         try:
-            yield frame(
-                "started",
-                {
-                    "job_id": job.job_id,
-                    "model": self.model.handle.model_ref,
-                    "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                    "correlation_id": job.correlation_id,
-                },
-            )
+            started = self.render_started()
+            if started:
+                yield started
             while True:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), keepalive)
@@ -178,7 +173,11 @@ class JobStream:
                     yield self._error(WorkerError("the engine stopped without ending the stream", code=ErrorCode.INTERNAL))
                     return
                 if hasattr(item, "token_id"):
-                    yield self._token(item)
+                    chunk = self._token(item)
+                    if chunk:
+                        yield chunk
+                    if self.outcome is not None:  # the rendering ended the stream (e.g. a stop string)
+                        return
                 elif hasattr(item, "stop_reason"):
                     if item.stop_reason == "cancelled":  # engine saw the cancel flag first
                         code = job.stop_code or ErrorCode.CANCELLED
@@ -186,7 +185,8 @@ class JobStream:
                         return
                     self._release(ok=True)
                     for chunk in self._end(item):
-                        yield chunk
+                        if chunk:
+                            yield chunk
                     return
         finally:
             self.abandon()
@@ -227,7 +227,7 @@ class JobStream:
         self._last_token = now
         self.worker.metrics.tokens_generated.inc()
         self.job.tokens_sent += 1
-        return frame("token", {"t": self.detok.push(event.token_id), "i": event.index})
+        return self.render_token(event, self.detok.push(event.token_id))
 
     def _end(self, end: Any) -> list[bytes]:
         m, job = self.worker.metrics, self.job
@@ -265,7 +265,7 @@ class JobStream:
             "seal_verify_ms": round(self.seal_ms, 3),
             "total_ms": round((time.monotonic() - self._t0) * 1000, 3),
         }
-        return [frame("metrics", metrics), frame("end", data)]
+        return self.render_end(end, data, metrics)
 
     def _error(self, err: WorkerError) -> bytes:
         self.outcome = err.code.value
@@ -276,6 +276,28 @@ class JobStream:
             job_id=self.job.job_id, code=err.code.value, error=err.message, tokens_sent=self.job.tokens_sent,
             retriable=err.retriable,
         )
+        return self.render_error(err)
+
+    # --- the wire format: /worker/execute's events; another façade (OpenAI) overrides these ---
+
+    def render_started(self) -> bytes:
+        return frame(
+            "started",
+            {
+                "job_id": self.job.job_id,
+                "model": self.model.handle.model_ref,
+                "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "correlation_id": self.job.correlation_id,
+            },
+        )
+
+    def render_token(self, event: Any, text: str) -> bytes:
+        return frame("token", {"t": text, "i": event.index})
+
+    def render_end(self, end: Any, data: dict[str, Any], metrics: dict[str, Any]) -> list[bytes]:
+        return [frame("metrics", metrics), frame("end", data)]
+
+    def render_error(self, err: WorkerError) -> bytes:
         return frame("error", err.to_dict())
 
 
@@ -315,8 +337,12 @@ class EventStreamResponse(Response):
                 tg.start_soon(watch)
         finally:
             self.job.abandon()
-            # The request metric counts a stream by how it ended, not by its 200 (middleware.py).
-            ended = self.job.outcome
-            scope.setdefault("state", {})["outcome"] = (
-                SUCCESS if ended == "end" else ErrorCode.CANCELLED.value if ended in (None, "disconnected") else ended
-            )
+            record_outcome(scope, self.job)
+
+
+def record_outcome(scope: Scope, job: JobStream) -> None:
+    """The request metric counts a job's response by how the job ended, not by its status (middleware.py)."""
+    ended = job.outcome
+    scope.setdefault("state", {})["outcome"] = (
+        SUCCESS if ended == "end" else ErrorCode.CANCELLED.value if ended in (None, "disconnected") else ended
+    )

@@ -32,8 +32,9 @@ def _as_id(value: object) -> int:
 
 
 class GGUFTokenizer:
-    def __init__(self, vocab: GGUFVocab, backend: Tokenizer, pieces: list[bytes]) -> None:
+    def __init__(self, vocab: GGUFVocab, backend: Tokenizer, pieces: list[bytes], chat_template: str | None = None) -> None:
         self._vocab = vocab
+        self._chat_template = chat_template
         self._backend = backend
         self._pieces = pieces
         self._special_ids = vocab.special_ids
@@ -43,9 +44,11 @@ class GGUFTokenizer:
     def from_gguf(cls, gguf: GGUFFile) -> GGUFTokenizer:
         """Raises ``ModelLoadError`` naming the key for any metadata it cannot use."""
         vocab = read_vocab(gguf)
+        template = gguf.metadata.get("tokenizer.chat_template")
+        template = template if isinstance(template, str) and template.strip() else None
         if vocab.kind == "gpt2":
-            return cls(vocab, bpe.build_byte_level(vocab), bpe.piece_bytes(vocab))
-        return cls(vocab, spm.build_sentencepiece(vocab), spm.piece_bytes(vocab))
+            return cls(vocab, bpe.build_byte_level(vocab), bpe.piece_bytes(vocab), template)
+        return cls(vocab, spm.build_sentencepiece(vocab), spm.piece_bytes(vocab), template)
 
     # --- properties -------------------------------------------------------------
     @property
@@ -64,6 +67,16 @@ class GGUFTokenizer:
     @property
     def bos_id(self) -> int | None:
         return self._vocab.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        """The file's one eos token (``eos_token`` of a chat template)."""
+        return self._vocab.eos_id
+
+    @property
+    def chat_template(self) -> str | None:
+        """``tokenizer.chat_template`` of the file: untrusted Jinja source (see chat_template.py)."""
+        return self._chat_template
 
     @property
     def eos_ids(self) -> frozenset[int]:
