@@ -47,6 +47,34 @@ def kv_write_(
     _kv_write_kernel[(triton.cdiv(n, block),)](k, v, k_cache, v_cache, pos, N=n, BLOCK=block)
 
 
+def kv_store_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Each token's K/V [T, Hk, D] into row slots[t] of the paged caches [NB, BS, Hk, D]: one launch,
+    slots read on the device (graph safe). Slots are the runner's (in range, distinct per step)."""
+    T = k.shape[0]
+    row = k_cache.shape[-2] * k_cache.shape[-1]
+    if (
+        v_cache.shape != k_cache.shape or k.shape != v.shape or k.dim() != 3 or k.shape[1] * k.shape[2] != row
+        or slots.shape != (T,) or slots.dtype not in (torch.int32, torch.int64)
+    ):
+        raise KernelDimensionError(
+            f"kv_store: k/v [T, Hk, D] must match the caches' rows and slots [T], got {tuple(k.shape)}, "
+            f"{tuple(v.shape)}, caches {tuple(k_cache.shape)}, slots {tuple(slots.shape)}"
+        )
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k.stride(2) != 1 or k.stride(1) != k.shape[2] \
+            or v.stride(2) != 1 or v.stride(1) != v.shape[2]:
+        raise KernelDimensionError("kv_store: caches must be contiguous and each token's K/V row dense")
+    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        raise KernelDimensionError(f"kv_store: dtype mismatch {k.dtype}/{v.dtype} vs cache {k_cache.dtype}")
+    if T == 0:
+        return
+    import triton
+
+    from .fused_kernels import _kv_store_kernel
+
+    _kv_store_kernel[(T,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), N=row,
+                           BLOCK=triton.next_power_of_2(row))
+
+
 def check_gated_act(gate_up: torch.Tensor, activation: str) -> int:
     """Validate; returns f (the half width)."""
     if activation not in ("silu", "gelu_tanh"):

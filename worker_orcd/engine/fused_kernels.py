@@ -31,3 +31,14 @@ def _gated_act_kernel(gu_ptr, out_ptr, f, gu_stride, out_stride, GELU: tl.conste
     else:
         a = g * tl.sigmoid(g)
     tl.store(out_ptr + row * out_stride + offs, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kv_store_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_stride, v_stride, N: tl.constexpr, BLOCK: tl.constexpr):
+    # Token t's K and V rows ([Hk*D] each) into cache row slots[t] of the paged caches.
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    row = tl.load(slot_ptr + t).to(tl.int64) * N
+    tl.store(kc_ptr + row + offs, tl.load(k_ptr + t * k_stride + offs, mask=mask), mask=mask)
+    tl.store(vc_ptr + row + offs, tl.load(v_ptr + t * v_stride + offs, mask=mask), mask=mask)

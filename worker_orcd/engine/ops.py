@@ -189,6 +189,9 @@ def paged_attention(
 
 def kv_store_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Write each token's K/V [T, Hk, D] to its cache slot (block * block_size + offset); graph safe."""
+    if _kernel(k_cache):
+        fused.kv_store_(k_cache, v_cache, k, v, slots)
+        return
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     flat_k.index_copy_(0, slots, k)
