@@ -99,7 +99,7 @@ def test_worker_4700_decode_matches_full_prefill(engine: Engine, model_dir: Path
 
 def test_worker_4700_fused_qkv_rows_are_the_file_tensors(engine: Engine, model_dir: Path) -> None:
     """The fused QKV / gate-up matrices hold q, k, v (gate, up) rows in that order, dequantized."""
-    gguf_quants = pytest.importorskip("gguf.quants")
+    import gguf.quants as gguf_quants
     path = synth.write_synthetic_model(model_dir / "fused.gguf", "tiny-qwen2", "Q8_0")
     g = parse_file(path)
     rm = _load(engine, path)
