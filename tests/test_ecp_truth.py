@@ -33,8 +33,9 @@ synth = _synth()
 THE_ECP: ECP = build_ecp("ecp-truth", 0)
 
 # One tiny shape per architecture, every matrix row a whole number of 256-element (K-quant) blocks;
-# a spread final norm makes greedy top-1 decisive (no near-ties to flip).
-_DECISIVE = {"output_norm_gain": 4.0}
+# an untied lm head makes the next token depend on the context (a tied tiny model echoes its last
+# token) and a spread final norm makes greedy top-1 decisive (no near-ties to flip).
+_DECISIVE = {"output_norm_gain": 4.0, "tied": False}
 UNIT_SHAPES = {
     "llama": dataclasses.replace(synth.SHAPES["tiny-llama"], **_DECISIVE),
     "qwen2": dataclasses.replace(synth.SHAPES["tiny-qwen2"], **_DECISIVE),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from worker_orcd.engine import api as api_mod
 from worker_orcd.engine import device as device_mod
 from worker_orcd.engine import fused, ops, reference
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent
@@ -95,6 +96,29 @@ def test_worker_4700_decode_matches_full_prefill(engine: Engine, model_dir: Path
                 seq.append(t)
     finally:
         rm.close()
+
+
+def test_worker_4421_chunked_prefill_decodes_what_one_piece_does(
+    engine: Engine, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt longer than the CPU prefill chunk (256) decodes, token by token, what the same prompt
+    prefilled in one piece decodes (a model loaded with a chunk longer than the prompt)."""
+    # untied lm head: the next token depends on the whole context (a tied tiny model echoes its last token)
+    shape = dataclasses.replace(synth.SHAPES["tiny-llama"], context=1024, output_norm_gain=4.0)
+    vm = _validated(synth.write_synthetic_model(model_dir / "chunked-prefill.gguf", shape, "Q8_0"))
+    ids = [(i * 7919 + 17) % shape.vocab for i in range(600)]
+    assert len(ids) > engine.prefill_chunk
+    runs = []
+    for chunk in (engine.prefill_chunk, 1024):
+        monkeypatch.setattr(api_mod, "PREFILL_CHUNK_CPU", chunk)
+        rm = engine.load(vm, shard_id=f"prefill-{chunk}", sealer=Sealer(), kv_cache_mb=8)
+        try:
+            runs.append(_run(rm, ids, max_tokens=8)[0])
+        finally:
+            rm.close()
+    chunked, whole = runs
+    for i, (a, b) in enumerate(zip(chunked, whole, strict=True)):
+        assert a == b, f"token {i}: chunked prefill {a}, one-piece prefill {b} (streams {chunked} vs {whole})"
 
 
 def test_worker_4700_fused_qkv_rows_are_the_file_tensors(engine: Engine, model_dir: Path) -> None:
