@@ -382,6 +382,16 @@ def test_worker_4100_cpu_mode_never_claims_residency(engine: Engine, qwen: Resid
     assert "0x" not in repr(report) and "0x" not in repr(qwen.handle.public())  # no pointers (4111)
 
 
+def test_worker_4100_cpu_mode_load_log_never_says_resident(
+    engine: Engine, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = synth.write_synthetic_model(model_dir / "log-tiny.gguf", "tiny-llama", "F16")
+    with caplog.at_level("INFO", logger="worker_orcd.engine"):
+        _load(engine, path).close()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "worker_orcd.engine" and "log-tiny" in r.getMessage()]
+    assert "CPU development mode" in line and "resident" not in line
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 
