@@ -200,15 +200,6 @@ def test_worker_4210_plan_reports_feasibility_and_mcd(h: WorkerHarness) -> None:
     assert tp["feasible"] is False and any("deferred past M0" in r for r in tp["reasons"])
 
 
-def test_worker_gpu_only_cpu_mode_plan_says_host_memory(tmp_path: Path) -> None:
-    """SPEC "GPU only": in development mode the plan says so and never calls host RAM device memory."""
-    with WorkerHarness(tmp_path, Knobs(vram_total=1000), model=False) as h:
-        body = h.client().post("/worker/plan", json={"model_ref": "tiny.gguf"}).json()
-    assert body["dev_mode"] is True and body["feasible"] is False
-    (reason,) = body["reasons"]
-    assert "host memory" in reason and "development mode" in reason and "device memory" not in reason
-
-
 def test_worker_4340_plan_of_model_outside_root_refused(h: WorkerHarness, tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere.gguf"
     outside.write_bytes(b"GGUF")
