@@ -1,4 +1,4 @@
-"""The daemon on the GPU: process start -> ready, and HTTP/SSE overhead per token.
+"""The daemon on the GPU: process start -> ready, server vs client decode rate, SIGTERM -> exit.
 
     python scripts/make_tokenizer_donor.py ~/.cache/worker-orcd-models/qwen2.5-coder-0.5b-instruct.gguf \
         .devdata/qwen05-tokenizer.gguf    # here; carry .devdata to the GPU machine
@@ -10,8 +10,9 @@ with a real tokenizer copied in (``synth.py --tokenizer-from``); then
 until ``/health`` says ``ready`` (validate + upload + graphs + seal). For
 shapes whose vocabulary matches the tokenizer, one greedy ``/worker/execute``
 of 128 tokens is streamed: the server's own decode rate (``end`` event) is
-compared with the rate the client observes between ``token`` events, which
-is the HTTP/SSE (and detokenizer) cost per token. Exits non-zero on error.
+compared with the rate the client observes between ``token`` events. Their
+difference is NOT a per-token latency (a constant delay leaves both rates
+equal): ``bench_latency.py`` measures that. Exits non-zero on error.
 """
 
 from __future__ import annotations
@@ -109,7 +110,6 @@ def run_one(shape: str, wtype: str, args: argparse.Namespace, work: Path, token:
                     client_ttft_ms=(times[0] - t_req) * 1e3 if times else None,
                     server_decode_tok_s=server_tps,
                     client_tok_s=client_tps,
-                    overhead_us_per_token=(1e6 / client_tps - 1e6 / server_tps) if client_tps and server_tps else None,
                 )
         t_stop = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
@@ -145,13 +145,13 @@ def main() -> int:
         print(json.dumps(r))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_serve.json").write_text(json.dumps(rows, indent=2))
-    print("| shape | type | start->ready s | server decode tok/s | client tok/s | SSE overhead µs/token | client TTFT ms | SIGTERM->exit s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | type | start->ready s | server decode tok/s | client tok/s | client TTFT ms | SIGTERM->exit s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         def f(k: str, fmt: str) -> str:
             return format(r[k], fmt) if r.get(k) is not None else "-"
         print(f"| {r['shape']} | {r['type']} | {f('start_to_ready_s', '.1f')} | {f('server_decode_tok_s', '.0f')} | "
-              f"{f('client_tok_s', '.0f')} | {f('overhead_us_per_token', '.0f')} | {f('client_ttft_ms', '.1f')} | {f('sigterm_to_exit_s', '.1f')} |")
+              f"{f('client_tok_s', '.0f')} | {f('client_ttft_ms', '.1f')} | {f('sigterm_to_exit_s', '.1f')} |")
     return 0
 
 

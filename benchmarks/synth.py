@@ -13,6 +13,7 @@ so a 15 GB model is written at disk speed without sitting in RAM.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import zlib
 from collections.abc import Callable, Iterable
@@ -40,6 +41,7 @@ ShapeName = Literal[
     "mid-gemma3",
 ]
 WeightType = Literal["F16", "Q8_0", "Q4_K_M"]
+MIXES = ("F16", "Q8_0", "Q4_K_M")  # the named weight types; any other ggml type name puts every matrix in it
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,48 @@ def _random_blocks(rng: np.random.Generator, t: GGMLType, n: int) -> bytes:
         q6k["scales"] = rng.integers(-128, 128, (n, 16))
         q6k["d"] = rng.uniform(0.5, 1.5, n) * 5e-6
         return q6k.tobytes()
+    return _random_blocks_more(rng, t, n)
+
+
+def _random_blocks_more(rng: np.random.Generator, t: GGMLType, n: int) -> bytes:
+    """The other types, for single-type models (kept apart so the mixes' files stay byte-identical)."""
+    if t is GGMLType.F32:
+        return (rng.standard_normal(n * 32, dtype=np.float32) * 0.02).astype("<f4").tobytes()
+    if t is GGMLType.BF16:
+        f32 = (rng.standard_normal(n * 32, dtype=np.float32) * 0.02).astype("<f4")
+        return (f32.view("<u4") >> 16).astype("<u2").tobytes()
+    if t is GGMLType.Q4_0:
+        q4 = np.zeros(n, dtype=[("d", "<f2"), ("qs", "u1", 16)])
+        q4["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 8)
+        q4["qs"] = rng.integers(0, 256, (n, 16))
+        return q4.tobytes()
+    if t in (GGMLType.Q4_1, GGMLType.Q5_1):
+        bits = 4 if t is GGMLType.Q4_1 else 5
+        fields: list[Any] = [("d", "<f2"), ("m", "<f2")] + ([("qh", "u1", 4)] if bits == 5 else [])
+        qx = np.zeros(n, dtype=[*fields, ("qs", "u1", 16)])
+        qx["d"] = rng.uniform(0.5, 1.5, n) * (0.04 / (1 << bits))  # d * q + m spans about [-0.02, 0.02]
+        qx["m"] = -rng.uniform(0.5, 1.5, n) * 0.02
+        if bits == 5:
+            qx["qh"] = rng.integers(0, 256, (n, 4))
+        qx["qs"] = rng.integers(0, 256, (n, 16))
+        return qx.tobytes()
+    if t is GGMLType.Q5_K:
+        q5k = np.zeros(
+            n, dtype=[("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)]
+        )
+        q5k["d"] = rng.uniform(0.5, 1.5, n) * 1e-5
+        q5k["dmin"] = rng.uniform(0.5, 1.5, n) * 1e-5
+        q5k["scales"] = rng.integers(0, 256, (n, 12))
+        q5k["qh"] = rng.integers(0, 256, (n, 32))
+        q5k["qs"] = rng.integers(0, 256, (n, 128))
+        return q5k.tobytes()
     raise ValueError(f"no random block generator for {t.name}")
 
 
 _BLOCK_TYPES = (GGMLType.F16, GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K)
 
 
+@functools.cache  # ~30 MB of random draws per seed: drawn once per process, not once per file
 def _templates(seed: int) -> dict[GGMLType, bytes]:
     """One ring of valid random blocks per type (drawn in this fixed order: files stay reproducible)."""
     rng = np.random.default_rng(seed)
@@ -163,9 +201,15 @@ def _stream(template: bytes, n_bytes: int, block_bytes: int, name: str) -> Calla
     return gen
 
 
-def _matrix_type(weight_type: WeightType, role: str, row: int) -> GGMLType:
+def _matrix_type(weight_type: WeightType | str, role: str, row: int) -> GGMLType:
     """llama.cpp-like mixes: Q4_K_M keeps output/attn_v/ffn_down at Q6_K; rows that are not a
-    multiple of 256 fall back to 32-element blocks (as llama.cpp does for Qwen2.5-0.5B)."""
+    multiple of 256 fall back to 32-element blocks (as llama.cpp does for Qwen2.5-0.5B). Any other
+    ggml type name: every matrix in that type, no fallback."""
+    if weight_type not in MIXES:
+        t = GGMLType[weight_type]
+        if row % BLOCK_LAYOUT[t].block_size:
+            raise ValueError(f"{role}: row length {row} is not whole {t.name} blocks; pick another shape")
+        return t
     if weight_type == "F16":
         return GGMLType.F16
     if weight_type == "Q8_0":
@@ -181,26 +225,34 @@ def _f32(values: np.ndarray) -> bytes:
 
 
 def write_synthetic_model(
-    path: str | Path, shape: ShapeName, weight_type: WeightType, seed: int = 0, tokenizer_from: str | Path | None = None
+    path: str | Path,
+    shape: ShapeName | Shape,
+    weight_type: WeightType | str,
+    seed: int = 0,
+    tokenizer_from: str | Path | None = None,
 ) -> Path:
     """Write a GGUF of ``shape`` with ``weight_type`` matrices (norms/biases F32); returns the path.
 
+    ``weight_type``: a mix (``MIXES``) or any ggml type name with a block generator here.
     ``tokenizer_from``: a GGUF whose ``tokenizer.*`` metadata is copied in, so the
     daemon can serve the synthetic model (e.g. a real model's tokenizer).
     """
-    if shape not in SHAPES:
+    if isinstance(shape, str) and shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-    if weight_type not in ("F16", "Q8_0", "Q4_K_M"):
-        raise ValueError(f"unknown weight type {weight_type!r} (known: F16, Q8_0, Q4_K_M)")
-    s = SHAPES[shape]
+    if weight_type not in MIXES and weight_type not in GGMLType.__members__:
+        raise ValueError(f"unknown weight type {weight_type!r} (known: {', '.join(MIXES)} or a ggml type name)")
+    s = SHAPES[shape] if isinstance(shape, str) else shape
     hd = s.head_dim or s.d_model // s.n_heads
     q, kv, d, f, V = s.n_heads * hd, s.n_kv_heads * hd, s.d_model, s.ffn_dim, s.vocab
-    tmpl = _templates(seed)
+    tmpl = dict(_templates(seed))
+    if weight_type not in MIXES and GGMLType[weight_type] not in tmpl:  # its own stream: the mixes' draws stay
+        t_single = GGMLType[weight_type]
+        tmpl[t_single] = _random_blocks(np.random.default_rng([seed, t_single.value]), t_single, _TEMPLATE_BLOCKS)
     rng = np.random.default_rng(seed + 1)
     w = GGUFWriter()
     a = s.arch
     w.add("general.architecture", a)
-    w.add("general.name", f"synthetic {shape} {weight_type}")
+    w.add("general.name", f"synthetic {shape if isinstance(shape, str) else s.arch} {weight_type}")
     w.add(f"{a}.block_count", s.n_layers)
     w.add(f"{a}.context_length", s.context)
     w.add(f"{a}.embedding_length", d)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ci_gate import need
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,8 +40,7 @@ def real_model(name: str) -> Path:
     path = MODEL_CACHE / f"{name}.gguf"
     if path.exists():
         return path
-    if not FETCH.exists():
-        pytest.skip(f"real model {name} not cached and {FETCH} is missing")
+    need(FETCH.exists(), f"real model {name} not cached and {FETCH} is missing")
     subprocess.run([sys.executable, str(FETCH), name, "--dest", str(MODEL_CACHE)], check=True)
     return path
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,12 +60,60 @@ def test_worker_4913_directory_and_oversized_files_refused(tmp_path: Path) -> No
         read_token_file(write(tmp_path, "#" * 70_000))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file regardless of mode")
+NOBODY = 65534
+
+
+def _read_as_nobody(paths: list[Path]) -> list[str]:
+    """``read_token_file`` on each path in a forked child that dropped to uid/gid nobody (root reads
+    any file whatever its mode, and CI runs as root): its tokens, or the TokenFileError message."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop, read, report, and never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            out = []
+            for p in paths:
+                try:
+                    out.append(",".join(read_token_file(p)))
+                except TokenFileError as e:
+                    out.append(e.message)
+            os.write(w, "\n".join(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed to drop to nobody"
+    return data.split("\n")
+
+
 def test_worker_4913_unreadable_token_file_refused(tmp_path: Path) -> None:
-    p = write(tmp_path, A)
-    p.chmod(0)
-    with pytest.raises(TokenFileError, match="cannot be opened"):
-        read_token_file(p)
+    """Mode 000: refused by the reader (as nobody when the suite runs as root, so CI runs it too)."""
+    if os.geteuid() != 0:
+        p = write(tmp_path, A)
+        p.chmod(0)
+        with pytest.raises(TokenFileError, match="cannot be opened"):
+            read_token_file(p)
+        return
+    d = Path(tempfile.mkdtemp(prefix="worker-orcd-auth-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        os.chown(d, NOBODY, NOBODY)
+        readable, unreadable = write(d, A), d / "unreadable"
+        unreadable.write_text(A)
+        for f, mode in ((readable, 0o600), (unreadable, 0)):
+            os.chown(f, NOBODY, NOBODY)
+            f.chmod(mode)
+        got = _read_as_nobody([readable, unreadable])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert got[0] == A  # the control: nobody reaches the directory and reads a 0600 file it owns
+    assert "cannot be opened: Permission denied" in got[1], got
 
 
 def test_worker_4202_fp6_is_sha256_prefix() -> None:

@@ -23,6 +23,7 @@ import pytest
 
 from worker_orcd.config import CREDENTIAL_NAME, DEFAULT_TOKEN_FILE, load_config
 from worker_orcd.serve import add_serve_arguments, config_from_args
+from ci_gate import need
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT, TEMPLATE = DEPLOY / "worker-orcd.service", DEPLOY / "worker-orcd@.service"
@@ -87,17 +88,17 @@ def _verify(unit: Path, tmp: Path, name: str | None = None, extra: str = "") -> 
     return lines + ([f"exit status {run.returncode}"] if run.returncode else [])
 
 
-@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
 @pytest.mark.parametrize(("unit", "name"), [
     (UNIT, None), (TEMPLATE, None), (TEMPLATE, "worker-orcd@3.service"),
 ])
 def test_worker_4920_units_pass_systemd_analyze_verify(tmp_path: Path, unit: Path, name: str | None) -> None:
+    need(SYSTEMD_ANALYZE is not None, "systemd-analyze is not installed (apt install systemd)")
     assert _verify(unit, tmp_path, name) == []
 
 
-@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
 def test_worker_4920_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
     """The check above is only worth something if verify complains here."""
+    need(SYSTEMD_ANALYZE is not None, "systemd-analyze is not installed (apt install systemd)")
     problems = _verify(UNIT, tmp_path, extra="[Service]\nProtectSytem=strict\nRestartSec=soon\n")
     assert any("ProtectSytem" in p for p in problems) and any("soon" in p for p in problems), problems
 
@@ -259,8 +260,8 @@ def _compile(profile: Path) -> subprocess.CompletedProcess[str]:
                           check=False, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(shutil.which("apparmor_parser") is None, reason="apparmor_parser is not installed (apt install apparmor)")
 def test_worker_4920_apparmor_profile_compiles(tmp_path: Path) -> None:
+    need(shutil.which("apparmor_parser") is not None, "apparmor_parser is not installed (apt install apparmor)")
     run = _compile(DEPLOY / "apparmor" / "worker-orcd")
     assert run.returncode == 0, run.stderr
     broken = tmp_path / "worker-orcd"  # and the parser does reject a malformed copy

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from worker_orcd.engine import api as api_mod
 from worker_orcd.engine import device as device_mod
 from worker_orcd.engine import fused, ops, reference
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent
@@ -94,9 +95,32 @@ def test_worker_4700_decode_matches_full_prefill(engine: Engine, model_dir: Path
         rm.close()
 
 
+def test_worker_4421_chunked_prefill_decodes_what_one_piece_does(
+    engine: Engine, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt longer than the CPU prefill chunk (256) decodes, token by token, what the same prompt
+    prefilled in one piece decodes (a model loaded with a chunk longer than the prompt)."""
+    # untied lm head: the next token depends on the whole context (a tied tiny model echoes its last token)
+    shape = dataclasses.replace(synth.SHAPES["tiny-llama"], context=1024, output_norm_gain=4.0)
+    vm = _validated(synth.write_synthetic_model(model_dir / "chunked-prefill.gguf", shape, "Q8_0"))
+    ids = [(i * 7919 + 17) % shape.vocab for i in range(600)]
+    assert len(ids) > engine.prefill_chunk
+    runs = []
+    for chunk in (engine.prefill_chunk, 1024):
+        monkeypatch.setattr(api_mod, "PREFILL_CHUNK_CPU", chunk)
+        rm = engine.load(vm, shard_id=f"prefill-{chunk}", sealer=Sealer(), kv_cache_mb=8)
+        try:
+            runs.append(_run(rm, ids, max_tokens=8)[0])
+        finally:
+            rm.close()
+    chunked, whole = runs
+    for i, (a, b) in enumerate(zip(chunked, whole, strict=True)):
+        assert a == b, f"token {i}: chunked prefill {a}, one-piece prefill {b} (streams {chunked} vs {whole})"
+
+
 def test_worker_4700_fused_qkv_rows_are_the_file_tensors(engine: Engine, model_dir: Path) -> None:
     """The fused QKV / gate-up matrices hold q, k, v (gate, up) rows in that order, dequantized."""
-    gguf_quants = pytest.importorskip("gguf.quants")
+    import gguf.quants as gguf_quants
     path = synth.write_synthetic_model(model_dir / "fused.gguf", "tiny-qwen2", "Q8_0")
     g = parse_file(path)
     rm = _load(engine, path)
@@ -356,6 +380,16 @@ def test_worker_4100_cpu_mode_never_claims_residency(engine: Engine, qwen: Resid
     desc = engine.describe()
     assert desc["dev_mode"] is True and desc["vram_resident"] is False and "DEVELOPMENT MODE" in desc["warning"]
     assert "0x" not in repr(report) and "0x" not in repr(qwen.handle.public())  # no pointers (4111)
+
+
+def test_worker_4100_cpu_mode_load_log_never_says_resident(
+    engine: Engine, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = synth.write_synthetic_model(model_dir / "log-tiny.gguf", "tiny-llama", "F16")
+    with caplog.at_level("INFO", logger="worker_orcd.engine"):
+        _load(engine, path).close()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "worker_orcd.engine" and "log-tiny" in r.getMessage()]
+    assert "CPU development mode" in line and "resident" not in line
 
 
 # --- loading ---------------------------------------------------------------------------------------

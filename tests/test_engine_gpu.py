@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import GEMMA_270M, MODEL_CACHE, QWEN_05B
 
+from worker_orcd.engine import api as engine_api
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent
 from worker_orcd.engine.device import DeviceContext
 from worker_orcd.errors import ErrorCode, SealVerificationError, WorkerError
@@ -332,15 +333,27 @@ def test_worker_4013_close_releases_every_device_buffer(engine: Engine, synth_fi
     assert torch.cuda.memory_allocated() - before < 1 << 20
 
 
-def test_worker_4421_long_prompt_chunked_prefill(engine: Engine, synth_file: SynthFile) -> None:
-    """A prompt longer than the prefill chunk runs in chunks and matches one more decode step."""
-    rm = engine.load(_validated(synth_file("qwen2.5-0.5b", "Q8_0")), shard_id="long", sealer=Sealer(), kv_cache_mb=512)
-    try:
-        ids = [(i * 7919) % 150000 for i in range(3000)]
-        toks = _tokens(rm, ids, max_tokens=4)
-        assert toks == _tokens(rm, ids, max_tokens=4)
-    finally:
-        rm.close()
+def test_worker_4421_long_prompt_chunked_prefill(
+    engine: Engine, synth_file: SynthFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt longer than the prefill chunk runs in chunks and decodes, token by token, what the
+    same prompt prefilled in one piece (the model loaded with a larger chunk) decodes. mid-qwen2's
+    top-1 is decisive, so fp16 rounding differences between the two cannot flip a token."""
+    vm = _validated(synth_file("mid-qwen2", "Q8_0"))
+    ids = synthetic_prompt(32768, 3000)
+    assert len(ids) > engine.prefill_chunk
+    runs = []
+    for chunk in (engine.prefill_chunk, 4096):
+        monkeypatch.setattr(engine_api, "PREFILL_CHUNK_CUDA", chunk)
+        rm = engine.load(vm, shard_id=f"prefill-{chunk}", sealer=Sealer(), kv_cache_mb=512)
+        try:
+            runs.append(_tokens(rm, ids, max_tokens=8))
+        finally:
+            rm.close()
+    chunked, whole = runs
+    assert len(chunked) == len(whole) == 8
+    for i, (a, b) in enumerate(zip(chunked, whole, strict=True)):
+        assert a == b, f"token {i}: chunked prefill {a}, one-piece prefill {b} (streams {chunked} vs {whole})"
 
 
 def test_worker_4711_device_opened_in_deterministic_mode(engine: Engine) -> None:

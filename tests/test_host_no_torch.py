@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 HOST_READABLE_ENGINE = (
     "worker_orcd.engine",
     "worker_orcd.engine.profile",
-    "worker_orcd.engine.config",
+    "worker_orcd.engine.config",  # the ECP's registries (architectures, RoPE, attention, context)
+    "worker_orcd.engine.dequant",  # lazy package: only its formats module is read by the host
+    "worker_orcd.engine.dequant.formats",  # the ECP's tensor types
     "worker_orcd.engine.vram_budget",
 )
 
@@ -82,6 +84,7 @@ def test_worker_4010_host_layer_imports_without_torch() -> None:
         "worker_orcd.gguf.reader",
         "worker_orcd.engine",
         "worker_orcd.engine.profile",
+        "worker_orcd.engine.dequant.formats",
     }
     assert expected <= names, expected - names
     assert not any(n.startswith("worker_orcd.engine.") and n not in HOST_READABLE_ENGINE for n in names)

@@ -104,6 +104,7 @@ class Knobs:
     max_active: int = 0  # most ever running at once (must stay 1)
     generations: int = 0
     cancel_seen_at: list[float] = field(default_factory=list)  # when generate() observed the cancel flag
+    params_seen: list[SamplingParams] = field(default_factory=list)  # what each generate() was given
 
 
 class FakeResident:
@@ -120,6 +121,7 @@ class FakeResident:
         return self.knobs.max_seq_len
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Any]:
+        self.knobs.params_seen.append(params)
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise WorkerError("capacity exceeded", code=ErrorCode.INVALID_PARAMS)
         return self._run(list(prompt_ids), params, cancel)
@@ -330,17 +332,56 @@ def iter_events(resp: httpx.Response) -> Iterator[tuple[str, Any]]:
             event = None
 
 
-# --- the fake's own contract (so the HTTP tests stand on a fake that behaves like the engine) ---
+# --- the fake keeps the engine's contract: each check runs on the fake AND on the real engine ------
+# (CPU mode, a tiny synthetic model), so the HTTP tests above stand on what the engine really does.
 
 
-def test_fake_engine_stops_within_one_step_of_cancel() -> None:
-    knobs = Knobs(step_s=0.01)
-    sealer = Sealer()
-    handle = sealer.seal(ModelShardHandle("s", 0, 0, "a" * 64, "m"), FINGERPRINT)
-    model = FakeResident(handle, sealer, knobs)
+@pytest.fixture(scope="module", params=["fake", "engine"])
+def resident(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if request.param == "fake":
+        sealer = Sealer()
+        handle = sealer.seal(ModelShardHandle("s", 0, 0, "a" * 64, "m"), FINGERPRINT)
+        yield FakeResident(handle, sealer, Knobs(step_s=0.001, max_seq_len=64))
+        return
+    from synthetic import synth
+
+    from worker_orcd.engine.api import Engine
+    from worker_orcd.loader import LoadOptions, validate_model
+
+    path = synth().write_synthetic_model(tmp_path_factory.mktemp("contract") / "tiny.gguf", "tiny-qwen2", "Q8_0")
+    vm = validate_model(str(path), LoadOptions(model_root=path.parent))
+    model = Engine.open("cpu").load(vm, shard_id="contract", sealer=Sealer(), kv_cache_mb=1)
+    yield model
+    model.close()
+
+
+CONTRACT_PROMPT = [10, 11, 12]
+
+
+def _events(resident: Any, params: SamplingParams, cancel: Any = None) -> list[Any]:
+    return list(resident.generate(CONTRACT_PROMPT, params, cancel or threading.Event()))
+
+
+def test_contract_tokens_then_one_end_with_counts(resident: Any) -> None:
+    events = _events(resident, SamplingParams(max_tokens=5))
+    assert [type(e).__name__ for e in events] == ["TokenEvent"] * 5 + ["GenerationEnd"]
+    assert [e.index for e in events[:-1]] == list(range(5))
+    end = events[-1]
+    assert (end.tokens_in, end.tokens_out, end.stop_reason) == (3, 5, "max_tokens")
+
+
+def test_contract_stop_id_is_streamed_last_with_reason_eos(resident: Any) -> None:
+    toks = [e.token_id for e in _events(resident, SamplingParams(max_tokens=6))[:-1]]
+    stop = toks[2]
+    events = _events(resident, SamplingParams(max_tokens=6, stop_ids=frozenset({stop})))
+    assert [e.token_id for e in events[:-1]] == toks[: toks.index(stop) + 1]
+    assert events[-1].stop_reason == "eos" and events[-1].tokens_out == toks.index(stop) + 1
+
+
+def test_contract_stops_within_one_step_of_cancel(resident: Any) -> None:
     cancel = threading.Event()
     events = []
-    for ev in model.generate([10, 11], SamplingParams(max_tokens=100), cancel):
+    for ev in resident.generate(CONTRACT_PROMPT, SamplingParams(max_tokens=50), cancel):
         events.append(ev)
         if len(events) == 3:
             cancel.set()
@@ -348,18 +389,18 @@ def test_fake_engine_stops_within_one_step_of_cancel() -> None:
     assert events[-1].stop_reason == "cancelled"
 
 
-def test_fake_engine_seal_detects_changed_fingerprint() -> None:
-    sealer = Sealer()
-    handle = sealer.seal(ModelShardHandle("s", 0, 0, "a" * 64, "m"), FINGERPRINT)
-    model = FakeResident(handle, sealer, Knobs())
-    model.verify_seal()
-    model.fingerprint = "0" * 64
+def test_contract_over_capacity_refused_at_the_call(resident: Any) -> None:
+    """Refused when generate() is called, before any work: the route maps it to INVALID_PARAMS."""
     with pytest.raises(WorkerError) as e:
-        model.verify_seal()
-    assert e.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
+        resident.generate([10] * resident.max_seq_len, SamplingParams(max_tokens=1), threading.Event())
+    assert e.value.code == ErrorCode.INVALID_PARAMS
+
+
+# --- the real detokenizer on the fake's byte vocabulary ------------------------------------------
 
 
 def test_byte_tokenizer_round_trips_multibyte_text() -> None:
+    """StreamingDetokenizer (the product's) holds back an incomplete UTF-8 sequence, never splits it."""
     tok = ByteTokenizer()
     text = "héllo 🙂 世界"
     ids = tok.encode(text)

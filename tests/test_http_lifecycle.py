@@ -241,3 +241,12 @@ def test_worker_4030_states_visible_in_health(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert anon.get("/health").json()["state"] == "ready"
         assert parse(execute(h).text)[-1][0] == "end"
+
+
+def test_worker_gpu_only_cpu_mode_plan_says_host_memory(tmp_path: Path) -> None:
+    """SPEC "GPU only": in development mode the plan says so and never calls host RAM device memory."""
+    with WorkerHarness(tmp_path, Knobs(vram_total=1000), model=False) as h:
+        body = h.client().post("/worker/plan", json={"model_ref": "tiny.gguf"}).json()
+    assert body["dev_mode"] is True and body["feasible"] is False
+    (reason,) = body["reasons"]
+    assert "host memory" in reason and "development mode" in reason and "device memory" not in reason

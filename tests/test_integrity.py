@@ -31,6 +31,7 @@ from worker_orcd.integrity import (
     signature_path_for,
     verify_signature,
 )
+from ci_gate import need
 
 # --- digest --------------------------------------------------------------------------------------
 
@@ -169,9 +170,9 @@ def test_worker_4331_signature_is_over_context_plus_raw_digest(keys: tuple[Path,
     load_public_key(pub).verify(sig, SIGNATURE_CONTEXT + digest)  # raises if the format differs
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 def test_worker_4331_openssl_recipe_in_docstring_interoperates(tmp_path: Path, model: Path) -> None:
     """An operator without worker-orcd can sign with openssl as the module docstring says."""
+    need(shutil.which("openssl") is not None, "openssl CLI not installed (apt install openssl)")
     key, pub, msg = tmp_path / "o.pem", tmp_path / "o.pub", tmp_path / "msg"
     sig = signature_path_for(model)
     subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", key], check=True, capture_output=True)

@@ -22,13 +22,13 @@ import pytest
 from worker_orcd import pull as pull_mod
 from worker_orcd.errors import ErrorCode
 from worker_orcd.pull import CATALOG, CatalogModel, PullError, format_catalog, load_catalog, pull
+from ci_gate import need
 
 FETCH_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "fetch_model.py"
 
 
 def _fetch_model_module() -> Any:
-    if not FETCH_MODEL.exists():
-        pytest.skip(f"{FETCH_MODEL} not present")
+    need(FETCH_MODEL.exists(), f"{FETCH_MODEL} not present")
     spec = importlib.util.spec_from_file_location("fetch_model_reference", FETCH_MODEL)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

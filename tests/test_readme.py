@@ -1,5 +1,5 @@
 """The README's error table is the contract operators read: it must equal errors.CODE_INFO (SPEC 4950-4951),
-and its two quick-start commands must stay the ones CI runs."""
+and its quick start must install and test as CI does (it says so)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,14 @@ def test_worker_4950_readme_error_table_equals_code_info() -> None:
         assert m.group(5).startswith(info.meaning), code
 
 
-def test_worker_4995_ci_runs_the_readme_test_command() -> None:
+def test_readme_quick_start_installs_and_tests_as_ci_does() -> None:
+    """The README says its test command is "the same command CI runs, after the install above": the
+    torch pin, the editable install with the test extra and the pytest line are .ci/run's."""
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
+    pins = {name: set(re.findall(r"torch==([0-9][0-9.]*)", text)) for name, text in (("README", readme), ("CI", ci))}
+    assert pins["CI"] and pins["README"] == pins["CI"], pins
+    assert 'pip install -e ".[test]"' in readme and 'pip install -q -e ".[test]"' in ci
     test_cmd = "python -m pytest -q"
     assert f". .venv/bin/activate && {test_cmd}" in readme
     assert any(line.strip() == test_cmd for line in ci.splitlines()), ".ci/run must call the README's test command"

@@ -12,10 +12,12 @@ transformers loading the very same files.
 
 from __future__ import annotations
 
+import importlib
 import random
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,7 +31,17 @@ from worker_orcd.tokenizer import GGUFTokenizer, TokenType
 from worker_orcd.tokenizer.bpe import BYTE_CHARS
 from worker_orcd.tokenizer.spm import derive_merges
 
-transformers = pytest.importorskip("transformers")
+
+
+def _transformers() -> ModuleType:
+    """The oracle. It is a [test] dependency, so a missing one fails the test that needs it, never
+    skips it (as in test_engine_hf_parity.py); imported lazily so `-m gpu` runs still collect."""
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.fail(f"transformers, this module's oracle, is not installed ({e}): pip install -e '.[test]'")
+    return transformers
+
 
 REPLACEMENT = "\ufffd"
 
@@ -105,7 +117,7 @@ def gguf_ref() -> Callable[[Path], Any]:
 
     def load(path: Path) -> Any:
         if path not in cache:
-            cache[path] = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            cache[path] = _transformers().AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return cache[path]
 
     return load
@@ -445,7 +457,8 @@ def _llama_reference_honouring_flags(path: Path) -> Any:
     (llama.cpp, which defines the key, honours it). Building the same class
     with the flag passed on keeps transformers as the reference here.
     """
-    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    _transformers()
+    mapping = importlib.import_module("transformers.integrations.gguf.gguf_tokenizer_mapping")
     add_gguf_special_tokens, get_gguf_tokenizer, get_merges = (
         mapping.add_gguf_special_tokens,
         mapping.get_gguf_tokenizer,
@@ -453,7 +466,7 @@ def _llama_reference_honouring_flags(path: Path) -> Any:
     )
 
     _, spec, config = get_gguf_tokenizer(str(path))
-    ref = transformers.LlamaTokenizer(
+    ref = _transformers().LlamaTokenizer(
         vocab={t: i for i, t in enumerate(spec["tokens"])},
         merges=get_merges(spec),
         add_prefix_space=spec["add_prefix_space"],
@@ -482,7 +495,8 @@ def test_llama_spm_without_prefix_space(llama_spm_noprefix: tuple[GGUFTokenizer,
 
 def test_derived_merges_match_transformers_order() -> None:
     """Same merge list as transformers' generate_merges, ties included."""
-    generate_merges = pytest.importorskip("transformers.tokenization_utils_base").generate_merges
+    _transformers()
+    generate_merges = importlib.import_module("transformers.tokenization_utils_base").generate_merges
 
     rng = random.Random(7)
     tokens = sorted({"".join(rng.choice("ab▁c") for _ in range(rng.randint(1, 4))) for _ in range(120)})
@@ -632,7 +646,7 @@ def test_worker_4300_bad_text_and_ids(llama_spm_path: Path) -> None:
 
 
 def test_integer_like_ids_are_accepted(llama_spm_path: Path) -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
     tok = GGUFTokenizer.from_gguf(parse_file(llama_spm_path))
     ids = tok.encode("hello world")
     assert tok.decode([np.int64(i) for i in ids]) == tok.decode(ids) == "<s> hello world"

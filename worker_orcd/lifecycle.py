@@ -357,10 +357,13 @@ class Worker:
         required, free = int(vram_plan.required_bytes), int(vram_plan.free_bytes)
         if self.handle is not None and self.handle.digest != validated.digest:
             reasons.append(f"this worker already holds model {self.handle.model_ref!r} (SPEC 4022)")
+        elif self.handle is None and required > free and self.config.dev_mode:
+            reasons.append(f"needs {required} bytes of host memory (development mode: nothing goes to VRAM), {free} available")
         elif self.handle is None and required > free:
             reasons.append(f"needs {required} bytes of device memory, {free} free on device {self.config.gpu_device}")
         return {
             "feasible": not reasons,
+            "dev_mode": self.config.dev_mode,  # true: the vram_* fields count host memory (SPEC "GPU only")
             "vram_required": required,
             "vram_free": free,
             "shard_plan": [{"shard_index": 0, "gpu_device": self.config.gpu_device, "vram_bytes": required}],

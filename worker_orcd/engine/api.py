@@ -350,8 +350,9 @@ class Engine:
             raise
         self._models.append(rm)
         log.info(
-            "model %s resident: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",
+            "model %s %s: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",
             model.source.ref,
+            "loaded in host memory (CPU development mode, not VRAM)" if self.ctx.dev_mode else "resident in VRAM",
             stats.resident_bytes,
             stats.seconds,
             stats.gb_per_s,

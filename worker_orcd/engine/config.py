@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..errors import ModelLoadError
 from ..gguf import GGUFFile
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+# general.architecture -> the RoPE variant its forward pass applies (the MCD's positional names).
+# llama.cpp's converter permutes llama Q/K rows for adjacent-pair rotation; qwen2 and gemma3 keep
+# the HF layout and rotate halves (LLAMA_ROPE_TYPE_NEOX).
+ROPE_BY_ARCH = {"llama": "rope_llama", "qwen2": "rope_neox", "gemma3": "rope_neox"}
+SUPPORTED_ARCHS = tuple(ROPE_BY_ARCH)
+# Longest context a model may declare: the KV cache never holds more, and the ECP says so.
+MAX_CONTEXT = 131072
+AttentionKind = Literal["mha", "gqa", "mqa"]  # what ``attention_kind`` can return: any Hq % Hk == 0
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 
 # Gemma 3 constants that llama.cpp hard-codes instead of writing them to the file
 # (llama.cpp src/llama-model.cpp, LLM_ARCH_GEMMA3: `hparams.set_swa_pattern(6)` and
@@ -77,7 +85,7 @@ class ModelConfig:
         return self.sliding_window if self.local_layers[layer] else None
 
     @property
-    def attention_kind(self) -> str:
+    def attention_kind(self) -> AttentionKind:
         if self.n_kv_heads == self.n_heads:
             return "mha"
         return "mqa" if self.n_kv_heads == 1 else "gqa"
@@ -141,6 +149,8 @@ def model_config(g: GGUFFile) -> ModelConfig:
         raise ModelLoadError(f"head dimension {head_dim} is odd; RoPE needs pairs")
     ffn_dim = _require_int(g, "feed_forward_length")
     context = _require_int(g, "context_length")
+    if context > MAX_CONTEXT:
+        raise ModelLoadError(f"context_length {context} exceeds this engine's max_context {MAX_CONTEXT}")
     eps = _require_float(g, "attention.layer_norm_rms_epsilon", 1e-5)
     rope_theta = _require_float(g, "rope.freq_base", 10_000.0)
     rotary_dim = _require_int(g, "rope.dimension_count", head_dim)
@@ -180,9 +190,7 @@ def model_config(g: GGUFFile) -> ModelConfig:
         rms_eps=eps,
         rope_theta=rope_theta,
         rope_theta_local=rope_local,
-        # llama.cpp's converter permutes llama Q/K rows for adjacent-pair rotation;
-        # qwen2 and gemma3 keep the HF layout and rotate halves (LLAMA_ROPE_TYPE_NEOX).
-        rope_neox=arch != "llama",
+        rope_neox=ROPE_BY_ARCH[arch] == "rope_neox",
         rotary_dim=rotary_dim,
         sliding_window=window,
         local_layers=local_layers,

@@ -1,10 +1,12 @@
 """What the engine really runs, as plain data: the source of the ECP (SPEC 4610-4611).
 
-The SPEC demands the ECP be TRUE, so this lists only what the kernels and the
-forward passes implement today; the engine team extends it together with the
-code, and a test cross-checks it against the implemented dequantizers and
-model graphs. Importing this module must never import torch (the host layer
-builds the readiness callback from it).
+The SPEC demands the ECP be TRUE, so nothing here is typed by hand: every field
+is read from the registry the engine itself checks when it loads a model
+(``config.py``: architectures, their RoPE variant, attention layouts, max
+context; ``dequant/formats.py``: tensor types). ``tests/test_ecp_truth.py``
+loads a tiny model of every advertised (architecture x type) and runs a step.
+Importing this module must never import torch (the host layer builds the
+readiness callback from it), so those registries stay torch-free.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 from ..capability import ECP
 from ..errors import InvalidParams
+from .config import ATTENTION_KINDS, MAX_CONTEXT, ROPE_BY_ARCH
+from .dequant.formats import SUPPORTED_TYPES
 
 
 @dataclass(frozen=True)
@@ -20,17 +24,22 @@ class EngineProfile:
     architectures: tuple[str, ...]  # general.architecture values with a forward pass in engine/model.py
     positional: tuple[str, ...]
     attention: tuple[str, ...]
-    quant: tuple[str, ...]  # ggml tensor types engine/dequant.py can turn into compute dtype
-    max_context: int  # longest KV cache (tokens) the engine allocates
+    quant: tuple[str, ...]  # ggml tensor types the engine loads (weights.py refuses the rest)
+    max_context: int  # longest context a model may declare (config.py refuses longer)
 
 
-ENGINE_PROFILE = EngineProfile(
-    architectures=("llama", "qwen2", "gemma3"),
-    positional=("rope_llama", "rope_neox"),
-    attention=("mha", "gqa", "mqa"),
-    quant=("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"),
-    max_context=131072,
-)
+def derive_profile() -> EngineProfile:
+    """The profile as the engine's registries define it today (ordered: stable ECP JSON)."""
+    return EngineProfile(
+        architectures=tuple(ROPE_BY_ARCH),
+        positional=tuple(sorted(set(ROPE_BY_ARCH.values()))),
+        attention=ATTENTION_KINDS,
+        quant=tuple(t.name for t in sorted(SUPPORTED_TYPES)),
+        max_context=MAX_CONTEXT,
+    )
+
+
+ENGINE_PROFILE = derive_profile()
 
 
 def build_ecp(worker_id: str, vram_bytes: int, profile: EngineProfile = ENGINE_PROFILE) -> ECP:

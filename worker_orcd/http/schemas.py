@@ -156,6 +156,7 @@ class ShardPlan(BaseModel):
 
 class PlanResponse(BaseModel):
     feasible: bool
+    dev_mode: bool = Field(description="CPU development mode: vram_required/vram_free count host memory, not VRAM")
     vram_required: int
     vram_free: int
     shard_plan: list[ShardPlan]

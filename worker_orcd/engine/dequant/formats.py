@@ -2,11 +2,11 @@
 
 Kept apart from the kernels so validation and the reference path never need
 Triton, and so tile sizes live in one place (kernels and benchmarks agree).
+No torch here: the ECP (``engine/profile.py``) is derived from ``SUPPORTED_TYPES``
+in the torch-free host layer.
 """
 
 from __future__ import annotations
-
-import torch
 
 from ...gguf.constants import BLOCK_LAYOUT, GGMLType
 
@@ -25,9 +25,6 @@ SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(
         GGMLType.Q6_K,
     }
 )
-
-# Weights end up in 16-bit for the GEMMs; f32 is for norms and for exact tests.
-OUT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 FLOAT_TYPES: frozenset[GGMLType] = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 

@@ -14,8 +14,10 @@ import torch
 from ...errors import ErrorCode
 from ...gguf.constants import BLOCK_LAYOUT, GGMLType
 from ..errors import EngineError, KernelDimensionError
-from .formats import OUT_DTYPES, SUPPORTED_TYPES, blocks_per_program
+from .formats import SUPPORTED_TYPES, blocks_per_program
 
+# Weights end up in 16-bit for the GEMMs; f32 is for norms and for exact tests.
+OUT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _MAX_GRID = 2**31 - 1  # CUDA grid.x limit
 _MAX_ELEMENTS = 2**62  # int64 element/byte offsets stay far from overflow
 
