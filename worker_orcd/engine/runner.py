@@ -78,6 +78,7 @@ class ModelRunner:
         self.max_blocks = -(-max_seq_len // kv.block_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._static: dict[str, torch.Tensor] = {}
+        self._pinned: dict[str, torch.Tensor] = {}
         self._static_meta: dict[int, AttentionMeta] = {}
 
     # --- StepRunner ----------------------------------------------------------------------------
@@ -176,6 +177,11 @@ class ModelRunner:
             "ones": torch.ones(b_max, dtype=torch.int32, device=dev),
             "sidx": torch.arange(b_max, dtype=torch.int64, device=dev),
         }
+        # host staging for one step's inputs (pinned: the copies do not block the host)
+        self._pinned = {
+            "i64": torch.zeros((3, b_max), dtype=torch.int64, pin_memory=True),
+            "bt": torch.zeros((b_max, self.max_blocks), dtype=torch.int32, pin_memory=True),
+        }
 
     def _bucket_meta(self, b: int) -> AttentionMeta:
         s = self._static
@@ -220,20 +226,23 @@ class ModelRunner:
     def _replay(self, batch: StepBatch) -> torch.Tensor:
         n = len(batch.rows)
         b = min(x for x in self.graphs if x >= n)
-        s = self._static
+        s, h = self._static, self._pinned
+        bs = self.kv.block_size
         width = max(len(r.block_table) for r in batch.rows)
-        host = torch.zeros((3, b), dtype=torch.int64)
-        bt = torch.zeros((b, width), dtype=torch.int32)
+        i64 = h["i64"].numpy()[:, :b]
+        bt = h["bt"].numpy()[:b, :width]
+        i64[:] = 0  # padding rows: token 0 at position 0 of the scratch block (slot 0, table of zeros)
+        bt[:] = 0
         for i, row in enumerate(batch.rows):
             pos = row.start
-            host[0, i] = row.tokens[0]
-            host[1, i] = pos
-            host[2, i] = self._slot(row.block_table, pos)
-            bt[i, : len(row.block_table)] = torch.tensor(row.block_table, dtype=torch.int32) + SCRATCH_BLOCKS
-        # padding rows: token 0 at position 0 of the scratch block (slot 0, table of zeros)
-        s["i64"][:, :b].copy_(host, non_blocking=True)
-        s["row_start"][:b].copy_(host[1].to(torch.int32), non_blocking=True)
-        s["bt"][:b, :width].copy_(bt, non_blocking=True)
+            table = row.block_table
+            i64[0, i] = row.tokens[0]
+            i64[1, i] = pos
+            i64[2, i] = (table[pos // bs] + SCRATCH_BLOCKS) * bs + pos % bs
+            bt[i, : len(table)] = np.asarray(table, dtype=np.int32) + SCRATCH_BLOCKS
+        s["i64"][:, :b].copy_(h["i64"][:, :b], non_blocking=True)
+        s["row_start"][:b].copy_(s["i64"][1, :b])
+        s["bt"][:b, :width].copy_(h["bt"][:b, :width], non_blocking=True)
         graph, logits = self.graphs[b]
         graph.replay()
         return logits
