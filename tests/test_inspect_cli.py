@@ -79,7 +79,8 @@ def test_worker_4320_inspect_json_real_model(qwen05_path: Path) -> None:
         "vram_plan",
     ]  # fmt: skip
     # the real 0.5B Q4_K_M-ish file stays quantized: resident bytes within 5% of its tensor bytes
-    assert rep["vram_plan"]["weights_bytes"] <= 1.05 * rep["vram_plan"]["file_tensor_bytes"]
+    assert rep["vram_plan"]["weights_bytes_quantized"] <= 1.05 * rep["vram_plan"]["file_tensor_bytes"]
+    assert rep["vram_plan"]["resident_weights"] == "dense"  # the default: dequantized once at load
     assert rep["sha256"] == QWEN05_SHA256 and rep["size"] == qwen05_path.stat().st_size
     assert (rep["architecture"], rep["signature"], rep["gguf_version"]) == ("qwen2", "unsigned", 3)
     hp = rep["hyperparameters"]

@@ -8,7 +8,7 @@ import torch
 
 from worker_orcd.engine import ops
 from worker_orcd.engine.errors import EngineError
-from worker_orcd.engine.kernels.paged_attention import paged_attention
+from worker_orcd.engine.kernels.attention_paged import paged_attention
 from worker_orcd.engine.kernels.paged_layout import tile_shape
 from worker_orcd.engine.runner import AttentionMeta
 from kernel_testing import TOL, randn, rel

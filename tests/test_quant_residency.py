@@ -99,9 +99,13 @@ def test_worker_4103_vram_budget_equals_cuda_plan(
     g = parse_file(path)
     cfg = model_config(g)
     dtype = torch.bfloat16 if cfg.arch == "gemma3" else torch.float16
-    summary = vram_plan_summary(cfg, g, kv_mb)
-    plan = plan_vram(cfg, g, dtype, kv_mb, 1 << 40, 0, 512, dev_mode=False)
+    summary = vram_plan_summary(cfg, g, kv_mb, "quantized")
+    plan = plan_vram(cfg, g, dtype, kv_mb, 1 << 40, 0, 512, dev_mode=False, quantized=True)
     assert summary["weights_bytes"] == plan.weights_bytes == weight_layout(cfg, g, dtype, quantized=True).total_bytes
+    dense = vram_plan_summary(cfg, g, kv_mb)  # the default residency
+    dense_plan = plan_vram(cfg, g, dtype, kv_mb, 1 << 40, 0, 512, dev_mode=False)
+    assert dense["weights_bytes"] == dense_plan.weights_bytes == weight_layout(cfg, g, dtype).total_bytes
+    assert dense["weights_bytes_quantized"] == summary["weights_bytes"]
     assert summary["max_context"] == plan.max_seq_len
     assert summary["kv_cache_bytes"] == plan.kv_cache_bytes
     assert summary["weights_bytes"] <= 1.05 * g.tensor_bytes + 256 * len(g.tensors)
@@ -128,5 +132,7 @@ def test_worker_4103_inspect_json_has_vram_plan(q4km: Path) -> None:
     assert plan["kv_pool_tokens"] == pool
     assert plan["max_context"] == min(cfg.context_length, pool)
     assert plan["kv_cache_bytes"] == (pool + 16) * plan["kv_bytes_per_token"]  # + the runner's scratch block
-    assert plan["weights_bytes"] == weight_layout(cfg, g, torch.float16, quantized=True).total_bytes
+    assert plan["resident_weights"] == "dense"
+    assert plan["weights_bytes"] == weight_layout(cfg, g, torch.float16).total_bytes
+    assert plan["weights_bytes_quantized"] == weight_layout(cfg, g, torch.float16, quantized=True).total_bytes
     assert plan["weights_and_kv_bytes"] == plan["weights_bytes"] + plan["kv_cache_bytes"]

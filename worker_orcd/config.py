@@ -99,7 +99,10 @@ class WorkerConfig(BaseModel):
     # many as the KV pool holds for a typical request, capped; 1 = M0: one job, every other caller busy).
     max_batch: int | None = Field(default=None, ge=1, le=1024)
     max_queue: int = Field(default=256, ge=0, le=100_000)  # admitted jobs waiting for a slot (ignored when max_batch=1)
-    prefill_chunk: int | None = Field(default=None, ge=16, le=65_536)  # tokens per engine step (None: engine default)
+    prefill_chunk: int | None = Field(default=None, ge=16, le=65_536)
+    # dense: quantized matrices dequantized once at load (fastest today); quantized: GGUF blocks stay
+    # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels are exact but slower for now)
+    resident_weights: Literal["dense", "quantized"] = "dense"  # tokens per engine step (None: engine default)
     user: str | None = None  # SPEC 4901: started as root, drop to this user after device open + bind
     allow_root: bool = False  # keep running as root: development/CI only, never production (4900)
 

@@ -80,6 +80,7 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--max-batch", "jobs batched at once (alias slots_total; default: what the KV pool holds for ~1k-token jobs, capped at 128 on a GPU, 8 on the CPU; 1 = one job at a time)"),
     ("--max-queue", "admitted jobs waiting for a batch slot before callers get WORKER_BUSY (default 256; none with --max-batch 1)"),
     ("--prefill-chunk", "tokens per engine step: decode rows plus prompt chunks (default 512 on a GPU, 256 on the CPU)"),
+    ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels) or quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M, slower kernels for now)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
     ("--sse-keepalive-sec", "SSE keep-alive comment interval while no token flows (default 5)"),
@@ -97,7 +98,7 @@ _METAVARS: dict[str, str] = {
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
-    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--resident-weights": "dense|quantized", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME",
 }
@@ -186,7 +187,7 @@ def real_binding(config: WorkerConfig) -> EngineBinding:
     def open_engine() -> EngineLike:
         from .engine.api import Engine
 
-        return Engine.open(config.device, config.gpu_device)
+        return Engine.open(config.device, config.gpu_device, config.resident_weights)
 
     def sampling_params(**kw: Any) -> Any:
         from .engine.api import SamplingParams

@@ -239,14 +239,21 @@ class _BoundRunner:
 class Engine:
     """The process's GPU layer: one device, the models loaded on it."""
 
-    def __init__(self, ctx: DeviceContext) -> None:
+    def __init__(self, ctx: DeviceContext, resident_weights: str = "dense") -> None:
+        if resident_weights not in ("dense", "quantized"):
+            raise InvalidParams(f"resident_weights must be 'dense' or 'quantized', got {resident_weights!r}")
         self.ctx = ctx
+        # quantized: matrices stay GGUF blocks in VRAM (smallest; the fused kernels are exact but not yet
+        # as fast as the dense fp16 path); dense: dequantized once at load (fastest today). CPU: dense fp32.
+        self.quantized = resident_weights == "quantized" and not ctx.dev_mode
         self._models: list[ResidentModel] = []
 
     @classmethod
-    def open(cls, device: Literal["cuda", "cpu"] = "cuda", gpu_device: int = 0) -> Engine:
+    def open(
+        cls, device: Literal["cuda", "cpu"] = "cuda", gpu_device: int = 0, resident_weights: str = "dense"
+    ) -> Engine:
         with device_errors("opening the device", gpu_device):
-            return cls(open_device(device, gpu_device))
+            return cls(open_device(device, gpu_device), resident_weights)
 
     @property
     def dev_mode(self) -> bool:
@@ -264,7 +271,9 @@ class Engine:
         cfg = model_config(gguf)
         free = self.ctx.mem_get_info()[0] if free_bytes is None else free_bytes
         dtype = resident_dtype(cfg, self.ctx)
-        return plan_vram(cfg, gguf, dtype, kv_cache_mb, free, self.ctx.index, self.prefill_chunk, self.ctx.dev_mode)
+        return plan_vram(
+            cfg, gguf, dtype, kv_cache_mb, free, self.ctx.index, self.prefill_chunk, self.ctx.dev_mode, self.quantized
+        )
 
     def load(
         self,
@@ -312,7 +321,7 @@ class Engine:
         try:
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
-                lay = weight_layout(cfg, g, dtype, quantized=not self.ctx.dev_mode)
+                lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 with open_model(model.source) as fh:
                     stats = upload(fh, g, lay, arena, model.digest, self.ctx)

@@ -165,7 +165,7 @@ def paged_attention(
     *,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention of a step's rows over the paged cache -> [T, Hq, D] (see kernels/paged_attention.py).
+    """Causal GQA attention of a step's rows over the paged cache -> [T, Hq, D] (see kernels/attention_paged.py).
 
     The CPU branch runs each row on its own, in float64, rounded once at the end: a row's
     result then does not depend on the batch (up to float64 rounding order, far below fp32's).

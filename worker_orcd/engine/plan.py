@@ -97,9 +97,10 @@ def plan_vram(
     gpu_device: int,
     prefill_chunk: int,
     dev_mode: bool,
+    quantized: bool = False,
 ) -> VramPlan:
     """Pure arithmetic over the header: what loading would allocate, against ``free_bytes``."""
-    lay = weight_layout(cfg, g, dtype, quantized=not dev_mode)
+    lay = weight_layout(cfg, g, dtype, quantized=quantized and not dev_mode)
     s_max = max_seq_len(cfg, dtype, kv_cache_mb, dev_mode)
     kv = (kv_tokens(cfg, dtype, kv_cache_mb, dev_mode) + SCRATCH_BLOCKS * BLOCK_SIZE) * bytes_per_token(cfg, dtype)
     margin = FIXED_MARGIN_BYTES + int(MARGIN_FRACTION * (lay.total_bytes + kv))

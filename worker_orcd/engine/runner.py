@@ -6,7 +6,7 @@ what runs). A pure-decode step whose batch fits a captured bucket replays that
 graph (padding rows compute on the scratch KV block and are dropped); any
 step with a prefill chunk runs eagerly. Both paths launch the same kernels
 with the same configuration, so a row's numbers do not depend on the path,
-the batch or the chunking (kernels/paged_attention.py).
+the batch or the chunking (kernels/attention_paged.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 @dataclass
 class AttentionMeta:
-    """Where each row's queries and keys are (kernels/paged_attention.py); host copies for the CPU path."""
+    """Where each row's queries and keys are (kernels/attention_paged.py); host copies for the CPU path."""
 
     block_tables: torch.Tensor  # [R, max_blocks] int32, physical block ids
     tile_row: torch.Tensor  # [n_tiles] int32

@@ -28,17 +28,33 @@ def _aligned(n: int) -> int:
     return -(-n // ARENA_ALIGN) * ARENA_ALIGN
 
 
-def resident_weight_bytes(g: GGUFFile, itemsize: int = RESIDENT_ITEMSIZE) -> int:
-    """Arena bytes of the quantized-resident layout: raw blocks per matrix, dense 1-D slots."""
+RESIDENCIES = ("dense", "quantized")  # --resident-weights
+
+
+def _fused_key(name: str, matrices: bool) -> str:
+    """The arena slot a tensor lands in: Q/K/V (and gate/up, dense matrices only) share one."""
+    for part in ("attn_q.", "attn_k.", "attn_v."):
+        if part + "bias" in name or (matrices and part + "weight" in name):
+            return name.replace(part, "attn_qkv.")
+    if matrices:
+        for part in ("ffn_gate.weight", "ffn_up.weight"):
+            name = name.replace(part, "ffn_gate_up.weight")
+    return name
+
+
+def resident_weight_bytes(g: GGUFFile, itemsize: int = RESIDENT_ITEMSIZE, quantized: bool = False) -> int:
+    """Arena bytes of the weights as weights.py lays them out.
+
+    quantized: raw GGUF blocks per matrix, dense 1-D slots; dense: every tensor dequantized to
+    ``itemsize`` bytes per element, Q/K/V and gate/up fused into one matrix each.
+    """
     total = 0
     dense: dict[str, int] = {}
     for t in g.tensors:
-        if len(t.shape) >= 2:
+        if quantized and len(t.shape) >= 2:
             total += _aligned(t.n_bytes)
         else:
-            key = t.name
-            for part in ("attn_q.bias", "attn_k.bias", "attn_v.bias"):
-                key = key.replace(part, "attn_qkv.bias")  # fused into one slot
+            key = _fused_key(t.name, matrices=not quantized)
             dense[key] = dense.get(key, 0) + t.n_elements * itemsize
     return total + sum(_aligned(n) for n in dense.values())
 
@@ -73,15 +89,19 @@ def kv_cache_bytes(cfg: ModelConfig, kv_cache_mb: int | None, itemsize: int = RE
     return (pool + KV_BLOCK_SIZE) * kv_bytes_per_token(cfg, itemsize) if pool else 0
 
 
-def vram_plan_summary(cfg: ModelConfig, g: GGUFFile, kv_cache_mb: int | None) -> dict[str, Any]:
+def vram_plan_summary(
+    cfg: ModelConfig, g: GGUFFile, kv_cache_mb: int | None, resident_weights: str = "dense"
+) -> dict[str, Any]:
     """The ``vram_plan`` object of ``inspect --json`` (bytes; scratch and margin are the engine's)."""
-    weights = resident_weight_bytes(g)
+    weights = resident_weight_bytes(g, quantized=resident_weights == "quantized")
     per_token = kv_bytes_per_token(cfg)
     ctx = max_context(cfg, kv_cache_mb)
     kv = kv_cache_bytes(cfg, kv_cache_mb)
     return {
         "engine": "cuda",
+        "resident_weights": resident_weights,
         "weights_bytes": weights,
+        "weights_bytes_quantized": resident_weight_bytes(g, quantized=True),
         "file_tensor_bytes": g.tensor_bytes,
         "kv_bytes_per_token": per_token,
         "kv_cache_size_mb": kv_cache_mb,

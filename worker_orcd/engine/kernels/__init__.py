@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from .attention import attention_decode, attention_prefill, attention_reference, decode_split_size
     from .checksum import ChecksumPlan, checksum, checksum_hex, checksum_reference, digest_hex
-    from .paged_attention import paged_attention
+    from .attention_paged import paged_attention
     from .qmatmul import qlinear
     from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
     from .rope import rope_, rope_reference
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 _HOME = {
     "attention": ("attention_decode", "attention_prefill", "attention_reference", "decode_split_size"),
     "checksum": ("ChecksumPlan", "checksum", "checksum_hex", "checksum_reference", "digest_hex"),
-    "paged_attention": ("paged_attention",),
+    "attention_paged": ("paged_attention",),
     "qmatmul": ("qlinear",),
     "rmsnorm": ("add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"),
     "rope": ("rope_", "rope_reference"),

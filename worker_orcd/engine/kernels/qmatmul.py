@@ -4,8 +4,9 @@ Every M (1-token decode through prefill chunks) runs the SAME arithmetic per
 output element, so a row's result is bitwise independent of the batch size
 and of where the row sits in it (the batching engine depends on this):
 
-* fixed tiles: BLOCK_N = 32 output features, BLOCK_K = 256 inputs (one K-quant
-  super-block, eight 32-blocks), num_warps = 4, no split-K, no atomics;
+* fixed reduction: BLOCK_K = 256 inputs (one K-quant super-block, eight
+  32-blocks), no split-K, no atomics; what varies with M (``launch_config``:
+  output columns per program, warps, pipelining) never touches a row's sums;
 * the unit of work is one ``tl.dot(x[16, 256], Wᵀ[256, 32], acc)``: 16 rows of
   x against one dequantized weight tile, accumulating into acc in place
   (``acc`` is passed to ``tl.dot``, so the tensor-core chain continues from it:
@@ -53,6 +54,23 @@ NUM_WARPS = 4
 def group_m(m: int) -> int:
     """16-row dots per program sharing one dequantized tile (does not change any row's arithmetic)."""
     return 1 if m <= 16 else 2 if m <= 32 else 4
+
+
+def launch_config(m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_warps, num_stages, GROUP_M) for an [m, K] x [K, n] product.
+
+    Only what leaves every output element's arithmetic unchanged varies (output columns per
+    program, warps, pipelining depth, dots sharing a tile); BLOCK_K, the 16-row dot and the K
+    order never do. Picked from benchmarks/tune_qmatmul.py on the H200, where every candidate
+    gave bit-identical outputs and these were fastest (small M: more, narrower programs).
+    """
+    if m <= 16:
+        if n >= 65_536:
+            return 64, 4, 2, 1
+        return (32, 4, 3, 1) if n >= 8192 else (16, 2, 4, 1)
+    if m <= 64:
+        return (64, 4, 2, group_m(m)) if n >= 65_536 else (32, 4, 4, group_m(m))
+    return (64, 4, 2, 4) if n >= 2048 else (32, 4, 2, 4)
 
 
 _FLOAT_VIEW = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.int16}
@@ -247,9 +265,9 @@ def qmatmul(
         out = torch.empty(x.shape[0], getattr(w, "n", 0), dtype=out_dtype or x.dtype, device=x.device)
     _check(x, w, bias, out)
     M = x.shape[0]
-    gm = group_m(M)
+    bn, warps, stages, gm = launch_config(M, w.n) if x.device.type == "cuda" else (BLOCK_N, NUM_WARPS, 1, group_m(M))
     src = w.raw.view(_FLOAT_VIEW[w.ggml_type]) if w.ggml_type in _FLOAT_VIEW else w.raw
-    grid = (triton.cdiv(w.n, BLOCK_N), triton.cdiv(M, gm * BLOCK_M))
+    grid = (triton.cdiv(w.n, bn), triton.cdiv(M, gm * BLOCK_M))
     qmatmul_kernel[grid](
         x,
         src,
@@ -265,9 +283,10 @@ def qmatmul(
         HAS_BIAS=bias is not None,
         GROUP_M=gm,
         BM=BLOCK_M,
-        BN=BLOCK_N,
+        BN=bn,
         BK=BLOCK_K,
-        num_warps=NUM_WARPS,
+        num_warps=warps,
+        num_stages=stages,
         enable_fp_fusion=False,
     )
     return out
