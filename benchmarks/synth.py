@@ -12,6 +12,8 @@ so a 15 GB model is written at disk speed without sitting in RAM.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import functools
 import sys
@@ -317,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
     ap.add_argument("--type", dest="weight_type", choices=["F16", "Q8_0", "Q4_K_M"], required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-from", type=Path, default=None, help="copy this GGUF's tokenizer in")
+    ap.add_argument("--vocab", type=int, default=None, help="embedding rows (llama.cpp wants the tokenizer's count)")
     args = ap.parse_args(argv)
-    out = write_synthetic_model(args.path, args.shape, args.weight_type, args.seed)
+    shape = SHAPES[args.shape] if args.vocab is None else dataclasses.replace(SHAPES[args.shape], vocab=args.vocab)
+    out = write_synthetic_model(args.path, shape, args.weight_type, args.seed, tokenizer_from=args.tokenizer_from)
     print(out)
     return 0
 

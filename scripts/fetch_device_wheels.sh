@@ -12,9 +12,11 @@ PKGS=(
   annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7
   uvicorn==0.54.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 gguf==0.19.0
   opentelemetry-api==1.45.2
+  llguidance==1.9.1 openai==3.57.0 jiter==0.19.0 sniffio==1.3.1 jsonschema==4.26.0 referencing==0.37.0
+  rpds-py==2026.9.1 jsonschema-specifications==2025.9.1 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
 )
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 -d .whl "${PKGS[@]}"
+  --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 -d .whl "${PKGS[@]}"
 ls -la .whl

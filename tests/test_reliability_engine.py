@@ -2,7 +2,7 @@
 
 Both are fixed by the continuous-batching engine (issue 8): chunked prefill checks
 the stop flag between chunks, and a job is accounted as finished before its `end`
-frame is sent. Until it lands these are strict xfails (an unexpected pass fails).
+frame is sent. The batching engine (issue 8) checks cancel flags between steps, one prefill chunk each.
 
 2. Cancel, client disconnect and the inference timeout reach a running prefill:
    a ~2,700-token prompt (tens of seconds of prefill on a CPU) stopped 3 s in
@@ -27,7 +27,7 @@ from test_serve_integration import Proc, start, wait_ready, write_tokens
 
 from worker_orcd.http.sse import parse
 
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=True, reason="fixed by the batching engine (issue 8)")]
+pytestmark = pytest.mark.slow
 
 LONG_PROMPT = " hello" * 2700
 TIMEOUT_S = 8

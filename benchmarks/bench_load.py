@@ -1,0 +1,208 @@
+"""Closed-loop HTTP load against worker-orcd and llama-server on the same model file (issue 8).
+
+N clients each send requests back to back through the OpenAI completions API
+both servers speak (``POST /v1/completions``, ``stream: true``): a prompt of a
+seeded random length in [--prompt-min, --prompt-max] tokens (words of the real
+tokenizer), --out-min..--out-max output tokens, greedy. EOS is ignored where
+the server allows (llama-server ``ignore_eos``); on the random-weight synthetic
+models EOS is rare, and only tokens actually received are counted. Per
+concurrency level: aggregate output tok/s over the measured window, TTFT
+p50/p99 (request sent -> first content chunk), ITL p50/p99 (gaps between
+chunks of one stream). Prints a markdown table; JSON to $OUT/bench_load.json.
+
+    python benchmarks/bench_load.py --model M.gguf --worker --llama /tmp/llama.cpp/build/bin/llama-server \
+        --concurrency 1 8 32 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import free_port  # noqa: E402
+
+WORDS = ("alpha beta gamma delta kernel batch token stream paged cache worker model prompt sample "
+         "decode prefill graph tensor matrix vector").split()
+
+
+MODEL_ID = [""]  # the served model's id (worker-orcd: the --model reference)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def prompts(n: int, args: argparse.Namespace, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.randint(args.prompt_min, args.prompt_max)  # ~1 token per word for these words
+        out.append((" ".join(rng.choice(WORDS) for _ in range(words)), rng.randint(args.out_min, args.out_max)))
+    return out
+
+
+async def one_request(c: httpx.AsyncClient, prompt: str, max_tokens: int, llama: bool, stats: dict) -> None:
+    body: dict[str, Any] = {"model": MODEL_ID[0], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                            "stream": True}
+    if llama:
+        body["ignore_eos"] = True
+    t0 = time.perf_counter()
+    last = None
+    n = 0
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            choices = chunk.get("choices") or []
+            if not choices or not choices[0].get("text"):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                stats["ttft"].append(now - t0)
+            else:
+                stats["itl"].append(now - last)
+            last = now
+            n += 1
+    stats["tokens"] += n
+
+
+async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llama: bool) -> dict[str, Any]:
+    stats: dict[str, Any] = {"ttft": [], "itl": [], "tokens": 0}
+    plan = prompts(n * args.requests_per_client, args, seed=n)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
+                                 headers={"Authorization": f"Bearer {token}"}) as c:
+        await one_request(c, "warm up", 8, llama, {"ttft": [], "itl": [], "tokens": 0})
+
+        async def client(i: int) -> None:
+            for j in range(args.requests_per_client):
+                p, m = plan[i * args.requests_per_client + j]
+                await one_request(c, p, m, llama, stats)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    return {
+        "clients": n, "tok_s": stats["tokens"] / wall, "tokens": stats["tokens"], "wall_s": wall,
+        "ttft_p50_ms": pct(stats["ttft"], 0.5) * 1e3, "ttft_p99_ms": pct(stats["ttft"], 0.99) * 1e3,
+        "itl_p50_ms": pct(stats["itl"], 0.5) * 1e3, "itl_p99_ms": pct(stats["itl"], 0.99) * 1e3,
+    }
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600) -> float:
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=5) as c:
+        while time.perf_counter() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                r = c.get(path)
+                if r.status_code == 200 and r.json().get("state", "ready") in ("ready", "ok"):
+                    return time.perf_counter() - t0
+                if r.status_code == 200 and r.json().get("status") == "ok":
+                    return time.perf_counter() - t0
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.1)
+    raise RuntimeError("not ready in time")
+
+
+def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, str, str]:
+    token = "bench-" + os.urandom(8).hex()
+    tok = work / "token"
+    tok.write_text(token + "\n")
+    tok.chmod(0o600)
+    port = free_port()
+    cmd = [sys.executable, "-m", "worker_orcd", "serve", "--worker-id", "bench", "--device", args.device,
+           "--model", model.name, "--model-root", str(model.parent), "--bind", f"127.0.0.1:{port}",
+           "--api-token-file", str(tok), "--log-level", "warning", "--max-batch", str(max(args.concurrency)),
+           "--max-tokens-out", "4096", *(["--allow-root"] if os.geteuid() == 0 else [])]
+    if args.kv_cache_mb:
+        cmd += ["--kv-cache-size-mb", str(args.kv_cache_mb)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))
+    return proc, f"http://127.0.0.1:{port}", token
+
+
+def start_llama(binary: str, model: Path, args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    np_ = max(args.concurrency)
+    ctx = np_ * (args.prompt_max + args.out_max + 64)
+    cmd = [binary, "-m", str(model), "-ngl", "99", "-fa", "on", "-np", str(np_), "-c", str(ctx),
+           "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "llama.log", "w"))
+    return proc, f"http://127.0.0.1:{port}", "none"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--worker", action="store_true", help="measure worker-orcd")
+    ap.add_argument("--llama", default=None, help="llama-server binary to measure on the same file")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--llama-concurrency", nargs="+", type=int, default=None)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--prompt-min", type=int, default=64)
+    ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--out-min", type=int, default=128)
+    ap.add_argument("--out-max", type=int, default=256)
+    ap.add_argument("--kv-cache-mb", type=int, default=None)
+    ap.add_argument("--device", default="cuda", help="worker-orcd device (cpu: a smoke run only)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    MODEL_ID[0] = args.model.name
+    label = args.label or args.model.stem
+    rows = []
+    engines = ([("worker-orcd", start_worker, args.concurrency)] if args.worker else []) + (
+        [("llama-server", lambda m, a, w: start_llama(args.llama, m, a, w), args.llama_concurrency or args.concurrency)]
+        if args.llama else [])
+    for name, start, levels in engines:
+        proc, url, token = start(args.model, args, work)
+        try:
+            ready = wait_ready(url, proc, "/health")
+            print(f"# {name} on {label}: ready in {ready:.1f} s", flush=True)
+            for n in levels:
+                r = asyncio.run(run_level(url, token, n, args, llama=name == "llama-server"))
+                r.update(engine=name, model=label, ready_s=ready)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print("\n| engine | model | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("|---|---|---:|---:|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['model']} | {r['clients']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / "
+              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"bench_load_{label}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

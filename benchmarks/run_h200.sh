@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU session's stages, run on the device machine from the repo root (see benchmarks/RESULTS.md):
+#   bash benchmarks/run_h200.sh tests      # llama.cpp build in the background, SPEC 5000 recording, the GPU suite
+#   bash benchmarks/run_h200.sh load       # engine and HTTP throughput, worker-orcd and llama-server, same files
+# Needs .whl (scripts/fetch_device_wheels.sh) and .devdata (tokenizer donor, llama.cpp tarball + build script).
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 REQUIRE_REAL_GPU=1
+export WORKER_ORCD_TOKENIZER_DONOR=$PWD/.devdata/qwen05-tokenizer.gguf
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+M=/tmp/models; mkdir -p $M
+synth() { [ -f "$M/$1-$2.gguf" ] || python3 benchmarks/synth.py "$M/$1-$2.gguf" --shape "$1" --type "$2" --vocab 151936 --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" >/dev/null; }
+case "${1:-tests}" in
+tests)
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  timeout 120 python3 benchmarks/determinism_streams.py record tests/fixtures/determinism_streams.json 2>&1 | tail -3
+  cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  ;;
+load)
+  synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M
+  timeout 100 python3 benchmarks/bench_batch.py --shapes qwen2.5-0.5b --types F16 --concurrency 1 64 128 --jobs-per-client 1 2>&1 | tail -5
+  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
+  L=/tmp/llama.cpp/build/bin/llama-server
+  timeout 200 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker --llama $L --concurrency 1 64 --llama-concurrency 64 --requests-per-client 1 2>&1 | tail -6
+  timeout 240 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --llama $L --concurrency 1 64 --llama-concurrency 64 --requests-per-client 1 2>&1 | tail -6
+  ;;
+esac
