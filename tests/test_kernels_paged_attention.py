@@ -102,7 +102,8 @@ def test_worker_4710_paged_attention_batch_invariant(gen: torch.Generator, devic
         """layout: chunks (start, qlen) of the same sequence, plus ``extra`` unrelated decode rows first."""
         rows = [(int(torch.randint(0, 200, (1,), generator=gen)), 1) for _ in range(extra)] + layout
         meta, T = build(rows, hq, hk, n_blocks, gen, device)
-        tables = meta.block_tables.clone()
+        tables = torch.zeros((len(rows), max(len(table), meta.block_tables.shape[1])), dtype=torch.int32, device=device)
+        tables[:, : meta.block_tables.shape[1]] = meta.block_tables
         for i in range(extra, len(rows)):
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         qs = [randn(gen, 1, hq, d, dtype=dtype, device=device) for _ in range(extra)]

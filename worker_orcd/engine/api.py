@@ -211,8 +211,9 @@ class ResidentModel:
             return
         self._closed = True
         self._loop.close()
+        self._loop.runner = None  # type: ignore[assignment]  # the loop must not keep the device buffers alive
         self.runner.close()
-        del self.runner, self._kv, self._weights, self._fingerprint
+        del self.runner, self._kv, self._weights, self._fingerprint, self._loop
         self._engine._forget(self)
 
 
