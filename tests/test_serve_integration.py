@@ -147,6 +147,7 @@ def served(serve_model_path: Path, device: str, tmp_path_factory: pytest.TempPat
             "--max-prompt-chars", "2000", "--max-tokens-out", str(LONG_JOB), "--max-tokens-in", "64",
             "--inference-timeout-sec", "240", "--shutdown-timeout-sec", "60", "--sse-keepalive-sec", "0.5",
             "--log-level", "debug",  # the redaction test greps every line the worker can write
+            "--max-batch", "1",  # slots_total=1: M0's one job at a time (test_serve_batching.py runs the batched mode)
         ], token_file)
         t0 = time.monotonic()
         try:
