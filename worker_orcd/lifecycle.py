@@ -307,7 +307,8 @@ class Worker:
                 shard_index=req.shard_index, total_shards=req.total_shards,
                 model_ref=req.model_ref,  # the handle names the model as the caller does
                 max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
-                before_admit=self._seal_check_in_step, observer=self.metrics,
+                # M0 (--max-batch 1) keeps the per-request check before the stream opens (500 on mismatch)
+                before_admit=None if self.config.max_batch == 1 else self._seal_check_in_step, observer=self.metrics,
             )
         )
         try:
