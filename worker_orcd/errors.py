@@ -56,7 +56,7 @@ CODE_INFO: dict[ErrorCode, CodeInfo] = {
     ErrorCode.CUDA_ERROR: CodeInfo(500, False, None, "CUDA/driver error; worker stops"),
     ErrorCode.INFERENCE_TIMEOUT: CodeInfo(504, True, 0, "job exceeded the inference timeout"),
     ErrorCode.CANCELLED: CodeInfo(409, False, None, "job cancelled by its owner or by client disconnect"),
-    ErrorCode.WORKER_BUSY: CodeInfo(503, True, 250, "the single slot is taken; retry later"),
+    ErrorCode.WORKER_BUSY: CodeInfo(503, True, 250, "the batch and its wait queue are full (with --max-batch 1: the one slot is taken); retry later"),
     ErrorCode.WORKER_NOT_READY: CodeInfo(503, True, 1000, "no sealed model yet, or draining"),
     ErrorCode.INTERNAL: CodeInfo(500, False, None, "unexpected failure; details only in the log"),
 }
