@@ -14,24 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .dequant.formats import SUPPORTED_TYPES
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 
 # Types the fused dequant-matmul kernel reads directly; others are dequantized at load.
-FUSED_TYPES: frozenset[GGMLType] = frozenset(
-    {
-        GGMLType.F32,
-        GGMLType.F16,
-        GGMLType.BF16,
-        GGMLType.Q8_0,
-        GGMLType.Q4_0,
-        GGMLType.Q4_1,
-        GGMLType.Q5_0,
-        GGMLType.Q5_1,
-        GGMLType.Q4_K,
-        GGMLType.Q5_K,
-        GGMLType.Q6_K,
-    }
-)
+# Every type the loader accepts has a fused dequant-matmul kernel (kernels/qmatmul.py).
+FUSED_TYPES: frozenset[GGMLType] = SUPPORTED_TYPES
 
 
 def row_bytes(ggml_type: GGMLType, k: int) -> int:
