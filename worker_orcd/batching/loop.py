@@ -50,6 +50,9 @@ class LoopObserver(Protocol):
     def preempted(self) -> None: ...
 
 
+Sink = Callable[[Any], None]
+
+
 @dataclass
 class _Job:
     seq: Sequence
@@ -59,9 +62,20 @@ class _Job:
     t_submit: float
     t_first: float | None = None
     t_prefill_done: float | None = None
+    sink: Sink | None = None  # called on the engine thread instead of queueing (no reader thread per job)
 
     def cancelled(self) -> bool:
         return self.abandoned.is_set() or _is_set(self.cancel)
+
+    def deliver(self, item: Any) -> None:
+        if self.sink is None:
+            self.events.put(item)
+            return
+        try:
+            self.sink(item)
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine for everyone
+            log.exception("a job's event sink failed; the job is cancelled")
+            self.abandoned.set()
 
 
 class EngineLoop:
@@ -99,6 +113,14 @@ class EngineLoop:
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel = None) -> Iterator[Any]:
         """Queue a validated job; iterate the result for TokenEvent... then one GenerationEnd."""
+        return self._events(self._enqueue(prompt_ids, params, cancel, None))
+
+    def submit_to(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel, sink: Sink) -> None:
+        """Queue a validated job whose events (TokenEvent..., then a GenerationEnd or an exception) are
+        handed to ``sink`` on the engine thread, in order; stop it through ``cancel``."""
+        self._enqueue(prompt_ids, params, cancel, sink)
+
+    def _enqueue(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel, sink: Sink | None) -> _Job:
         if self._failed is not None:
             raise self._failed
         seq = Sequence(list(prompt_ids), params)
@@ -108,14 +130,14 @@ class EngineLoop:
                 f"capacity of {self.runner.max_seq_len} tokens",
                 code=ErrorCode.INVALID_PARAMS,
             )
-        job = _Job(seq, queue.SimpleQueue(), cancel, threading.Event(), time.monotonic())
+        job = _Job(seq, queue.SimpleQueue(), cancel, threading.Event(), time.monotonic(), sink=sink)
         seq.sink = job
         with self._cv:
             if self._stopping:
                 raise WorkerError("the engine is shutting down", code=ErrorCode.WORKER_NOT_READY)
             self._inbox.append(job)
             self._cv.notify()
-        return self._events(job)
+        return job
 
     @staticmethod
     def _events(job: _Job) -> Iterator[Any]:
@@ -240,7 +262,7 @@ class EngineLoop:
             if job.cancelled():  # no token after an acknowledged cancel (SPEC 4252)
                 self._end(job, "cancelled")
                 continue
-            job.events.put(TokenEvent(len(seq.output) - 1, out.token_id, out.logprob, out.top_logprobs))
+            job.deliver(TokenEvent(len(seq.output) - 1, out.token_id, out.logprob, out.top_logprobs))
             if out.token_id in seq.params.stop_ids:
                 self._end(job, "eos")
             elif len(seq.output) >= seq.params.max_tokens:
@@ -264,7 +286,7 @@ class EngineLoop:
         now = time.monotonic()
         start = seq.first_scheduled or now
         first = job.t_first or now
-        job.events.put(
+        job.deliver(
             GenerationEnd(
                 tokens_in=len(seq.prompt),
                 tokens_out=len(seq.output),
@@ -283,7 +305,7 @@ class EngineLoop:
             return
         if seq.status is not SeqStatus.FINISHED:
             self.scheduler.finish(seq, "failed")
-        job.events.put(err)
+        job.deliver(err)
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cv:
@@ -291,6 +313,6 @@ class EngineLoop:
             pending = list(self._inbox)
             self._inbox.clear()
         for job in pending:
-            job.events.put(err)
+            job.deliver(err)
         for job in list(self._jobs.values()):
             self._fail(job, err)

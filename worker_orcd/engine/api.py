@@ -167,6 +167,16 @@ class ResidentModel:
 
         Thread-safe: many generations run at once, batched by the engine loop.
         """
+        return self._loop.submit(self._checked(prompt_ids, params), params, cancel)
+
+    def generate_into(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Cancel, sink: Callable[[Any], None]
+    ) -> None:
+        """``generate`` without a reader thread: validate now, then ``sink`` gets each TokenEvent, then a
+        GenerationEnd or an exception, on the engine thread (it must only hand them over, quickly)."""
+        self._loop.submit_to(self._checked(prompt_ids, params), params, cancel, sink)
+
+    def _checked(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         self._require_open()
         _check_params(params)
         ids = list(prompt_ids)
@@ -175,7 +185,7 @@ class ResidentModel:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise InvalidParams(f"prompt token {i} is {t!r}, not a token id in [0, {vocab})")
         check_capacity(len(ids), params.max_tokens, self.max_seq_len)
-        return self._loop.submit(ids, params, cancel)
+        return ids
 
     # --- seal and residency -------------------------------------------------------------------
 

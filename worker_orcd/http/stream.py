@@ -99,6 +99,13 @@ class JobStream:
             temperature=getattr(p, "temperature", None), seed=getattr(p, "seed", None),
             seal_verify_ms=round(self.seal_ms, 3),
         )
+        into = getattr(self.model, "generate_into", None)
+        if callable(into):  # the batching engine hands events over on its own thread: no thread per job
+            try:
+                into(self.prompt_ids, self.params, self.job.cancel, self._on_engine_event)
+            except BaseException as e:  # noqa: BLE001 - refused at submission: the same path as an engine error
+                self._on_engine_event(e)
+            return
         # The thread runs in a copy of the request's log context: its lines keep the correlation id.
         context = contextvars.copy_context()
         threading.Thread(target=context.run, args=(self._produce,), name=f"job-{job.job_id[:16]}", daemon=True).start()
@@ -119,11 +126,27 @@ class JobStream:
             self._engine_ok = False
             self._post(_Failed(e))
         finally:
-            self._post(_DONE)
-            try:
-                self._loop.call_soon_threadsafe(self._thread_exited)
-            except RuntimeError:
-                pass
+            self._engine_done()
+
+    def _on_engine_event(self, event: Any) -> None:
+        """The engine's sink (its thread, or the loop's at submission): what _produce would post."""
+        if isinstance(event, BaseException):
+            self._engine_ok = False
+            self._post(_Failed(event))
+            self._engine_done()
+            return
+        self._post(event)
+        if hasattr(event, "stop_reason"):
+            if event.stop_reason != "cancelled":
+                self._engine_ok = True
+            self._engine_done()
+
+    def _engine_done(self) -> None:
+        self._post(_DONE)
+        try:
+            self._loop.call_soon_threadsafe(self._thread_exited)
+        except RuntimeError:
+            pass
 
     def _thread_exited(self) -> None:
         """On the loop, once the engine really stopped: free the slot (however the job ended)."""
