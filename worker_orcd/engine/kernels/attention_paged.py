@@ -33,7 +33,9 @@ from .paged_layout import tile_shape
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table row stride is the step's widest table: not specialised on, or every new width class
+# (1, multiple of 16, other) would be a JIT compile in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr,
     tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
