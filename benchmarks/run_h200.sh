@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's stages, run on the device machine from the repo root (see benchmarks/RESULTS.md):
 #   bash benchmarks/run_h200.sh tests      # llama.cpp build in the background, SPEC 5000 recording, the GPU suite
+#   bash benchmarks/run_h200.sh tune       # dense matmul: GPU tests, config sweep, step profile
 #   bash benchmarks/run_h200.sh load       # engine and HTTP throughput, worker-orcd and llama-server, same files
 # Needs .whl (scripts/fetch_device_wheels.sh) and .devdata (tokenizer donor, llama.cpp tarball + build script).
 set -uo pipefail
@@ -17,6 +18,11 @@ tests)
   cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  ;;
+tune)
+  timeout 150 python3 -m pytest -q -m gpu tests/test_dense_matmul.py -p no:cacheprovider 2>&1 | tail -4
+  timeout 260 python3 benchmarks/tune_dense.py --budget-s ${TUNE_BUDGET:-200} 2>&1 | tail -75
+  timeout 150 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | tail -25
   ;;
 load)
   synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M

@@ -33,6 +33,9 @@ class Model:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights) -> None:
         self.cfg = cfg
         self.w = weights
+        mats = [weights.lm_head] + [m for lw in weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+        # split-K counters of the dense matmuls (kernels/dense_matmul): this model's, zeroed between launches
+        self.locks = ops.matmul_locks(mats, weights.arena.device)
 
     # --- building blocks --------------------------------------------------------------------
 
@@ -47,7 +50,7 @@ class Model:
     ) -> torch.Tensor:
         c = self.cfg
         T = h.shape[0]
-        qkv = ops.linear(h, lw.wqkv, lw.bqkv)
+        qkv = ops.linear(h, lw.wqkv, lw.bqkv, self.locks)
         q = qkv[:, : c.q_dim].reshape(T, c.n_heads, c.head_dim)
         k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, c.head_dim)
         v = qkv[:, c.q_dim + c.kv_dim :].reshape(T, c.n_kv_heads, c.head_dim)
@@ -57,10 +60,11 @@ class Model:
             k = ops.rms_norm(k.contiguous(), lw.k_norm, c.rms_eps)
         ops.rope_(q, k, positions, c.layer_rope_theta(i), c.rope_neox, c.rotary_dim)
         out = attend(i, q, k, v)
-        return ops.linear(out.reshape(T, c.q_dim), lw.wo)
+        return ops.linear(out.reshape(T, c.q_dim), lw.wo, locks=self.locks)
 
     def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.gated_act(ops.linear(h, lw.w_gate_up), self.cfg.activation), lw.w_down)
+        gate_up = ops.linear(h, lw.w_gate_up, locks=self.locks)
+        return ops.linear(ops.gated_act(gate_up, self.cfg.activation), lw.w_down, locks=self.locks)
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """Final-normed hidden states [T, d] of ``tokens`` at ``positions``."""
@@ -81,7 +85,7 @@ class Model:
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """fp32 logits [V] of one final-normed hidden state [1, d]."""
-        return ops.logits_fp32(h_last, self.w.lm_head)[0]
+        return ops.logits_fp32(h_last, self.w.lm_head, self.locks)[0]
 
     # --- one batching-engine step: rows of tokens over the paged KV cache --------------------
 
@@ -107,4 +111,4 @@ class Model:
             return ops.paged_attention(q, kc, vc, meta, self.cfg.attn_scale, sliding_window=self.cfg.layer_window(i))
 
         h = self.hidden(tokens, positions, attend)
-        return ops.logits_fp32(h.index_select(0, sample_index), self.w.lm_head)
+        return ops.logits_fp32(h.index_select(0, sample_index), self.w.lm_head, self.locks)

@@ -263,14 +263,19 @@ def _qkernel(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or (_kernels_on_cpu and x.dtype != torch.bfloat16)
 
 
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, locks: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias); a row's result never depends on the batch size or its position in it.
 
-    CUDA: the batch-invariant fused dequant-matmul (``kernels/qmatmul``) for quantized and dense
-    weights alike (never cuBLAS, which picks its algorithm by M). CPU: ``mm_rows_invariant``."""
+    CUDA: batch-invariant Triton kernels, never cuBLAS (it picks its algorithm by M): dense
+    weights through ``kernels/dense_matmul`` (``locks``: the model's zeroed split-K counters),
+    quantized ones through the fused dequant-matmul ``kernels/qmatmul``. CPU: ``mm_rows_invariant``."""
     if _qkernel(x):
         lead = x.shape[:-1]
-        y = K.qlinear(x.reshape(-1, x.shape[-1]), _as_qweight(w), bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        if _dense_kernel(x2, w):
+            y = K.dense_matmul(x2, w, bias, locks=locks)  # type: ignore[arg-type]
+        else:
+            y = K.qlinear(x2, _as_qweight(w), bias)
         return y.reshape(*lead, y.shape[-1])
     if not isinstance(w, torch.Tensor):
         w = w.dequantize(torch.float32).to(x.dtype)  # a quantized weight on the CPU: tests only
@@ -278,13 +283,30 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     return y if bias is None else y + bias
 
 
-def logits_fp32(h: torch.Tensor, w: Weight) -> torch.Tensor:
+def logits_fp32(h: torch.Tensor, w: Weight, locks: torch.Tensor | None = None) -> torch.Tensor:
     """Final projection with fp32 output: fp16 logits would round away near-ties (0.015 at 30)."""
     if _qkernel(h):
+        if _dense_kernel(h, w):
+            return K.dense_matmul(h, w, out_dtype=torch.float32, locks=locks)  # type: ignore[arg-type]
         return K.qlinear(h, _as_qweight(w), out_dtype=torch.float32)
     if not isinstance(w, torch.Tensor):
         w = w.dequantize(torch.float32).to(h.dtype)
     return mm_rows_invariant(h, w).float()
+
+
+def _dense_kernel(x: torch.Tensor, w: Weight) -> bool:
+    return isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() and x.stride(-1) == 1
+
+
+def matmul_locks(weights: Sequence[Weight], device: torch.device) -> torch.Tensor | None:
+    """The zeroed split-K counters the dense matmuls of one model share (they run one after another
+    on one stream and each launch leaves them zeroed); ``None`` where no kernel uses them."""
+    if device.type != "cuda" and not _kernels_on_cpu:
+        return None
+    from .kernels.dense_matmul import lock_slots
+
+    n = max((lock_slots(w.shape[0]) for w in weights if isinstance(w, torch.Tensor)), default=1)
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def embedding(tokens: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:

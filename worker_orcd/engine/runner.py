@@ -356,6 +356,8 @@ class ModelRunner:
         """Device scratch owned here (attested with the weights)."""
         out = list(self._static.values())
         out += [logits for _, logits in self.graphs.values()]
+        if self.model.locks is not None:
+            out.append(self.model.locks)
         return out
 
     def close(self) -> None:

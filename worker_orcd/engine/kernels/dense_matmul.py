@@ -1,0 +1,247 @@
+"""y = x · Wᵀ for float weights (F16/BF16/F32): the batch-invariant matmul of the dense residency.
+
+Why not qmatmul's float path: it dequantizes each weight tile through fp32
+registers, so the loads cannot be pipelined into shared memory and a decode
+step reaches 0.1–2.4 TB/s (latency-bound on small matrices). Here the weight
+tile is loaded in its own dtype by pipelined loads, and small matrices are
+split along K so that enough programs stream them at once.
+
+What makes a row's result independent of M (batch invariance):
+
+* the unit of work is one ``tl.dot(x[16, BK], Wᵀ[BK, BN], acc)`` (``mma.sync
+  m16n8k16``, never Hopper's 64-row wgmma), chained into ``acc`` in k order
+  k = k_lo, k_lo + 16, ...: BK, BN, warps and stages do not change a sum;
+* the K split is fixed per weight shape (``split_k(n, k)``, never per M): each
+  split's fp32 partial is written to a workspace, and the last program of a
+  column tile to finish (an acq_rel counter) adds the partials in split order
+  0, 1, ..., S-1 and writes the output. Which program reduces varies; the
+  arithmetic does not. The counter is reset by that program, so a launch
+  leaves the lock buffer zeroed (the buffer belongs to the model, SPEC 4013);
+* with a split, one program covers every row of its (column tile, split), in
+  16-row steps; without one, programs split M in groups of 1/2/4 dots sharing
+  one weight tile (as qmatmul).
+
+Weights and activations share one dtype (the dense residency's); fp32 (CPU
+interpreter tests) uses IEEE dots. The bias is added in
+fp32 once, after the (ordered) reduction; one rounding to the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dequant.kernels_basic import _round_bf16
+from . import validate as v
+
+KERNEL = "dense_matmul"
+BM = 16  # rows per dot (the invariant unit)
+BK_SPLIT = 128  # K split boundaries are multiples of this (every BK candidate divides it)
+MAX_SPLIT = 8
+FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def split_k(n: int, k: int) -> int:
+    """K splits for an [n, k] weight: a function of the shape only (never of M).
+
+    Enough programs to fill the GPU at decode (~2 waves of 132 SMs with 16-column tiles),
+    without splitting a split below 512 inputs.
+    """
+    programs = -(-n // 32)
+    s = 1
+    while s < MAX_SPLIT and programs * s < 264 and k // (2 * s) >= 512:
+        s *= 2
+    return s
+
+
+def split_size(k: int, splits: int) -> int:
+    """Inputs per split: k / splits rounded up to a multiple of BK_SPLIT."""
+    per = -(-k // splits)
+    return -(-per // BK_SPLIT) * BK_SPLIT
+
+
+def lock_slots(n: int) -> int:
+    """Counters one [n, k] launch may use (column tiles of at least 16)."""
+    return -(-n // 16)
+
+
+def group_m(m: int) -> int:
+    return 1 if m <= 16 else 2 if m <= 32 else 4
+
+
+def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]:
+    """(BN, BK, num_warps, num_stages, GROUP_M); none of them changes a row's arithmetic."""
+    if splits > 1:
+        return 32, 128, 4, 4, 1
+    if m <= 16:
+        return (32, 128, 4, 4, 1) if n >= 8192 else (16, 128, 4, 4, 1)
+    if m <= 64:
+        return 64, 64, 4, 4, group_m(m)
+    return 64, 64, 4, 3, 4
+
+
+@triton.jit
+def _dot(xt, wt, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+    return tl.dot(xt, tl.trans(wt), acc)
+
+
+@triton.jit
+def _rows_x_tile(x_ptr, w_ptr, m0, cols, k_lo, k_hi, M, N, K, stride_xm,
+                 GROUP: tl.constexpr, BMc: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """GROUP 16-row accumulators of x[m0 : m0 + 16*GROUP, k_lo:k_hi] · W[cols, k_lo:k_hi]ᵀ."""
+    IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    r = tl.arange(0, BMc).to(tl.int64)
+    n = cols.to(tl.int64)
+    acc0 = tl.zeros((BMc, BN), dtype=tl.float32)
+    acc1 = tl.zeros((BMc, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BMc, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BMc, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        kk = (k0 + tl.arange(0, BK)).to(tl.int64)
+        kmask = kk[None, :] < k_hi
+        w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=(n[:, None] < N) & kmask, other=0.0)
+        rows = m0 + r
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
+        acc0 = _dot(xt, w, acc0, IEEE)
+        if GROUP > 1:
+            rows = m0 + BMc + r
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
+            acc1 = _dot(xt, w, acc1, IEEE)
+        if GROUP > 2:
+            rows = m0 + 2 * BMc + r
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
+            acc2 = _dot(xt, w, acc2, IEEE)
+            rows = m0 + 3 * BMc + r
+            xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
+            acc3 = _dot(xt, w, acc3, IEEE)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store(y_ptr, b_ptr, acc, rows, cols, M, N, stride_ym, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offs = rows[:, None] * stride_ym + cols[None, :]
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(y_ptr + offs, _round_bf16(acc), mask=mask)
+    else:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def dense_matmul_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_ym, K_SPLIT,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+    BMc: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    r = tl.arange(0, BMc)
+    if SPLIT == 1:
+        m0 = tl.program_id(1) * (GROUP_M * BMc)
+        a0, a1, a2, a3 = _rows_x_tile(x_ptr, w_ptr, m0, cols, 0, K, M, N, K, stride_xm, GROUP_M, BMc, BN, BK)
+        _store(y_ptr, b_ptr, a0, m0 + r, cols, M, N, stride_ym, HAS_BIAS)
+        if GROUP_M > 1:
+            _store(y_ptr, b_ptr, a1, m0 + BMc + r, cols, M, N, stride_ym, HAS_BIAS)
+        if GROUP_M > 2:
+            _store(y_ptr, b_ptr, a2, m0 + 2 * BMc + r, cols, M, N, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, a3, m0 + 3 * BMc + r, cols, M, N, stride_ym, HAS_BIAS)
+    else:
+        s = tl.program_id(1)
+        k_lo = s * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+        cmask = cols[None, :] < N
+        for m0 in range(0, M, BMc):
+            a0, a1, a2, a3 = _rows_x_tile(x_ptr, w_ptr, m0, cols, k_lo, k_hi, M, N, K, stride_xm, 1, BMc, BN, BK)
+            rows = (m0 + r).to(tl.int64)
+            offs = (s.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
+            tl.store(part_ptr + offs, a0, mask=(rows[:, None] < M) & cmask)
+        # the last split of this column tile to arrive adds all partials in split order
+        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            for m0 in range(0, M, BMc):
+                rows = (m0 + r).to(tl.int64)
+                mask = (rows[:, None] < M) & cmask
+                acc = tl.zeros((BMc, BN), dtype=tl.float32)
+                for j in range(SPLIT):
+                    offs = (j * M + rows[:, None]) * N + cols[None, :]
+                    acc += tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                _store(y_ptr, b_ptr, acc, m0 + r, cols, M, N, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+           locks: torch.Tensor | None) -> None:
+    for name, t in (("x", x), ("w", w), ("out", out)):
+        v.tensor(KERNEL, name, t)
+        v.rank(KERNEL, name, t, 2)
+        v.dtype(KERNEL, name, t, FLOAT_TYPES)
+        v.check(t.stride(-1) == 1, KERNEL, name, "rows must have unit stride")
+        v.check(t.device == x.device, KERNEL, name, f"must be on {x.device}, got {t.device}")
+    v.check(w.is_contiguous(), KERNEL, "w", "must be contiguous [N, K]")
+    v.check(w.dtype == x.dtype, KERNEL, "w", f"must have x's dtype {x.dtype}, got {w.dtype}")
+    v.check(x.shape[0] >= 1, KERNEL, "x", "needs at least one row")
+    v.check(x.shape[1] == w.shape[1], KERNEL, "x", f"must have K = {w.shape[1]} columns, got {x.shape[1]}")
+    v.check(tuple(out.shape) == (x.shape[0], w.shape[0]), KERNEL, "out",
+            f"must have shape {(x.shape[0], w.shape[0])}, got {tuple(out.shape)}")
+    if bias is not None:
+        v.check(tuple(bias.shape) == (w.shape[0],) and bias.device == x.device, KERNEL, "bias",
+                f"must be [{w.shape[0]}] on {x.device}")
+    if locks is not None:
+        v.check(locks.dtype == torch.int32 and locks.device == x.device and locks.numel() >= lock_slots(w.shape[0]),
+                KERNEL, "locks", f"must be int32 with >= {lock_slots(w.shape[0])} zeroed counters on {x.device}")
+    if x.device.type == "cpu":
+        v.check(v.TRITON_INTERPRETED, KERNEL, "x", "CPU tensors need TRITON_INTERPRET=1")
+
+
+def dense_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    locks: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """x[M, K] @ w[N, K].T (+ bias) -> [M, N]. ``locks``: zeroed int32 counters (``lock_slots(N)``),
+    owned by the caller and left zeroed; only a split shape needs them (allocated here if absent).
+    ``config``/``splits`` override the tuned choice (benchmarks; splits must stay per shape)."""
+    if out is None:
+        v.tensor(KERNEL, "x", x)
+        v.tensor(KERNEL, "w", w)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    _check(x, w, bias, out, locks)
+    M, K = x.shape
+    N = w.shape[0]
+    s = split_k(N, K) if splits is None else splits
+    if x.device.type == "cuda":
+        bn, bk, warps, stages, gm = config or launch_config(M, N, s)
+    else:
+        bn, bk, warps, stages, gm = 16, 64, 4, 1, group_m(M)
+    if s > 1:
+        ks = split_size(K, s)
+        s = -(-K // ks)  # a short K may need fewer
+    if s > 1:
+        part = torch.empty((s, M, N), dtype=torch.float32, device=x.device)
+        if locks is None:
+            locks = torch.zeros(lock_slots(N), dtype=torch.int32, device=x.device)
+        grid = (triton.cdiv(N, bn), s)
+    else:
+        ks = K
+        part = out
+        locks = locks if locks is not None else out
+        grid = (triton.cdiv(N, bn), triton.cdiv(M, gm * BM))
+    dense_matmul_kernel[grid](
+        x, w, bias if bias is not None else out, out, part, locks,
+        M, N, K, x.stride(0), out.stride(0), ks,
+        HAS_BIAS=bias is not None, SPLIT=s, GROUP_M=gm if s == 1 else 1, BMc=BM, BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
+    return out
