@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from worker_orcd.engine.kernels import dense_matmul as D  # noqa: E402
+from worker_orcd.engine.kernels import matmul_dense as D  # noqa: E402
 from worker_orcd.engine.kernels.qmatmul import qmatmul  # noqa: E402
 from worker_orcd.engine.qweight import QWeight  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402

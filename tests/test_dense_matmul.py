@@ -1,4 +1,4 @@
-"""Dense-weight matmul (kernels/dense_matmul.py): exact, batch invariant, split-K reduced in a fixed order.
+"""Dense-weight matmul (kernels/matmul_dense.py): exact, batch invariant, split-K reduced in a fixed order.
 
 Oracle: float64 matmul. Batch invariance: a row's result is bitwise identical whatever M is and
 wherever the row sits, with and without a K split (the split depends on the weight's shape only).
@@ -14,7 +14,7 @@ import torch
 from kernel_testing import rel
 from test_qmatmul import rowwise_dot  # noqa: F401 - fixture
 from worker_orcd.engine.errors import KernelDimensionError
-from worker_orcd.engine.kernels.dense_matmul import dense_matmul, lock_slots, split_k, split_size
+from worker_orcd.engine.kernels.matmul_dense import dense_matmul, lock_slots, split_k, split_size
 
 
 def test_worker_4701_split_depends_on_the_shape_only() -> None:
@@ -80,7 +80,7 @@ def test_worker_4711_gpu_dense_matmul_invariant_real_shapes(n: int, k: int, dt: 
                                                           device: str) -> None:
     """Compiled, the real Qwen2.5 0.5B/7B shapes (split and unsplit): rows at M = 1..600 bitwise equal
     to the same rows at M = 600, every launch configuration the tuner may pick, exact to float64."""
-    from worker_orcd.engine.kernels.dense_matmul import launch_config
+    from worker_orcd.engine.kernels.matmul_dense import launch_config
 
     w = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dt)
     pool = torch.randn(600, k, generator=gen).to(device=device, dtype=dt)

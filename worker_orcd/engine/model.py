@@ -34,7 +34,7 @@ class Model:
         self.cfg = cfg
         self.w = weights
         mats = [weights.lm_head] + [m for lw in weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-        # split-K counters of the dense matmuls (kernels/dense_matmul): this model's, zeroed between launches
+        # split-K counters of the dense matmuls (kernels/matmul_dense): this model's, zeroed between launches
         self.locks = ops.matmul_locks(mats, weights.arena.device)
 
     # --- building blocks --------------------------------------------------------------------

@@ -267,7 +267,7 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, locks: 
     """x @ w.T (+ bias); a row's result never depends on the batch size or its position in it.
 
     CUDA: batch-invariant Triton kernels, never cuBLAS (it picks its algorithm by M): dense
-    weights through ``kernels/dense_matmul`` (``locks``: the model's zeroed split-K counters),
+    weights through ``kernels/matmul_dense`` (``locks``: the model's zeroed split-K counters),
     quantized ones through the fused dequant-matmul ``kernels/qmatmul``. CPU: ``mm_rows_invariant``."""
     if _qkernel(x):
         lead = x.shape[:-1]
@@ -303,7 +303,7 @@ def matmul_locks(weights: Sequence[Weight], device: torch.device) -> torch.Tenso
     on one stream and each launch leaves them zeroed); ``None`` where no kernel uses them."""
     if device.type != "cuda" and not _kernels_on_cpu:
         return None
-    from .kernels.dense_matmul import lock_slots
+    from .kernels.matmul_dense import lock_slots
 
     n = max((lock_slots(w.shape[0]) for w in weights if isinstance(w, torch.Tensor)), default=1)
     return torch.zeros(n, dtype=torch.int32, device=device)

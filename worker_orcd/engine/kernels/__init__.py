@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .attention import attention_decode, attention_prefill, attention_reference, decode_split_size
     from .checksum import ChecksumPlan, checksum, checksum_hex, checksum_reference, digest_hex
     from .attention_paged import paged_attention
-    from .dense_matmul import dense_matmul
+    from .matmul_dense import dense_matmul
     from .qmatmul import qlinear
     from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
     from .rope import rope_, rope_reference
@@ -39,7 +39,7 @@ _HOME = {
     "attention": ("attention_decode", "attention_prefill", "attention_reference", "decode_split_size"),
     "checksum": ("ChecksumPlan", "checksum", "checksum_hex", "checksum_reference", "digest_hex"),
     "attention_paged": ("paged_attention",),
-    "dense_matmul": ("dense_matmul",),
+    "matmul_dense": ("dense_matmul",),
     "qmatmul": ("qlinear",),
     "rmsnorm": ("add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"),
     "rope": ("rope_", "rope_reference"),
