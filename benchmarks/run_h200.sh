@@ -21,7 +21,8 @@ tests)
   ;;
 tune)
   timeout 150 python3 -m pytest -q -m gpu tests/test_dense_matmul.py -p no:cacheprovider 2>&1 | tail -4
-  timeout 260 python3 benchmarks/tune_dense.py --budget-s ${TUNE_BUDGET:-200} 2>&1 | tail -75
+  [ -n "${TUNE_BUDGET:-}" ] && timeout 260 python3 benchmarks/tune_dense.py --budget-s $TUNE_BUDGET 2>&1 | tail -75
+  timeout 200 python3 -m pytest -q -m gpu tests/test_engine_batching.py -p no:cacheprovider 2>&1 | tail -4
   timeout 150 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | tail -25
   ;;
 load)

@@ -17,9 +17,9 @@ What makes a row's result independent of M (batch invariance):
   0, 1, ..., S-1 and writes the output. Which program reduces varies; the
   arithmetic does not. The counter is reset by that program, so a launch
   leaves the lock buffer zeroed (the buffer belongs to the model, SPEC 4013);
-* with a split, one program covers every row of its (column tile, split), in
-  16-row steps; without one, programs split M in groups of 1/2/4 dots sharing
-  one weight tile (as qmatmul).
+* programs split M in groups of 1/2/4 dots sharing one weight tile (as
+  qmatmul); with a K split, at most MAX_ROW_PROGRAMS programs along M, each
+  looping over its groups, so the counters needed do not grow with M.
 
 Weights and activations share one dtype (the dense residency's); fp32 (CPU
 interpreter tests) uses IEEE dots. The bias is added in
@@ -39,20 +39,20 @@ KERNEL = "dense_matmul"
 BM = 16  # rows per dot (the invariant unit)
 BK_SPLIT = 128  # K split boundaries are multiples of this (every BK candidate divides it)
 MAX_SPLIT = 8
+MAX_ROW_PROGRAMS = 16  # with a split, programs along M (each loops over its share of 64-row groups)
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def split_k(n: int, k: int) -> int:
     """K splits for an [n, k] weight: a function of the shape only (never of M).
 
-    Enough programs to fill the GPU at decode (~2 waves of 132 SMs with 16-column tiles),
-    without splitting a split below 512 inputs.
+    Only narrow, deep matrices (a small model's FFN down projection: 28 column tiles on 132
+    SMs) gain at decode; on the H200 a split cost more than it saved at M >= 64 for every
+    7B matrix (benchmarks/tune_dense.py, RESULTS.md).
     """
-    programs = -(-n // 32)
-    s = 1
-    while s < MAX_SPLIT and programs * s < 264 and k // (2 * s) >= 512:
-        s *= 2
-    return s
+    if n > 2048 or k < 2048:
+        return 1
+    return 4 if k >= 4096 else 2
 
 
 def split_size(k: int, splits: int) -> int:
@@ -62,8 +62,8 @@ def split_size(k: int, splits: int) -> int:
 
 
 def lock_slots(n: int) -> int:
-    """Counters one [n, k] launch may use (column tiles of at least 16)."""
-    return -(-n // 16)
+    """Counters one [n, k] launch may use (column tiles of at least 16, up to MAX_ROW_PROGRAMS)."""
+    return MAX_ROW_PROGRAMS * -(-n // 16)
 
 
 def group_m(m: int) -> int:
@@ -71,14 +71,25 @@ def group_m(m: int) -> int:
 
 
 def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]:
-    """(BN, BK, num_warps, num_stages, GROUP_M); none of them changes a row's arithmetic."""
+    """(BN, BK, num_warps, num_stages, GROUP_M); none of them changes a row's arithmetic.
+
+    The fastest bit-identical candidates of benchmarks/tune_dense.py on the H200 (0.5B and 7B
+    shapes, M = 1/16/64/512; every one of ~14 candidates per case gave identical rows).
+    """
+    gm = group_m(m)
     if splits > 1:
-        return 32, 128, 4, 4, 1
+        return 32, 128, 4, 5, gm
     if m <= 16:
-        return (32, 128, 4, 4, 1) if n >= 8192 else (16, 128, 4, 4, 1)
+        if n >= 65_536:
+            return 64, 128, 4, 4, 1
+        if n >= 16_384:
+            return 64, 64, 4, 3, 1
+        if n >= 8192:
+            return 32, 128, 4, 3, 1
+        return (32, 128, 4, 5, 1) if n >= 2048 else (16, 128, 4, 5, 1)
     if m <= 64:
-        return 64, 64, 4, 4, group_m(m)
-    return 64, 64, 4, 3, 4
+        return (64, 64, 4, 3, gm) if 16_384 <= n < 65_536 else (64, 128, 4, 3, gm)
+    return (64, 64, 4, 3, 4) if 2048 <= n < 65_536 else (64, 128, 4, 3, 4)
 
 
 @triton.jit
@@ -153,26 +164,41 @@ def dense_matmul_kernel(
             _store(y_ptr, b_ptr, a3, m0 + 3 * BMc + r, cols, M, N, stride_ym, HAS_BIAS)
     else:
         s = tl.program_id(1)
+        pid_m = tl.program_id(2)
         k_lo = s * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)
         cmask = cols[None, :] < N
-        for m0 in range(0, M, BMc):
-            a0, a1, a2, a3 = _rows_x_tile(x_ptr, w_ptr, m0, cols, k_lo, k_hi, M, N, K, stride_xm, 1, BMc, BN, BK)
-            rows = (m0 + r).to(tl.int64)
-            offs = (s.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
-            tl.store(part_ptr + offs, a0, mask=(rows[:, None] < M) & cmask)
-        # the last split of this column tile to arrive adds all partials in split order
-        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        groups = tl.cdiv(M, GROUP_M * BMc)
+        for g in range(pid_m, groups, tl.num_programs(2)):
+            m0 = g * (GROUP_M * BMc)
+            a0, a1, a2, a3 = _rows_x_tile(x_ptr, w_ptr, m0, cols, k_lo, k_hi, M, N, K, stride_xm, GROUP_M, BMc, BN, BK)
+            _store_part(part_ptr, a0, s, m0 + r, cols, M, N)
+            if GROUP_M > 1:
+                _store_part(part_ptr, a1, s, m0 + BMc + r, cols, M, N)
+            if GROUP_M > 2:
+                _store_part(part_ptr, a2, s, m0 + 2 * BMc + r, cols, M, N)
+                _store_part(part_ptr, a3, s, m0 + 3 * BMc + r, cols, M, N)
+        # the last split of this (column tile, row programs) to arrive adds the partials in split order
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:
-            for m0 in range(0, M, BMc):
-                rows = (m0 + r).to(tl.int64)
-                mask = (rows[:, None] < M) & cmask
-                acc = tl.zeros((BMc, BN), dtype=tl.float32)
-                for j in range(SPLIT):
-                    offs = (j * M + rows[:, None]) * N + cols[None, :]
-                    acc += tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                _store(y_ptr, b_ptr, acc, m0 + r, cols, M, N, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            for g in range(pid_m, groups, tl.num_programs(2)):
+                for j in range(GROUP_M):
+                    rows = (g * (GROUP_M * BMc) + j * BMc + r).to(tl.int64)
+                    mask = (rows[:, None] < M) & cmask
+                    acc = tl.zeros((BMc, BN), dtype=tl.float32)
+                    for sp in range(SPLIT):
+                        offs = (sp * M + rows[:, None]) * N + cols[None, :]
+                        acc += tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    _store(y_ptr, b_ptr, acc, rows, cols, M, N, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _store_part(part_ptr, acc, s, rows, cols, M, N):
+    rows = rows.to(tl.int64)
+    offs = (s.to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
+    tl.store(part_ptr + offs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -232,7 +258,7 @@ def dense_matmul(
         part = torch.empty((s, M, N), dtype=torch.float32, device=x.device)
         if locks is None:
             locks = torch.zeros(lock_slots(N), dtype=torch.int32, device=x.device)
-        grid = (triton.cdiv(N, bn), s)
+        grid = (triton.cdiv(N, bn), s, min(MAX_ROW_PROGRAMS, triton.cdiv(M, gm * BM)))
     else:
         ks = K
         part = out
@@ -241,7 +267,7 @@ def dense_matmul(
     dense_matmul_kernel[grid](
         x, w, bias if bias is not None else out, out, part, locks,
         M, N, K, x.stride(0), out.stride(0), ks,
-        HAS_BIAS=bias is not None, SPLIT=s, GROUP_M=gm if s == 1 else 1, BMc=BM, BN=bn, BK=bk,
+        HAS_BIAS=bias is not None, SPLIT=s, GROUP_M=gm, BMc=BM, BN=bn, BK=bk,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
     return out
