@@ -171,3 +171,29 @@ def test_worker_4710_gpu_64_jobs_bitwise_as_alone(subject: Subject) -> None:
         assert together[:16] == lone
     finally:
         rm.close()
+
+
+@pytest.mark.gpu
+def test_worker_4710_gpu_mixed_step_graph_equals_eager(subject: Subject) -> None:
+    """Steps with prompt chunks replay a graph captured per (tokens, rows) bucket: its padding is inert
+    and every sampled row's logits equal the eager step's, bit for bit."""
+    from worker_orcd.batching.step import SampleSpec, StepBatch, StepRow
+
+    runner = subject.rm.runner
+    assert runner.mixed_graphs, "steps with prompt chunks must replay captured graphs"
+    nb = runner.num_blocks  # the highest blocks: outside the engine loop's bookkeeping, no job runs now
+    a, b, c = (nb - 2, nb - 1), (nb - 4, nb - 3), (nb - 6, nb - 5)
+    g = torch.Generator().manual_seed(9)
+    vocab = subject.rm.config.vocab_size
+
+    def toks(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(0, vocab, (n,), generator=g).tolist())
+
+    spec = SampleSpec(SamplingParams(max_tokens=1), 0)
+    runner.logits(StepBatch((StepRow(-1, toks(20), 0, a, None), StepRow(-1, toks(25), 0, b, None))), eager=True)
+    step = StepBatch((StepRow(-1, toks(1), 20, a, spec), StepRow(-1, toks(1), 25, b, spec),
+                      StepRow(-1, toks(30), 0, c, spec)))
+    want = runner.logits(step, eager=True).clone()
+    assert runner._mixed_bucket(step) is not None
+    got = runner.logits(step)
+    assert got.shape == want.shape and torch.equal(got, want)

@@ -338,7 +338,7 @@ class Engine:
                     stats = upload(fh, g, lay, arena, model.digest, self.ctx)
                 weights = bind(arena, lay, cfg)
                 kv = PagedKVCache.allocate(cfg, pool, dtype, dev)
-                runner = ModelRunner(Model(cfg, weights), kv, dev, s_max, batch)
+                runner = ModelRunner(Model(cfg, weights), kv, dev, s_max, batch, max_tokens=budget)
                 runner.warmup()
                 if capture_graph:
                     runner.capture()

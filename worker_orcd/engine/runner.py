@@ -66,7 +66,10 @@ def _mask_from_bitmask(words: object, vocab: int, device: torch.device) -> torch
 
 
 class ModelRunner:
-    def __init__(self, model: Model, kv: PagedKVCache, device: torch.device, max_seq_len: int, max_batch: int) -> None:
+    def __init__(
+        self, model: Model, kv: PagedKVCache, device: torch.device, max_seq_len: int, max_batch: int,
+        max_tokens: int | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.device = device
@@ -80,6 +83,13 @@ class ModelRunner:
         self._static: dict[str, torch.Tensor] = {}
         self._pinned: dict[str, torch.Tensor] = {}
         self._static_meta: dict[int, AttentionMeta] = {}
+        # steps with prompt chunks: graphs per (tokens, rows) bucket (see _mixed_replay)
+        self.max_tokens = max(max_tokens or max_batch, max_batch)
+        self.mixed_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._mixed: dict[str, torch.Tensor] = {}
+        self._mixed_pinned: dict[str, torch.Tensor] = {}
+        self._mixed_meta: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._mixed_dims = (0, 0, 0)  # (tokens, rows, tiles) of the largest bucket
 
     # --- StepRunner ----------------------------------------------------------------------------
 
@@ -102,22 +112,29 @@ class ModelRunner:
     @torch.no_grad()
     def step(self, batch: StepBatch) -> list[Sampled]:
         specs = [r.sample for r in batch.rows if r.sample is not None]
-        n = len(batch.rows)
-        if batch.is_decode and self.graphs and n <= max(self.graphs):
-            logits = self._replay(batch)[:n]
-        else:
-            logits = self._eager(batch)
+        logits = self.logits(batch)
         if not specs:
             return []
         return self._sample(logits, specs)
 
+    def logits(self, batch: StepBatch, eager: bool = False) -> torch.Tensor:
+        """fp32 logits of the step's sampled rows (the last row when none samples): a decode graph,
+        a mixed-step graph or eager launches; the same kernels and per-row arithmetic on every path."""
+        n = len(batch.rows)
+        if not eager and batch.is_decode and self.graphs and n <= max(self.graphs):
+            return self._replay(batch)[:n]
+        if not eager and self.mixed_graphs:
+            key = self._mixed_bucket(batch)
+            if key is not None:
+                return self._mixed_replay(batch, key)
+        return self._eager(batch)
+
     # --- inputs ------------------------------------------------------------------------------
 
-    def _slot(self, table: Sequence[int], pos: int) -> int:
-        bs = self.kv.block_size
-        return (table[pos // bs] + SCRATCH_BLOCKS) * bs + pos % bs
-
-    def _eager(self, batch: StepBatch) -> torch.Tensor:
+    def _layout(self, batch: StepBatch) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]],
+                                                  list[list[int]], list[int], list[int], list[int]]:
+        """The step's rows back to back: tokens, positions, cache slots, (qstart, qlen, start) per
+        row, physical block tables, the attention tile map and the rows whose logits are sampled."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -126,18 +143,26 @@ class ModelRunner:
         tile_row: list[int] = []
         tile_q0: list[int] = []
         sample_index: list[int] = []
+        bs = self.kv.block_size
         for r, row in enumerate(batch.rows):
             qstart, qlen = len(tokens), len(row.tokens)
             tokens.extend(row.tokens)
             positions.extend(range(row.start, row.start + qlen))
-            slots.extend(self._slot(row.block_table, p) for p in range(row.start, row.start + qlen))
+            table = [b + SCRATCH_BLOCKS for b in row.block_table]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(row.start, row.start + qlen))
             rows.append((qstart, qlen, row.start))
-            tables.append([b + SCRATCH_BLOCKS for b in row.block_table])
+            tables.append(table)
             for q0 in range(0, qlen, self.block_t):
                 tile_row.append(r)
                 tile_q0.append(q0)
             if row.sample is not None:
                 sample_index.append(qstart + qlen - 1)
+        if not sample_index:
+            sample_index = [len(tokens) - 1]  # a prefill-only step still runs the head once (cheap, fixed shapes)
+        return tokens, positions, slots, rows, tables, tile_row, tile_q0, sample_index
+
+    def _eager(self, batch: StepBatch) -> torch.Tensor:
+        tokens, positions, slots, rows, tables, tile_row, tile_q0, sample_index = self._layout(batch)
         width = max(len(t) for t in tables)
         bt = torch.zeros((len(tables), width), dtype=torch.int32)
         for i, t in enumerate(tables):
@@ -158,10 +183,125 @@ class ModelRunner:
             host_tables=tables,
         )
         i64 = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(dev, non_blocking=True)
-        if not sample_index:
-            sample_index = [len(tokens) - 1]  # a prefill-only step still runs the head once (cheap, fixed shapes)
         sidx = torch.tensor(sample_index, dtype=torch.int64).to(dev, non_blocking=True)
         return self.model.forward_step(i64[0], i64[1], i64[2], meta, sidx, self.kv)
+
+    # --- CUDA graphs for steps with prompt chunks -----------------------------------------------
+    #
+    # An eager step costs ~20 ms of Python kernel launches whatever its size (H200, 0.5B:
+    # benchmarks/profile_step.py), so steps with prefill chunks replay graphs too, captured per
+    # (tokens, rows) bucket. Padding is inert: padding tokens (id 0, position 0) write their K/V
+    # to the scratch block and no attention tile covers them; padding rows have no tokens; padding
+    # tiles belong to an empty row (no key visited, nothing stored); padding logits are dropped.
+    # Rows never mix in any kernel, so a row's numbers equal the eager path's (test_engine_batching).
+
+    def _mixed_sizes(self) -> tuple[list[int], list[int]]:
+        tok = [t for t in (64, 128, 256, 512, 1024, 2048) if t < self.max_tokens] + [self.max_tokens]
+        rows = [r for r in (4, 16, 64) if r < self.max_batch] + [self.max_batch]
+        return tok, rows
+
+    def _mixed_bucket(self, batch: StepBatch) -> tuple[int, int] | None:
+        n_tok = sum(len(r.tokens) for r in batch.rows)
+        n_rows = len(batch.rows)
+        fits = [k for k in self.mixed_graphs if k[0] >= n_tok and k[1] >= n_rows]
+        return min(fits) if fits else None
+
+    def _alloc_mixed(self) -> None:
+        tok, rows = self._mixed_sizes()
+        t_max, r_max = max(tok), max(rows) + 1  # + one empty row that owns the padding tiles
+        nt_max = -(-t_max // self.block_t) + r_max
+        dev = self.device
+        self._mixed = {
+            "i64": torch.zeros(3 * t_max + r_max, dtype=torch.int64, device=dev),  # tokens|positions|slots|sample rows
+            "i32": torch.zeros(2 * nt_max + 3 * r_max, dtype=torch.int32, device=dev),  # tiles|rows
+            "bt": torch.zeros((r_max, self.max_blocks), dtype=torch.int32, device=dev),
+        }
+        self._mixed_pinned = {
+            k: torch.zeros(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in self._mixed.items()
+        }
+        self._mixed_dims = (t_max, r_max, nt_max)
+
+    def _mixed_views(self, t_b: int, r_b: int) -> tuple[torch.Tensor, ...]:
+        t_max, r_max, nt_max = self._mixed_dims
+        nt_b = -(-t_b // self.block_t) + r_b + 1
+        i64, i32 = self._mixed["i64"], self._mixed["i32"]
+        tokens, positions, slots = i64[:t_b], i64[t_max : t_max + t_b], i64[2 * t_max : 2 * t_max + t_b]
+        sidx = i64[3 * t_max : 3 * t_max + r_b]
+        o = 2 * nt_max
+        meta = AttentionMeta(
+            block_tables=self._mixed["bt"][: r_b + 1], tile_row=i32[:nt_b], tile_q0=i32[nt_max : nt_max + nt_b],
+            row_qstart=i32[o : o + r_b + 1], row_qlen=i32[o + r_max : o + r_max + r_b + 1],
+            row_start=i32[o + 2 * r_max : o + 2 * r_max + r_b + 1], host_rows=[], host_tables=[],
+        )
+        return tokens, positions, slots, meta, sidx  # type: ignore[return-value]
+
+    def _run_mixed(self, key: tuple[int, int]) -> torch.Tensor:
+        tokens, positions, slots, meta, sidx = self._mixed_meta[key]
+        return self.model.forward_step(tokens, positions, slots, meta, sidx, self.kv)  # type: ignore[arg-type]
+
+    def _capture_mixed(self, pool: object, side: torch.cuda.Stream) -> None:
+        self._alloc_mixed()
+        tok, rows = self._mixed_sizes()
+        t_max, r_max, nt_max = self._mixed_dims
+        # inert contents for warm-up and capture: every tile on the empty row, every token on the scratch block
+        i32 = self._mixed["i32"]
+        for t_b in tok:
+            for r_b in rows:
+                if r_b > t_b:
+                    continue
+                key = (t_b, r_b)
+                i32[:nt_max].fill_(r_b)
+                self._mixed_meta[key] = self._mixed_views(t_b, r_b)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._run_mixed(key)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._run_mixed(key)
+                self.mixed_graphs[key] = (graph, logits)
+
+    def _mixed_replay(self, batch: StepBatch, key: tuple[int, int]) -> torch.Tensor:
+        n = self._mixed_fill(batch, key)
+        graph, logits = self.mixed_graphs[key]
+        graph.replay()
+        return logits[:n]
+
+    def _mixed_fill(self, batch: StepBatch, key: tuple[int, int]) -> int:
+        """Write the step, padded to bucket ``key``, into the graph's inputs; returns the logits rows."""
+        t_b, r_b = key
+        t_max, r_max, nt_max = self._mixed_dims
+        tokens, positions, slots, rows, tables, tile_row, tile_q0, sample_index = self._layout(batch)
+        T, R, NT = len(tokens), len(rows), len(tile_row)
+        nt_b = -(-t_b // self.block_t) + r_b + 1
+        h = self._mixed_pinned
+        i64 = h["i64"].numpy()
+        i64[: 3 * t_max + r_b] = 0
+        i64[:T] = tokens
+        i64[t_max : t_max + T] = positions
+        i64[2 * t_max : 2 * t_max + T] = slots
+        i64[3 * t_max : 3 * t_max + len(sample_index)] = sample_index
+        i32 = h["i32"].numpy()
+        i32[:NT] = tile_row
+        i32[NT:nt_b] = r_b  # the empty row
+        i32[nt_max : nt_max + nt_b] = 0
+        i32[nt_max : nt_max + NT] = tile_q0
+        o = 2 * nt_max
+        for j, col in enumerate(zip(*rows, strict=True)):
+            base = o + j * r_max
+            i32[base : base + r_b + 1] = 0
+            i32[base : base + R] = col
+        width = max(len(t) for t in tables)
+        bt = h["bt"].numpy()
+        bt[: r_b + 1, :width] = 0
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = t
+        s = self._mixed
+        s["i64"][: 3 * t_max + r_b].copy_(h["i64"][: 3 * t_max + r_b], non_blocking=True)
+        s["i32"].copy_(h["i32"], non_blocking=True)
+        s["bt"][: r_b + 1, :width].copy_(h["bt"][: r_b + 1, :width], non_blocking=True)
+        return len(sample_index)
 
     # --- CUDA graphs for decode ----------------------------------------------------------------
 
@@ -197,7 +337,7 @@ class ModelRunner:
         )
 
     @torch.no_grad()
-    def capture(self, buckets: Sequence[int] | None = None) -> None:
+    def capture(self, buckets: Sequence[int] | None = None, mixed: bool = True) -> None:
         """Record one decode graph per bucket (one shared memory pool: they never run at once).
 
         Warm-up and capture run on rows that point at the scratch block only.
@@ -221,6 +361,8 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._run_bucket(b)
             self.graphs[b] = (graph, logits)
+        if mixed:
+            self._capture_mixed(pool, side)
         torch.cuda.synchronize(self.device)
 
     def _replay(self, batch: StepBatch) -> torch.Tensor:
@@ -356,6 +498,7 @@ class ModelRunner:
         """Device scratch owned here (attested with the weights)."""
         out = list(self._static.values())
         out += [logits for _, logits in self.graphs.values()]
+        out += list(self._mixed.values()) + [logits for _, logits in self.mixed_graphs.values()]
         if self.model.locks is not None:
             out.append(self.model.locks)
         return out
@@ -363,6 +506,10 @@ class ModelRunner:
     def close(self) -> None:
         """Drop every device buffer this runner references (graphs, their pool, statics, KV, weights)."""
         self.graphs.clear()
+        self.mixed_graphs.clear()
+        self._mixed.clear()
+        self._mixed_pinned.clear()
+        self._mixed_meta.clear()
         self._static.clear()
         self._static_meta.clear()
         self._pinned.clear()
