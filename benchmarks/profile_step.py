@@ -74,12 +74,20 @@ def main() -> int:
         replay = med_ms(graph.replay)
         step = med_ms(lambda: runner.step(batch))
         eager_rows = StepBatch(rows)
-        graphs = dict(runner.graphs)
+        # a step with a 200-token prompt chunk in place of the last decode row (a mixed-step graph)
+        last = rows[-1]
+        mixed = StepBatch(rows[:-1] + (StepRow(last.seq_id, (7,) * 200, 0, last.block_table, last.sample),))
+        mixed_ms = med_ms(lambda: runner.step(mixed), 10)
+        graphs, mixed_graphs = dict(runner.graphs), dict(runner.mixed_graphs)
         runner.graphs.clear()
+        runner.mixed_graphs.clear()
         eager = med_ms(lambda: runner.step(eager_rows), 10)
+        eager_mixed = med_ms(lambda: runner.step(mixed), 10)
         runner.graphs.update(graphs)
+        runner.mixed_graphs.update(mixed_graphs)
         r = {"batch": b, "bucket": bucket, "replay_ms": replay, "step_ms": step, "eager_step_ms": eager,
-             "host_ms": step - replay, "tok_s_at_step": b / step * 1e3}
+             "host_ms": step - replay, "tok_s_at_step": b / step * 1e3, "mixed_step_ms": mixed_ms,
+             "eager_mixed_step_ms": eager_mixed}
         rows_out.append(r)
         print(json.dumps(r), flush=True)
         if args.profile and b in (1, max(args.batch)):
@@ -89,11 +97,13 @@ def main() -> int:
                 torch.cuda.synchronize()
             runner.graphs.update(graphs)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-    print("\n| B | bucket | graph replay ms | runner.step ms | host ms | eager step ms | tok/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| B | bucket | graph replay ms | runner.step ms | host ms | eager step ms | tok/s | mixed step ms "
+          "(graph / eager) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows_out:
         print(f"| {r['batch']} | {r['bucket']} | {r['replay_ms']:.3f} | {r['step_ms']:.3f} | {r['host_ms']:.3f} | "
-              f"{r['eager_step_ms']:.3f} | {r['tok_s_at_step']:,.0f} |")
+              f"{r['eager_step_ms']:.3f} | {r['tok_s_at_step']:,.0f} | {r['mixed_step_ms']:.2f} / "
+              f"{r['eager_mixed_step_ms']:.2f} |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "profile_step.json").write_text(json.dumps(rows_out, indent=1))
     rm.close()
