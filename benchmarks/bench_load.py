@@ -188,6 +188,8 @@ def main() -> int:
                 r.update(engine=name, model=label, ready_s=ready)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+                print(f"| {name} | {label} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                      f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -14,10 +14,13 @@ synth() { [ -f "$M/$1-$2.gguf" ] || python3 benchmarks/synth.py "$M/$1-$2.gguf" 
 case "${1:-tests}" in
 tests)
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  # the load stage's models, written while the GPU suite runs
+  (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; synth qwen2.5-7b F16; touch $M/done) >$M/synth.log 2>&1 &
   timeout 120 python3 benchmarks/determinism_streams.py record tests/fixtures/determinism_streams.json 2>&1 | tail -3
   cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | tail -6
   ;;
 tune)
   timeout 150 python3 -m pytest -q -m gpu tests/test_dense_matmul.py -p no:cacheprovider 2>&1 | tail -4
@@ -26,11 +29,14 @@ tune)
   timeout 150 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | tail -25
   ;;
 load)
-  synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M
-  timeout 100 python3 benchmarks/bench_batch.py --shapes qwen2.5-0.5b --types F16 --concurrency 1 64 128 --jobs-per-client 1 2>&1 | tail -5
+  for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 5; done
+  synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; synth qwen2.5-7b F16
   for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
   L=/tmp/llama.cpp/build/bin/llama-server
-  timeout 200 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker --llama $L --concurrency 1 64 --llama-concurrency 64 --requests-per-client 1 2>&1 | tail -6
-  timeout 240 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --llama $L --concurrency 1 64 --llama-concurrency 64 --requests-per-client 1 2>&1 | tail -6
+  C="${LOAD_LEVELS:-1 8 32 64 128}"
+  for m in qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M qwen2.5-7b-F16; do
+    timeout ${LOAD_TIMEOUT:-170} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --llama $L \
+      --concurrency $C --requests-per-client 1 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
+  done
   ;;
 esac
