@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cprofile", action="store_true", help="Python profile of 300 runner.step calls at the first B")
     args = ap.parse_args()
     path = Path("/tmp/profile-step") / f"{args.shape}-{args.type}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,16 @@ def main() -> int:
              "eager_mixed_step_ms": eager_mixed}
         rows_out.append(r)
         print(json.dumps(r), flush=True)
+        if args.cprofile and b == args.batch[0]:
+            import cProfile
+            import pstats
+
+            prof_py = cProfile.Profile()
+            prof_py.enable()
+            for _ in range(300):
+                runner.step(batch)
+            prof_py.disable()
+            pstats.Stats(prof_py).sort_stats("tottime").print_stats(14)
         if args.profile and b in (1, max(args.batch)):
             runner.graphs.clear()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -20,7 +20,8 @@ tests)
   cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-  timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | tail -6
+  timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 --cprofile 2>&1 \
+    | grep -E "^\||tottime|^ +[0-9]+ " | head -30
   ;;
 tune)
   timeout 150 python3 -m pytest -q -m gpu tests/test_dense_matmul.py -p no:cacheprovider 2>&1 | tail -4
