@@ -121,7 +121,7 @@ async def start_job(
     logs.update(job_id=job.job_id)
     try:
         model, _ = _ready_model(worker)
-        if getattr(model, "seals_per_step", False):
+        if model.seals_per_step:
             seal_ms = worker.last_seal_ms  # the engine loop verifies once per step that admits jobs
         else:
             seal_ms = await worker.verify_seal()
