@@ -33,6 +33,7 @@ from synth import write_synthetic_model  # noqa: E402
 
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent  # noqa: E402
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
+from worker_orcd.residency import load_sealed  # noqa: E402
 from worker_orcd.seal import Sealer  # noqa: E402
 
 
@@ -135,8 +136,8 @@ def main() -> int:
                 write_synthetic_model(path, shape, wtype)  # type: ignore[arg-type]
             vm = validate_model(str(path), LoadOptions(model_root=path.parent))
             t0 = time.perf_counter()
-            rm = engine.load(vm, shard_id="bench", sealer=Sealer(), kv_cache_mb=args.kv_cache_mb,
-                             max_batch=args.max_batch or max(args.concurrency), prefill_chunk=args.prefill_chunk)
+            rm = load_sealed(engine, vm, shard_id="bench", sealer=Sealer(), kv_cache_mb=args.kv_cache_mb,
+                             max_batch=args.max_batch or max(args.concurrency), prefill_chunk=args.prefill_chunk).resident
             ready = time.perf_counter() - t0
             print(f"# {shape} {wtype}: ready in {ready:.1f} s, batch {rm.max_batch}, graphs {sorted(rm.runner.graphs)}",
                   flush=True)

@@ -40,6 +40,7 @@ from synth import SHAPES, write_synthetic_model  # noqa: E402
 
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent  # noqa: E402
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
+from worker_orcd.residency import load_sealed  # noqa: E402
 from worker_orcd.seal import Sealer  # noqa: E402
 
 # llama.cpp pp512 on H100 (F16), the brief's reference points; targets are 50% of these
@@ -102,7 +103,8 @@ def bench_one(
     t0 = time.perf_counter()
     vm = validate_model(str(path), LoadOptions(model_root=path.parent))
     validate_s = time.perf_counter() - t0
-    rm = engine.load(vm, shard_id=f"bench-{shape}-{wtype}", sealer=Sealer(), kv_cache_mb=args.kv_cache_mb)
+    sealed = load_sealed(engine, vm, shard_id=f"bench-{shape}-{wtype}", sealer=Sealer(), kv_cache_mb=args.kv_cache_mb)
+    rm = sealed.resident
     ready_s = time.perf_counter() - t0
     try:
         vocab = rm.config.vocab_size
@@ -126,8 +128,8 @@ def bench_one(
         toks, end = _generate(rm, short, args.decode_tokens)
         per_token_s = end.decode_time_ms / 1e3 / (end.tokens_out - 1)
         decode_tps = 1.0 / per_token_s
-        rm.verify_seal()
-        seal_ms = statistics.median(rm.verify_seal() for _ in range(10))
+        sealed.verify_seal()
+        seal_ms = statistics.median(sealed.verify_seal() for _ in range(10))
         mid_seq = args.decode_prompt + args.decode_tokens // 2
         roofline_s = decode_bytes_per_token(rm, mid_seq) / bw
         result = {

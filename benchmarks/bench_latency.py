@@ -5,7 +5,7 @@
         --device cpu --tokens 16 --runs 2                                                 # a CPU check
 
 The real daemon (``serve()`` with the real engine binding) runs in this
-process; only the engine's ``ResidentModel.generate`` is wrapped, to read
+process; only the engine's ``ResidentModel.generate``/``generate_into`` is wrapped, to read
 ``CLOCK_MONOTONIC`` the moment each ``TokenEvent`` leaves the engine for the
 HTTP layer (detokenizing, SSE framing, uvicorn, the socket all come after).
 A client in a separate process reads the same clock when a ``token`` event's
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from worker_orcd.serve import real_binding, serve  # noqa: E402
 
 
 class _Stamped:
-    """Delegates to the wrapped object; ``generate`` records (token index, emit ns) of each token."""
+    """Delegates to the wrapped object; ``generate`` and ``generate_into`` record (token index, emit ns)
+    of each token."""
 
     def __init__(self, inner: Any, stamps: list[list[tuple[int, int]]]) -> None:
         self._inner, self._stamps = inner, stamps
@@ -62,6 +63,18 @@ class _Stamped:
                 yield ev
 
         return stamped()
+
+    def generate_into(self, prompt_ids: Sequence[int], params: Any, cancel: Any, sink: Callable[[Any], None]) -> None:
+        """The path the HTTP stream takes with the batching engine (without it no token is stamped)."""
+        run: list[tuple[int, int]] = []
+
+        def stamped(ev: Any) -> None:
+            if hasattr(ev, "token_id"):
+                run.append((ev.index, time.monotonic_ns()))
+            sink(ev)
+
+        self._inner.generate_into(prompt_ids, params, cancel, stamped)  # validation errors raise here, as before
+        self._stamps.append(run)
 
 
 class _StampingEngine:

@@ -33,7 +33,7 @@ from synth import write_synthetic_model  # noqa: E402
 
 from worker_orcd.engine.events import GenerationEnd, SamplingParams, TokenEvent  # noqa: E402
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
-from worker_orcd.seal import Sealer  # noqa: E402
+from worker_orcd.residency import load_resident  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTH_MODELS = {"mid-qwen2": "Q8_0", "mid-llama": "Q8_0", "mid-gemma3": "Q4_K_M"}
@@ -100,7 +100,7 @@ def run_jobs(device: str, workdir: Path, models: list[str], max_tokens: int | No
         for name, path in _model_files(workdir, models):
             vm = validate_model(str(path), LoadOptions(model_root=path.parent))
             digests[name] = vm.digest
-            rm = engine.load(vm, shard_id=f"det-{name}", sealer=Sealer(), kv_cache_mb=256)
+            rm = load_resident(engine, vm, kv_cache_mb=256)
             try:
                 for case, params in CASES.items():
                     if max_tokens is not None:

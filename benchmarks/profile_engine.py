@@ -21,7 +21,7 @@ from synth import write_synthetic_model  # noqa: E402
 
 from worker_orcd.engine.api import Engine  # noqa: E402
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
-from worker_orcd.seal import Sealer  # noqa: E402
+from worker_orcd.residency import load_resident  # noqa: E402
 
 
 def top(prof: torch.profiler.profile, n: int = 14) -> str:
@@ -41,7 +41,7 @@ def main() -> None:
     t = time.perf_counter()
     vm = validate_model(str(path), LoadOptions(model_root=path.parent))
     tv = time.perf_counter() - t
-    rm = engine.load(vm, shard_id="prof", sealer=Sealer(), kv_cache_mb=1024)
+    rm = load_resident(engine, vm, kv_cache_mb=1024)
     print(f"validate {tv:.2f} s, load total {time.perf_counter() - t:.2f} s, stats {rm.load_stats}")
     gen = rm._gen
     ids = torch.arange(args.tokens, device="cuda") % rm.config.vocab_size

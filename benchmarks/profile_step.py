@@ -28,7 +28,7 @@ from synth import write_synthetic_model  # noqa: E402
 from worker_orcd.batching.step import SampleSpec, StepBatch, StepRow  # noqa: E402
 from worker_orcd.engine.api import Engine, SamplingParams  # noqa: E402
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
-from worker_orcd.seal import Sealer  # noqa: E402
+from worker_orcd.residency import load_resident  # noqa: E402
 
 
 def med_ms(fn, n: int = 30) -> float:  # noqa: ANN001
@@ -57,8 +57,7 @@ def main() -> int:
     if not path.exists():
         write_synthetic_model(path, args.shape, args.type)  # type: ignore[arg-type]
     engine = Engine.open("cuda", 0)
-    rm = engine.load(validate_model(str(path), LoadOptions(model_root=path.parent)), shard_id="p", sealer=Sealer(),
-                     max_batch=max(args.batch))
+    rm = load_resident(engine, validate_model(str(path), LoadOptions(model_root=path.parent)), max_batch=max(args.batch))
     runner = rm.runner
     bs = runner.block_size
     per_row = -(-(args.context + 1) // bs)

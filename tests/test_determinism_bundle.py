@@ -25,6 +25,7 @@ from worker_orcd.engine.api import (
     TokenEvent,
 )
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
+from worker_orcd.residency import load_sealed
 from worker_orcd.seal import Sealer
 from synthetic import synth as _synth
 
@@ -55,7 +56,7 @@ def engine(device: str) -> Iterator[Engine]:
 
 
 def load(engine: Engine, validated: ValidatedModel, shard: str) -> ResidentModel:
-    return engine.load(validated, shard_id=shard, sealer=Sealer(), kv_cache_mb=1)
+    return load_sealed(engine, validated, shard_id=shard, sealer=Sealer(), kv_cache_mb=1).resident  # type: ignore[return-value]
 
 
 def run(model: ResidentModel, params: SamplingParams) -> tuple[list[int], GenerationEnd, float]:

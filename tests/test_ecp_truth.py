@@ -26,6 +26,7 @@ from worker_orcd.errors import CapabilityError, ModelLoadError
 from worker_orcd.gguf import GGMLType, parse_file
 from worker_orcd.gguf.writer import GGUFWriter
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
+from worker_orcd.residency import load_resident, load_sealed
 from worker_orcd.seal import Sealer
 from synthetic import synth as _synth
 
@@ -64,13 +65,13 @@ def _run(rm: ResidentModel, prompt: list[int], steps: int) -> list[int]:
 
 def _greedy(engine: Engine, vm: ValidatedModel, prompt: list[int], steps: int) -> tuple[list[int], ResidentModel]:
     """Load (plan, upload, seal) and decode; the caller closes the model."""
-    rm = engine.load(vm, shard_id="ecp-truth", sealer=Sealer(), kv_cache_mb=1)
+    rm: ResidentModel = load_sealed(engine, vm, shard_id="ecp-truth", sealer=Sealer(), kv_cache_mb=1).resident  # type: ignore[assignment]
     return _run(rm, prompt, steps), rm
 
 
 def _greedy_all(engine: Engine, path: Path) -> tuple[list[list[int]], ValidatedModel, ResidentModel]:
     vm = _validated(path)
-    rm = engine.load(vm, shard_id="ecp-truth", sealer=Sealer(), kv_cache_mb=1)
+    rm: ResidentModel = load_sealed(engine, vm, shard_id="ecp-truth", sealer=Sealer(), kv_cache_mb=1).resident  # type: ignore[assignment]
     return [_run(rm, p, STEPS) for p in PROMPTS], vm, rm
 
 
@@ -145,4 +146,4 @@ def test_worker_4613_max_context_is_what_the_engine_accepts(engine: Engine, tmp_
     assert "context" in e.value.message
     unmatched = validate_model(str(over), LoadOptions(model_root=tmp_path))  # no ECP: the engine must refuse
     with pytest.raises(ModelLoadError, match="max_context"):
-        engine.load(unmatched, shard_id="over", sealer=Sealer(), kv_cache_mb=1)
+        load_resident(engine, unmatched, kv_cache_mb=1)

@@ -17,7 +17,7 @@ import torch
 
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent
 from worker_orcd.loader import LoadOptions, validate_model
-from worker_orcd.seal import Sealer
+from worker_orcd.residency import load_resident
 
 from synthetic import synth
 
@@ -73,10 +73,10 @@ class Subject:
         self.tok = GGUFTokenizer.from_gguf(v.gguf)
         self.engine = Engine.open(device)  # type: ignore[arg-type]
         self.validated = v
-        self.rm = self.engine.load(v, shard_id="batching", sealer=Sealer(), **load)  # type: ignore[arg-type]
+        self.rm: ResidentModel = load_resident(self.engine, v, **load)  # type: ignore[assignment]
 
     def load(self, **load: object) -> ResidentModel:
-        return self.engine.load(self.validated, shard_id="batching-2", sealer=Sealer(), **load)  # type: ignore[arg-type]
+        return load_resident(self.engine, self.validated, **load)  # type: ignore[return-value]
 
     def close(self) -> None:
         self.rm.close()

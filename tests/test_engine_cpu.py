@@ -24,6 +24,7 @@ from worker_orcd.errors import ErrorCode, InvalidParams, ModelLoadError, SealVer
 from worker_orcd.gguf import GGMLType, parse_file
 from worker_orcd.gguf.writer import GGUFWriter
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
+from worker_orcd.residency import SealedModel, load_resident, load_sealed
 from worker_orcd.seal import Sealer
 from synthetic import synth as _synth
 
@@ -50,15 +51,18 @@ def _validated(path: Path) -> ValidatedModel:
 
 
 def _load(engine: Engine, path: Path, **kw: object) -> ResidentModel:
-    return engine.load(
-        _validated(path), shard_id="shard-test", sealer=Sealer(), kv_cache_mb=kw.pop("kv_cache_mb", 1), **kw
-    )  # type: ignore[arg-type]
+    return load_resident(engine, _validated(path), kv_cache_mb=kw.pop("kv_cache_mb", 1), **kw)  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
-def qwen(engine: Engine, model_dir: Path) -> ResidentModel:
+def qwen_sealed(engine: Engine, model_dir: Path) -> SealedModel:
     path = synth.write_synthetic_model(model_dir / "tiny-qwen2.gguf", "tiny-qwen2", "Q4_K_M")
-    return _load(engine, path)
+    return load_sealed(engine, _validated(path), shard_id="shard-test", sealer=Sealer(), kv_cache_mb=1)
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_sealed: SealedModel) -> ResidentModel:
+    return qwen_sealed.resident  # type: ignore[return-value]
 
 
 def _run(rm: ResidentModel, prompt: list[int], **params: object) -> tuple[list[int], GenerationEnd]:
@@ -108,7 +112,7 @@ def test_worker_4421_chunked_prefill_decodes_what_one_piece_does(
     runs = []
     for chunk in (engine.prefill_chunk, 1024):
         monkeypatch.setattr(api_mod, "PREFILL_CHUNK_CPU", chunk)
-        rm = engine.load(vm, shard_id=f"prefill-{chunk}", sealer=Sealer(), kv_cache_mb=8)
+        rm = load_resident(engine, vm, kv_cache_mb=8)
         try:
             runs.append(_run(rm, ids, max_tokens=8)[0])
         finally:
@@ -350,36 +354,39 @@ def test_worker_4700_cpu_attention_matches_kernel() -> None:
 # --- seal (SPEC 4110-4122) -----------------------------------------------------------------------
 
 
-def test_worker_4122_seal_tamper_one_byte(qwen: ResidentModel) -> None:
-    assert qwen.handle.sealed and len(qwen.handle.digest) == 64
-    assert qwen.verify_seal() >= 0
+def test_worker_4122_seal_tamper_one_byte(qwen_sealed: SealedModel, qwen: ResidentModel) -> None:
+    sealed = qwen_sealed
+    assert sealed.handle.sealed and len(sealed.handle.digest) == 64
+    assert sealed.verify_seal() >= 0
     arena = qwen._weights.arena
     i = arena.numel() // 3
     old = int(arena[i])
     arena[i] = old ^ 0x01
     try:
         with pytest.raises(SealVerificationError) as e:
-            qwen.verify_seal()
+            sealed.verify_seal()
         assert e.value.code is ErrorCode.SEAL_VERIFICATION_FAILED
     finally:
         arena[i] = old
-    qwen.verify_seal()
-    good = qwen.handle
-    qwen.handle = dataclasses.replace(good, vram_bytes=good.vram_bytes + 1)
+    sealed.verify_seal()
+    good = sealed.handle
+    sealed.handle = dataclasses.replace(good, vram_bytes=good.vram_bytes + 1)
     try:
         with pytest.raises(SealVerificationError):
-            qwen.verify_seal()
+            sealed.verify_seal()
     finally:
-        qwen.handle = good
+        sealed.handle = good
 
 
-def test_worker_4100_cpu_mode_never_claims_residency(engine: Engine, qwen: ResidentModel) -> None:
+def test_worker_4100_cpu_mode_never_claims_residency(
+    engine: Engine, qwen_sealed: SealedModel, qwen: ResidentModel
+) -> None:
     report = qwen.attest()
     assert report["resident"] is False and report["status"] == "not resident (CPU development mode)"
-    assert qwen.vram_bytes() == 0 and qwen.handle.vram_bytes == 0
+    assert qwen.vram_bytes() == 0 and qwen_sealed.handle.vram_bytes == 0
     desc = engine.describe()
     assert desc["dev_mode"] is True and desc["vram_resident"] is False and "DEVELOPMENT MODE" in desc["warning"]
-    assert "0x" not in repr(report) and "0x" not in repr(qwen.handle.public())  # no pointers (4111)
+    assert "0x" not in repr(report) and "0x" not in repr(qwen_sealed.handle.public())  # no pointers (4111)
 
 
 def test_worker_4100_cpu_mode_load_log_never_says_resident(
@@ -405,9 +412,9 @@ def test_worker_4113_bytes_changed_after_verification_refused(engine: Engine, mo
         fh.seek(t.data_offset + 10)
         fh.write(bytes([b[0] ^ 0x40]))
     with pytest.raises(ModelLoadError) as e:
-        engine.load(vm, shard_id="s", sealer=Sealer(), kv_cache_mb=1)
+        load_resident(engine, vm, kv_cache_mb=1)
     assert e.value.code is ErrorCode.MODEL_LOAD_FAILED and "changed after verification" in e.value.message
-    assert engine._models == [] or all(m.handle.shard_id != "s" for m in engine._models)
+    assert all(m.name != vm.source.ref for m in engine._models)
 
 
 def test_worker_4103_insufficient_vram_plan(engine: Engine, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,7 +439,7 @@ def test_worker_4103_insufficient_vram_plan(engine: Engine, model_dir: Path, mon
     # load refuses before allocating anything
     monkeypatch.setattr(engine.ctx.__class__, "mem_get_info", lambda self: (1000, 2000))
     with pytest.raises(WorkerError) as e:
-        engine.load(_validated(path), shard_id="s", sealer=Sealer(), kv_cache_mb=1)
+        load_resident(engine, _validated(path), kv_cache_mb=1)
     assert e.value.code is ErrorCode.INSUFFICIENT_VRAM and "1000 bytes free" in e.value.message
 
 
@@ -658,7 +665,7 @@ def test_worker_4113_truncated_or_grown_file_refused(engine: Engine, model_dir: 
     with open(path, "ab") as fh:
         fh.write(b"\0" * 64)
     with pytest.raises(ModelLoadError) as e:
-        engine.load(vm, shard_id="s", sealer=Sealer(), kv_cache_mb=1)
+        load_resident(engine, vm, kv_cache_mb=1)
     assert e.value.code is ErrorCode.MODEL_LOAD_FAILED and "when it was verified" in e.value.message
 
 
@@ -718,23 +725,24 @@ def test_worker_4121_cpu_mode_seal_check_is_cheap_on_a_real_model(qwen05_path: P
     well under a second for the 0.5B model (it took 6-10 s before the host checksum was vectorised),
     and it still sees one flipped byte."""
     engine = Engine.open("cpu")
-    rm = engine.load(
-        _validated(qwen05_path), shard_id="seal-cost", sealer=Sealer(), kv_cache_mb=1, capture_graph=False
+    sealed = load_sealed(
+        engine, _validated(qwen05_path), shard_id="seal-cost", sealer=Sealer(), kv_cache_mb=1, capture_graph=False
     )
+    arena = sealed.resident._weights.arena  # type: ignore[attr-defined]
     try:
-        ms = min(rm.verify_seal() for _ in range(3))
-        assert ms < 2000, f"CPU-mode seal check took {ms:.0f} ms for {rm._weights.arena.numel() / 1e9:.2f} GB"
-        arena = rm._weights.arena
+        ms = min(sealed.verify_seal() for _ in range(3))
+        assert ms < 2000, f"CPU-mode seal check took {ms:.0f} ms for {arena.numel() / 1e9:.2f} GB"
         i = arena.numel() - 5
         arena[i] ^= 0x20
         try:
             with pytest.raises(SealVerificationError):
-                rm.verify_seal()
+                sealed.verify_seal()
         finally:
             arena[i] ^= 0x20
-        rm.verify_seal()
+        sealed.verify_seal()
     finally:
-        rm.close()
+        del arena
+        sealed.close()
 
 
 def test_worker_4712_cpu_sampler_noise_is_finite_for_the_top_random_word() -> None:

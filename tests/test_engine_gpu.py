@@ -22,6 +22,7 @@ from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, Samplin
 from worker_orcd.engine.device import DeviceContext
 from worker_orcd.errors import ErrorCode, SealVerificationError, WorkerError
 from worker_orcd.loader import LoadOptions, ValidatedModel, validate_model
+from worker_orcd.residency import SealedModel, load_resident, load_sealed
 from worker_orcd.seal import Sealer
 from worker_orcd.tokenizer import GGUFTokenizer
 from synthetic import synth as _synth
@@ -145,6 +146,7 @@ class Subject:
 
     rm: ResidentModel
     prompts: list[list[int]]
+    sealed: SealedModel  # the host's seal over rm
 
 
 @pytest.fixture(scope="module", params=["synthetic"] + (["real"] if _cached(QWEN_05B) else []))
@@ -158,9 +160,9 @@ def qwen(request: pytest.FixtureRequest, engine: Engine, synth_file: SynthFile) 
     else:
         path = synth_file("qwen2.5-0.5b", "Q8_0")
         prompts = [synthetic_prompt(151936, n) for n in (6, 23, 57)]
-    rm = engine.load(_validated(path), shard_id=f"gpu-qwen-{request.param}", sealer=Sealer(), kv_cache_mb=256)
-    yield Subject(rm, prompts)
-    rm.close()
+    sealed = load_sealed(engine, _validated(path), shard_id=f"gpu-qwen-{request.param}", sealer=Sealer(), kv_cache_mb=256)
+    yield Subject(sealed.resident, prompts, sealed)  # type: ignore[arg-type]
+    sealed.close()
 
 
 def _tokens(rm: ResidentModel, ids: list[int], **params: object) -> list[int]:
@@ -186,11 +188,11 @@ def test_worker_4700_gpu_logits_match_cpu_reference(
         vm = _validated(path)
         tok = GGUFTokenizer.from_gguf(vm.gguf)
         prompts = [tok.encode(text) for text in PROMPTS + [PROMPTS[2] * 60]]  # the last: past gemma's window
-    gpu = engine.load(vm, shard_id="gpu-logits", sealer=Sealer(), kv_cache_mb=128)
+    gpu: ResidentModel = load_resident(engine, vm, kv_cache_mb=128)  # type: ignore[assignment]
     try:
         if case.synthetic:
             prompts = [synthetic_prompt(gpu.config.vocab_size, n) for n in case.lengths]
-        cpu = cpu_engine.load(vm, shard_id="cpu-logits", sealer=Sealer(), kv_cache_mb=64, capture_graph=False)
+        cpu = load_resident(cpu_engine, vm, kv_cache_mb=64, capture_graph=False)
         try:
             want = prefill_logits(cpu, prompts)
         finally:
@@ -230,8 +232,8 @@ def test_worker_4700_cuda_graph_decode_equals_eager(qwen: Subject) -> None:
 
 
 def test_worker_4121_seal_detects_one_flipped_byte_in_vram(qwen: Subject) -> None:
-    rm = qwen.rm
-    ms = rm.verify_seal()
+    rm, sealed = qwen.rm, qwen.sealed
+    ms = sealed.verify_seal()
     assert ms < 50, f"seal verification took {ms:.1f} ms on a 0.5B model"
     arena = rm._weights.arena
     i = arena.numel() // 2 + 12345
@@ -239,11 +241,11 @@ def test_worker_4121_seal_detects_one_flipped_byte_in_vram(qwen: Subject) -> Non
     arena[i] = old ^ 0x80
     try:
         with pytest.raises(SealVerificationError) as e:
-            rm.verify_seal()
+            sealed.verify_seal()
         assert e.value.code is ErrorCode.SEAL_VERIFICATION_FAILED
     finally:
         arena[i] = old
-    rm.verify_seal()
+    sealed.verify_seal()
 
 
 def test_worker_4121_gpu_and_cpu_fingerprints_of_the_weights_agree(qwen: Subject) -> None:
@@ -288,7 +290,7 @@ def test_worker_4103_insufficient_vram_before_any_allocation(
     monkeypatch.setattr(type(engine.ctx), "mem_get_info", lambda self: (512 << 20, total))
     before = torch.cuda.memory_allocated()
     with pytest.raises(WorkerError) as e:
-        engine.load(_validated(synth_file("qwen2.5-0.5b", "Q8_0")), shard_id="too-big", sealer=Sealer())
+        load_resident(engine, _validated(synth_file("qwen2.5-0.5b", "Q8_0")))
     assert e.value.code is ErrorCode.INSUFFICIENT_VRAM and "device id 0" in e.value.message
     assert torch.cuda.memory_allocated() == before
 
@@ -306,7 +308,8 @@ def test_worker_4103_insufficient_vram_before_any_allocation(
 def test_worker_4700_synthetic_real_shapes_load_and_generate(
     engine: Engine, synth_file: SynthFile, shape: str, wtype: str
 ) -> None:
-    rm = engine.load(_validated(synth_file(shape, wtype)), shard_id=f"syn-{shape}", sealer=Sealer(), kv_cache_mb=64)
+    sealed = load_sealed(engine, _validated(synth_file(shape, wtype)), shard_id=f"syn-{shape}", sealer=Sealer(), kv_cache_mb=64)
+    rm: ResidentModel = sealed.resident  # type: ignore[assignment]
     try:
         assert rm.load_stats.gb_per_s > 0 and rm.graph_captured
         ids = list(range(5, 40))
@@ -315,7 +318,7 @@ def test_worker_4700_synthetic_real_shapes_load_and_generate(
         toks = _tokens(rm, ids, max_tokens=16)
         assert len(toks) == 16 and all(0 <= t < rm.config.vocab_size for t in toks)
         assert _tokens(rm, ids, max_tokens=16) == toks
-        rm.verify_seal()
+        sealed.verify_seal()
         rm.attest()
     finally:
         rm.close()
@@ -325,9 +328,9 @@ def test_worker_4013_close_releases_every_device_buffer(engine: Engine, synth_fi
     """After a first load/close (which creates process-wide caches: cuBLAS workspaces, RoPE
     tables, compiled kernels), another load/close cycle returns memory to where it was."""
     vm = _validated(synth_file("qwen2.5-0.5b", "Q8_0"))
-    engine.load(vm, shard_id="cycle-0", sealer=Sealer(), kv_cache_mb=64).close()
+    load_resident(engine, vm, kv_cache_mb=64).close()
     before = torch.cuda.memory_allocated()
-    rm = engine.load(vm, shard_id="cycle-1", sealer=Sealer(), kv_cache_mb=64)
+    rm: ResidentModel = load_resident(engine, vm, kv_cache_mb=64)  # type: ignore[assignment]
     assert torch.cuda.memory_allocated() - before >= rm._weights.arena.numel()
     rm.close()
     assert torch.cuda.memory_allocated() - before < 1 << 20
@@ -345,7 +348,7 @@ def test_worker_4421_long_prompt_chunked_prefill(
     runs = []
     for chunk in (engine.prefill_chunk, 4096):
         monkeypatch.setattr(engine_api, "PREFILL_CHUNK_CUDA", chunk)
-        rm = engine.load(vm, shard_id=f"prefill-{chunk}", sealer=Sealer(), kv_cache_mb=512)
+        rm = load_resident(engine, vm, kv_cache_mb=512)
         try:
             runs.append(_tokens(rm, ids, max_tokens=8))
         finally:
@@ -380,7 +383,7 @@ def test_worker_4400_generation_from_another_thread(qwen: Subject) -> None:
     def run() -> None:
         try:
             got.append(_tokens(rm, ids, max_tokens=12))
-            rm.verify_seal()
+            qwen.sealed.verify_seal()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             errors.append(exc)
 

@@ -22,7 +22,7 @@ import torch
 
 from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, SamplingParams, TokenEvent
 from worker_orcd.loader import LoadOptions, validate_model
-from worker_orcd.seal import Sealer
+from worker_orcd.residency import load_resident
 from worker_orcd.tokenizer import GGUFTokenizer
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def _pair(path: Path, kv_cache_mb: int) -> Iterator[Pair]:
 
     vm = validate_model(str(path), LoadOptions(model_root=path.parent))
     engine = Engine.open("cpu")
-    ours = engine.load(vm, shard_id="parity", sealer=Sealer(), kv_cache_mb=kv_cache_mb)
+    ours: ResidentModel = load_resident(engine, vm, kv_cache_mb=kv_cache_mb)  # type: ignore[assignment]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(

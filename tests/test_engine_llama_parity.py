@@ -17,7 +17,7 @@ import torch
 
 from worker_orcd.engine.api import Engine
 from worker_orcd.loader import LoadOptions, validate_model
-from worker_orcd.seal import Sealer
+from worker_orcd.residency import load_resident
 from synthetic import synth as _synth
 
 REL_TOL = 1e-4  # float32 both sides on identical (F16/Q8_0-dequantized) weights: measured ~3e-7
@@ -32,7 +32,7 @@ def test_worker_4700_llama_logits_match_transformers(wtype: str, tmp_path: Path)
 
     path = _synth().write_synthetic_model(tmp_path / f"tiny-llama-{wtype}.gguf", "tiny-llama", wtype, seed=3)
     engine = Engine.open("cpu")
-    rm = engine.load(validate_model(str(path), LoadOptions(model_root=tmp_path)), shard_id="llama", sealer=Sealer(), kv_cache_mb=16)
+    rm = load_resident(engine, validate_model(str(path), LoadOptions(model_root=tmp_path)), kv_cache_mb=16)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

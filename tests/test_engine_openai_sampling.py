@@ -11,7 +11,7 @@ import torch
 
 from worker_orcd.engine.api import Engine, ResidentModel, SamplingParams, TokenEvent
 from worker_orcd.loader import LoadOptions, validate_model
-from worker_orcd.seal import Sealer
+from worker_orcd.residency import load_resident
 from synthetic import synth as _synth
 
 PROMPT = [1, 2, 3, 4, 5]
@@ -21,7 +21,7 @@ PROMPT = [1, 2, 3, 4, 5]
 def qwen(tmp_path_factory: pytest.TempPathFactory) -> ResidentModel:
     path = _synth().write_synthetic_model(tmp_path_factory.mktemp("m") / "tiny-qwen2.gguf", "tiny-qwen2", "Q4_K_M")
     engine = Engine.open("cpu")
-    return engine.load(validate_model(str(path), LoadOptions(model_root=path.parent)), shard_id="s", sealer=Sealer(), kv_cache_mb=1)
+    return load_resident(engine, validate_model(str(path), LoadOptions(model_root=path.parent)), kv_cache_mb=1)  # type: ignore[return-value]
 
 
 def _events(model: ResidentModel, **kw: object) -> list[TokenEvent]:

@@ -21,6 +21,8 @@ HOST_READABLE_ENGINE = (
     "worker_orcd.engine",
     "worker_orcd.engine.profile",
     "worker_orcd.engine.config",  # the ECP's registries (architectures, RoPE, attention, context)
+    "worker_orcd.engine.interface",  # the engine's Protocols, which the host is typed against
+    "worker_orcd.engine.events",  # what crosses the boundary per request (SamplingParams, TokenEvent, ...)
     "worker_orcd.engine.dequant",  # lazy package: only its formats module is read by the host
     "worker_orcd.engine.dequant.formats",  # the ECP's tensor types
     "worker_orcd.engine.vram_budget",
@@ -84,7 +86,9 @@ def test_worker_4010_host_layer_imports_without_torch() -> None:
         "worker_orcd.gguf.reader",
         "worker_orcd.engine",
         "worker_orcd.engine.profile",
+        "worker_orcd.engine.interface",
         "worker_orcd.engine.dequant.formats",
+        "worker_orcd.residency",
     }
     assert expected <= names, expected - names
     assert not any(n.startswith("worker_orcd.engine.") and n not in HOST_READABLE_ENGINE for n in names)

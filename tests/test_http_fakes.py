@@ -1,10 +1,10 @@
 """A fake engine + an in-process worker harness for the HTTP-layer unit tests.
 
-The fake implements the engine API (engine/api.py) without torch so the HTTP
-tests run in milliseconds: a byte-level "echo" model (token = byte + 3, so a
-4-byte emoji spans 4 tokens and exercises the UTF-8-safe detokenizer), real
-seals from ``Sealer`` over a fingerprint a test can corrupt, and knobs for
-slow prefill, slow decode and failures. Everything else is real: the loader
+The fake implements the engine's Protocols (engine/interface.py) without torch so
+the HTTP tests run in milliseconds: a byte-level "echo" model (token = byte + 3,
+so a 4-byte emoji spans 4 tokens and exercises the UTF-8-safe detokenizer), a
+resident fingerprint a test can corrupt (the host's real ``Sealer`` seals and
+verifies it), and knobs for slow prefill, slow decode and failures. Everything else is real: the loader
 validates a real tiny GGUF, serve() runs uvicorn on a real socket, and the
 callbacks go to a real HTTP server. The integration test
 (test_serve_integration.py) runs the real engine on the real model.
@@ -18,10 +18,10 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import httpx
 import pytest
@@ -32,8 +32,6 @@ from worker_orcd.errors import ErrorCode, WorkerError
 from worker_orcd.gguf import GGMLType
 from worker_orcd.gguf.writer import GGUFWriter, tensor_nbytes
 from worker_orcd.lifecycle import EngineBinding, State, Worker
-from worker_orcd.loader import ValidatedModel
-from worker_orcd.seal import ModelShardHandle, Sealer
 from worker_orcd.serve import serve
 from worker_orcd.tokenizer import StreamingDetokenizer
 from worker_orcd.engine.events import GenerationEnd, SamplingParams, TokenEvent
@@ -108,11 +106,11 @@ class Knobs:
 
 
 class FakeResident:
-    def __init__(self, handle: ModelShardHandle, sealer: Sealer, knobs: Knobs) -> None:
-        self.handle = handle
-        self.sealer = sealer
+    """A ResidentModelLike (engine/interface.py): one generation thread per job, no batching."""
+
+    def __init__(self, knobs: Knobs) -> None:
         self.knobs = knobs
-        self.fingerprint = FINGERPRINT
+        self.resident_fingerprint = FINGERPRINT  # a test sets another value: the "VRAM" changed
         self.closed = False
         self._lock = threading.Lock()
 
@@ -120,11 +118,43 @@ class FakeResident:
     def max_seq_len(self) -> int:
         return self.knobs.max_seq_len
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Any]:
+    @property
+    def max_batch(self) -> int:
+        return 1
+
+    @property
+    def gpu_device(self) -> int:
+        return 0
+
+    @property
+    def seals_per_step(self) -> bool:
+        return False  # the host verifies the seal before every request
+
+    def stats(self) -> dict[str, int]:
+        return {"running": self.knobs.active, "waiting": 0, "max_batch": 1}
+
+    def generate_into(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None,
+        sink: Callable[[Any], None],
+    ) -> None:
+        events = self.generate(prompt_ids, params, cancel)  # refused at the call, as the engine does
+
+        def run() -> None:
+            try:
+                for event in events:
+                    sink(event)
+            except BaseException as e:  # noqa: BLE001 - the engine hands its failure to the sink
+                sink(e)
+
+        threading.Thread(target=run, name="fake-engine", daemon=True).start()
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[Any]:
         self.knobs.params_seen.append(params)
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise WorkerError("capacity exceeded", code=ErrorCode.INVALID_PARAMS)
-        return self._run(list(prompt_ids), params, cancel)
+        return self._run(list(prompt_ids), params, cancel or threading.Event())
 
     def _run(self, ids: list[int], p: SamplingParams, cancel: threading.Event) -> Iterator[Any]:
         k = self.knobs
@@ -168,10 +198,11 @@ class FakeResident:
             with self._lock:
                 k.active -= 1
 
-    def verify_seal(self) -> float:
-        t0 = time.perf_counter()
-        self.sealer.verify(self.handle, self.fingerprint)
-        return (time.perf_counter() - t0) * 1e3
+    def fingerprint(self) -> str:
+        return self.resident_fingerprint
+
+    def attest(self) -> dict[str, Any]:
+        return {"resident": False, "status": "fake"}
 
     def vram_bytes(self) -> int:
         return 123_456
@@ -199,17 +230,12 @@ class FakeEngine:
         return FakePlan(required_bytes=1 << 20, free_bytes=self.knobs.vram_total)
 
     def load(
-        self, model: ValidatedModel, *, shard_id: str, sealer: Sealer, kv_cache_mb: int | None = None,
-        shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None, **batching: Any,
+        self, gguf: Any, model_file: BinaryIO, *, digest: str, name: str = "model", kv_cache_mb: int | None = None,
+        max_batch: int | None = None, prefill_chunk: int | None = None, before_admit: Any = None, observer: Any = None,
     ) -> FakeResident:
         if self.knobs.load_error is not None:
             raise self.knobs.load_error
-        handle = ModelShardHandle(
-            shard_id=shard_id, gpu_device=0, vram_bytes=123_456, digest=model.digest,
-            model_ref=model.source.ref if model_ref is None else model_ref,
-            shard_index=shard_index, total_shards=total_shards,
-        )
-        resident = FakeResident(sealer.seal(handle, FINGERPRINT), sealer, self.knobs)
+        resident = FakeResident(self.knobs)
         self.models.append(resident)
         return resident
 
@@ -339,18 +365,17 @@ def iter_events(resp: httpx.Response) -> Iterator[tuple[str, Any]]:
 @pytest.fixture(scope="module", params=["fake", "engine"])
 def resident(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if request.param == "fake":
-        sealer = Sealer()
-        handle = sealer.seal(ModelShardHandle("s", 0, 0, "a" * 64, "m"), FINGERPRINT)
-        yield FakeResident(handle, sealer, Knobs(step_s=0.001, max_seq_len=64))
+        yield FakeResident(Knobs(step_s=0.001, max_seq_len=64))
         return
     from synthetic import synth
 
     from worker_orcd.engine.api import Engine
     from worker_orcd.loader import LoadOptions, validate_model
+    from worker_orcd.residency import load_resident
 
     path = synth().write_synthetic_model(tmp_path_factory.mktemp("contract") / "tiny.gguf", "tiny-qwen2", "Q8_0")
     vm = validate_model(str(path), LoadOptions(model_root=path.parent))
-    model = Engine.open("cpu").load(vm, shard_id="contract", sealer=Sealer(), kv_cache_mb=1)
+    model = load_resident(Engine.open("cpu"), vm, kv_cache_mb=1)
     yield model
     model.close()
 

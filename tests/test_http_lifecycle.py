@@ -137,7 +137,7 @@ def test_worker_4225_streamed_commit_over_cap_refused(tmp_path: Path) -> None:
 def test_worker_4122_seal_failure_rejects_request_and_stops_worker(tmp_path: Path) -> None:
     with CallbackServer() as pm, WorkerHarness(tmp_path, callback_url=pm.url) as h:
         assert execute(h).status_code == 200
-        h.engines[0].models[0].fingerprint = "0" * 64  # resident bytes no longer what was sealed
+        h.engines[0].models[0].resident_fingerprint = "0" * 64  # resident bytes no longer what was sealed
         r = execute(h)
         assert r.status_code == 500 and r.json()["code"] == "SEAL_VERIFICATION_FAILED"
         (status,) = pm.wait_for(STATUS_PATH, timeout=10)

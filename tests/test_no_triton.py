@@ -29,11 +29,13 @@ from pathlib import Path
 from synthetic import synth
 from worker_orcd.engine.api import Engine, SamplingParams
 from worker_orcd.loader import LoadOptions, validate_model
+from worker_orcd.residency import load_sealed
 from worker_orcd.seal import Sealer
 d = Path(tempfile.mkdtemp())
 p = synth().write_synthetic_model(d / "t.gguf", "tiny-qwen2", "Q4_K_M")
-rm = Engine.open("cpu").load(validate_model(str(p), LoadOptions(model_root=d)), shard_id="s", sealer=Sealer(), kv_cache_mb=1)
-rm.verify_seal()
+sealed = load_sealed(Engine.open("cpu"), validate_model(str(p), LoadOptions(model_root=d)), shard_id="s", sealer=Sealer(), kv_cache_mb=1)
+sealed.verify_seal()
+rm = sealed.resident
 end = list(rm.generate([1, 2, 3], SamplingParams(max_tokens=3)))[-1]
 assert end.tokens_out == 3, end
 assert sys.modules["triton"] is None

@@ -236,14 +236,14 @@ def test_worker_4246_sse_order_shapes_and_greedy_equals_engine(served: Served, d
     # The same request run directly on the engine, in this process, must give the same text.
     from worker_orcd.engine.api import Engine, SamplingParams
     from worker_orcd.loader import LoadOptions, validate_model
-    from worker_orcd.seal import Sealer
+    from worker_orcd.residency import load_resident
     from worker_orcd.tokenizer import GGUFTokenizer
 
     validated = validate_model(served.model_path.name, LoadOptions(model_root=served.model_path.parent))
     tok = GGUFTokenizer.from_gguf(validated.gguf)
     engine = Engine.open(device, 0)
     try:
-        model = engine.load(validated, shard_id="direct", sealer=Sealer())
+        model = load_resident(engine, validated)
         ids = tok.encode(PROMPT)
         out = [e.token_id for e in model.generate(ids, SamplingParams(max_tokens=8, stop_ids=tok.eos_ids)) if hasattr(e, "token_id")]
     finally:

@@ -176,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.profile import build_ecp
     from .inspect import default_root_for
     from .loader import LoadOptions, validate_model
+    from .residency import load_sealed
     from .seal import Sealer
     from .tokenizer import GGUFTokenizer
 
@@ -186,9 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         validated = validate_model(ref, options, ecp=build_ecp("generate", 0))
         tokenizer = GGUFTokenizer.from_gguf(validated.gguf)
-        model = engine.load(validated, shard_id="generate-0", sealer=Sealer(), kv_cache_mb=args.kv_cache_size_mb)
+        sealed = load_sealed(engine, validated, shard_id="generate-0", sealer=Sealer(), kv_cache_mb=args.kv_cache_size_mb)
+        model = sealed.resident
         ready_s = time.perf_counter() - t0
-        verify_ms = model.verify_seal()
+        verify_ms = sealed.verify_seal()
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,

@@ -6,7 +6,8 @@ tokenizer, scheduler, seal key) and the transitions between
 layer only asks it questions and hands it work; serve.py drives startup and
 exit. The GPU layer is reached only through ``EngineBinding``, whose real
 implementation (serve.py) imports ``worker_orcd.engine.api`` lazily, so this
-module imports and tests without torch.
+module imports and tests without torch. The engine's interface is declared once,
+in ``engine/interface.py``; sealing and verifying is host work (``residency.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -27,12 +28,14 @@ from . import logs
 from .callback import CallbackClient
 from .capability import ECP, match
 from .config import WorkerConfig
+from .engine.interface import EngineLike, ResidentModelLike
 from .engine.profile import build_ecp
 from .errors import ErrorCode, ModelLoadError, WorkerError
 from .gguf.constants import Limits
 from .gguf.reader import GGUFFile
-from .loader import LoadOptions, ValidatedModel, validate_model
+from .loader import LoadOptions, validate_model
 from .metrics import Metrics
+from .residency import SealedModel, load_sealed
 from .scheduler import Scheduler
 from .seal import ModelShardHandle, Sealer
 
@@ -50,38 +53,6 @@ class State(str, Enum):
     EXECUTING = "executing"
     DRAINING = "draining"
     STOPPED = "stopped"
-
-
-class ResidentLike(Protocol):
-    @property
-    def handle(self) -> ModelShardHandle: ...
-    @property
-    def max_seq_len(self) -> int: ...
-
-    def generate(self, prompt_ids: Sequence[int], params: Any, cancel: threading.Event) -> Iterator[Any]: ...
-    def verify_seal(self) -> float: ...
-    def vram_bytes(self) -> int: ...
-    def close(self) -> None: ...
-
-
-class VramPlanLike(Protocol):
-    @property
-    def required_bytes(self) -> int: ...
-    @property
-    def free_bytes(self) -> int: ...
-    def as_dict(self) -> dict[str, Any]: ...
-
-
-class EngineLike(Protocol):
-    def plan(self, gguf: GGUFFile, kv_cache_mb: int | None = None) -> VramPlanLike: ...
-    def load(
-        self, model: ValidatedModel, *, shard_id: str, sealer: Sealer, kv_cache_mb: int | None = None,
-        shard_index: int = 0, total_shards: int = 1, model_ref: str | None = None,
-        max_batch: int | None = None, prefill_chunk: int | None = None,
-        before_admit: Callable[[int], None] | None = None, observer: Any = None,
-    ) -> ResidentLike: ...
-    def memory(self) -> dict[str, int]: ...
-    def close(self) -> None: ...
 
 
 class TokenizerLike(Protocol):
@@ -129,7 +100,7 @@ class Worker:
         self.scheduler = Scheduler()
         self.sealer = Sealer()
         self.engine: EngineLike | None = None
-        self.model: ResidentLike | None = None
+        self.sealed: SealedModel | None = None  # the resident model and the seal over it
         self.tokenizer: TokenizerLike | None = None
         self.ecp: ECP | None = None
         self.uri: str | None = None
@@ -164,8 +135,14 @@ class Worker:
         logs.event("state", "Worker state {from_state} -> {state}.", state=new.value, from_state=old.value)
 
     @property
+    def model(self) -> ResidentModelLike | None:
+        sealed = self.sealed
+        return sealed.resident if sealed is not None else None
+
+    @property
     def handle(self) -> ModelShardHandle | None:
-        return self.model.handle if self.model is not None else None
+        sealed = self.sealed
+        return sealed.handle if sealed is not None else None
 
     @property
     def accepting(self) -> bool:
@@ -261,7 +238,7 @@ class Worker:
             self.set_state(State.LOADING)
             t0 = time.monotonic()
             try:
-                resident, size = await self._load(req)
+                sealed, size = await self._load(req)
             except WorkerError as e:
                 self.set_state(State.STARTING)
                 if e.code in FATAL_CODES:
@@ -270,8 +247,8 @@ class Worker:
             except BaseException:
                 self.set_state(State.STARTING)
                 raise
-            self.model = resident
-            handle = resident.handle
+            self.sealed = sealed
+            handle, resident = sealed.handle, sealed.resident
             vram = 0 if self.config.dev_mode else resident.vram_bytes()
             self.metrics.vram_bytes.set(vram)
             logs.set_context(model_ref=handle.model_ref)
@@ -289,7 +266,7 @@ class Worker:
             )
             return handle, True
 
-    async def _load(self, req: Commit) -> tuple[ResidentLike, int]:
+    async def _load(self, req: Commit) -> tuple[SealedModel, int]:
         """(the sealed resident model, the model file's size in bytes)."""
         assert self.engine is not None
         engine = self.engine
@@ -301,11 +278,13 @@ class Worker:
         validated = await asyncio.to_thread(validate_model, req.source, options, self.ecp, self._loader_log)
         tokenizer = await asyncio.to_thread(self.binding.tokenizer, validated.gguf)
         shard_id = req.shard_id or f"{self.config.worker_id}-shard{req.shard_index}"
-        resident = await asyncio.to_thread(
+        # The engine streams the file and fingerprints what is resident; the seal is ours (SPEC 4120).
+        sealed = await asyncio.to_thread(
             partial(
-                engine.load, validated, shard_id=shard_id, sealer=self.sealer, kv_cache_mb=self.config.kv_cache_size_mb,
+                load_sealed, engine, validated, sealer=self.sealer, shard_id=shard_id,
                 shard_index=req.shard_index, total_shards=req.total_shards,
                 model_ref=req.model_ref,  # the handle names the model as the caller does
+                kv_cache_mb=self.config.kv_cache_size_mb,
                 max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
                 # M0 (--max-batch 1) keeps the per-request check before the stream opens (500 on mismatch)
                 before_admit=None if self.config.max_batch == 1 else self._seal_check_in_step, observer=self.metrics,
@@ -313,16 +292,14 @@ class Worker:
         )
         try:
             # SPEC 4031: ready only once the seal verifies over what is really resident.
-            await asyncio.to_thread(resident.verify_seal)
+            await asyncio.to_thread(sealed.verify_seal)
         except BaseException:
-            await asyncio.to_thread(resident.close)
+            await asyncio.to_thread(sealed.close)
             raise
         self.tokenizer = tokenizer
-        self.scheduler.configure(int(getattr(resident, "max_batch", 1)), self.config.max_queue)
-        stats = getattr(resident, "stats", None)
-        if callable(stats):
-            self.metrics.bind_engine(stats)
-        return resident, validated.size
+        self.scheduler.configure(sealed.resident.max_batch, self.config.max_queue)
+        self.metrics.bind_engine(sealed.resident.stats)
+        return sealed, validated.size
 
     async def _check_repeat(self, current: ModelShardHandle, req: Commit) -> None:
         options = self._load_options(req.model_root, req.expected_sha256)
@@ -380,22 +357,22 @@ class Worker:
         Runs on the engine thread, before the admitted jobs' first computation; a failure fails
         them with SEAL_VERIFICATION_FAILED and their streams stop the worker (fatal, 4122).
         """
-        model = self.model
-        if model is None:
+        sealed = self.sealed
+        if sealed is None:
             raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
         t0 = time.perf_counter()
-        model.verify_seal()
+        sealed.verify_seal()
         self.last_seal_ms = (time.perf_counter() - t0) * 1000
         self.metrics.seal_verify_ms.observe(self.last_seal_ms)
 
     async def verify_seal(self) -> float:
         """SPEC 4121/4245: re-verify before every execute; failure is fatal for the worker (4122)."""
-        model = self.model
-        if model is None:
+        sealed = self.sealed
+        if sealed is None:
             raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
         t0 = time.perf_counter()
         try:
-            await asyncio.to_thread(model.verify_seal)
+            await asyncio.to_thread(sealed.verify_seal)
         except WorkerError as e:
             if e.code in FATAL_CODES:
                 self.fail(e)
@@ -560,10 +537,10 @@ class Worker:
                 level=logging.WARNING,
             )
             return
-        model, engine = self.model, self.engine
-        self.model = None
+        sealed, engine = self.sealed, self.engine
+        self.sealed = None
         self.engine = None
-        for what, release in (("model", model.close if model else None), ("device", engine.close if engine else None)):
+        for what, release in (("model", sealed.close if sealed else None), ("device", engine.close if engine else None)):
             if release is None:
                 continue
             try:

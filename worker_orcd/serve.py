@@ -33,12 +33,12 @@ import uvicorn
 from . import __version__, logs, privileges
 from .auth import BearerAuth, TokenFile, TokenFileError
 from .config import ConfigError, WorkerConfig, load_config
+from .engine.interface import EngineLike
 from .errors import ErrorCode, WorkerError
 from .gguf.reader import GGUFFile
 from .lifecycle import (
     Commit,
     EngineBinding,
-    EngineLike,
     State,
     TokenizerLike,
     Worker,

@@ -1,27 +1,26 @@
-"""THE GPU boundary (SPEC 4400): open device, plan, load + seal, generate, verify, attest, usage, close.
+"""THE GPU boundary (SPEC 4400): open device, plan, load, generate, fingerprint, attest, usage, close.
 
-Everything the host layer may call on the engine is here, typed, and every
-failure leaves as a ``WorkerError`` with a stable code: never a raw torch
-exception, never a device pointer. One ``Engine`` per process (one device);
-one ``ResidentModel`` per loaded shard, running one generation at a time.
+Everything the host layer may call on the engine is here (declared as Protocols in
+``engine/interface.py``), and every failure leaves as a ``WorkerError`` with a
+stable code: never a raw torch exception, never a device pointer. One ``Engine``
+per process (one device); one ``ResidentModel`` per loaded shard. The engine
+imports no host module: the host opens and verifies the file, hands the engine
+the open file and the digest to re-hash against, and seals over the fingerprint
+the engine computes (``worker_orcd.residency``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 
 from ..errors import ErrorCode, InvalidParams, WorkerError
 from ..gguf import GGUFFile
-from ..loader import ValidatedModel
-from ..seal import ModelShardHandle, Sealer
-from ..sources import open_model
 from . import attest as attest_mod
 from . import ops
 from .config import ModelConfig, model_config
@@ -97,8 +96,11 @@ def _check_params(p: SamplingParams) -> None:
 
 
 class ResidentModel:
-    """A sealed model resident on the device: its runner (paged KV, decode graphs) and the engine loop
-    that batches every job submitted through ``generate`` (continuous batching, issue 8)."""
+    """A model resident on the device: its runner (paged KV, decode graphs) and the engine loop
+    that batches every job submitted through ``generate`` (continuous batching, issue 8).
+
+    It owns every device buffer of the model until ``close``; it computes the fingerprint of its
+    weights but does not seal or verify it (the host does, SPEC 4121)."""
 
     def __init__(
         self,
@@ -108,8 +110,7 @@ class ResidentModel:
         kv: PagedKVCache,
         runner: ModelRunner,
         fingerprint: ops.Fingerprint,
-        handle: ModelShardHandle,
-        sealer: Sealer,
+        name: str,
         stats: LoadStats,
         vram_bytes: int,
         batching: BatchingOptions,
@@ -120,8 +121,7 @@ class ResidentModel:
         self._kv = kv
         self.runner = runner
         self._fingerprint = fingerprint
-        self.handle = handle
-        self._sealer = sealer
+        self.name = name
         self.load_stats = stats
         self._vram_bytes = vram_bytes
         self.batching = batching
@@ -140,12 +140,16 @@ class ResidentModel:
         return self.batching.max_batch
 
     @property
+    def gpu_device(self) -> int:
+        return self._engine.ctx.index
+
+    @property
     def graph_captured(self) -> bool:
         return bool(self.runner.graphs)
 
     @property
     def seals_per_step(self) -> bool:
-        """True: the engine loop verifies the seal once per step that admits jobs (SPEC 4121)."""
+        """True: the engine loop runs the host's seal check once per step that admits jobs (SPEC 4121)."""
         return self.batching.before_admit is not None
 
     def stats(self) -> dict[str, int]:
@@ -156,7 +160,7 @@ class ResidentModel:
 
     def _require_open(self) -> None:
         if self._closed:
-            raise WorkerError(f"model {self.handle.shard_id} was closed", code=ErrorCode.WORKER_NOT_READY)
+            raise WorkerError(f"model {self.name} was closed", code=ErrorCode.WORKER_NOT_READY)
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -187,19 +191,15 @@ class ResidentModel:
         check_capacity(len(ids), params.max_tokens, self.max_seq_len)
         return ids
 
-    # --- seal and residency -------------------------------------------------------------------
+    # --- residency -----------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
+        """Checksum of the resident weight bytes, recomputed where they live on every call: what the
+        host seals at load and compares before execution (SPEC 4121)."""
+        self._require_open()
         with device_errors("fingerprint", self._engine.ctx.index), torch.no_grad():
             self._engine.ctx.bind_thread()
             return self._fingerprint.hex()
-
-    def verify_seal(self) -> float:
-        """Recompute the fingerprint where the weights live and check the HMAC (SPEC 4121); returns ms."""
-        self._require_open()
-        t0 = time.perf_counter()
-        self._sealer.verify(self.handle, self.fingerprint())
-        return (time.perf_counter() - t0) * 1e3
 
     def attest(self) -> dict[str, Any]:
         """Where every weight, KV-cache and scratch buffer lives, per the CUDA runtime (SPEC 4100-4101)."""
@@ -288,31 +288,32 @@ class Engine:
 
     def load(
         self,
-        model: ValidatedModel,
+        gguf: GGUFFile,
+        model_file: BinaryIO,
         *,
-        shard_id: str,
-        sealer: Sealer,
+        digest: str,
+        name: str = "model",
         kv_cache_mb: int | None = None,
         capture_graph: bool = True,
-        shard_index: int = 0,
-        total_shards: int = 1,
-        model_ref: str | None = None,
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
         before_admit: Callable[[int], None] | None = None,
         observer: LoopObserver | None = None,
     ) -> ResidentModel:
-        """Plan, stream + dequantize into VRAM, re-hash, capture the decode graphs, fingerprint, seal.
+        """Plan, stream + dequantize ``model_file`` into VRAM, re-hash, capture the decode graphs, fingerprint.
 
+        ``model_file`` is the open file ``gguf`` was parsed from; its bytes must hash to ``digest``
+        (the SHA-256 the host verified), or nothing loads (SPEC 4113). ``name`` labels logs and errors.
         ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
-        jobs running at once; ``prefill_chunk`` the tokens of one step.
+        jobs running at once; ``prefill_chunk`` the tokens of one step; ``before_admit`` is the
+        host's seal check, run once per step that admits jobs.
         """
-        if not shard_id:
-            raise InvalidParams("shard_id must be non-empty")
-        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+        if not name:
+            raise InvalidParams("name must be non-empty")
+        for key, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InvalidParams(f"{name} must be a positive integer, got {value!r}")
-        g = model.gguf
+                raise InvalidParams(f"{key} must be a positive integer, got {value!r}")
+        g = gguf
         cfg = model_config(g)
         dtype = resident_dtype(cfg, self.ctx)
         plan = self.plan(g, kv_cache_mb)
@@ -334,8 +335,7 @@ class Engine:
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
-                with open_model(model.source) as fh:
-                    stats = upload(fh, g, lay, arena, model.digest, self.ctx)
+                stats = upload(model_file, g, lay, arena, digest, self.ctx)
                 weights = bind(arena, lay, cfg)
                 kv = PagedKVCache.allocate(cfg, pool, dtype, dev)
                 runner = ModelRunner(Model(cfg, weights), kv, dev, s_max, batch, max_tokens=budget)
@@ -343,35 +343,21 @@ class Engine:
                 if capture_graph:
                     runner.capture()
                 fp = ops.Fingerprint([arena])
-                fingerprint = fp.hex()
                 self.ctx.synchronize()
         except BaseException:
+            if runner is not None:
+                runner.close()
             arena = kv = runner = weights = fp = None  # drop every device buffer of the failed load now
             self._release_cached()
             raise
         assert arena is not None and weights is not None and kv is not None and runner is not None and fp is not None
         vram = 0 if self.ctx.dev_mode else torch.cuda.memory_allocated(idx) - allocated_before
-        handle = ModelShardHandle(
-            shard_id=shard_id,
-            gpu_device=idx,
-            vram_bytes=vram,
-            digest=model.digest,
-            model_ref=model.source.ref if model_ref is None else model_ref,
-            shard_index=shard_index,
-            total_shards=total_shards,
-        )
         options = BatchingOptions(max_batch=batch, token_budget=budget, before_admit=before_admit, observer=observer)
-        rm = ResidentModel(self, cfg, weights, kv, runner, fp, handle, sealer, stats, vram, options)
-        try:
-            rm.handle = sealer.seal(handle, fingerprint)
-            rm.attest()  # refuse to hand out a model that is not where it must be
-        except BaseException:
-            rm.close()
-            raise
+        rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options)
         self._models.append(rm)
         log.info(
             "model %s %s: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",
-            model.source.ref,
+            name,
             "loaded in host memory (CPU development mode, not VRAM)" if self.ctx.dev_mode else "resident in VRAM",
             stats.resident_bytes,
             stats.seconds,

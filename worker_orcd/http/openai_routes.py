@@ -23,12 +23,14 @@ from fastapi.responses import JSONResponse, Response
 
 from ..chat_template import ChatTemplate
 from ..errors import ErrorCode, InvalidParams, WorkerError
-from ..lifecycle import ResidentLike, TokenizerLike, Worker
+from ..engine.interface import ResidentModelLike
+from ..lifecycle import TokenizerLike, Worker
+from ..seal import ModelShardHandle
 from ..structured_output import StructuredOutput
 from .deps import CallerDep, WorkerDep
 from .openai_schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from .openai_stream import CompletionResponse, OpenAIOptions, OpenAIStream
-from .routes_execute import _max_tokens, _prompt_ids, _ready_model, start_job
+from .routes_execute import _max_tokens, _prompt_ids, _ready_model, _served_handle, start_job
 from .stream import EventStreamResponse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -46,7 +48,7 @@ class ModelTools:
         self._template: ChatTemplate | None = None
         self._structured: StructuredOutput | None = None
 
-    def _build(self, model: ResidentLike, tokenizer: TokenizerLike) -> None:
+    def _build(self, model: ResidentModelLike, tokenizer: TokenizerLike) -> None:
         with self._lock:
             if self._for == id(tokenizer):
                 return
@@ -56,7 +58,7 @@ class ModelTools:
             self._structured = StructuredOutput(tokenizer, rows)
             self._for = id(tokenizer)
 
-    def template(self, model: ResidentLike, tokenizer: TokenizerLike) -> ChatTemplate:
+    def template(self, model: ResidentModelLike, tokenizer: TokenizerLike) -> ChatTemplate:
         self._build(model, tokenizer)
         if self._template is None:
             raise InvalidParams(
@@ -65,7 +67,7 @@ class ModelTools:
             )
         return self._template
 
-    def structured(self, model: ResidentLike, tokenizer: TokenizerLike) -> StructuredOutput:
+    def structured(self, model: ResidentModelLike, tokenizer: TokenizerLike) -> StructuredOutput:
         self._build(model, tokenizer)
         assert self._structured is not None
         return self._structured
@@ -76,22 +78,22 @@ def _tools(request: Request) -> ModelTools:
     return tools
 
 
-def _check_model(body: _Sampling, model: ResidentLike) -> None:
-    if body.model != model.handle.model_ref:
+def _check_model(body: _Sampling, handle: ModelShardHandle) -> None:
+    if body.model != handle.model_ref:
         raise WorkerError(
-            f"model: {body.model!r} is not served here; GET /v1/models names the one model ({model.handle.model_ref!r})",
+            f"model: {body.model!r} is not served here; GET /v1/models names the one model ({handle.model_ref!r})",
             code=ErrorCode.NOT_FOUND,
         )
 
 
-def fingerprint(model: ResidentLike) -> str:
+def fingerprint(handle: ModelShardHandle) -> str:
     """system_fingerprint: changes exactly when the served weights (their digest) change."""
-    return "fp_" + model.handle.digest[:16]
+    return "fp_" + handle.digest[:16]
 
 
 async def _run(
     request: Request, body: ChatCompletionRequest | CompletionRequest, caller: Any, worker: Worker,
-    model: ResidentLike, tokenizer: TokenizerLike, ids: list[int], kind: str,
+    model: ResidentModelLike, tokenizer: TokenizerLike, ids: list[int], kind: str,
 ) -> Response:
     requested, field = body.output_limit
     max_tokens = _max_tokens(worker, model, requested, len(ids), field)
@@ -113,10 +115,11 @@ async def _run(
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logprobs=logprobs, top_logprobs=top, constraint=constraint,
     )
+    handle = _served_handle(worker)
     opts = OpenAIOptions(
         kind=kind, stream=bool(body.stream), include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        stops=body.stops, logprobs=logprobs, top_logprobs=top, model_id=model.handle.model_ref,
-        fingerprint=fingerprint(model),
+        stops=body.stops, logprobs=logprobs, top_logprobs=top, model_id=handle.model_ref,
+        fingerprint=fingerprint(handle),
     )
     stream = await start_job(request, worker, caller, ids, params, make_stream=partial(OpenAIStream, opts=opts))
     assert isinstance(stream, OpenAIStream)
@@ -143,7 +146,7 @@ async def list_models(caller: CallerDep, worker: WorkerDep) -> JSONResponse:
 )
 async def chat_completions(request: Request, body: ChatCompletionRequest, caller: CallerDep, worker: WorkerDep) -> Response:
     model, tokenizer = _ready_model(worker)
-    _check_model(body, model)
+    _check_model(body, _served_handle(worker))
     template = _tools(request).template(model, tokenizer)
     messages = [m.for_template() for m in body.messages]
     text = await asyncio.to_thread(template.render, messages, add_generation_prompt=True)
@@ -160,7 +163,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
 )
 async def completions(request: Request, body: CompletionRequest, caller: CallerDep, worker: WorkerDep) -> Response:
     model, tokenizer = _ready_model(worker)
-    _check_model(body, model)
+    _check_model(body, _served_handle(worker))
     ids = await _prompt_ids(worker, model, tokenizer, body.text)
     return await _run(request, body, caller, worker, model, tokenizer, ids, "text")
 

@@ -18,7 +18,9 @@ from fastapi.responses import Response
 from .. import logs
 from ..auth import Caller
 from ..errors import ErrorCode, InvalidParams, WorkerError
-from ..lifecycle import ResidentLike, TokenizerLike, Worker
+from ..engine.interface import ResidentModelLike
+from ..lifecycle import TokenizerLike, Worker
+from ..seal import ModelShardHandle
 from .deps import CallerDep, WorkerDep, correlation_id
 from .schemas import (
     AcceptedResponse,
@@ -49,7 +51,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _ready_model(worker: Worker) -> tuple[ResidentLike, TokenizerLike]:
+def _ready_model(worker: Worker) -> tuple[ResidentModelLike, TokenizerLike]:
     model, tokenizer = worker.model, worker.tokenizer
     if not worker.accepting or model is None or tokenizer is None:
         why = "draining" if worker.state.value == "draining" else f"{worker.state.value}, no sealed model is serving"
@@ -57,8 +59,16 @@ def _ready_model(worker: Worker) -> tuple[ResidentLike, TokenizerLike]:
     return model, tokenizer
 
 
+def _served_handle(worker: Worker) -> ModelShardHandle:
+    """The sealed handle of the model being served (host data: the engine knows no handles)."""
+    handle = worker.handle
+    if handle is None:
+        raise WorkerError("worker is not ready (no sealed model is serving)", code=ErrorCode.WORKER_NOT_READY)
+    return handle
+
+
 def _max_tokens(
-    worker: Worker, model: ResidentLike, requested: int | None, n_prompt: int, field: str = "params.max_tokens"
+    worker: Worker, model: ResidentModelLike, requested: int | None, n_prompt: int, field: str = "params.max_tokens"
 ) -> int:
     """SPEC 4243/4420-4423: requested output within --max-tokens-out and within what the KV cache holds."""
     cfg = worker.config
@@ -76,7 +86,7 @@ def _max_tokens(
 
 
 async def _prompt_ids(
-    worker: Worker, model: ResidentLike, tokenizer: TokenizerLike, prompt: str,
+    worker: Worker, model: ResidentModelLike, tokenizer: TokenizerLike, prompt: str,
     encode: Callable[[str], list[int]] | None = None, field: str = "prompt",
 ) -> list[int]:
     """SPEC 4242 then 4420: characters first (cheap), then tokens against context / --max-tokens-in.
@@ -111,7 +121,7 @@ async def start_job(
     logs.update(job_id=job.job_id)
     try:
         model, _ = _ready_model(worker)
-        if getattr(model, "seals_per_step", False):
+        if model.seals_per_step:
             seal_ms = worker.last_seal_ms  # the engine loop verifies once per step that admits jobs
         else:
             seal_ms = await worker.verify_seal()
@@ -137,7 +147,7 @@ async def execute(
     worker: WorkerDep,
 ) -> Response:
     model, tokenizer = _ready_model(worker)
-    if body.handle_id is not None and body.handle_id != model.handle.shard_id:
+    if body.handle_id is not None and body.handle_id != _served_handle(worker).shard_id:
         raise WorkerError(f"handle_id: no sealed handle {body.handle_id!r} on this worker", code=ErrorCode.NOT_FOUND)
     ids = await _prompt_ids(worker, model, tokenizer, body.prompt)
     max_tokens = _max_tokens(worker, model, body.params.max_tokens, len(ids))

@@ -30,7 +30,8 @@ from starlette.types import Receive, Scope, Send
 
 from .. import logs
 from ..errors import ErrorCode, WorkerError
-from ..lifecycle import FATAL_CODES, ResidentLike, TokenizerLike, Worker
+from ..engine.interface import ResidentModelLike
+from ..lifecycle import FATAL_CODES, TokenizerLike, Worker
 from ..metrics import SUCCESS
 from ..scheduler import Job
 from .sse import HEADERS, KEEPALIVE, MEDIA_TYPE, frame
@@ -58,7 +59,7 @@ class JobStream:
         self,
         worker: Worker,
         job: Job,
-        model: ResidentLike,
+        model: ResidentModelLike,
         tokenizer: TokenizerLike,
         prompt_ids: Sequence[int],
         params: Any,
@@ -66,6 +67,8 @@ class JobStream:
         fp6: str,
     ) -> None:
         self.worker, self.job, self.model = worker, job, model
+        handle = worker.handle  # present while a job is admitted; the engine's model knows no handle
+        self.model_ref = handle.model_ref if handle is not None else ""
         self.prompt_ids, self.params = list(prompt_ids), params
         self.detok = tokenizer.stream(skip_special=True)  # an EOS token ends the stream, it is not text
         self.seal_ms, self.fp6 = seal_ms, fp6
@@ -308,7 +311,7 @@ class JobStream:
             "started",
             {
                 "job_id": self.job.job_id,
-                "model": self.model.handle.model_ref,
+                "model": self.model_ref,
                 "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "correlation_id": self.job.correlation_id,
             },

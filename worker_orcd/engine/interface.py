@@ -1,0 +1,84 @@
+"""The GPU layer's interface as the host sees it, declared once (SPEC 4010-4013, 4400).
+
+The real engine (``engine/api.py``) and the tests' fake engine both satisfy these
+Protocols, and the host (lifecycle, HTTP routes) is typed against them alone.
+No torch here: the host imports this module. The engine computes a fingerprint
+of what is resident; sealing and verifying it is the host's business
+(``worker_orcd.residency``), so nothing here knows about handles or seal keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Protocol
+
+from ..batching.loop import Cancel, LoopObserver
+from ..gguf import GGUFFile
+from .events import GenerationEnd, SamplingParams, TokenEvent
+
+__all__ = ["EngineLike", "ResidentModelLike", "VramPlanLike"]
+
+
+class VramPlanLike(Protocol):
+    """What loading a model would need against free device memory (``Engine.plan``)."""
+
+    @property
+    def required_bytes(self) -> int: ...
+    @property
+    def free_bytes(self) -> int: ...
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class ResidentModelLike(Protocol):
+    """A model resident on the device, serving generations; owns its device memory until ``close``."""
+
+    @property
+    def max_seq_len(self) -> int: ...
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def gpu_device(self) -> int: ...
+    @property
+    def seals_per_step(self) -> bool:
+        """True: the engine loop calls the host's ``before_admit`` once per admitting step (SPEC 4121)."""
+        ...
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Cancel = None
+    ) -> Iterator[TokenEvent | GenerationEnd]: ...
+    def generate_into(
+        self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Cancel, sink: Callable[[Any], None]
+    ) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def fingerprint(self) -> str:
+        """Hex checksum of the resident weight bytes, computed where they live."""
+        ...
+
+    def attest(self) -> dict[str, Any]: ...
+    def vram_bytes(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class EngineLike(Protocol):
+    """One device and the models loaded on it."""
+
+    def plan(self, gguf: GGUFFile, kv_cache_mb: int | None = None) -> VramPlanLike: ...
+    def load(
+        self,
+        gguf: GGUFFile,
+        model_file: BinaryIO,
+        *,
+        digest: str,
+        name: str = "model",
+        kv_cache_mb: int | None = None,
+        max_batch: int | None = None,
+        prefill_chunk: int | None = None,
+        before_admit: Callable[[int], None] | None = None,
+        observer: LoopObserver | None = None,
+    ) -> ResidentModelLike:
+        """Stream ``model_file`` (the open, verified file ``gguf`` was parsed from) onto the device,
+        re-hashing it against ``digest`` on the way; nothing is sealed here."""
+        ...
+
+    def memory(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
