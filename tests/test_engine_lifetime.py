@@ -109,12 +109,6 @@ def test_worker_4013_closed_model_leaves_no_tensor_behind(engine: Engine, tmp_pa
     assert engine._models == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/rope.py keeps RoPE frequency tables in a module-level dict (_freq_tables) keyed by "
-    "(device, theta, rotary_dim, scale), never freed (SPEC 4013); moving it to the model is the kernel "
-    "owner's change (kernels/* is out of this branch's scope)",
-)
 def test_worker_4013_closed_model_leaves_no_tensor_behind_on_the_kernel_path(engine: Engine, tmp_path: Path) -> None:
     """The same on the GPU code path (every Triton kernel, run by the interpreter on CPU tensors)."""
     from worker_orcd.engine.kernels import validate

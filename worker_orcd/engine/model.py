@@ -36,6 +36,11 @@ class Model:
         mats = [weights.lm_head] + [m for lw in weights.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
         # split-K counters of the dense matmuls (kernels/matmul_dense): this model's, zeroed between launches
         self.locks = ops.matmul_locks(mats, weights.arena.device)
+        # RoPE frequency tables per theta (global and sliding-window layers), built before any graph capture
+        rd = cfg.rotary_dim or cfg.head_dim
+        self.rope_freq = {
+            t: ops.rope_table(t, rd, weights.arena.device) for t in {cfg.layer_rope_theta(i) for i in range(cfg.n_layers)}
+        }
 
     # --- building blocks --------------------------------------------------------------------
 
@@ -58,7 +63,8 @@ class Model:
             # the norm kernels take rows of unit stride: un-interleave q/k from the fused output
             q = ops.rms_norm(q.contiguous(), lw.q_norm, c.rms_eps)
             k = ops.rms_norm(k.contiguous(), lw.k_norm, c.rms_eps)
-        ops.rope_(q, k, positions, c.layer_rope_theta(i), c.rope_neox, c.rotary_dim)
+        theta = c.layer_rope_theta(i)
+        ops.rope_(q, k, positions, theta, c.rope_neox, c.rotary_dim, self.rope_freq.get(theta))
         out = attend(i, q, k, v)
         return ops.linear(out.reshape(T, c.q_dim), lw.wo, locks=self.locks)
 

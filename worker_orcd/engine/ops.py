@@ -70,11 +70,13 @@ def add_rms_norm(
 
 
 def rope_(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, neox: bool, rotary_dim: int | None = None
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, neox: bool, rotary_dim: int | None = None,
+    freq: torch.Tensor | None = None,
 ) -> None:
-    """Rotate q[T,Hq,D] and k[T,Hk,D] in place by their positions (llama pairs or neox halves)."""
+    """Rotate q[T,Hq,D] and k[T,Hk,D] in place by their positions (llama pairs or neox halves).
+    ``freq``: the model's table for ``theta`` (``rope_table``); the kernel path builds one otherwise."""
     if _kernel(q):
-        K.rope_(q, k, positions, theta, neox, rotary_dim)
+        K.rope_(q, k, positions, theta, neox, rotary_dim, freq=freq)
         return
     D = q.shape[-1]
     rd = D if rotary_dim is None else rotary_dim
@@ -296,6 +298,15 @@ def logits_fp32(h: torch.Tensor, w: Weight, locks: torch.Tensor | None = None) -
 
 def _dense_kernel(x: torch.Tensor, w: Weight) -> bool:
     return isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.is_contiguous() and x.stride(-1) == 1
+
+
+def rope_table(theta: float, rotary_dim: int, device: torch.device) -> torch.Tensor | None:
+    """The RoPE kernel's frequency table for one theta (owned by the model); None on the torch path."""
+    if device.type != "cuda" and not _kernels_on_cpu:
+        return None
+    from .kernels.rope import freq_table
+
+    return freq_table(theta, rotary_dim, device)
 
 
 def matmul_locks(weights: Sequence[Weight], device: torch.device) -> torch.Tensor | None:

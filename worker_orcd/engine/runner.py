@@ -501,6 +501,7 @@ class ModelRunner:
         out += list(self._mixed.values()) + [logits for _, logits in self.mixed_graphs.values()]
         if self.model.locks is not None:
             out.append(self.model.locks)
+        out += [t for t in self.model.rope_freq.values() if t is not None]
         return out
 
     def close(self) -> None:

@@ -22,7 +22,6 @@ import triton.language as tl
 from . import validate as v
 
 _HEAD_BLOCK = 8
-_freq_tables: dict[tuple[str, float, int, float], torch.Tensor] = {}
 
 
 @triton.jit
@@ -100,19 +99,15 @@ def freq_table(theta: float, rotary_dim: int, device: torch.device, freq_scale: 
     """[2, rotary_dim/2] fp32: high and low parts of ``freq_scale * theta^(-2i/rotary_dim) / 2pi``
     (turns per position).
 
-    Cached: the first call per device (warm-up) uploads it; calls during a
-    CUDA-graph capture then only read it.
+    Not cached here (SPEC 4013: no process-global device memory): the model builds its tables
+    once, before any CUDA-graph capture, and passes them to ``rope_`` (an upload inside a
+    capture would fail); without one, ``rope_`` builds a table for the call.
     """
-    key = (str(device), float(theta), int(rotary_dim), float(freq_scale))
-    table = _freq_tables.get(key)
-    if table is None:
-        half = rotary_dim // 2
-        turns = [freq_scale * theta ** (-2.0 * i / rotary_dim) / (2.0 * math.pi) for i in range(half)]
-        hi = [_split12(f) for f in turns]
-        lo = [f - h for f, h in zip(turns, hi, strict=True)]
-        table = torch.tensor([hi, lo], dtype=torch.float32).to(device)
-        _freq_tables[key] = table
-    return table
+    half = rotary_dim // 2
+    turns = [freq_scale * theta ** (-2.0 * i / rotary_dim) / (2.0 * math.pi) for i in range(half)]
+    hi = [_split12(f) for f in turns]
+    lo = [f - h for f, h in zip(turns, hi, strict=True)]
+    return torch.tensor([hi, lo], dtype=torch.float32).to(device)
 
 
 def _check(
@@ -159,8 +154,11 @@ def rope_(
     rotary_dim: int | None = None,
     *,
     freq_scale: float = 1.0,
+    freq: torch.Tensor | None = None,
 ) -> None:
     """Rotate q [T, Hq, Dh] and k [T, Hk, Dh] in place by ``positions`` [T].
+
+    ``freq``: the caller's ``freq_table(theta, rotary_dim, device, freq_scale)`` (graph-safe).
 
     ``neox`` pairs (i, i + rd/2); otherwise llama's interleaved (2i, 2i+1).
     Dims past ``rotary_dim`` pass through. ``freq_scale`` is linear RoPE
@@ -175,7 +173,12 @@ def rope_(
     scale = v.finite_float("rope_", "freq_scale", freq_scale)
     if scale <= 0:
         v.fail_param("rope_", "freq_scale", f"must be > 0, got {scale}")
-    table = freq_table(theta_f, rd, device, scale)
+    if freq is None:
+        table = freq_table(theta_f, rd, device, scale)
+    else:
+        table = v.tensor("rope_", "freq", freq)
+        v.check(tuple(table.shape) == (2, rd // 2) and table.dtype == torch.float32 and table.device == device
+                and table.is_contiguous(), "rope_", "freq", f"must be fp32 [2, {rd // 2}] on {device}")
     half = rd // 2
     t, hq, _ = q.shape
     hk = k.shape[1]
