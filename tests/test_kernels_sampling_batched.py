@@ -417,4 +417,9 @@ def test_worker_4710_batched_equals_per_row_gpu(gen: torch.Generator, rng: rando
     ours = {k: large[k] for k in large if "_rows_kernel" in k or "_scatter_info_kernel" in k}
     assert len(ours) == 5 and sum(ours.values()) == 6, ours  # the cut-off runs once per filter group (2 here)
     assert {k: small[k] for k in ours} == ours
-    assert sum(large.values()) == sum(small.values()), (small, large)
+    copies = {k: v for k, v in large.items() if k.startswith("Memcpy")}
+    assert copies == {k: v for k, v in small.items() if k.startswith("Memcpy")}
+    assert copies["Memcpy DtoH (Device -> Pageable)"] == 1  # one read per step
+    # torch's topk / sort / index_select pick their internal kernels by the number of slices (seen on
+    # the H200: 99 device activities at R=4, 106 at R=64), so the totals match only up to that choice.
+    assert abs(sum(large.values()) - sum(small.values())) <= 16, (small, large)

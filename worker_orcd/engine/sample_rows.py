@@ -59,10 +59,6 @@ class SampleRows:
     allowed: torch.Tensor | None = None  # [R, ceil(V/32)] int32 packed bitmask
     has_mask: torch.Tensor | None = None  # [R] bool: the rows whose ``allowed`` row applies
 
-    @property
-    def n_rows(self) -> int:
-        return int(self.temperature.shape[0]) if self.temperature.dim() == 1 else -1
-
     @staticmethod
     def stack(rows: Sequence[RowParams], vocab: int) -> SampleRows:
         """Columns from per-row settings; a bitmask is cut or zero-padded to ceil(vocab/32) words
@@ -199,6 +195,6 @@ def check_rows(rows: object, n_rows: int, vocab: int) -> SampleRows:
     return rows
 
 
-def log_min_p(min_p: np.ndarray) -> np.ndarray:
+def ln_min_p(min_p: np.ndarray) -> np.ndarray:
     """ln(min_p) in float64 by ``math.log``, as the per-row launcher computes it (numpy's log may differ by an ulp)."""
     return np.array([math.log(m) if m > 0.0 else 0.0 for m in min_p.tolist()], dtype=np.float64)

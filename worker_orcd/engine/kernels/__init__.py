@@ -8,9 +8,10 @@ tests hold the kernels to.
 Remaining sources of non-determinism (SPEC 4713): none inside these kernels
 for identical inputs on the same GPU model and Triton version: fixed tile
 orders, fixed-order reductions, no floating-point atomics (the batched
-sampler counts token ids with integer atomics, which commute), counter-based RNG. Results can
-differ across GPU architectures or Triton versions (different tile configs
-or instruction selection change fp rounding), and the CPU interpreter
+sampler counts token ids with integer atomics, which commute),
+counter-based RNG. Results can differ across GPU architectures or Triton
+versions (different tile configs or instruction selection change fp
+rounding), and the CPU interpreter
 rounds fp32 -> bf16 by truncation where the GPU rounds to nearest-even.
 """
 

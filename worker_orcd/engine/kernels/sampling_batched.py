@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sample_rows import KERNEL, SampleRows, check_logits, check_rows, log_min_p
+from ..sample_rows import KERNEL, SampleRows, check_logits, check_rows, ln_min_p
 from . import validate as v
 from .sampling import _TAG
 
@@ -269,7 +269,8 @@ def _pack(rows: SampleRows, n_rows: int, vocab: int, pin: bool) -> _Packed:
     mask_row = np.where(has_mask, np.cumsum(has_mask) - 1, -1)
 
     def positions(ids: torch.Tensor, lengths: np.ndarray, on: np.ndarray) -> np.ndarray:
-        """info-buffer offsets of the ids of the rows that are ``on`` (ids outside [0, V) are ignored, as per row)."""
+        """info-buffer offsets of the ids of the rows that are ``on``; ids outside [0, V) are dropped
+        (the penalty kernel ignores them; token ids never are)."""
         owner = np.repeat(np.arange(R), lengths)
         a = ids.numpy().astype(np.int64)
         keep = on[owner] & (a >= 0) & (a < V)
@@ -301,7 +302,7 @@ def _pack(rows: SampleRows, n_rows: int, vocab: int, pin: bool) -> _Packed:
     block[:] = 0
     block[:, _F_T.value] = _f32_bits(np.where(greedy, 1.0, t))
     block[:, _F_TOP_P.value] = _f32_bits(top_p)
-    block[:, _F_LOG_MIN_P.value] = _f32_bits(np.where(use_minp, log_min_p(min_p), 0.0))
+    block[:, _F_LOG_MIN_P.value] = _f32_bits(np.where(use_minp, ln_min_p(min_p), 0.0))
     block[:, _F_REP.value] = _f32_bits(rep)
     block[:, _F_PRESENCE.value] = _f32_bits(presence)
     block[:, _F_FREQUENCY.value] = _f32_bits(frequency)
