@@ -8,10 +8,12 @@ the same forward pass.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,7 @@ from .dequant import dequantize
 from .qweight import QWeight, Weight, WeightGroup
 from ..gguf.constants import GGMLType
 from .reference import checksum_cpu, sample_reference
+from .sample_rows import SampleRows, check_logits, check_rows
 
 if TYPE_CHECKING:
     from .runner import AttentionMeta
@@ -360,6 +363,61 @@ def sample(
     if _kernel(logits):
         return K.sample(logits, **kwargs)  # type: ignore[arg-type]
     return sample_reference(logits, **kwargs)  # type: ignore[arg-type]
+
+
+def mask_from_bitmask(words: object, vocab: int, device: torch.device) -> torch.Tensor:
+    """Packed int32 bitmask (bit t%32 of word t//32) -> bool [vocab]; ids past the mask are disallowed."""
+    w = np.asarray(words, dtype=np.int32).reshape(-1).view(np.uint32)
+    bits = ((w[:, None] >> np.arange(32, dtype=np.uint32)[None, :]) & 1).astype(bool).reshape(-1)
+    out = np.zeros(vocab, dtype=bool)
+    n = min(vocab, bits.size)
+    out[:n] = bits[:n]
+    return torch.from_numpy(out).to(device)
+
+
+def sample_each(logits: torch.Tensor, rows: SampleRows) -> torch.Tensor:
+    """The per-row path: for each row of ``logits`` [R, V], the presence/frequency penalty and the
+    grammar mask in torch, then ``sample`` alone; int64 [R] on logits' device.
+
+    The CPU mode's batched sampler, and the definition ``kernels.sample_batch`` is held to bit for bit.
+    """
+    n_rows, vocab = check_logits(logits)
+    check_rows(rows, n_rows, vocab)
+    device = logits.device
+    pen_off = rows.penalty_offsets.tolist()
+    gen_off = rows.generated_offsets.tolist()
+    masked = rows.has_mask.tolist() if rows.has_mask is not None else [False] * n_rows
+    picked: list[torch.Tensor] = []
+    for r in range(n_rows):
+        p = rows.row(r)
+        raw = logits[r]
+        generated = rows.generated_ids[gen_off[r] : gen_off[r + 1]]
+        history = rows.penalty_ids[pen_off[r] : pen_off[r + 1]]
+        presence, frequency = p.pop("presence_penalty"), p.pop("frequency_penalty")
+        if p["temperature"] == 0.0 and p["repetition_penalty"] == 1.0 and not presence and not frequency and not masked[r]:
+            picked.append(torch.argmax(raw).reshape(1))  # ties: the lowest id, as the kernel's greedy path
+            continue
+        row = raw
+        if (presence or frequency) and generated.numel():
+            gen = generated.to(device=device, dtype=torch.int64)
+            counts = torch.bincount(gen, minlength=vocab)[:vocab].to(torch.float32)
+            row = row - frequency * counts - presence * (counts > 0).to(torch.float32)
+        if masked[r]:
+            assert rows.allowed is not None
+            row = row.masked_fill(~mask_from_bitmask(rows.allowed[r].numpy(), vocab, device), -math.inf)
+        penalty = None
+        if p["repetition_penalty"] != 1.0 and history.numel():
+            penalty = history.to(device=device, dtype=torch.int64)
+        picked.append(sample(row.contiguous(), penalty_ids=penalty, **p).reshape(1))  # type: ignore[arg-type]
+    return torch.cat(picked)
+
+
+def sample_batch(logits: torch.Tensor, rows: SampleRows) -> torch.Tensor:
+    """Each row's next token, int64 [R] on logits' device: the batched kernels (a fixed number of
+    launches for any R) on CUDA, ``sample_each`` (the same tokens) on the CPU."""
+    if _kernel(logits):
+        return K.sample_batch(logits, rows)
+    return sample_each(logits, rows)
 
 
 def checksum_hex(buffers: Sequence[torch.Tensor]) -> str:

@@ -7,9 +7,11 @@ tests hold the kernels to.
 
 Remaining sources of non-determinism (SPEC 4713): none inside these kernels
 for identical inputs on the same GPU model and Triton version: fixed tile
-orders, fixed-order reductions, no atomics, counter-based RNG. Results can
-differ across GPU architectures or Triton versions (different tile configs
-or instruction selection change fp rounding), and the CPU interpreter
+orders, fixed-order reductions, no floating-point atomics (the batched
+sampler counts token ids with integer atomics, which commute),
+counter-based RNG. Results can differ across GPU architectures or Triton
+versions (different tile configs or instruction selection change fp
+rounding), and the CPU interpreter
 rounds fp32 -> bf16 by truncation where the GPU rounds to nearest-even.
 """
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
     from .rope import rope_, rope_reference
     from .sampling import filtered_probs_reference, sample, sample_draws
+    from .sampling_batched import sample_batch, sample_batch_stages
 
 # Each name's module is imported at its first use (PEP 562): importing this package, or a
 # Triton-free submodule such as ``validate`` or ``checksum_host``, never loads Triton, so the
@@ -44,6 +47,7 @@ _HOME = {
     "rmsnorm": ("add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"),
     "rope": ("rope_", "rope_reference"),
     "sampling": ("filtered_probs_reference", "sample", "sample_draws"),
+    "sampling_batched": ("sample_batch", "sample_batch_stages"),
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 
@@ -79,6 +83,8 @@ __all__ = [
     "rope_",
     "rope_reference",
     "sample",
+    "sample_batch",
+    "sample_batch_stages",
     "sample_draws",
 ]
 

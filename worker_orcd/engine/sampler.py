@@ -1,0 +1,108 @@
+"""A step's sampling on the runner: every row's settings from its SampleSpec, one batched draw,
+the logprobs of the rows that ask, and one device->host read for all of it.
+
+The grammar protocol stays on the host: ``constraint.allowed()`` before the draw (the bitmasks
+travel to the device with the other parameters, in one copy) and ``constraint.accept(token)``
+after it, in row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..batching.step import Sampled, SampleSpec
+from .events import MAX_LOGPROBS, SamplingParams
+from . import ops
+from .sample_rows import RowParams, SampleRows
+
+
+def simple_greedy(p: SamplingParams) -> bool:
+    """Nothing but argmax: the whole step then needs a single ``torch.argmax``."""
+    return (
+        p.temperature == 0.0
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and p.constraint is None
+        and not p.logprobs
+        and not p.top_logprobs
+    )
+
+
+def row_params(spec: SampleSpec) -> RowParams:
+    """The row's sampler settings; asks its constraint (if any) for the allowed ids now."""
+    p = spec.params
+    return RowParams(
+        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, seed=p.seed, step=spec.step,
+        penalty_ids=spec.history if p.repetition_penalty != 1.0 else (),
+        generated_ids=spec.generated if (p.presence_penalty or p.frequency_penalty) else (),
+        allowed=p.constraint.allowed() if p.constraint is not None else None,
+    )
+
+
+def top_logprobs(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row of ``lp`` [R, V] and their ids, equal values lowest id first.
+
+    A total order (torch.topk leaves the order of ties open, and it can change with k or the
+    batch): each row's alternatives then depend on that row alone. Keys are the fp32 bits made
+    monotone, shifted up, plus the id reversed; one int64 topk sorts by both at once.
+    """
+    b = lp.contiguous().view(torch.int32)
+    key = torch.where(b >= 0, b, b ^ 0x7FFFFFFF).to(torch.int64)
+    vocab = lp.shape[-1]
+    reversed_ids = torch.arange(vocab - 1, -1, -1, dtype=torch.int64, device=lp.device)
+    ids = torch.topk((key << 32) + reversed_ids, k, dim=-1).indices
+    return lp.gather(1, ids), ids
+
+
+def sample_step(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[Sampled]:
+    """Row i of ``logits`` [R, V] sampled with ``specs[i]``: the tokens (and logprobs) in row order.
+
+    Logprobs are log_softmax of the raw fp32 logits (before penalties, temperature and
+    truncation), as vLLM reports them; alternatives with equal logprobs come lowest id first.
+    """
+    if all(simple_greedy(s.params) for s in specs):
+        # argmax picks the lowest index on ties, as the sampling kernel's greedy path does
+        return [Sampled(int(t)) for t in torch.argmax(logits, dim=-1).tolist()]
+    rows = SampleRows.stack([row_params(s) for s in specs], logits.shape[-1])
+    ids = ops.sample_batch(logits, rows)
+    asks = [i for i, s in enumerate(specs) if s.params.logprobs or s.params.top_logprobs]
+    parts = [ids.to(torch.float64)]  # ids < 2^53 and fp32 values are exact in float64: one read for all
+    k_max = 0
+    if asks:
+        if len(asks) == len(specs):
+            sub, sub_ids = logits, ids
+        else:
+            index = torch.tensor(asks, dtype=torch.int64).to(logits.device, non_blocking=True)
+            sub, sub_ids = logits.index_select(0, index), ids.index_select(0, index)
+        lp = torch.log_softmax(sub.float(), dim=-1)
+        parts.append(lp.gather(1, sub_ids[:, None]).reshape(-1).to(torch.float64))
+        k_max = max(min(specs[i].params.top_logprobs, MAX_LOGPROBS) for i in asks)
+        if k_max:
+            vals, top = top_logprobs(lp, k_max)
+            parts += [vals.reshape(-1).to(torch.float64), top.reshape(-1).to(torch.float64)]
+    host = torch.cat(parts).tolist()
+    n, m = len(specs), len(asks)
+    chosen = host[n : n + m]
+    vals_h = host[n + m : n + m + m * k_max]
+    top_h = host[n + m + m * k_max :]
+    slot = {row: j for j, row in enumerate(asks)}
+    out: list[Sampled] = []
+    for i, spec in enumerate(specs):
+        p = spec.params
+        tok = int(host[i])
+        if p.constraint is not None:
+            p.constraint.accept(tok)
+        j = slot.get(i)
+        if j is None:
+            out.append(Sampled(tok))
+            continue
+        k = min(p.top_logprobs, MAX_LOGPROBS)
+        base = j * k_max
+        top = tuple((int(top_h[base + c]), vals_h[base + c]) for c in range(k))
+        out.append(Sampled(tok, chosen[j], top))
+    return out
