@@ -67,6 +67,10 @@ class ModelRunner:
         self._mixed_pinned: dict[str, torch.Tensor] = {}
         self._mixed_meta: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self._mixed_dims = (0, 0, 0)  # (tokens, rows, tiles) of the largest bucket
+        # the pinned staging buffers are refilled every step, but their copies to the device run
+        # asynchronously: a step that samples nothing (a prompt chunk) does not wait for the device,
+        # so the next step waits for the previous copies before it overwrites their source
+        self._staged: torch.cuda.Event | None = None
 
     # --- StepRunner ----------------------------------------------------------------------------
 
@@ -253,6 +257,7 @@ class ModelRunner:
         T, R, NT = len(tokens), len(rows), len(tile_row)
         nt_b = -(-t_b // self.block_t) + r_b + 1
         h = self._mixed_pinned
+        self._wait_staging()
         i64 = h["i64"].numpy()
         i64[: 3 * t_max + r_b] = 0
         i64[:T] = tokens
@@ -278,7 +283,18 @@ class ModelRunner:
         s["i64"][: 3 * t_max + r_b].copy_(h["i64"][: 3 * t_max + r_b], non_blocking=True)
         s["i32"].copy_(h["i32"], non_blocking=True)
         s["bt"][: r_b + 1, :width].copy_(h["bt"][: r_b + 1, :width], non_blocking=True)
+        self._staging_done()
         return len(sample_index)
+
+    def _wait_staging(self) -> None:
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copies have read the pinned buffers
+            self._staged = None
+
+    def _staging_done(self) -> None:
+        if self.cuda:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
 
     # --- CUDA graphs for decode ----------------------------------------------------------------
 
@@ -348,6 +364,7 @@ class ModelRunner:
         s, h = self._static, self._pinned
         bs = self.kv.block_size
         width = max(len(r.block_table) for r in batch.rows)
+        self._wait_staging()
         i64 = h["i64"].numpy()[:, :b]
         bt = h["bt"].numpy()[:b, :width]
         i64[:] = 0  # padding rows: token 0 at position 0 of the scratch block (slot 0, table of zeros)
@@ -362,6 +379,7 @@ class ModelRunner:
         s["i64"][:, :b].copy_(h["i64"][:, :b], non_blocking=True)
         s["row_start"][:b].copy_(s["i64"][1, :b])
         s["bt"][:b, :width].copy_(h["bt"][:b, :width], non_blocking=True)
+        self._staging_done()
         graph, logits = self.graphs[b]
         graph.replay()
         return logits
