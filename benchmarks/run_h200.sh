@@ -40,4 +40,18 @@ load)
       --concurrency $C --requests-per-client 1 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
   done
   ;;
+verify)
+  # after a fix: the failing tests first, the load comparison with what device time is left
+  bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background >/dev/null 2>&1
+  (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; touch $M/done) >$M/synth.log 2>&1 &
+  timeout 200 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_engine_batching.py tests/test_determinism_across_gpus.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests_verify.log" | tail -4
+  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && [ -f $M/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
+  L=/tmp/llama.cpp/build/bin/llama-server
+  for m in ${VERIFY_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
+    timeout ${LOAD_TIMEOUT:-120} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --llama $L \
+      --concurrency ${LOAD_LEVELS:-1 8 32 64 128} --requests-per-client 1 2>&1 | tee "$OUT/load_$m.log" \
+      | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
+  done
+  ;;
 esac
