@@ -2,13 +2,15 @@
 
 Order: configuration and root policy (exit 2 on any bad value) -> API token
 file (fail fast) -> open the device -> bind the port -> drop privileges
-(SPEC 4901) -> load, verify and seal ``--model`` (or wait for
-``POST /worker/commit``) -> listen -> readiness callback -> accept work.
-The socket is bound before the drop (a privileged port needs root) but listens
-only when uvicorn starts, so nothing connects while the model loads. Models are
-read only after the drop: the model root must be readable by ``--user``.
-Any startup failure is logged, reported through the status callback when a
-URL is configured, and exits 1. SIGTERM/SIGINT and ``POST /shutdown`` drain
+(SPEC 4901) -> listen -> load, verify and seal ``--model`` (or wait for
+``POST /worker/commit``) -> readiness callback -> accept work.
+The socket is bound before the drop (a privileged port needs root). It listens
+while the model loads (issue 13): ``/health`` answers 503 ``loading`` with the
+upload's progress, every other route but ``/worker/ready`` and ``/shutdown``
+503 ``WORKER_NOT_READY``. Models are read only after the drop: the model root
+must be readable by ``--user``. Any startup failure (a failed load included)
+is logged, reported through the status callback when a URL is configured, and
+exits 1; the worker never serves a model that did not seal. SIGTERM/SIGINT and ``POST /shutdown`` drain
 and exit 0 within ``--shutdown-timeout-sec`` (a watchdog guarantees it).
 SIGHUP re-reads the token file (rotation without a restart; SPEC 4913).
 """
@@ -281,6 +283,22 @@ async def serve(
             worker.finish()
             return worker.exit_code
         server, serving = startup.result()
+        if config.model:
+            loading = asyncio.create_task(_load_and_announce(worker, config))
+            await asyncio.wait({loading, serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done():
+                # Stopped (or the server died) while loading: the load thread cannot be interrupted and the
+                # device must not be closed under it; both are left to process exit (the watchdog bounds it).
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loading
+                if serving.done():
+                    serving.result()
+                    raise WorkerError("the HTTP server stopped while the model was loading", code=ErrorCode.INTERNAL)
+                logs.event("startup_aborted", "Stop requested during startup; exiting without serving.", level=logging.WARNING)
+                worker.finish()
+                return worker.exit_code
+            loading.result()
         await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
     except WorkerError as e:
         return await _startup_failed(worker, e)
@@ -300,6 +318,7 @@ async def serve(
 async def _start(
     worker: Worker, config: WorkerConfig, tokens: TokenFile, plan: privileges.DropPlan | None,
 ) -> tuple[_Server, asyncio.Task[None]]:
+    """Everything up to listening; the model (if any) loads afterwards, while /health answers."""
     if plan is not None:
         privileges.harden_early(plan)  # before open_device starts the first thread: every thread inherits it
     auth = tokens.load()  # fail fast, before the device (SPEC 4913)
@@ -310,13 +329,6 @@ async def _start(
         server = _http_server(worker, config, auth)
         if plan is not None:
             _drop_privileges(plan, config, tokens)
-        if config.model:
-            await worker.commit(
-                Commit(
-                    model_ref=config.model, source=config.model, model_root=config.model_root,
-                    expected_sha256=config.expected_sha256,
-                )
-            )
     except BaseException:
         sock.close()
         raise
@@ -327,16 +339,21 @@ async def _start(
             raise WorkerError("the HTTP server stopped during startup", code=ErrorCode.INTERNAL)
         await asyncio.sleep(0.01)
     logs.event("listening", "Listening on {uri}.", uri=worker.uri, port=sock.getsockname()[1])
-    if worker.handle is not None:
-        try:
-            await worker.announce_ready()  # listening first, then the callback (SPEC "Callback")
-        except BaseException:
-            server.should_exit = True
-            await serving
-            raise
-    else:
+    if not config.model:
         logs.event("awaiting_commit", "No --model given: waiting for POST /worker/commit.")
     return server, serving
+
+
+async def _load_and_announce(worker: Worker, config: WorkerConfig) -> None:
+    """Load, verify and seal ``--model`` while listening, then the readiness callback (SPEC 4023, 4031)."""
+    assert config.model
+    await worker.commit(
+        Commit(
+            model_ref=config.model, source=config.model, model_root=config.model_root,
+            expected_sha256=config.expected_sha256,
+        )
+    )
+    await worker.announce_ready()  # sealed and listening, then the callback (SPEC "Callback")
 
 
 def _http_server(worker: Worker, config: WorkerConfig, auth: BearerAuth) -> _Server:
