@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,10 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels) or quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M, slower kernels for now)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
+    ("--state-dir", (
+        "persistent state: Triton's compiled kernels go to DIR/triton-cache and survive restarts "
+        "(default $STATE_DIRECTORY, set by systemd StateDirectory=; else Triton's own cache dir)"
+    )),
     ("--sse-keepalive-sec", "SSE keep-alive comment interval while no token flows (default 5)"),
     ("--chat-template", "Jinja chat template file for /v1/chat/completions, replacing the model's own"),
     ("--callback-attempts", "readiness callback attempts before giving up (default 6)"),
@@ -100,7 +104,7 @@ _METAVARS: dict[str, str] = {
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
-    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--resident-weights": "dense|quantized", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--resident-weights": "dense|quantized", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME",
 }
@@ -149,6 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log_level, worker_id=config.worker_id, gpu_device=config.gpu_device, device=config.device)
+    use_state_dir(config, os.environ)
     if plan is None:
         logs.event(
             "running_as_root", "Running as root because --allow-root was given: development/CI only, never production.",
@@ -159,6 +164,24 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = EXIT_OK
     return exit_process(code)
+
+
+def use_state_dir(config: WorkerConfig, env: MutableMapping[str, str]) -> Path | None:
+    """Point Triton's kernel cache into ``--state-dir`` before anything imports triton (issue 13: a warm start).
+
+    An explicit ``TRITON_CACHE_DIR`` in the environment is the operator's more specific choice and wins.
+    Returns the cache directory now in effect through the state dir, or None.
+    """
+    cache = config.triton_cache_dir
+    if cache is None:
+        return None
+    if env.get("TRITON_CACHE_DIR"):
+        logs.event("triton_cache", "TRITON_CACHE_DIR is set ({file}): it wins over --state-dir for Triton's kernel cache.",
+                   file=env["TRITON_CACHE_DIR"])
+        return None
+    env["TRITON_CACHE_DIR"] = str(cache)
+    logs.event("triton_cache", "Triton's kernel cache is {file}: compiled kernels persist across restarts.", file=str(cache))
+    return cache
 
 
 def exit_process(code: int, exit_now: Callable[[int], None] = os._exit) -> int:
@@ -391,7 +414,8 @@ def _drop_privileges(plan: privileges.DropPlan, config: WorkerConfig, tokens: To
     ]
     if config.device == "cuda":  # Triton compiles kernels at the first load, i.e. after the drop
         needs.append((_nearest_existing(triton_cache_dir(os.environ)), rw, "writable",
-                      ": it holds Triton's kernel cache; point TRITON_HOME at a directory the user owns"))
+                      ": it holds Triton's kernel cache; point --state-dir (or TRITON_CACHE_DIR, TRITON_HOME) at a "
+                      "directory the user owns"))
     for path, mode, what, why in needs:  # fail now, not at the first commit
         if path is not None and not _usable(path, mode):
             raise privileges.PrivilegeError(f"{path} must be {what} by {who} after the privilege drop{why}")
