@@ -69,6 +69,39 @@ def test_worker_4913_credentials_directory_names_the_token_file() -> None:
     assert c.api_token_file == Path("/x/token")  # the explicit variable wins
 
 
+def test_state_dir_from_flag_file_or_systemd_state_directory(tmp_path: Path) -> None:
+    """Issue 13: --state-dir > config file > $STATE_DIRECTORY (systemd StateDirectory=) > none (today's Triton default)."""
+    assert cfg().state_dir is None and cfg().triton_cache_dir is None
+    c = cfg(env={"STATE_DIRECTORY": "/var/lib/worker-orcd/state:/var/lib/other"})
+    assert c.state_dir == Path("/var/lib/worker-orcd/state")  # several StateDirectory= entries: the first
+    assert c.triton_cache_dir == Path("/var/lib/worker-orcd/state/triton-cache")
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"state_dir": str(tmp_path)}))
+    assert cfg(env={"STATE_DIRECTORY": "/s"}, file=file).state_dir == tmp_path
+    assert cfg({"state_dir": "/flag"}, env={"STATE_DIRECTORY": "/s"}, file=file).state_dir == Path("/flag")
+
+
+def test_state_dir_bad_values_name_the_source(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    assert error_of({"state_dir": "relative/dir"}) == (
+        "config: state_dir (--state-dir): must be an absolute directory path (got 'relative/dir')")
+    assert error_of({"state_dir": str(tmp_path / "f")}).startswith(
+        "config: state_dir (--state-dir): exists and is not a directory")
+    assert error_of({}, env={"STATE_DIRECTORY": "state"}).startswith(
+        "config: state_dir (STATE_DIRECTORY): must be an absolute directory path")
+
+
+def test_state_dir_points_triton_cache_there_unless_explicitly_set(tmp_path: Path) -> None:
+    from worker_orcd.serve import use_state_dir
+
+    env: dict[str, str] = {}
+    assert use_state_dir(cfg(), env) is None and env == {}  # unset: Triton's own default, as before
+    assert use_state_dir(cfg({"state_dir": str(tmp_path)}), env) == tmp_path / "triton-cache"
+    assert env == {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    mine = {"TRITON_CACHE_DIR": "/elsewhere"}
+    assert use_state_dir(cfg({"state_dir": str(tmp_path)}), mine) is None and mine == {"TRITON_CACHE_DIR": "/elsewhere"}
+
+
 def test_worker_4910_token_never_from_env_value() -> None:
     # There is no variable carrying the token itself; an unknown setting is refused, not read.
     assert "api_token" not in WorkerConfig.model_fields

@@ -156,6 +156,24 @@ def test_worker_4921_template_isolates_one_gpu_per_instance() -> None:
 
 
 @pytest.mark.parametrize("path", [UNIT, TEMPLATE])
+def test_state_directory_keeps_the_kernel_cache_apart_from_the_models(path: Path) -> None:
+    """Issue 13: StateDirectory= gives $STATE_DIRECTORY, the default --state-dir (Triton's cache survives restarts).
+
+    Not /var/lib/worker-orcd itself: with DynamicUser= systemd would move and chown the models' parent."""
+    u = parse_unit(path)["Service"]
+    (state,) = u["StateDirectory"]
+    assert state.startswith("worker-orcd/state") and ("%i" in state) == ("@" in path.name)
+    models = one(parse_unit(path), "Service", "ReadOnlyPaths")
+    state_path = "/var/lib/" + state.replace("%i", "0")
+    assert not models.startswith(state_path + "/") and not state_path.startswith(models)
+    assert "--state-dir" not in u["ExecStart"][0]  # systemd's $STATE_DIRECTORY is the default
+    rules = apparmor_rules()
+    assert "owner @{WORKER_STATE}/** rwkm," in rules
+    config = load_config({"worker_id": "w"}, env={"STATE_DIRECTORY": state_path})
+    assert config.triton_cache_dir == Path(state_path) / "triton-cache"
+
+
+@pytest.mark.parametrize("path", [UNIT, TEMPLATE])
 def test_worker_4980_exec_start_flags_are_real_and_valid(path: Path, tmp_path: Path) -> None:
     """ExecStart's flags exist in `worker-orcd serve` and validate together with the example config."""
     import argparse
@@ -251,7 +269,7 @@ def test_worker_4920_apparmor_profile_limits_files_and_network() -> None:
     assert caps == {"setuid", "setgid", "setpcap"}  # only what the one-way drop needs
     path_rules = [r for r in rules if r.startswith(("/", "@{", "owner /", "owner @{"))]
     writable = [r for r in path_rules if "w" in r.rsplit(None, 1)[1]]
-    assert all(re.search(r"/tmp/|/var/tmp/|WORKER_CACHE|/dev/nvidia", r) for r in writable), writable
+    assert all(re.search(r"/tmp/|/var/tmp/|WORKER_CACHE|WORKER_STATE|/dev/nvidia", r) for r in writable), writable
     assert not any(r.split()[0] in ("/**", "/", "@{HOME}/**") for r in path_rules)
 
 

@@ -659,6 +659,33 @@ def test_worker_4102_chunked_streaming_is_exact(engine: Engine, model_dir: Path)
     assert torch.equal(arenas[0], arenas[1]) and torch.equal(arenas[0], arenas[2])
 
 
+def test_worker_4102_upload_reports_progress_and_ignores_a_failing_observer(engine: Engine, model_dir: Path) -> None:
+    """Issue 13: /health shows the upload's progress; an observer that raises never breaks the load."""
+    from worker_orcd.engine.upload import upload
+    from worker_orcd.engine.weights import resident_dtype, weight_layout
+
+    path = synth.write_synthetic_model(model_dir / "progress.gguf", "tiny-qwen2", "Q8_0")
+    vm = _validated(path)
+    cfg = model_config(vm.gguf)
+    lay = weight_layout(cfg, vm.gguf, resident_dtype(cfg, engine.ctx))
+    seen: list[tuple[int, int]] = []
+    with open(path, "rb") as fh:
+        stats = upload(fh, vm.gguf, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8), vm.digest, engine.ctx,
+                       chunk_bytes=4096, progress=lambda done, total: seen.append((done, total)))
+    total = seen[0][1]
+    assert seen[0] == (0, total) and seen[-1] == (total, total) == (stats.uploaded_bytes, total)
+    assert len(seen) > 3 and [d for d, _ in seen] == sorted(d for d, _ in seen)  # per chunk, monotonic
+
+    def broken(done: int, total: int) -> None:
+        raise RuntimeError("observer bug")
+
+    rm = load_resident(engine, vm, kv_cache_mb=1, progress=broken)
+    try:
+        assert _run(rm, PROMPT[:3], max_tokens=2)[1].tokens_out == 2
+    finally:
+        rm.close()
+
+
 def test_worker_4113_truncated_or_grown_file_refused(engine: Engine, model_dir: Path) -> None:
     path = synth.write_synthetic_model(model_dir / "grown.gguf", "tiny-qwen2", "F16")
     vm = _validated(path)

@@ -97,6 +97,8 @@ class Knobs:
     fail_with: Exception | None = None  # e.g. a CUDA_ERROR WorkerError, as the real engine raises it
     eos_after: int | None = None  # emit EOS as token number N (0-based)
     load_error: WorkerError | None = None
+    load_gate: threading.Event | None = None  # set: the load (half uploaded) may finish; a test watches it meanwhile
+    load_bytes: int = 1000  # the tensor bytes the fake upload reports
     vram_total: int = 8 << 30
     active: int = 0  # generations running right now
     max_active: int = 0  # most ever running at once (must stay 1)
@@ -232,9 +234,19 @@ class FakeEngine:
     def load(
         self, gguf: Any, model_file: BinaryIO, *, digest: str, name: str = "model", kv_cache_mb: int | None = None,
         max_batch: int | None = None, prefill_chunk: int | None = None, before_admit: Any = None, observer: Any = None,
+        progress: Any = None,
     ) -> FakeResident:
-        if self.knobs.load_error is not None:
-            raise self.knobs.load_error
+        k = self.knobs
+        total = k.load_bytes
+        if progress is not None:
+            progress(0, total)
+            progress(total // 2, total)
+        if k.load_gate is not None:
+            assert k.load_gate.wait(30), "the test never let the load finish"
+        if k.load_error is not None:
+            raise k.load_error
+        if progress is not None:
+            progress(total, total)
         resident = FakeResident(self.knobs)
         self.models.append(resident)
         return resident

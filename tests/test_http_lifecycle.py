@@ -6,6 +6,8 @@ SPEC 4020-4031, 4220-4227, 4122, 4960-4972, "Callback".
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,101 @@ def test_worker_callback_refused_exits_nonzero_with_status_callback(tmp_path: Pa
         (status,) = pm.of(STATUS_PATH)
         assert status.body["state"] == "stopped" and status.body["error"]["code"] == "INTERNAL"
         assert "readiness callback" in status.body["error"]["message"]
+
+
+# --- loading while listening (issue 13 item 6, SPEC 4023/4031) ---------------------------------
+
+
+def _wait_health(h: WorkerHarness, want: int, timeout: float = 10) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = h.client(None).get("/health")
+        if r.status_code == want or time.monotonic() > deadline:
+            return r
+        time.sleep(0.02)
+
+
+def test_worker_4030_listens_while_loading_health_503_with_progress_then_ready(tmp_path: Path) -> None:
+    """The port opens before the load; nothing but /health, /metrics, /worker/ready, /shutdown is served until sealed."""
+    gate = threading.Event()
+    with CallbackServer() as pm, WorkerHarness(tmp_path, Knobs(load_gate=gate, load_bytes=1000), callback_url=pm.url,
+                                               wait_ready=False) as h:
+        try:
+            r = _wait_health(h, 503)
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["status"] == "loading" and body["state"] == "loading" and body["model"] is None
+            assert body["progress"] == {"phase": "upload", "bytes_done": 500, "bytes_total": 1000}
+            c = h.client()
+            refused = {
+                "execute": c.post("/worker/execute", json={"prompt": "abc", "params": {"max_tokens": 2}}),
+                "plan": c.post("/worker/plan", json={"model_ref": MODEL_NAME}),
+                "commit": c.post("/worker/commit", json={"model_ref": MODEL_NAME}),
+                "cancel": c.post("/cancel", json={"job_id": "j"}),
+            }
+            for name, resp in refused.items():
+                assert resp.status_code == 503 and resp.json()["code"] == "WORKER_NOT_READY", (name, resp.text)
+                assert "retry-after" in resp.headers, name
+            for resp in (c.get("/v1/models"), c.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "abc"})):
+                assert resp.status_code == 503 and resp.json()["error"]["code"] == "WORKER_NOT_READY", resp.text
+            assert h.client(None).post("/worker/execute", json={"prompt": "abc"}).status_code == 401  # auth first
+            ready = c.get("/worker/ready")
+            assert ready.status_code == 200 and ready.json()["ready"] is False and ready.json()["state"] == "loading"
+            assert h.client(None).get("/metrics").status_code == 200
+            assert pm.of(READY_PATH) == []  # SPEC 4023: the callback waits for the seal
+        finally:
+            gate.set()
+        (callback,) = pm.wait_for(READY_PATH, timeout=10)
+        assert callback.body["handle"]["sealed"] is True
+        r = _wait_health(h, 200)
+        assert r.status_code == 200 and "progress" not in r.json()
+        for _ in range(200):
+            if h.client(None).get("/health").json()["state"] == "ready":
+                break
+            time.sleep(0.02)
+        assert h.client(None).get("/health").json() | {"uptime_seconds": 0} == r.json() | {
+            "uptime_seconds": 0, "state": "ready"}
+        assert execute(h).status_code == 200
+    events = [json.loads(line)["event"] for line in h.log_lines()]
+    assert events.index("listening") < events.index("sealed") < events.index("ready")
+
+
+def test_worker_4031_load_failure_while_listening_exits_1_never_ready(tmp_path: Path) -> None:
+    gate = threading.Event()
+    knobs = Knobs(load_gate=gate, load_error=WorkerError("model needs 999 bytes but GPU 0 has 5 bytes free",
+                                                         code=ErrorCode.INSUFFICIENT_VRAM))
+    with CallbackServer() as pm, WorkerHarness(tmp_path, knobs, callback_url=pm.url, wait_ready=False) as h:
+        try:
+            assert _wait_health(h, 503).json()["status"] == "loading"
+        finally:
+            gate.set()
+        assert h.join(10) == 1
+        (status,) = pm.wait_for(STATUS_PATH, timeout=5)
+        assert status.body["error"]["code"] == "INSUFFICIENT_VRAM" and pm.of(READY_PATH) == []
+    with pytest.raises(httpx.HTTPError):  # the port is closed again
+        httpx.get(h.url + "/health", timeout=2)
+    failed = [line for line in h.log_lines() if '"event":"startup_failed"' in line]
+    assert len(failed) == 1 and "INSUFFICIENT_VRAM" in failed[0]
+    assert not any('"event":"ready"' in line for line in h.log_lines())
+
+
+def test_worker_4970_shutdown_while_loading_exits_0_without_serving(tmp_path: Path) -> None:
+    gate = threading.Event()
+    with CallbackServer() as pm, WorkerHarness(tmp_path, Knobs(load_gate=gate), callback_url=pm.url, wait_ready=False) as h:
+        try:
+            assert _wait_health(h, 503).json()["status"] == "loading"
+            ack = h.client().post("/shutdown")
+            assert ack.status_code == 202 and ack.json() == {"status": "draining"}
+            for _ in range(500):
+                if any('"event":"shutdown"' in line for line in h.log_lines()):
+                    break
+                time.sleep(0.02)
+            assert any('"event":"startup_aborted"' in line for line in h.log_lines())
+        finally:
+            gate.set()  # the load thread cannot be interrupted: a real process leaves it to exit (or the watchdog)
+        assert h.join(10) == 0
+        assert pm.of(READY_PATH) == []
+    assert not any('"event":"ready"' in line for line in h.log_lines())
 
 
 # --- commit (4220-4227, 4022) ---------------------------------------------------------------

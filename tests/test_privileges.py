@@ -202,13 +202,15 @@ def test_worker_4901_triton_cache_dir_follows_tritons_rules() -> None:
 
 _AFTER_DROP = textwrap.dedent("""
     import sys
+    import os
     from pathlib import Path
     from worker_orcd import privileges as p, serve
     from worker_orcd.auth import TokenFile
     from worker_orcd.config import load_config
     d, device, model_root = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or sys.argv[1]
     config = load_config({"worker_id": "w", "device": device, "model_root": model_root,
-                          "api_token_file": str(d / "worker-token")}, env={})
+                          "api_token_file": str(d / "worker-token"), "state_dir": sys.argv[4] or None}, env={})
+    serve.use_state_dir(config, os.environ)
     tokens = TokenFile(config.api_token_file)
     tokens.load()
     plan = p.DropPlan(p.lookup_account("nobody"))
@@ -222,11 +224,11 @@ _AFTER_DROP = textwrap.dedent("""
 """)
 
 
-def _after_drop(nobody_dir: Path, device: str, model_root: str = "", triton_home: str = "") -> str:
+def _after_drop(nobody_dir: Path, device: str, model_root: str = "", triton_home: str = "", state_dir: str = "") -> str:
     _token_file(nobody_dir / "worker-token", NOBODY)
     env = {**os.environ, "TRITON_HOME": triton_home or str(nobody_dir)}
     env.pop("TRITON_CACHE_DIR", None)
-    run = subprocess.run([sys.executable, "-c", _AFTER_DROP, str(nobody_dir), device, model_root], check=True,
+    run = subprocess.run([sys.executable, "-c", _AFTER_DROP, str(nobody_dir), device, model_root, state_dir], check=True,
                          capture_output=True, text=True, timeout=60, env=env)
     return run.stdout.strip()
 
@@ -238,6 +240,15 @@ def test_worker_4901_gpu_kernel_cache_must_be_writable_after_drop(nobody_dir: Pa
     out = _after_drop(nobody_dir, "cuda", triton_home="/root/.worker-orcd-test-triton")
     assert out.startswith("/root must be writable by user nobody (uid 65534, gid 65534) after the privilege drop")
     assert "TRITON_HOME" in out
+
+
+@as_root
+def test_worker_4901_state_dir_holds_the_kernel_cache_and_must_be_writable_after_drop(nobody_dir: Path) -> None:
+    """Issue 13: with --state-dir the cache is DIR/triton-cache, and the drop check looks there, not at TRITON_HOME."""
+    assert _after_drop(nobody_dir, "cuda", triton_home="/root/.worker-orcd-test-triton", state_dir=str(nobody_dir)) == "ok"
+    out = _after_drop(nobody_dir, "cuda", state_dir="/root")
+    assert out.startswith("/root must be writable by user nobody (uid 65534, gid 65534) after the privilege drop"), out
+    assert "--state-dir" in out
 
 
 @as_root

@@ -35,8 +35,20 @@ def _bare(tmp: Path, root: Path, extra: list[str] | None = None, listen_s: float
     p = start(tmp, ["--worker-id", "adv", "--device", "cpu", "--model-root", str(root), "--port", str(port),
                     "--upload-dir", str(tmp), *(extra or [])], token_file)
     p.url = f"http://127.0.0.1:{port}"
-    _wait_listening(p, listen_s)  # with --model it listens only once the model is sealed
+    _wait_listening(p, listen_s)
+    if "--model" in (extra or []):  # it listens while the model loads (issue 13): wait for the seal
+        _wait_health_ok(p, listen_s)
     return p, token
+
+
+def _wait_health_ok(p: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with p.client(None, timeout=10) as c:
+        while (r := c.get("/health")).status_code != 200:
+            assert r.status_code == 503 and r.json()["status"] == "loading", r.text  # never any other answer
+            assert time.monotonic() < deadline and p.proc.poll() is None, "the model never sealed"
+            time.sleep(0.2)
+        assert r.json()["state"] in ("loading", "ready")  # sealed; ready once the callback (none here) is done
 
 
 @pytest.fixture(scope="module")

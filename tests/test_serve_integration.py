@@ -63,6 +63,7 @@ class Proc:
     url: str | None = None
     ready: Received | None = None
     ready_s: float = 0.0  # process start -> readiness callback
+    early_health: tuple[int, dict[str, Any]] | None = None  # GET /health as soon as `listening` was logged
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
@@ -151,12 +152,27 @@ def served(serve_model_path: Path, device: str, tmp_path_factory: pytest.TempPat
         ], token_file)
         t0 = time.monotonic()
         try:
+            p.early_health = _health_once_listening(p)
             wait_ready(p, pm)
             p.ready_s = time.monotonic() - t0
             yield Served(p, pm, a, b, serve_model_path)
         finally:
             if p.proc.poll() is None:
                 p.stop()
+
+
+def _health_once_listening(p: Proc, timeout: float = STARTUP_TIMEOUT) -> tuple[int, dict[str, Any]]:
+    """The port (from the `listening` line) probed at once: with --model that is while the model loads."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        port = next((rec["port"] for rec in p.lines() if rec.get("event") == "listening"), None)
+        if port is not None:
+            r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+            return r.status_code, r.json()
+        if p.proc.poll() is not None:
+            raise AssertionError(f"worker exited {p.proc.returncode} before listening:\n{p.log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("worker never logged `listening`")
 
 
 def stream(served: Served, body: dict[str, Any], token: str | None = None) -> list[tuple[str, Any]]:
@@ -197,7 +213,13 @@ def test_worker_4023_readiness_callback_after_listening(served: Served, device: 
     else:
         assert body["dev_mode"] is False and body["vram_bytes"] > 0
     events = [rec.get("event") for rec in served.p.lines()]
-    assert events.index("sealed") < events.index("listening") < events.index("ready")
+    # Issue 13: the port opens first and the model loads while /health answers 503 "loading".
+    assert events.index("listening") < events.index("model_load") < events.index("sealed") < events.index("ready")
+    assert served.p.early_health is not None
+    status, health = served.p.early_health
+    if device == "cpu" or status == 503:  # hashing + uploading the 0.5B takes seconds on the CPU
+        assert status == 503 and health["status"] == "loading" and health["state"] == "loading", health
+        assert health["progress"]["phase"] in ("validate", "upload", "capture", "seal"), health
 
 
 def test_worker_4200_auth_required_health_open(served: Served) -> None:

@@ -31,6 +31,9 @@ from .sources import DEFAULT_MODEL_ROOT
 DEFAULT_BIND = "127.0.0.1:8001"  # SPEC 4990: loopback by default (4922)
 DEFAULT_TOKEN_FILE = Path("/etc/llorch/worker-token")
 CREDENTIAL_NAME = "worker-token"  # systemd LoadCredential= name under $CREDENTIALS_DIRECTORY
+TRITON_CACHE_SUBDIR = "triton-cache"  # under --state-dir: compiled kernels survive restarts (issue 13)
+# Defaults systemd hands over in the environment, beside the four SPEC 4990 variables: field -> variable.
+SYSTEMD_DIRS: dict[str, str] = {"api_token_file": "CREDENTIALS_DIRECTORY", "state_dir": "STATE_DIRECTORY"}
 MAX_MODEL_SIZE = Limits.max_file_size
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
@@ -90,6 +93,8 @@ class WorkerConfig(BaseModel):
     kv_cache_size_mb: int | None = Field(default=None, ge=1, le=1 << 20)
     max_model_size_bytes: int = Field(default=MAX_MODEL_SIZE, ge=1, le=MAX_MODEL_SIZE)
     upload_dir: Path | None = None  # where streamed commit bodies are staged; default: the system temp dir
+    # Persistent state (Triton's kernel cache); default $STATE_DIRECTORY (systemd StateDirectory=), else none.
+    state_dir: Path | None = None
     ready_open: bool = False
     sse_keepalive_sec: float = Field(default=5.0, ge=0.05, le=300)
     chat_template: Path | None = None  # Jinja file replacing the model's tokenizer.chat_template (/v1/chat)
@@ -148,6 +153,22 @@ class WorkerConfig(BaseModel):
         except UnicodeDecodeError:
             raise ValueError("not UTF-8 text") from None
         return v
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        if "\0" in str(v) or not v.is_absolute():
+            raise ValueError("must be an absolute directory path")
+        if v.exists() and not v.is_dir():
+            raise ValueError("exists and is not a directory")
+        return v
+
+    @property
+    def triton_cache_dir(self) -> Path | None:
+        """Where compiled Triton kernels go with a state dir; None leaves Triton's own default."""
+        return self.state_dir / TRITON_CACHE_SUBDIR if self.state_dir is not None else None
 
     @field_validator("bind")
     @classmethod
@@ -265,6 +286,8 @@ def env_values(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {field: env[var] for var, field in ENV_VARS.items() if var in env}
     if "api_token_file" not in out and env.get("CREDENTIALS_DIRECTORY"):
         out["api_token_file"] = str(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
+    if env.get("STATE_DIRECTORY"):  # systemd StateDirectory=; with several entries, the first one
+        out["state_dir"] = env["STATE_DIRECTORY"].split(":")[0]
     return out
 
 
@@ -312,7 +335,7 @@ def _where(field: str, source: str) -> str:
     if source == "flag":
         return f" (--{field.replace('_', '-')})"
     if source == "environment":
-        var = next((k for k, v in ENV_VARS.items() if v == field), "CREDENTIALS_DIRECTORY")
+        var = next((k for k, v in ENV_VARS.items() if v == field), SYSTEMD_DIRS.get(field, "environment"))
         return f" ({var})"
     if source == "config file":
         return " (config file)"

@@ -119,6 +119,9 @@ class Worker:
         self._watchdog: threading.Timer | None = None
         self._report: asyncio.Task[None] | None = None  # the status callback: once, however many paths fail
         self.last_seal_ms = 0.0  # the engine loop's latest per-step seal check
+        # Set while a model is being loaded, None otherwise: what /health shows (503 "loading", issue 13).
+        # Replaced whole (never mutated) from the load thread, so a reader always sees one coherent dict.
+        self.load_progress: dict[str, Any] | None = None
 
     # --- state ---------------------------------------------------------------------------
 
@@ -143,6 +146,19 @@ class Worker:
     def handle(self) -> ModelShardHandle | None:
         sealed = self.sealed
         return sealed.handle if sealed is not None else None
+
+    @property
+    def loading_model(self) -> bool:
+        """A load is running and nothing is sealed yet: only /health, /metrics, /worker/ready, /shutdown answer."""
+        return self.load_progress is not None
+
+    def _progress(self, phase: str, done: int = 0, total: int | None = None) -> None:
+        self.load_progress = {"phase": phase, "bytes_done": done, "bytes_total": total}
+
+    def _on_upload(self, done: int, total: int) -> None:
+        """The engine's per-chunk report (on the load thread); all bytes up means warm-up and graph capture."""
+        if self.load_progress is not None:
+            self._progress("upload" if done < total else "capture", done, total)
 
     @property
     def accepting(self) -> bool:
@@ -236,17 +252,20 @@ class Worker:
             if self._state != State.STARTING or self.engine is None or self.ecp is None:
                 raise WorkerError(f"cannot load a model while {self._state.value}", code=ErrorCode.WORKER_NOT_READY)
             self.set_state(State.LOADING)
+            self._progress("validate")
             t0 = time.monotonic()
             try:
                 sealed, size = await self._load(req)
             except WorkerError as e:
-                self.set_state(State.STARTING)
+                self._load_failed()
                 if e.code in FATAL_CODES:
                     self.fail(e)
                 raise
             except BaseException:
-                self.set_state(State.STARTING)
+                self._load_failed()
                 raise
+            finally:
+                self.load_progress = None
             self.sealed = sealed
             handle, resident = sealed.handle, sealed.resident
             vram = 0 if self.config.dev_mode else resident.vram_bytes()
@@ -265,6 +284,11 @@ class Worker:
                 max_seq_len=resident.max_seq_len, gpu_device=self.config.gpu_device,
             )
             return handle, True
+
+    def _load_failed(self) -> None:
+        """Back to ``starting`` for another commit, unless a drain or a stop already moved on."""
+        if self._state == State.LOADING:
+            self.set_state(State.STARTING)
 
     async def _load(self, req: Commit) -> tuple[SealedModel, int]:
         """(the sealed resident model, the model file's size in bytes)."""
@@ -288,8 +312,11 @@ class Worker:
                 max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
                 # M0 (--max-batch 1) keeps the per-request check before the stream opens (500 on mismatch)
                 before_admit=None if self.config.max_batch == 1 else self._seal_check_in_step, observer=self.metrics,
+                progress=self._on_upload,
             )
         )
+        done = self.load_progress or {}
+        self._progress("seal", done.get("bytes_done", 0), done.get("bytes_total"))
         try:
             # SPEC 4031: ready only once the seal verifies over what is really resident.
             await asyncio.to_thread(sealed.verify_seal)

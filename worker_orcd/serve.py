@@ -2,13 +2,15 @@
 
 Order: configuration and root policy (exit 2 on any bad value) -> API token
 file (fail fast) -> open the device -> bind the port -> drop privileges
-(SPEC 4901) -> load, verify and seal ``--model`` (or wait for
-``POST /worker/commit``) -> listen -> readiness callback -> accept work.
-The socket is bound before the drop (a privileged port needs root) but listens
-only when uvicorn starts, so nothing connects while the model loads. Models are
-read only after the drop: the model root must be readable by ``--user``.
-Any startup failure is logged, reported through the status callback when a
-URL is configured, and exits 1. SIGTERM/SIGINT and ``POST /shutdown`` drain
+(SPEC 4901) -> listen -> load, verify and seal ``--model`` (or wait for
+``POST /worker/commit``) -> readiness callback -> accept work.
+The socket is bound before the drop (a privileged port needs root). It listens
+while the model loads (issue 13): ``/health`` answers 503 ``loading`` with the
+upload's progress, every other route but ``/worker/ready`` and ``/shutdown``
+503 ``WORKER_NOT_READY``. Models are read only after the drop: the model root
+must be readable by ``--user``. Any startup failure (a failed load included)
+is logged, reported through the status callback when a URL is configured, and
+exits 1; the worker never serves a model that did not seal. SIGTERM/SIGINT and ``POST /shutdown`` drain
 and exit 0 within ``--shutdown-timeout-sec`` (a watchdog guarantees it).
 SIGHUP re-reads the token file (rotation without a restart; SPEC 4913).
 """
@@ -24,7 +26,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,10 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels) or quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M, slower kernels for now)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
+    ("--state-dir", (
+        "persistent state: Triton's compiled kernels go to DIR/triton-cache and survive restarts "
+        "(default $STATE_DIRECTORY, set by systemd StateDirectory=; else Triton's own cache dir)"
+    )),
     ("--sse-keepalive-sec", "SSE keep-alive comment interval while no token flows (default 5)"),
     ("--chat-template", "Jinja chat template file for /v1/chat/completions, replacing the model's own"),
     ("--callback-attempts", "readiness callback attempts before giving up (default 6)"),
@@ -98,7 +104,7 @@ _METAVARS: dict[str, str] = {
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
-    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--resident-weights": "dense|quantized", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--resident-weights": "dense|quantized", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME",
 }
@@ -147,6 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log_level, worker_id=config.worker_id, gpu_device=config.gpu_device, device=config.device)
+    use_state_dir(config, os.environ)
     if plan is None:
         logs.event(
             "running_as_root", "Running as root because --allow-root was given: development/CI only, never production.",
@@ -157,6 +164,24 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = EXIT_OK
     return exit_process(code)
+
+
+def use_state_dir(config: WorkerConfig, env: MutableMapping[str, str]) -> Path | None:
+    """Point Triton's kernel cache into ``--state-dir`` before anything imports triton (issue 13: a warm start).
+
+    An explicit ``TRITON_CACHE_DIR`` in the environment is the operator's more specific choice and wins.
+    Returns the cache directory now in effect through the state dir, or None.
+    """
+    cache = config.triton_cache_dir
+    if cache is None:
+        return None
+    if env.get("TRITON_CACHE_DIR"):
+        logs.event("triton_cache", "TRITON_CACHE_DIR is set ({file}): it wins over --state-dir for Triton's kernel cache.",
+                   file=env["TRITON_CACHE_DIR"])
+        return None
+    env["TRITON_CACHE_DIR"] = str(cache)
+    logs.event("triton_cache", "Triton's kernel cache is {file}: compiled kernels persist across restarts.", file=str(cache))
+    return cache
 
 
 def exit_process(code: int, exit_now: Callable[[int], None] = os._exit) -> int:
@@ -281,6 +306,22 @@ async def serve(
             worker.finish()
             return worker.exit_code
         server, serving = startup.result()
+        if config.model:
+            loading = asyncio.create_task(_load_and_announce(worker, config))
+            await asyncio.wait({loading, serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done():
+                # Stopped (or the server died) while loading: the load thread cannot be interrupted and the
+                # device must not be closed under it; both are left to process exit (the watchdog bounds it).
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loading
+                if serving.done():
+                    serving.result()
+                    raise WorkerError("the HTTP server stopped while the model was loading", code=ErrorCode.INTERNAL)
+                logs.event("startup_aborted", "Stop requested during startup; exiting without serving.", level=logging.WARNING)
+                worker.finish()
+                return worker.exit_code
+            loading.result()
         await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
     except WorkerError as e:
         return await _startup_failed(worker, e)
@@ -300,6 +341,7 @@ async def serve(
 async def _start(
     worker: Worker, config: WorkerConfig, tokens: TokenFile, plan: privileges.DropPlan | None,
 ) -> tuple[_Server, asyncio.Task[None]]:
+    """Everything up to listening; the model (if any) loads afterwards, while /health answers."""
     if plan is not None:
         privileges.harden_early(plan)  # before open_device starts the first thread: every thread inherits it
     auth = tokens.load()  # fail fast, before the device (SPEC 4913)
@@ -310,13 +352,6 @@ async def _start(
         server = _http_server(worker, config, auth)
         if plan is not None:
             _drop_privileges(plan, config, tokens)
-        if config.model:
-            await worker.commit(
-                Commit(
-                    model_ref=config.model, source=config.model, model_root=config.model_root,
-                    expected_sha256=config.expected_sha256,
-                )
-            )
     except BaseException:
         sock.close()
         raise
@@ -327,16 +362,21 @@ async def _start(
             raise WorkerError("the HTTP server stopped during startup", code=ErrorCode.INTERNAL)
         await asyncio.sleep(0.01)
     logs.event("listening", "Listening on {uri}.", uri=worker.uri, port=sock.getsockname()[1])
-    if worker.handle is not None:
-        try:
-            await worker.announce_ready()  # listening first, then the callback (SPEC "Callback")
-        except BaseException:
-            server.should_exit = True
-            await serving
-            raise
-    else:
+    if not config.model:
         logs.event("awaiting_commit", "No --model given: waiting for POST /worker/commit.")
     return server, serving
+
+
+async def _load_and_announce(worker: Worker, config: WorkerConfig) -> None:
+    """Load, verify and seal ``--model`` while listening, then the readiness callback (SPEC 4023, 4031)."""
+    assert config.model
+    await worker.commit(
+        Commit(
+            model_ref=config.model, source=config.model, model_root=config.model_root,
+            expected_sha256=config.expected_sha256,
+        )
+    )
+    await worker.announce_ready()  # sealed and listening, then the callback (SPEC "Callback")
 
 
 def _http_server(worker: Worker, config: WorkerConfig, auth: BearerAuth) -> _Server:
@@ -374,7 +414,8 @@ def _drop_privileges(plan: privileges.DropPlan, config: WorkerConfig, tokens: To
     ]
     if config.device == "cuda":  # Triton compiles kernels at the first load, i.e. after the drop
         needs.append((_nearest_existing(triton_cache_dir(os.environ)), rw, "writable",
-                      ": it holds Triton's kernel cache; point TRITON_HOME at a directory the user owns"))
+                      ": it holds Triton's kernel cache; point --state-dir (or TRITON_CACHE_DIR, TRITON_HOME) at a "
+                      "directory the user owns"))
     for path, mode, what, why in needs:  # fail now, not at the first commit
         if path is not None and not _usable(path, mode):
             raise privileges.PrivilegeError(f"{path} must be {what} by {who} after the privilege drop{why}")

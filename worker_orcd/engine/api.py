@@ -299,6 +299,7 @@ class Engine:
         prefill_chunk: int | None = None,
         before_admit: Callable[[int], None] | None = None,
         observer: LoopObserver | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> ResidentModel:
         """Plan, stream + dequantize ``model_file`` into VRAM, re-hash, capture the decode graphs, fingerprint.
 
@@ -306,7 +307,9 @@ class Engine:
         (the SHA-256 the host verified), or nothing loads (SPEC 4113). ``name`` labels logs and errors.
         ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
         jobs running at once; ``prefill_chunk`` the tokens of one step; ``before_admit`` is the
-        host's seal check, run once per step that admits jobs.
+        host's seal check, run once per step that admits jobs. ``progress(bytes_done, bytes_total)``
+        is called after every uploaded chunk of tensor data (what ``/health`` shows while loading);
+        once it reports all bytes, warm-up and graph capture follow. Its exceptions are ignored.
         """
         if not name:
             raise InvalidParams("name must be non-empty")
@@ -335,7 +338,7 @@ class Engine:
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
-                stats = upload(model_file, g, lay, arena, digest, self.ctx)
+                stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
                 weights = bind(arena, lay, cfg)
                 kv = PagedKVCache.allocate(cfg, pool, dtype, dev)
                 runner = ModelRunner(Model(cfg, weights), kv, dev, s_max, batch, max_tokens=budget)

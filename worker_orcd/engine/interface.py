@@ -75,9 +75,11 @@ class EngineLike(Protocol):
         prefill_chunk: int | None = None,
         before_admit: Callable[[int], None] | None = None,
         observer: LoopObserver | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> ResidentModelLike:
         """Stream ``model_file`` (the open, verified file ``gguf`` was parsed from) onto the device,
-        re-hashing it against ``digest`` on the way; nothing is sealed here."""
+        re-hashing it against ``digest`` on the way; nothing is sealed here. ``progress(bytes_done,
+        bytes_total)`` hears of each uploaded chunk of tensor data; what it raises is ignored."""
         ...
 
     def memory(self) -> dict[str, int]: ...

@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -37,6 +37,8 @@ from .weights import WeightLayout, views
 
 CHUNK_BYTES = 64 << 20
 RING = 3  # staging buffers in flight: one being read, one being hashed, one on the GPU
+
+Progress = Callable[[int, int], None]  # (tensor bytes uploaded, tensor bytes in all): the host's /health
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,13 @@ def upload(
     expected_digest: str,
     ctx: DeviceContext,
     chunk_bytes: int = CHUNK_BYTES,
+    progress: Progress | None = None,
 ) -> LoadStats:
-    """Stream the file into ``arena``; raise MODEL_LOAD_FAILED unless its SHA-256 is ``expected_digest``."""
+    """Stream the file into ``arena``; raise MODEL_LOAD_FAILED unless its SHA-256 is ``expected_digest``.
+
+    ``progress`` is told the tensor bytes uploaded so far after every chunk (only observation:
+    whatever it raises is dropped, it never breaks a load).
+    """
     fd = fh.fileno()
     if os.fstat(fd).st_size != g.file_size:
         raise ModelLoadError(f"model file is {os.fstat(fd).st_size} bytes now, {g.file_size} when it was verified")
@@ -150,6 +157,8 @@ def upload(
     flat = {name: view.view(-1) for name, view in views(arena, lay).items()}
     sha = hashlib.sha256()
     uploaded = 0
+    total = sum(t.n_bytes for t in g.tensors if t.name in lay.parts)
+    _tell(progress, 0, total)
     reader = _Reader(fd, _chunks(g, lay, chunk_bytes), host, events, ctx.index)
     reader.start()
     try:
@@ -177,6 +186,7 @@ def upload(
                     start = part.elem_offset + chunk.elem_start
                     dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=flat[part.slot][start : start + n_el])
                 uploaded += chunk.n_bytes
+                _tell(progress, uploaded, total)
             if events is not None:
                 events[k].record()
             reader.free.put(k)
@@ -191,3 +201,13 @@ def upload(
             f"model bytes changed after verification: SHA-256 while uploading is {digest}, verified digest was {expected_digest}"
         )
     return LoadStats(g.file_size, uploaded, arena.numel(), time.perf_counter() - t0)
+
+
+def _tell(progress: Progress | None, done: int, total: int) -> None:
+    """Report progress; a failing observer must not fail the load it observes."""
+    if progress is None:
+        return
+    try:
+        progress(done, total)
+    except Exception:  # noqa: BLE001 - observation only
+        pass

@@ -13,11 +13,14 @@ from starlette.types import Scope
 
 from .. import __version__
 from ..auth import BearerAuth
+from ..errors import ErrorCode, WorkerError
 from ..lifecycle import Worker
 from . import deps, errors, openai_routes, routes_execute, routes_ops, routes_worker, schemas
 from .middleware import RequestContext
 
 JSON_BODY_FLOOR = 64 * 1024
+# Authenticated routes that still answer while a model loads: the readiness question and the way out.
+OPEN_WHILE_LOADING = frozenset({"/worker/ready", "/shutdown"})
 
 
 def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
@@ -52,8 +55,16 @@ def create_app(worker: Worker, auth: BearerAuth) -> FastAPI:
     paths = {str(app.openapi_url)} | {r.path for r in routes}
     # Routes that need a caller are authenticated before their body is read or parsed (issue 10, defect 6).
     protected = {r.path for r in routes if _needs_caller(r)}
+    def not_ready(scope: Scope) -> WorkerError | None:
+        """While a model loads (issue 13: the port is open, /health says 503 loading) nothing else is served."""
+        if worker.loading_model and scope.get("path") not in OPEN_WHILE_LOADING:
+            return WorkerError("worker is not ready (loading a model; no sealed model is serving yet)",
+                               code=ErrorCode.WORKER_NOT_READY)
+        return None
+
     app.add_middleware(
         RequestContext, metrics=worker.metrics, body_limit=body_limit, paths=paths, auth=auth, protected=protected,
+        not_ready=not_ready,
     )
     app.openapi = _openapi_builder(app)  # type: ignore[method-assign]
     return app

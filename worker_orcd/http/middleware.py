@@ -51,6 +51,7 @@ class RequestContext:
     def __init__(
         self, app: ASGIApp, metrics: Metrics, body_limit: Callable[[Scope], int | None], paths: Collection[str] = (),
         auth: BearerAuth | None = None, protected: Collection[str] = (),
+        not_ready: Callable[[Scope], WorkerError | None] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -58,6 +59,7 @@ class RequestContext:
         self.paths = frozenset(paths)
         self.auth = auth
         self.protected = frozenset(protected)
+        self.not_ready = not_ready  # asked after authentication: a refusal for this protected route, or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,6 +108,8 @@ class RequestContext:
                 )
             elif (denied := self._authenticate(scope, state, headers)) is not None:
                 await refuse(denied)
+            elif (unready := self._not_ready(scope)) is not None:
+                await refuse(unready)
             elif limit is not None and _content_length(headers) > limit:
                 await refuse(BodyTooLarge(f"body: the request body exceeds {limit} bytes"))
             else:
@@ -147,6 +151,11 @@ class RequestContext:
         state["caller"], state["fp6"] = caller, caller.fp6
         logs.update(fp6=caller.fp6)
         return None
+
+    def _not_ready(self, scope: Scope) -> WorkerError | None:
+        if self.not_ready is None or scope.get("path") not in self.protected:
+            return None
+        return self.not_ready(scope)
 
     def _path(self, scope: Scope) -> str:
         path = str(scope.get("path", ""))

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..lifecycle import State
 from .deps import CallerDep, WorkerDep
-from .schemas import BatchingView, ErrorBody, HealthResponse, ShutdownResponse
+from .schemas import BatchingView, ErrorBody, HealthResponse, LoadProgress, ShutdownResponse
 
 router = APIRouter()
 
@@ -16,13 +16,15 @@ router = APIRouter()
     "/health",
     response_model=HealthResponse,
     summary="Liveness and lifecycle state (no auth)",
-    responses={503: {"model": HealthResponse, "description": "the worker is stopped"}},
+    responses={503: {"model": HealthResponse, "description": "a model is loading (status loading, with progress), "
+                     "or the worker is stopped"}},
 )
 async def health(worker: WorkerDep) -> JSONResponse:
     handle = worker.handle
     stopped = worker.state == State.STOPPED
+    progress = None if stopped else worker.load_progress  # llama-server's answer while loading (issue 13)
     body = HealthResponse(
-        status="stopped" if stopped else "ok",
+        status="stopped" if stopped else "loading" if progress is not None else "ok",
         state=worker.state.value,
         model=handle.model_ref if handle is not None else None,
         vram_bytes=0 if worker.config.dev_mode or worker.model is None else worker.model.vram_bytes(),
@@ -31,8 +33,10 @@ async def health(worker: WorkerDep) -> JSONResponse:
         device=worker.config.device,
         dev_mode=worker.config.dev_mode,
         batching=BatchingView(**worker.batching()),
+        progress=LoadProgress(**progress) if progress is not None else None,
     )
-    return JSONResponse(body.model_dump(), status_code=503 if stopped else 200)
+    content = body.model_dump(exclude={"progress"} if progress is None else set())
+    return JSONResponse(content, status_code=503 if stopped or progress is not None else 200)
 
 
 @router.get(

@@ -185,8 +185,19 @@ class ReadyResponse(BaseModel):
     batching: BatchingView
 
 
+class LoadProgress(BaseModel):
+    """How far the model load is (``/health`` while ``status`` is ``loading``)."""
+
+    phase: Literal["validate", "upload", "capture", "seal"] = Field(
+        description="validate: hash, signature, GGUF and capability checks; upload: tensor bytes streamed to the "
+        "device; capture: kernel warm-up and decode-graph capture; seal: seal verified over the resident bytes"
+    )
+    bytes_done: int = Field(description="tensor bytes uploaded so far")
+    bytes_total: int | None = Field(description="tensor bytes to upload; null until the upload starts")
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok", "stopped"]
+    status: Literal["ok", "loading", "stopped"]
     state: str
     model: str | None
     vram_bytes: int
@@ -195,6 +206,7 @@ class HealthResponse(BaseModel):
     device: Literal["cuda", "cpu"]
     dev_mode: bool
     batching: BatchingView
+    progress: LoadProgress | None = Field(default=None, description="only while a model loads (status loading, 503)")
 
 
 class AcceptedResponse(BaseModel):
