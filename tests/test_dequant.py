@@ -53,6 +53,8 @@ F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
     GGMLType.Q4_K: (0, 2),
     GGMLType.Q5_K: (0, 2),
     GGMLType.Q6_K: (208,),
+    GGMLType.Q2_K: (80, 82),
+    GGMLType.Q3_K: (108,),
 }
 # (bits, exponent mask) of the plain float types, to make random bit patterns finite.
 FLOAT_BITS: dict[GGMLType, tuple[type[np.unsignedinteger], int]] = {
@@ -273,7 +275,7 @@ def test_worker_4400_reference_validates_like_kernel(case: str, device: str) -> 
         dequantize_reference(torch.zeros(66, dtype=torch.uint8), GGMLType.IQ2_XXS, 256)
 
 
-@pytest.mark.parametrize("bad", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q8_K, GGMLType.I32, 99, -1])
+@pytest.mark.parametrize("bad", [GGMLType.IQ2_XXS, GGMLType.IQ3_S, GGMLType.Q8_K, GGMLType.I32, 99, -1])
 def test_worker_4701_unsupported_type_is_a_load_failure(bad: GGMLType | int, device: str) -> None:
     """A ggml type the engine cannot dequantize is a typed MODEL_LOAD_FAILED, not a crash or garbage."""
     raw = torch.zeros(66 * 4, dtype=torch.uint8, device=device)
@@ -283,6 +285,28 @@ def test_worker_4701_unsupported_type_is_a_load_failure(bad: GGMLType | int, dev
     assert isinstance(info.value, EngineError)
     name = bad.name if isinstance(bad, GGMLType) else str(bad)
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize("force_triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("t", [GGMLType.Q2_K, GGMLType.Q3_K], ids=lambda t: t.name)
+def test_worker_4400_low_bit_k_bad_sizes_rejected(t: GGMLType, force_triton: bool, device: str) -> None:
+    """Q2_K (84-byte) and Q3_K (110-byte) super-blocks: a byte length or element count that is not
+    whole blocks is refused before launch, naming the type's kernel."""
+    size = BLOCK_LAYOUT[t].type_size
+    raw = torch.zeros(3 * size, dtype=torch.uint8, device=device)
+    kernel = f"dequant_{t.name.lower()}"
+    for bad_raw, n in ((raw[:-1], 3 * 256), (raw, 2 * 256), (raw, 3 * 256 - 32), (raw[: size - 2], 256)):
+        with pytest.raises(KernelDimensionError, match=kernel):
+            dequantize(bad_raw, t, n, force_triton=force_triton)
+
+
+def test_worker_4701_low_bit_k_are_dequantized_at_load_not_fused() -> None:
+    """Q2_K/Q3_K load but have no fused matmul: the split is what the qmatmul gate and the ECP use."""
+    from worker_orcd.engine.dequant.formats import DEQUANTIZED_AT_LOAD_TYPES, FUSED_TYPES
+
+    assert DEQUANTIZED_AT_LOAD_TYPES == {GGMLType.Q2_K, GGMLType.Q3_K}
+    assert FUSED_TYPES | DEQUANTIZED_AT_LOAD_TYPES == SUPPORTED_TYPES
+    assert not FUSED_TYPES & DEQUANTIZED_AT_LOAD_TYPES
 
 
 def test_worker_4400_force_triton_on_cpu_needs_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

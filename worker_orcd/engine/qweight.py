@@ -1,4 +1,4 @@
-"""A matrix weight as it is resident: GGUF block bytes (any fused type), plus mixed-type groups.
+"""A matrix weight as it is resident: GGUF block bytes (any ``FUSED_TYPES`` type), plus mixed-type groups.
 
 ``QWeight`` is W[N, K] (torch orientation: N output features, rows of K
 inputs) kept as the file's blocks, row after row (a GGUF tensor of ggml shape
@@ -14,12 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .dequant.formats import SUPPORTED_TYPES
+from .dequant.formats import FUSED_TYPES
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 
-# Types the fused dequant-matmul kernel reads directly; others are dequantized at load.
-# Every type the loader accepts has a fused dequant-matmul kernel (kernels/qmatmul.py).
-FUSED_TYPES: frozenset[GGMLType] = SUPPORTED_TYPES
+__all__ = ["FUSED_TYPES", "QWeight", "Weight", "WeightGroup", "row_bytes"]  # FUSED_TYPES: re-exported (torch-free home)
 
 
 def row_bytes(ggml_type: GGMLType, k: int) -> int:

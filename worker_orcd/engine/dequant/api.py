@@ -32,6 +32,8 @@ _BLOCK_KERNELS: dict[GGMLType, tuple[str, str]] = {
     GGMLType.Q4_K: ("kernels_k", "q4_k_kernel"),
     GGMLType.Q5_K: ("kernels_k", "q5_k_kernel"),
     GGMLType.Q6_K: ("kernels_k", "q6_k_kernel"),
+    GGMLType.Q2_K: ("kernels_k", "q2_k_kernel"),  # no fused matmul: used at load only
+    GGMLType.Q3_K: ("kernels_k", "q3_k_kernel"),
 }
 
 # BF16 is handed to the kernel as int16 bits (see convert_kernel).

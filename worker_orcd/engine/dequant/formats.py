@@ -1,9 +1,10 @@
-"""What the dequantizer accepts: ggml types, output dtypes, and per-type launch tiles.
+"""What the dequantizer accepts (and which of those the fused matmul reads), and per-type launch tiles.
 
 Kept apart from the kernels so validation and the reference path never need
 Triton, and so tile sizes live in one place (kernels and benchmarks agree).
 No torch here: the ECP (``engine/profile.py``) is derived from ``SUPPORTED_TYPES``
-in the torch-free host layer.
+in the torch-free host layer, and so is ``FUSED_TYPES`` (the ECP and inspect say
+which types stay blocks and which are dequantized at load).
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(
         GGMLType.Q4_K,
         GGMLType.Q5_K,
         GGMLType.Q6_K,
+        GGMLType.Q2_K,
+        GGMLType.Q3_K,
     }
 )
+
+# Types the fused dequant-matmul (kernels/qmatmul.py) reads as blocks. A supported type outside
+# this set loads, but its matrices are dequantized at load to the resident dtype in both
+# residencies (weights.py), and VRAM planning counts them dense (vram_budget.py).
+FUSED_TYPES: frozenset[GGMLType] = SUPPORTED_TYPES - {GGMLType.Q2_K, GGMLType.Q3_K}
+DEQUANTIZED_AT_LOAD_TYPES: frozenset[GGMLType] = SUPPORTED_TYPES - FUSED_TYPES
 
 FLOAT_TYPES: frozenset[GGMLType] = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 

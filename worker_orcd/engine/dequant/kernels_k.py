@@ -1,4 +1,4 @@
-"""Triton kernels for the 256-element K-quant super-blocks (Q4_K, Q5_K, Q6_K).
+"""Triton kernels for the 256-element K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
 
 One program dequantizes NB super-blocks as a 3-D tile [NB, groups, lanes]
 where a group shares one scale: per-group fields (six-bit scales and mins,
@@ -91,4 +91,47 @@ def q6_k_kernel(raw_ptr, out_ptr, n_blocks, NB: tl.constexpr):
     scale = tl.load(raw_ptr + base + 192 + g, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
     d = load_f16(raw_ptr, base + 208, mask)
     x = (d * scale) * q
+    store_out(out_ptr, blk * 256 + j, x, mask)
+
+
+@triton.jit
+def _q2_lane_bits(raw_ptr, qs_offs, j, mask):
+    """2-bit field of element j (0..255) in the 64 bytes at ``qs_offs`` (Q2_K and Q3_K share it):
+    byte qs[32*(j//128) + j%32], shift 2*((j%128)//32) (ggml's n/shift/l loops)."""
+    byte = tl.load(raw_ptr + qs_offs + (j // 128) * 32 + (j % 32), mask=mask, other=0).to(tl.int32)
+    return (byte >> (((j % 128) // 32) * 2)) & 3
+
+
+@triton.jit
+def q2_k_kernel(raw_ptr, out_ptr, n_blocks, NB: tl.constexpr):
+    """Q2_K {u8 scales[16]; u8 qs[64]; f16 d; f16 dmin}: x = (d*(sc&15)) * q - dmin*(sc>>4), sc = scales[j//16]."""
+    blk, g, t, mask = _tile3(n_blocks, NB, 16, 16)
+    base = blk * 84
+    j = g * 16 + t
+    sc = tl.load(raw_ptr + base + g, mask=mask, other=0).to(tl.int32)
+    q = _q2_lane_bits(raw_ptr, base + 16, j, mask).to(tl.float32)
+    d = load_f16(raw_ptr, base + 80, mask)
+    dmin = load_f16(raw_ptr, base + 82, mask)
+    x = (d * (sc & 0x0F).to(tl.float32)) * q - dmin * (sc >> 4).to(tl.float32)
+    store_out(out_ptr, blk * 256 + j, x, mask)
+
+
+@triton.jit
+def q3_k_kernel(raw_ptr, out_ptr, n_blocks, NB: tl.constexpr):
+    """Q3_K {u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}: x = (d*(s-32)) * (q - (h ? 0 : 4)).
+
+    Six-bit scale s of group g: low nibble of scales[g%8] (high nibble for g >= 8),
+    bits 4-5 from scales[8 + g%4] at shift 2*(g//4). h is bit j//32 of hmask[j%32].
+    """
+    blk, g, t, mask = _tile3(n_blocks, NB, 16, 16)
+    base = blk * 110
+    j = g * 16 + t
+    lo = tl.load(raw_ptr + base + 96 + (g % 8), mask=mask, other=0).to(tl.int32)
+    hi = tl.load(raw_ptr + base + 104 + (g % 4), mask=mask, other=0).to(tl.int32)
+    s = (((lo >> ((g // 8) * 4)) & 0x0F) | (((hi >> ((g // 4) * 2)) & 3) << 4)) - 32
+    hm = tl.load(raw_ptr + base + (j % 32), mask=mask, other=0).to(tl.int32)
+    h = (hm >> (j // 32)) & 1
+    q = _q2_lane_bits(raw_ptr, base + 32, j, mask) - ((h ^ 1) << 2)
+    d = load_f16(raw_ptr, base + 108, mask)
+    x = (d * s.to(tl.float32)) * q.to(tl.float32)
     store_out(out_ptr, blk * 256 + j, x, mask)

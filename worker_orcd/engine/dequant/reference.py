@@ -109,6 +109,33 @@ def _q6_k(b: Tensor) -> Tensor:
     return ((d * scales).unsqueeze(-1) * q).reshape(n, 256)
 
 
+def _q2_lane_bits(qs: Tensor) -> Tensor:
+    """[n, 64] bytes -> [n, 256] 2-bit values: element 128h + 32k + l = (qs[32h + l] >> 2k) & 3."""
+    shifts = torch.tensor([0, 2, 4, 6], device=qs.device, dtype=torch.int32)
+    return _bits(qs.reshape(-1, 2, 32), shifts, 3).reshape(-1, 256)
+
+
+def _q2_k(b: Tensor) -> Tensor:
+    n = b.shape[0]
+    sc = b[:, 0:16].int()
+    q = _q2_lane_bits(b[:, 16:80]).reshape(n, 16, 16).float()
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl, ml = d * (sc & 0x0F).float(), dmin * (sc >> 4).float()
+    return (dl.unsqueeze(-1) * q - ml.unsqueeze(-1)).reshape(n, 256)
+
+
+def _q3_k(b: Tensor) -> Tensor:
+    n = b.shape[0]
+    packed = b[:, 96:108].int()
+    low = torch.cat((packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4), dim=-1)  # group g: scales[g%8], nibble g//8
+    high = _bits(b[:, 104:108], torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32), 3).reshape(n, 16)
+    scales = ((low | (high << 4)) - 32).float()
+    h = _bits(b[:, 0:32], torch.arange(8, device=b.device, dtype=torch.int32), 1).reshape(n, 256)
+    q = (_q2_lane_bits(b[:, 32:96]) - ((h ^ 1) << 2)).reshape(n, 16, 16).float()
+    d = _f16(b[:, 108:110])
+    return ((d * scales).unsqueeze(-1) * q).reshape(n, 256)
+
+
 _BLOCK_FNS: dict[GGMLType, Callable[[Tensor], Tensor]] = {
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q4_0: _q4_0,
@@ -118,6 +145,8 @@ _BLOCK_FNS: dict[GGMLType, Callable[[Tensor], Tensor]] = {
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,
     GGMLType.Q6_K: _q6_k,
+    GGMLType.Q2_K: _q2_k,
+    GGMLType.Q3_K: _q3_k,
 }
 
 _FLOAT_VIEWS: dict[GGMLType, torch.dtype] = {
