@@ -42,8 +42,8 @@ ShapeName = Literal[
     "mid-llama",
     "mid-gemma3",
 ]
-WeightType = Literal["F16", "Q8_0", "Q4_K_M"]
-MIXES = ("F16", "Q8_0", "Q4_K_M")  # the named weight types; any other ggml type name puts every matrix in it
+WeightType = Literal["F16", "Q8_0", "Q4_K_M", "Q3_K_M"]
+MIXES = ("F16", "Q8_0", "Q4_K_M", "Q3_K_M")  # the named weight types; any other ggml type name puts every matrix in it
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,20 @@ def _random_blocks_more(rng: np.random.Generator, t: GGMLType, n: int) -> bytes:
         q5k["qh"] = rng.integers(0, 256, (n, 32))
         q5k["qs"] = rng.integers(0, 256, (n, 128))
         return q5k.tobytes()
+    if t is GGMLType.Q2_K:  # x = (d * (sc & 15)) * q - dmin * (sc >> 4), q in 0..3
+        q2k = np.zeros(n, dtype=[("scales", "u1", 16), ("qs", "u1", 64), ("d", "<f2"), ("dmin", "<f2")])
+        q2k["scales"] = rng.integers(0, 256, (n, 16))
+        q2k["qs"] = rng.integers(0, 256, (n, 64))
+        q2k["d"] = rng.uniform(0.5, 1.5, n) * (0.04 / 45)
+        q2k["dmin"] = rng.uniform(0.5, 1.5, n) * (0.02 / 15)
+        return q2k.tobytes()
+    if t is GGMLType.Q3_K:  # x = (d * (s - 32)) * q, s in 0..63, q in -4..3
+        q3k = np.zeros(n, dtype=[("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", "<f2")])
+        q3k["hmask"] = rng.integers(0, 256, (n, 32))
+        q3k["qs"] = rng.integers(0, 256, (n, 64))
+        q3k["scales"] = rng.integers(0, 256, (n, 12))
+        q3k["d"] = rng.uniform(0.5, 1.5, n) * (0.02 / 64)
+        return q3k.tobytes()
     raise ValueError(f"no random block generator for {t.name}")
 
 
@@ -216,6 +230,9 @@ def _matrix_type(weight_type: WeightType | str, role: str, row: int) -> GGMLType
         return GGMLType.F16
     if weight_type == "Q8_0":
         return GGMLType.Q8_0
+    if weight_type == "Q3_K_M":  # Q3_K (no fused kernel) beside fused K-quants, also inside Q/K/V
+        t = {"output": GGMLType.Q6_K, "attn_v": GGMLType.Q5_K, "ffn_down": GGMLType.Q4_K}.get(role, GGMLType.Q3_K)
+        return t if row % 256 == 0 else GGMLType.Q8_0 if role == "output" else GGMLType.Q5_0
     t = GGMLType.Q6_K if role in ("output", "attn_v", "ffn_down") else GGMLType.Q4_K
     if row % 256:
         t = GGMLType.Q8_0 if t is GGMLType.Q6_K else GGMLType.Q5_0
@@ -247,9 +264,12 @@ def write_synthetic_model(
     hd = s.head_dim or s.d_model // s.n_heads
     q, kv, d, f, V = s.n_heads * hd, s.n_kv_heads * hd, s.d_model, s.ffn_dim, s.vocab
     tmpl = dict(_templates(seed))
-    if weight_type not in MIXES and GGMLType[weight_type] not in tmpl:  # its own stream: the mixes' draws stay
-        t_single = GGMLType[weight_type]
-        tmpl[t_single] = _random_blocks(np.random.default_rng([seed, t_single.value]), t_single, _TEMPLATE_BLOCKS)
+    own = [GGMLType[weight_type]] if weight_type not in MIXES else []
+    if weight_type == "Q3_K_M":
+        own = [GGMLType.Q3_K, GGMLType.Q5_K]
+    for t_own in own:  # its own stream: the other mixes' draws stay as they were
+        if t_own not in tmpl:
+            tmpl[t_own] = _random_blocks(np.random.default_rng([seed, t_own.value]), t_own, _TEMPLATE_BLOCKS)
     rng = np.random.default_rng(seed + 1)
     w = GGUFWriter()
     a = s.arch
@@ -317,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path", type=Path)
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    ap.add_argument("--type", dest="weight_type", choices=["F16", "Q8_0", "Q4_K_M"], required=True)
+    ap.add_argument("--type", dest="weight_type", choices=list(MIXES), required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-from", type=Path, default=None, help="copy this GGUF's tokenizer in")
     ap.add_argument("--vocab", type=int, default=None, help="embedding rows (llama.cpp wants the tokenizer's count)")

@@ -509,6 +509,9 @@ def test_worker_4610_build_ecp_from_profile() -> None:
     assert (ecp.supports_architecture, ecp.max_context) == (p.architectures, p.max_context)
     d = json.loads(json.dumps(ecp.to_dict()))
     assert d["supports_quant"] == list(ENGINE_PROFILE.quant) and d["vram_bytes"] == 80 << 30
+    # the types with no fused matmul are a named subset of supports_quant (dequantized at load)
+    assert d["quant_dequantized_at_load"] == list(p.quant_dequantized_at_load) == ["Q2_K", "Q3_K"]
+    assert set(p.quant_dequantized_at_load) <= set(p.quant)
 
 
 def test_worker_4611_profile_names_only_known_things() -> None:

@@ -161,7 +161,7 @@ def test_worker_4983_inspect_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 def test_worker_4622_inspect_reports_rejections(tmp_path: Path) -> None:
-    path = write_model(tmp_path / "m.gguf", gtype=GGMLType.Q2_K, **{"llama.context_length": 1 << 20})
+    path = write_model(tmp_path / "m.gguf", gtype=GGMLType.IQ2_XS, **{"llama.context_length": 1 << 20})
     proc = cli("inspect", path, "--json")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)

@@ -232,13 +232,13 @@ def test_worker_4310_file_rewritten_during_validation_refused(root: Path) -> Non
 
 
 def test_worker_4620_capability_mismatch_raised(root: Path) -> None:
-    write_model(root / "tiny.gguf", gtype=GGMLType.Q2_K)
+    write_model(root / "tiny.gguf", gtype=GGMLType.IQ2_XS)
     with pytest.raises(CapabilityError) as err:
         validate_model("tiny.gguf", LoadOptions(model_root=root), ecp=build_ecp("w", 0))
     assert err.value.code is ErrorCode.CAPABILITY_MISMATCH
-    assert err.value.message.startswith('model "tiny" needs quant one of [Q2_K]; this engine supports [F32, ')
+    assert err.value.message.startswith('model "tiny" needs quant one of [IQ2_XS]; this engine supports [F32, ')
     # Without an ECP the model is validated but not matched.
-    assert validate_model("tiny.gguf", LoadOptions(model_root=root)).mcd.quant == ("Q2_K",)
+    assert validate_model("tiny.gguf", LoadOptions(model_root=root)).mcd.quant == ("IQ2_XS",)
 
 
 def test_worker_4620_engine_context_limit(root: Path) -> None:

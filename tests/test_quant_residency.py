@@ -86,7 +86,16 @@ def test_worker_4100_quantized_forward_equals_dense(q4km: Path) -> None:
             ops.use_kernels_on_cpu(False)
 
 
-@pytest.mark.parametrize(("shape", "wtype"), [("tiny-qwen2", "Q4_K_M"), ("tiny-llama", "Q8_0"), ("tiny-gemma3", "F16")])
+@pytest.mark.parametrize(
+    ("shape", "wtype"),
+    [
+        ("tiny-qwen2", "Q4_K_M"),
+        ("tiny-llama", "Q8_0"),
+        ("tiny-gemma3", "F16"),
+        ("tiny-llama", "Q3_K_M"),  # Q3_K (dequantized at load) beside fused K-quants
+        ("tiny-qwen2", "Q2_K"),  # every matrix dequantized at load
+    ],
+)
 @pytest.mark.parametrize("kv_mb", [None, 1])
 def test_worker_4103_vram_budget_equals_cuda_plan(
     shape: str, wtype: str, kv_mb: int | None, tmp_path_factory: pytest.TempPathFactory
@@ -108,8 +117,13 @@ def test_worker_4103_vram_budget_equals_cuda_plan(
     assert dense["weights_bytes_quantized"] == summary["weights_bytes"]
     assert summary["max_context"] == plan.max_seq_len
     assert summary["kv_cache_bytes"] == plan.kv_cache_bytes
-    assert summary["weights_bytes"] <= 1.05 * g.tensor_bytes + 256 * len(g.tensors)
-    if wtype != "F16":  # quantized residency is smaller than the dense fp16 plan
+    at_load = sorted({t.type_name for t in g.tensors if t.type_name in ("Q2_K", "Q3_K")})
+    assert summary["dequantized_at_load_types"] == at_load  # counted dense (16-bit) in the quantized plan
+    if not at_load:  # the 1.05x target holds where every matrix has a fused kernel
+        assert summary["weights_bytes"] <= 1.05 * g.tensor_bytes + 256 * len(g.tensors)
+    if wtype in ("F16", "Q2_K"):  # nothing stays blocks: the quantized plan is the dense one minus fusing
+        assert plan.weights_bytes >= weight_layout(cfg, g, dtype).total_bytes
+    else:  # quantized residency is smaller than the dense fp16 plan
         assert plan.weights_bytes < weight_layout(cfg, g, dtype).total_bytes
 
 
@@ -136,3 +150,74 @@ def test_worker_4103_inspect_json_has_vram_plan(q4km: Path) -> None:
     assert plan["weights_bytes"] == weight_layout(cfg, g, torch.float16).total_bytes
     assert plan["weights_bytes_quantized"] == weight_layout(cfg, g, torch.float16, quantized=True).total_bytes
     assert plan["weights_and_kv_bytes"] == plan["weights_bytes"] + plan["kv_cache_bytes"]
+
+
+@pytest.fixture(scope="module")
+def q3km(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.write_synthetic_model(tmp_path_factory.mktemp("q3") / "tiny-q3km.gguf", "tiny-llama", "Q3_K_M")
+
+
+def test_worker_4701_q3_k_dequantized_at_load_in_quantized_residency(q3km: Path) -> None:
+    """Q3_K has no fused matmul: in the quantized residency its matrices get dense slots (dequantized
+    at load), alone as dense tensors and inside Q/K/V beside the Q5_K part that stays blocks."""
+    g, cfg, lay, w, _ = _resident(q3km, quantized=True)
+    lw = w.layers[0]
+    assert isinstance(lw.wqkv, WeightGroup)
+    assert [p.ggml_type for p in lw.wqkv.parts] == [GGMLType.F32, GGMLType.F32, GGMLType.Q5_K]
+    assert isinstance(lw.w_gate_up, WeightGroup) and {p.ggml_type for p in lw.w_gate_up.parts} == {GGMLType.F32}
+    assert isinstance(lw.w_down, QWeight) and lw.w_down.ggml_type == GGMLType.Q4_K
+    assert isinstance(lw.wo, torch.Tensor) and isinstance(w.embed, torch.Tensor)  # Q3_K alone: dense
+    assert isinstance(w.lm_head, QWeight) and w.lm_head.ggml_type == GGMLType.Q6_K
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_output.weight", "token_embd.weight"):
+        assert g.tensor(name).ggml_type == GGMLType.Q3_K and lay.slots[name].ggml_type is None, name
+    data = q3km.read_bytes()
+    info, s = g.tensor("blk.1.attn_v.weight"), lay.slots["blk.1.attn_v.weight"]
+    assert s.ggml_type == GGMLType.Q5_K  # the fused part is still the verified file bytes
+    resident = w.arena[s.byte_offset : s.byte_offset + s.n_bytes].numpy().tobytes()
+    assert resident == data[info.data_offset : info.data_offset + info.n_bytes]
+
+
+def test_worker_4701_q3_k_model_generates_same_in_both_residencies(q3km: Path) -> None:
+    """Greedy decoding over the Q3_K_M model: the quantized residency (Q3_K dequantized at load,
+    the rest blocks) gives the dense residency's logits bit for bit, token after token."""
+    *_, dense = _resident(q3km, quantized=False)
+    *_, quant = _resident(q3km, quantized=True)
+    ids = [1, 5, 9]
+    with torch.no_grad():
+        for _ in range(4):
+            want = dense.prefill_logits(ids)
+            assert torch.isfinite(want).all()
+            assert torch.equal(quant.prefill_logits(ids), want)
+            ids.append(int(want.argmax()))
+        ops.use_kernels_on_cpu(True)  # the interpreted kernels over the mixed group and the dense Q3_K slots
+        try:
+            tokens = torch.tensor(ids)
+            assert torch.equal(quant.model.embed(tokens), dense.model.embed(tokens))
+            lw, dw = quant.model.w.layers[1], dense.model.w.layers[1]
+            for got_w, ref_w in ((lw.wqkv, dw.wqkv), (lw.wo, dw.wo), (lw.w_gate_up, dw.w_gate_up)):
+                h = torch.randn(2, ref_w.shape[1])
+                got = ops.linear(h, got_w)
+                ref = h.double() @ ref_w.double().t()
+                assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-6
+        finally:
+            ops.use_kernels_on_cpu(False)
+
+
+def test_worker_4701_inspect_json_says_q3_k_is_dequantized_at_load(q3km: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "worker_orcd", "inspect", str(q3km)]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, check=True)
+    rep = json.loads(out.stdout)
+    at_load = {t["type"]: t["dequantized_at_load"] for t in rep["tensors"]["types"]}
+    assert at_load == {"F32": False, "Q3_K": True, "Q4_K": False, "Q5_K": False, "Q6_K": False}
+    assert rep["ecp"]["quant_dequantized_at_load"] == ["Q2_K", "Q3_K"]
+    assert set(rep["ecp"]["quant_dequantized_at_load"]) <= set(rep["ecp"]["supports_quant"])
+    assert rep["vram_plan"]["dequantized_at_load_types"] == ["Q3_K"]
+    assert rep["match"]["accepted"]
+    text = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    assert "Q3_K" in text and "dequantized at load" in text

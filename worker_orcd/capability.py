@@ -128,10 +128,18 @@ class ECP:
     max_context: int
     vram_bytes: int
     supports_architecture: tuple[str, ...]  # extension: graphs the engine can build
+    # extension: of supports_quant, the types with no fused matmul, dequantized at load (the rest stay blocks)
+    quant_dequantized_at_load: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name in ("supports_positional", "supports_attention", "supports_quant", "supports_architecture"):
+        for name in (
+            "supports_positional",
+            "supports_attention",
+            "supports_quant",
+            "supports_architecture",
+            "quant_dequantized_at_load",
+        ):
             d[name] = list(d[name])
         return d
 

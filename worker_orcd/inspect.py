@@ -131,7 +131,13 @@ def tensor_histogram(gguf: GGUFFile) -> dict[str, Any]:
     for t in gguf.tensors:
         counts[t.type_name] += 1
         sizes[t.type_name] += t.n_bytes
-    types = [{"type": name, "count": counts[name], "bytes": sizes[name]} for name in sorted(counts)]
+    # dequantized_at_load: the engine has no fused matmul for the type, so its matrices are
+    # dequantized at load in every residency (the other types stay blocks with --resident-weights quantized)
+    at_load = set(build_ecp("inspect", 0).quant_dequantized_at_load)
+    types = [
+        {"type": name, "count": counts[name], "bytes": sizes[name], "dequantized_at_load": name in at_load}
+        for name in sorted(counts)
+    ]
     return {"count": len(gguf.tensors), "bytes": gguf.tensor_bytes, "types": types}
 
 
@@ -244,7 +250,11 @@ def render_text(rep: dict[str, Any]) -> str:
     tw = max((len(t["type"]) for t in types), default=4)
     cw = max((len(str(t["count"])) for t in types), default=1)
     out.append(f"tensors: {tensors['count']}, {_mib(tensors['bytes'])}")
-    out += [f"  {t['type'].ljust(tw)}  {str(t['count']).rjust(cw)} tensors  {_mib(t['bytes'])}" for t in types]
+    out += [
+        f"  {t['type'].ljust(tw)}  {str(t['count']).rjust(cw)} tensors  {_mib(t['bytes'])}"
+        + ("  (no fused kernel: dequantized at load)" if t.get("dequantized_at_load") else "")
+        for t in types
+    ]
     out += _section("mcd", [(k, ", ".join(v) if isinstance(v, list) else _value(v)) for k, v in mcd.items()])
     verdict = rep["match"]
     if verdict["accepted"]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..capability import ECP
 from ..errors import InvalidParams
 from .config import ATTENTION_KINDS, MAX_CONTEXT, ROPE_BY_ARCH
-from .dequant.formats import SUPPORTED_TYPES
+from .dequant.formats import DEQUANTIZED_AT_LOAD_TYPES, SUPPORTED_TYPES
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class EngineProfile:
     attention: tuple[str, ...]
     quant: tuple[str, ...]  # ggml tensor types the engine loads (weights.py refuses the rest)
     max_context: int  # longest context a model may declare (config.py refuses longer)
+    # of ``quant``, the types with no fused matmul: their matrices are dequantized at load in every residency
+    quant_dequantized_at_load: tuple[str, ...] = ()
 
 
 def derive_profile() -> EngineProfile:
@@ -36,6 +38,7 @@ def derive_profile() -> EngineProfile:
         attention=ATTENTION_KINDS,
         quant=tuple(t.name for t in sorted(SUPPORTED_TYPES)),
         max_context=MAX_CONTEXT,
+        quant_dequantized_at_load=tuple(t.name for t in sorted(DEQUANTIZED_AT_LOAD_TYPES)),
     )
 
 
@@ -56,4 +59,5 @@ def build_ecp(worker_id: str, vram_bytes: int, profile: EngineProfile = ENGINE_P
         max_context=profile.max_context,
         vram_bytes=vram_bytes,
         supports_architecture=profile.architectures,
+        quant_dequantized_at_load=profile.quant_dequantized_at_load,
     )

@@ -3,7 +3,8 @@
 ``inspect --json`` reports it as ``vram_plan`` on machines with no GPU (host
 layer: no torch here). The numbers are those ``plan.plan_vram`` uses for the
 CUDA engine's INSUFFICIENT_VRAM check (tests hold the two equal): matrices stay
-GGUF blocks (``weights.py``, quantized residency), 1-D tensors (norms, the
+GGUF blocks (``weights.py``, quantized residency) unless their type has no fused
+kernel (Q2_K, Q3_K: dense, one slot per tensor), 1-D tensors (norms, the
 fused Q/K/V bias) are 16-bit, every slot rounded up to the arena alignment;
 the KV cache is 16-bit K and V per layer and token.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..gguf import GGUFFile
 from .config import ModelConfig
+from .dequant.formats import FUSED_TYPES
 
 ARENA_ALIGN = 256  # bytes, as weights.ARENA_ALIGN
 RESIDENT_ITEMSIZE = 2  # fp16 (bf16 for Gemma 3) activations, KV cache and dense weights on CUDA
@@ -45,14 +47,15 @@ def _fused_key(name: str, matrices: bool) -> str:
 def resident_weight_bytes(g: GGUFFile, itemsize: int = RESIDENT_ITEMSIZE, quantized: bool = False) -> int:
     """Arena bytes of the weights as weights.py lays them out.
 
-    quantized: raw GGUF blocks per matrix, dense 1-D slots; dense: every tensor dequantized to
-    ``itemsize`` bytes per element, Q/K/V and gate/up fused into one matrix each.
+    quantized: raw GGUF blocks per matrix of a fused type, a dense slot per other matrix, dense
+    1-D slots; dense: every tensor dequantized to ``itemsize`` bytes per element, Q/K/V and
+    gate/up fused into one matrix each.
     """
     total = 0
     dense: dict[str, int] = {}
     for t in g.tensors:
         if quantized and len(t.shape) >= 2:
-            total += _aligned(t.n_bytes)
+            total += _aligned(t.n_bytes if t.ggml_type in FUSED_TYPES else t.n_elements * itemsize)
         else:
             key = _fused_key(t.name, matrices=not quantized)
             dense[key] = dense.get(key, 0) + t.n_elements * itemsize
@@ -109,4 +112,8 @@ def vram_plan_summary(
         "max_context": ctx,
         "kv_cache_bytes": kv,
         "weights_and_kv_bytes": weights + kv,
+        # matrices with no fused kernel: dense (16-bit) in the quantized residency too
+        "dequantized_at_load_types": sorted(
+            {t.type_name for t in g.tensors if len(t.shape) >= 2 and t.ggml_type not in FUSED_TYPES}
+        ),
     }

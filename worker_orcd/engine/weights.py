@@ -12,8 +12,11 @@ Two residencies:
   parts may have different types: Q4_K_M mixes Q4_K and Q6_K) that the fused
   dequant-matmul kernel writes into one output. Norm weights and biases (tiny)
   are dequantized at load to the resident dtype. The seal fingerprints the
-  arena, i.e. exactly the verified file bytes that are resident. Every type the
-  loader accepts has a fused kernel, so nothing is dequantized at load.
+  arena, i.e. exactly the verified file bytes that are resident. A matrix whose
+  type has no fused kernel (Q2_K, Q3_K: ``formats.DEQUANTIZED_AT_LOAD_TYPES``) is
+  dequantized at load into its own dense slot, per tensor: alone it is bound
+  as a dense tensor, inside a group as a ``QWeight`` of the float type, so
+  a Q3_K_M group mixing Q3_K and Q5_K keeps its Q5_K part as blocks.
 * dense (CPU dev mode): everything dequantized to fp32 at load, Q/K/V and
   gate/up fused into one matrix each (one GEMM instead of 3 and 2).
 """
@@ -88,10 +91,11 @@ class WeightLayout:
         for tensor, ggml_shape in sources:
             if not g.has_tensor(tensor):
                 raise ModelLoadError(f"tensor {tensor} is missing from the GGUF file")
-            t = GGMLType(g.tensor(tensor).ggml_type) if g.tensor(tensor).ggml_type in SUPPORTED_TYPES else None
-            if t is None or t not in FUSED_TYPES:
-                self.add(tensor, (ggml_shape[1], ggml_shape[0]), (tensor, ggml_shape))  # rejected by the check
+            t = g.tensor(tensor).ggml_type
+            if t not in FUSED_TYPES:  # dequantized at load (unsupported types: refused by the check)
+                self.add(tensor, (ggml_shape[1], ggml_shape[0]), (tensor, ggml_shape))
             else:
+                t = GGMLType(t)
                 layout = BLOCK_LAYOUT[t]
                 n = ggml_shape[0] * ggml_shape[1] // layout.block_size * layout.type_size
                 self._reserve(Slot(tensor, (ggml_shape[1], ggml_shape[0]), self.total_bytes, n, t))
@@ -220,14 +224,24 @@ def views(arena: torch.Tensor, lay: WeightLayout) -> dict[str, torch.Tensor]:
     return out
 
 
+_FLOAT_TYPE = {torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16, torch.float32: GGMLType.F32}
+
+
 def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str) -> Weight:
+    """A quantized-layout matrix: its raw slots as QWeights; a slot dequantized at load is a dense
+    tensor alone (dense kernel, plain embedding lookup) and a float-type QWeight inside a group."""
     if name not in lay.groups:
         return v[name]
+    slots = [lay.slots[slot_name] for slot_name in lay.groups[name]]
+    if len(slots) == 1 and slots[0].ggml_type is None:
+        return v[slots[0].name]
     parts = []
-    for slot_name in lay.groups[name]:
-        s = lay.slots[slot_name]
-        assert s.ggml_type is not None
-        parts.append(QWeight(v[slot_name], s.ggml_type, s.shape[0], s.shape[1]))
+    for s in slots:
+        if s.ggml_type is None:
+            raw = v[s.name].reshape(-1).view(torch.uint8)
+            parts.append(QWeight(raw, _FLOAT_TYPE[lay.dtype], s.shape[0], s.shape[1]))
+        else:
+            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1]))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
 
