@@ -392,3 +392,35 @@ def test_worker_4400_generation_from_another_thread(qwen: Subject) -> None:
     t.join(timeout=120)
     assert not errors, errors
     assert got == [want]
+
+
+@pytest.mark.parametrize("residency", ["dense", "quantized"])
+def test_worker_4701_gpu_q3_k_m_dequantized_at_load(
+    engine: Engine, cpu_engine: Engine, synth_file: SynthFile, residency: str
+) -> None:
+    """Q3_K has no fused matmul: in both residencies its matrices are dequantized at load on the GPU
+    (quantized: the Q4_K/Q5_K/Q6_K parts stay blocks beside them), and the logits agree with the CPU."""
+    from worker_orcd.engine.qweight import QWeight, WeightGroup
+    from worker_orcd.gguf.constants import GGMLType
+
+    vm = _validated(synth_file("mid-llama", "Q3_K_M"))
+    gpu: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
+    try:
+        lw = gpu._weights.layers[0]
+        if residency == "quantized":
+            assert isinstance(lw.wo, torch.Tensor) and lw.wo.dtype == torch.float16  # Q3_K alone: dense
+            assert isinstance(lw.wqkv, WeightGroup)
+            assert [p.ggml_type for p in lw.wqkv.parts] == [GGMLType.F16, GGMLType.F16, GGMLType.Q5_K]
+            assert isinstance(lw.w_down, QWeight) and lw.w_down.ggml_type == GGMLType.Q4_K
+        else:
+            assert all(isinstance(m, torch.Tensor) for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+        prompts = [synthetic_prompt(gpu.config.vocab_size, n) for n in SYNTH_LENGTHS[:4]]
+        cpu = load_resident(cpu_engine, vm, kv_cache_mb=64, capture_graph=False)
+        try:
+            want = prefill_logits(cpu, prompts)
+        finally:
+            cpu.close()
+        assert_logits_agree(prefill_logits(gpu, prompts), want, REL_TOL[torch.float16], f"Q3_K_M {residency}")
+        assert len(_tokens(gpu, prompts[0], max_tokens=8)) == 8
+    finally:
+        gpu.close()
