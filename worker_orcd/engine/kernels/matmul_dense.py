@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dequant.kernels_basic import _round_bf16
 from . import validate as v
+from .qmatmul import _dot, _store_rows as _store  # the same 16-row dot and epilogue as qmatmul
 
 KERNEL = "dense_matmul"
 BM = 16  # rows per dot (the invariant unit)
@@ -93,13 +93,6 @@ def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]
 
 
 @triton.jit
-def _dot(xt, wt, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-    return tl.dot(xt, tl.trans(wt), acc)
-
-
-@triton.jit
 def _rows_x_tile(x_ptr, w_ptr, m0, cols, k_lo, k_hi, M, N, K, stride_xm,
                  GROUP: tl.constexpr, BMc: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """GROUP 16-row accumulators of x[m0 : m0 + 16*GROUP, k_lo:k_hi] · W[cols, k_lo:k_hi]ᵀ."""
@@ -114,33 +107,22 @@ def _rows_x_tile(x_ptr, w_ptr, m0, cols, k_lo, k_hi, M, N, K, stride_xm,
         kk = (k0 + tl.arange(0, BK)).to(tl.int64)
         kmask = kk[None, :] < k_hi
         w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=(n[:, None] < N) & kmask, other=0.0)
+        wt = tl.trans(w)
         rows = m0 + r
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
-        acc0 = _dot(xt, w, acc0, IEEE)
+        acc0 = _dot(xt, wt, acc0, IEEE)
         if GROUP > 1:
             rows = m0 + BMc + r
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
-            acc1 = _dot(xt, w, acc1, IEEE)
+            acc1 = _dot(xt, wt, acc1, IEEE)
         if GROUP > 2:
             rows = m0 + 2 * BMc + r
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
-            acc2 = _dot(xt, w, acc2, IEEE)
+            acc2 = _dot(xt, wt, acc2, IEEE)
             rows = m0 + 3 * BMc + r
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=(rows[:, None] < M) & kmask, other=0.0)
-            acc3 = _dot(xt, w, acc3, IEEE)
+            acc3 = _dot(xt, wt, acc3, IEEE)
     return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _store(y_ptr, b_ptr, acc, rows, cols, M, N, stride_ym, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offs = rows[:, None] * stride_ym + cols[None, :]
-    if y_ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(y_ptr + offs, _round_bf16(acc), mask=mask)
-    else:
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
