@@ -33,6 +33,16 @@ def test_earliest_stop_wins_and_flush_after_no_stop_releases_all() -> None:
     assert out == ["tail ", "<E"] and m.stopped is None
 
 
+def test_a_longer_stop_starting_earlier_wins_over_a_shorter_one_inside_it() -> None:
+    """Found by the property test below: on "<a" the stop "a" is complete, but "<a<" may start at 0."""
+    out, m = _run(["<a", "<"], ["a", "<a<"])
+    assert "".join(out) == "" and m.stopped == "<a<"
+    out, m = _run(["<a", "b"], ["a", "<a<"])
+    assert "".join(out) == "<" and m.stopped == "a"
+    out, m = _run(["<a"], ["a", "<a<"])  # generation ends while "<a<" could still have formed
+    assert "".join(out) == "<" and m.stopped == "a"
+
+
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(alphabet="abc<>\n", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
        stops=st.lists(st.text(alphabet="abc<>\n", min_size=1, max_size=4), min_size=1, max_size=4))

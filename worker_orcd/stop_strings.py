@@ -24,15 +24,27 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
-        hits = [(buf.find(s), s) for s in self._stops]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if hits:
-            at, stop = min(hits)
-            self.stopped, self._held = stop, ""
-            return buf[:at]
+        hit = self._first_hit(buf)
+        if hit is not None:
+            at, stop = hit
+            # a longer stop starting earlier may still complete (stops "a" and "<a<" on "<a"): wait for it
+            pending = next((q for q in range(at) if self._could_start(buf[q:])), None)
+            if pending is None:
+                self.stopped, self._held = stop, ""
+                return buf[:at]
+            self._held = buf[pending:]
+            return buf[:pending]
         keep = self._partial(buf)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[: len(buf) - keep]
+
+    def _first_hit(self, buf: str) -> tuple[int, str] | None:
+        hits = [(buf.find(s), s) for s in self._stops]
+        return min(((i, s) for i, s in hits if i >= 0), default=None)
+
+    def _could_start(self, tail: str) -> bool:
+        """``tail`` (running to the end of the text so far) is a proper prefix of some stop."""
+        return any(len(tail) < len(s) and s.startswith(tail) for s in self._stops)
 
     def _partial(self, buf: str) -> int:
         """Length of the longest suffix of ``buf`` that is a proper prefix of a stop string."""
@@ -45,6 +57,12 @@ class StopMatcher:
         return best
 
     def flush(self) -> str:
-        """End of generation without a stop: the held text is released after all."""
+        """End of generation: held text is released up to a stop it holds, else all of it."""
         out, self._held = self._held, ""
-        return "" if self.stopped is not None else out
+        if self.stopped is not None:
+            return ""
+        hit = self._first_hit(out)
+        if hit is not None:
+            self.stopped = hit[1]
+            return out[: hit[0]]
+        return out
