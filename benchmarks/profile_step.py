@@ -49,10 +49,12 @@ def main() -> int:
     ap.add_argument("--type", default="F16")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--model", type=Path, default=None, help="an existing GGUF instead of a synthesized one")
+    ap.add_argument("--prefill", type=int, default=512, help="tokens of the lone prompt-chunk step timed once")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="Python profile of 300 runner.step calls at the first B")
     args = ap.parse_args()
-    path = Path("/tmp/profile-step") / f"{args.shape}-{args.type}.gguf"
+    path = args.model or Path("/tmp/profile-step") / f"{args.shape}-{args.type}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         write_synthetic_model(path, args.shape, args.type)  # type: ignore[arg-type]
@@ -62,6 +64,17 @@ def main() -> int:
     bs = runner.block_size
     per_row = -(-(args.context + 1) // bs)
     rows_out = []
+    chunk = args.prefill
+    lone = StepBatch((StepRow(0, (7,) * chunk, 0, tuple(range(-(-(chunk + 1) // bs))),
+                              SampleSpec(SamplingParams(max_tokens=1), 0)),))
+    prefill_ms = med_ms(lambda: runner.step(lone), 10)
+    print(json.dumps({"prefill_tokens": chunk, "prefill_ms": prefill_ms,
+                      "prefill_tok_s": chunk / prefill_ms * 1e3}), flush=True)
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            runner.step(lone)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     for b in args.batch:
         rows = tuple(
             StepRow(i, (7,), args.context, tuple(range(i * per_row, (i + 1) * per_row)),

@@ -8,6 +8,7 @@ blocks, changes every later token.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence as Seq
@@ -20,11 +21,19 @@ from worker_orcd.batching.block_manager import BlockManager
 from worker_orcd.batching.loop import EngineLoop
 from worker_orcd.batching.scheduler import Scheduler
 from worker_orcd.batching.sequence import Sequence, SeqStatus
-from worker_orcd.batching.step import Sampled, StepBatch
+from worker_orcd.batching.step import PENDING, Sampled, StepBatch
 from worker_orcd.engine.events import GenerationEnd, SamplingParams, TokenEvent
 from worker_orcd.errors import ErrorCode, WorkerError
 
 VOCAB = 1000
+
+
+@dataclasses.dataclass
+class Done:
+    out: list[Sampled]
+
+    def result(self) -> list[Sampled]:
+        return self.out
 
 
 class HashRunner:
@@ -43,6 +52,22 @@ class HashRunner:
         self.delay = delay
         self.steps: list[StepBatch] = []
         self.fail_with: BaseException | None = None
+        self.prev: dict[int, int] = {}  # seq_id -> token the previous launch drew (PENDING inputs)
+        self.resolved = 0
+        self.resolved_steps: set[int] = set()  # indices in steps of launches that read PENDING tokens
+
+    def launch(self, batch: StepBatch) -> "Done":
+        rows = []
+        for row in batch.rows:
+            if row.tokens[-1] == PENDING:
+                row = dataclasses.replace(row, tokens=row.tokens[:-1] + (self.prev[row.seq_id],))
+                self.resolved += 1
+                self.resolved_steps.add(len(self.steps))
+            assert PENDING not in row.tokens
+            rows.append(row)
+        out = self.step(StepBatch(tuple(rows)))
+        self.prev = {r.seq_id: o.token_id for r, o in zip([r for r in rows if r.sample is not None], out, strict=True)}
+        return Done(out)
 
     def step(self, batch: StepBatch) -> list[Sampled]:
         if self.fail_with is not None:
@@ -172,6 +197,32 @@ def test_scheduler_chunks_prompts_and_keeps_decodes_running() -> None:
     assert batch.rows[1].sample is None and batch.rows[1].start == 0
 
 
+def test_scheduler_caps_steps_that_carry_decode_rows_at_the_mixed_budget() -> None:
+    """With a stream decoding, a step holds at most mixed_budget tokens (prompt chunks wait);
+    prefill alone takes the whole token_budget; never fewer tokens than decode rows."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_batch=4, token_budget=16, mixed_budget=6)
+    b = Sequence(list(range(40)), SamplingParams(max_tokens=5))
+    sched.add(b)
+    batch, _ = sched.schedule()
+    assert batch.num_tokens == 16, "prefill alone: the full token budget"
+    b.num_computed = 16
+    a = Sequence(list(range(30)), SamplingParams(max_tokens=5))
+    sched.add(a)
+    batch, _ = sched.schedule()
+    assert [len(r.tokens) for r in batch.rows] == [16], "b still prefills: no decode row, full budget"
+    b.num_computed = 32
+    batch, _ = sched.schedule()  # b's last 8 prompt tokens, then a's first chunk
+    assert [len(r.tokens) for r in batch.rows] == [8, 8]
+    b.num_computed, a.num_computed = 40, 8
+    b.output.append(1)
+    batch, seqs = sched.schedule()
+    assert seqs == [b, a] and [len(r.tokens) for r in batch.rows] == [1, 5], "b decodes: 6 tokens in all"
+    assert Scheduler(bm, max_batch=4, token_budget=16, mixed_budget=40).mixed_budget == 16
+    with pytest.raises(ValueError, match="mixed_budget"):
+        Scheduler(bm, max_batch=4, token_budget=16, mixed_budget=0)
+
+
 def test_scheduler_preempts_the_youngest() -> None:
     bm = BlockManager(3, 4)
     sched = Scheduler(bm, max_batch=4, token_budget=64)
@@ -213,6 +264,35 @@ def test_loop_streams_match_the_lone_run_under_concurrency_and_preemption() -> N
         assert end.stop_reason == "max_tokens" and end.tokens_out == len(toks)
     assert loop.scheduler.preemptions > 0, "the KV budget was meant to force preemption"
     assert any(len(r.tokens) > 1 and r.start > 0 for b in runner.steps for r in b.rows), "prompts were chunked"
+    assert runner.resolved > 0, "steps were meant to overlap (rows reading the previous step's tokens)"
+    loop.blocks.check()
+    assert loop.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["greedy-overlaps", "penalty-waits"])
+def test_loop_overlaps_steps_only_without_host_state(overlap: bool) -> None:
+    """Host-free jobs queue step N+1 before step N's tokens are read (a stop at N costs one dropped
+    row in N+1, never a delivered token); a penalty job makes every step wait for the previous one.
+    Either way each stream is the lone stream, cut at its stop id or max_tokens."""
+    runner = HashRunner(delay=0.001)
+    loop = EngineLoop(runner, max_batch=4, token_budget=64)
+    penalty = {} if overlap else {"repetition_penalty": 1.3}
+    base = [expected_stream([5, 6, 7], SamplingParams(max_tokens=30, seed=s)) for s in range(3)]
+    jobs = [([5, 6, 7], SamplingParams(max_tokens=30, seed=0, stop_ids=(base[0][9],), **penalty)),
+            ([5, 6, 7], SamplingParams(max_tokens=17, seed=1)),
+            ([5, 6, 7], SamplingParams(max_tokens=30, seed=2))]
+    streams = [loop.submit(*j) for j in jobs]
+    results = [drain(s) for s in streams]
+    loop.close()
+    for (prompt, params), (toks, end) in zip(jobs, results, strict=True):
+        assert toks == expected_stream(prompt, dataclasses.replace(params, repetition_penalty=1.0))
+        assert end.tokens_out == len(toks)
+    assert results[0][1].stop_reason == "eos" and results[1][1].stop_reason == "max_tokens"
+    first = min(r.seq_id for b in runner.steps for r in b.rows)  # job 0, submitted first
+    with_first = [i for i, b in enumerate(runner.steps) if any(r.seq_id == first for r in b.rows)]
+    overlapped = [i for i in with_first if i in runner.resolved_steps]
+    assert bool(overlapped) is overlap, (with_first, runner.resolved_steps)
+    assert runner.resolved_steps, "host-free jobs overlap (after job 0 ends, in the penalty case)"
     loop.blocks.check()
     assert loop.blocks.num_used == 0
 

@@ -14,7 +14,14 @@ import torch
 from kernel_testing import rel
 from test_qmatmul import rowwise_dot  # noqa: F401 - fixture
 from worker_orcd.engine.errors import KernelDimensionError
-from worker_orcd.engine.kernels.matmul_dense import dense_matmul, lock_slots, split_k, split_size
+from worker_orcd.engine.kernels.matmul_dense import (
+    WIDE_MIN_M,
+    dense_matmul,
+    lock_slots,
+    split_k,
+    split_size,
+    wide_config,
+)
 
 
 def test_worker_4701_split_depends_on_the_shape_only() -> None:
@@ -55,6 +62,23 @@ def test_worker_4711_dense_matmul_batch_invariant(
     for m in (1, 2, 16, 17, 33):
         idx = torch.randperm(40, generator=gen)[:m].to(device)
         assert torch.equal(dense_matmul(pool[idx], w, splits=splits), full[idx]), f"M={m}"
+
+
+def test_worker_4711_wide_tile_rows_equal_the_16_row_kernel(
+    rowwise_dot: None, gen: torch.Generator, device: str  # noqa: F811
+) -> None:
+    """The wide-tile kernel (taken from WIDE_MIN_M rows) is exact and gives each row the 16-row
+    kernel's bits, K a multiple of the tile's BK or not, with a bias; a split shape never takes it."""
+    for n, k in ((48, 768), (40, 200)):
+        w = (torch.randn(n, k, generator=gen) * 0.05).to(device=device, dtype=torch.float16)
+        bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
+        pool = torch.randn(40, k, generator=gen).to(device=device, dtype=torch.float16)
+        narrow = dense_matmul(pool, w, bias, splits=1, wide=False)
+        wide = dense_matmul(pool, w, bias, splits=1, wide=True)
+        assert rel(wide, pool.double() @ w.double().t() + bias.double()) < 2e-3
+        assert torch.equal(wide, narrow), f"n={n} k={k}"
+    assert wide_config(4096, 4096, 2) is None and wide_config(WIDE_MIN_M - 1, 4096, 1) is None
+    assert wide_config(WIDE_MIN_M, 4096, 1) is not None
 
 
 def test_worker_4400_dense_matmul_bad_input_rejected(device: str) -> None:

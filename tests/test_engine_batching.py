@@ -105,6 +105,16 @@ def test_worker_4710_concurrent_jobs_stream_exactly_as_alone(subject: Subject, a
 
 
 @pytest.mark.slow
+def test_worker_4710_overlapped_steps_stream_exactly_as_alone(subject: Subject, alone: list[list[int]]) -> None:
+    """Host-free jobs (greedy, seeded top-p) run with overlapped steps: the next step is queued
+    before this one's tokens are read, its rows reading them on the device. Streams unchanged."""
+    jobs = [(_ids(subject.tok, PROMPTS[i]), PARAMS[i]) for i in (0, 1, 1, 0)]
+    before = subject.rm.runner.pending_reads
+    assert run_concurrently(subject.rm, jobs) == [alone[i] for i in (0, 1, 1, 0)]
+    assert subject.rm.runner.pending_reads > before, "the steps were meant to overlap"
+
+
+@pytest.mark.slow
 def test_worker_4710_prompt_chunking_does_not_change_logits_or_stream(subject: Subject, alone: list[list[int]]) -> None:
     ids = _ids(subject.tok, PROMPTS[2]) + _ids(subject.tok, " and then print the result " * 4)
     whole = subject.rm.runner.prefill_logits(ids)

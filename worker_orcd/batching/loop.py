@@ -8,6 +8,14 @@ disconnect, timeout or shutdown takes effect within one step, also during a
 long prefill. A preempted job is recomputed from its prompt plus the tokens
 it already produced; only tokens sampled after that are delivered, so its
 stream has no gap and no duplicate.
+
+Overlap: while every running job samples without host state (no grammar, no
+penalties), the loop queues step N+1 before it reads step N's tokens
+(``StepRunner.launch``; the rows read their unknown last token on the device),
+so scheduling, delivery and the HTTP side run while the GPU computes. A job
+that stops at step N (EOS, stop id, cancel) has one more row computed in
+N+1, whose token is dropped; a job at ``max_tokens`` is not scheduled again.
+Otherwise the loop waits for each step before it schedules the next.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from ..errors import ErrorCode, WorkerError
 from .block_manager import BlockManager
 from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
-from .step import StepRunner
+from .step import PENDING, PendingStep, StepBatch, StepRunner
 
 log = logging.getLogger("worker_orcd.batching")
 
@@ -78,6 +86,20 @@ class _Job:
             self.abandoned.set()
 
 
+@dataclass
+class _InFlight:
+    batch: StepBatch
+    seqs: list[Sequence]
+    handle: PendingStep
+    preemptions_before: int
+
+
+def _host_free(seq: Sequence) -> bool:
+    """Whether ``seq``'s next draw needs nothing the host learns from its previous token."""
+    p = seq.params
+    return p.constraint is None and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+
+
 class EngineLoop:
     def __init__(
         self,
@@ -85,13 +107,14 @@ class EngineLoop:
         *,
         max_batch: int,
         token_budget: int,
+        mixed_budget: int | None = None,
         before_admit: Callable[[int], None] | None = None,
         observer: LoopObserver | None = None,
         name: str = "engine-loop",
     ) -> None:
         self.runner = runner
         self.blocks = BlockManager(runner.num_blocks, runner.block_size)
-        self.scheduler = Scheduler(self.blocks, max_batch, token_budget)
+        self.scheduler = Scheduler(self.blocks, max_batch, token_budget, mixed_budget)
         self.max_batch = max_batch
         self._before_admit = before_admit  # seal check once per step that admits new jobs (SPEC 4121)
         self._observer = observer
@@ -182,10 +205,12 @@ class EngineLoop:
     # --- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        inflight: _InFlight | None = None
         try:
             while True:
                 with self._cv:
-                    while not self._stopping and not self._inbox and not self.scheduler.has_work:
+                    while (not self._stopping and not self._inbox and not self.scheduler.has_work
+                           and inflight is None):
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -194,9 +219,20 @@ class EngineLoop:
                         self._jobs[job.seq.seq_id] = job
                         self.scheduler.add(job.seq)
                 self._reap_cancelled()
-                if not self.scheduler.has_work:
+                if inflight is not None and not all(_host_free(q) for q in self.scheduler.running):
+                    self._complete(inflight)
+                    inflight = None
                     continue
-                self._step()
+                nxt = self._launch() if self.scheduler.has_work else None
+                if inflight is not None:
+                    self._complete(inflight)
+                elif nxt is None and self.scheduler.has_work:
+                    # every runnable job waits for blocks that only a finishing job frees: cannot happen
+                    # while admission bounds prompt + max_tokens by the capacity; poll cancels, no spin
+                    time.sleep(IDLE_POLL_S)
+                inflight = nxt
+            if inflight is not None:
+                self._complete(inflight)
         except WorkerError as e:
             self._failed = e
             self._fail_all(e)
@@ -221,13 +257,11 @@ class EngineLoop:
             if job.cancelled():
                 self._end(job, "cancelled")
 
-    def _step(self) -> None:
+    def _launch(self) -> _InFlight | None:
+        """Schedule the next step and queue it on the runner; None when nothing can run now."""
         batch, seqs = self.scheduler.schedule()
         if not batch.rows:
-            # every runnable job waits for blocks that only a finishing job frees: cannot happen while
-            # admission bounds prompt + max_tokens by the capacity; poll cancels instead of spinning
-            time.sleep(IDLE_POLL_S)
-            return
+            return None
         now = time.monotonic()
         fresh = [s for s in seqs if s.first_scheduled is None]
         if fresh:
@@ -243,35 +277,46 @@ class EngineLoop:
                 if self._observer is not None:
                     self._observer.admitted((now - self._jobs[s.seq_id].t_submit) * 1e3)
         before = self.scheduler.preemptions
-        outs = self.runner.step(batch)
-        done = time.monotonic()
-        k = 0
+        handle = self.runner.launch(batch)
         for row, seq in zip(batch.rows, seqs, strict=True):
             seq.num_computed += len(row.tokens)
+            if row.sample is not None:
+                seq.output.append(PENDING)  # its token: read by the next step on the device, here later
+        return _InFlight(batch, seqs, handle, before)
+
+    def _complete(self, step: _InFlight) -> None:
+        """Read a launched step's tokens and hand them out (in row order)."""
+        outs = step.handle.result()
+        done = time.monotonic()
+        k = 0
+        for row, seq in zip(step.batch.rows, step.seqs, strict=True):
             if row.sample is None:
                 continue
             out = outs[k]
             k += 1
-            job = self._jobs[seq.seq_id]
+            job = self._jobs.get(seq.seq_id)
+            if job is None or seq.status is SeqStatus.FINISHED:
+                continue  # it ended while this step ran (a stop in the step before, a cancel): dropped
+            i = row.sample.step
+            seq.output[i] = out.token_id
             if job.t_prefill_done is None:
                 job.t_prefill_done = done
-            seq.output.append(out.token_id)
             self._tokens_out += 1
             if job.t_first is None:
                 job.t_first = done
             if job.cancelled():  # no token after an acknowledged cancel (SPEC 4252)
                 self._end(job, "cancelled")
                 continue
-            job.deliver(TokenEvent(len(seq.output) - 1, out.token_id, out.logprob, out.top_logprobs))
+            job.deliver(TokenEvent(i, out.token_id, out.logprob, out.top_logprobs))
             if out.token_id in seq.params.stop_ids:
                 self._end(job, "eos")
-            elif len(seq.output) >= seq.params.max_tokens:
+            elif i + 1 >= seq.params.max_tokens:
                 self._end(job, "max_tokens")
         if self._observer is not None:
             st = self.stats()
-            for _ in range(self.scheduler.preemptions - before):
+            for _ in range(self.scheduler.preemptions - step.preemptions_before):
                 self._observer.preempted()
-            self._observer.step(len(batch.rows), batch.num_tokens, st["running"], st["waiting"],
+            self._observer.step(len(step.batch.rows), step.batch.num_tokens, st["running"], st["waiting"],
                                 st["kv_blocks_used"], st["kv_blocks_total"])
 
     # --- endings -----------------------------------------------------------------------------
@@ -283,6 +328,8 @@ class EngineLoop:
         del self._jobs[seq.seq_id]
         if seq.status is not SeqStatus.FINISHED:
             self.scheduler.finish(seq, reason)
+        while seq.output and seq.output[-1] == PENDING:
+            seq.output.pop()  # a draw still in flight that will be dropped
         now = time.monotonic()
         start = seq.first_scheduled or now
         first = job.t_first or now

@@ -14,7 +14,11 @@ Policy (vLLM v1 / nano-vllm style, one unified queue):
   one (no thrashing).
 
 The budget and the batch size bound the work of one step; every sequence's
-state moves only here and in ``finish``/``preempt``.
+state moves only here and in ``finish``/``preempt``. While any running
+sequence decodes, a step holds at most ``mixed_budget`` tokens (never fewer
+than the decode rows): prompt chunks then wait a step rather than stretch the
+gap between two tokens of every running stream (p99 inter-token latency); a
+step with no decode row (prefill alone) takes the full ``token_budget``.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from .step import SampleSpec, StepBatch, StepRow
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int) -> None:
-        if max_batch < 1 or token_budget < 1:
-            raise ValueError(f"max_batch and token_budget must be >= 1, got {max_batch}, {token_budget}")
+    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int,
+                 mixed_budget: int | None = None) -> None:
+        if max_batch < 1 or token_budget < 1 or (mixed_budget is not None and mixed_budget < 1):
+            raise ValueError(f"max_batch, token_budget and mixed_budget must be >= 1, got {max_batch}, "
+                             f"{token_budget}, {mixed_budget}")
         self.blocks = blocks
         self.max_batch = max_batch
         self.token_budget = token_budget
+        self.mixed_budget = token_budget if mixed_budget is None else min(mixed_budget, token_budget)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: oldest first
         self.preemptions = 0
@@ -77,12 +84,15 @@ class Scheduler:
     def schedule(self) -> tuple[StepBatch, list[Sequence]]:
         """The next step's rows and, for each row, its sequence (same order)."""
         budget = self.token_budget
+        decoding = sum(1 for seq in self.running if seq.remaining == 1 and not seq.drawn_all)
+        if decoding:
+            budget = max(self.mixed_budget, min(decoding, budget))
         chosen: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:  # preempted below by an older sequence
-                continue
+            if seq.status is not SeqStatus.RUNNING or seq.drawn_all:  # preempted below; or its last token is
+                continue  # in flight (the loop ends it when it reads that token)
             n = min(seq.remaining, budget)
             while not self.blocks.can_grow(seq, n):
                 victim = self.running[-1]
@@ -96,6 +106,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if seq.drawn_all:  # preempted with its last token in flight: the loop ends it next
+                break
             n = min(seq.remaining, budget)
             if not self.blocks.can_grow(seq, n):
                 break

@@ -56,5 +56,10 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     @property
+    def drawn_all(self) -> bool:
+        """Every output token is drawn (the last may still be in flight): nothing left to schedule."""
+        return len(self.output) >= self.params.max_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED

@@ -5,6 +5,12 @@ at consecutive positions (a decode row has one token, a prefill chunk many),
 its KV block table, and, when the row ends at the sequence's last token, what
 to sample. The runner returns one ``Sampled`` per sampling row, in row order.
 Plain lists and ints only: the runner owns every device buffer.
+
+Overlap: ``launch`` queues a step and returns at once; the loop schedules and
+queues the next step before it reads this one's tokens, so the host's work
+hides behind the device's. A token the host does not know yet appears in a
+row as ``PENDING``: it is the token the previous launched step sampled for
+that sequence, and the runner reads it on the device.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..engine.events import SamplingParams
+
+PENDING = -1  # a token sampled by the step still in flight (the previous launch), read on the device
 
 
 @dataclass(frozen=True)
@@ -65,3 +73,12 @@ class StepRunner(Protocol):
     def vocab_size(self) -> int: ...
 
     def step(self, batch: StepBatch) -> list[Sampled]: ...
+
+    def launch(self, batch: StepBatch) -> PendingStep:
+        """Queue ``batch``; its ``PENDING`` tokens are those the previous launch sampled for the same
+        sequences. ``step(b)`` is ``launch(b).result()``."""
+        ...
+
+
+class PendingStep(Protocol):
+    def result(self) -> list[Sampled]: ...  # waits for the step; one Sampled per sampling row, in row order

@@ -26,7 +26,7 @@ from . import ops
 from .config import ModelConfig, model_config
 from .device import DeviceContext, device_errors, open_device
 from ..batching.loop import Cancel, EngineLoop, LoopObserver
-from ..batching.step import Sampled, StepBatch
+from ..batching.step import PendingStep, Sampled, StepBatch
 from .events import GenerationEnd, SamplingParams, TokenEvent
 from .kv_cache import check_capacity
 from .model import Model
@@ -44,6 +44,9 @@ log = logging.getLogger("worker_orcd.engine")
 # Tokens per step (decode rows + prefill chunks): bounds activation memory (SPEC 4421) and how long a
 # prompt may hold the running streams back in one step (p99 inter-token latency under load).
 PREFILL_CHUNK_CUDA = 512
+# ... and while streams decode: a step of this many tokens costs <= ~2.5x a decode step on a 7B (H200,
+# benchmarks/profile_step.py), so prompt chunks arriving under load stretch no token gap further.
+MIXED_STEP_TOKENS_CUDA = 384
 PREFILL_CHUNK_CPU = 256  # the CPU reference attention materialises [Hq, chunk, S] scores
 # Default batch: as many jobs of this many tokens as the KV pool holds, capped.
 TYPICAL_REQUEST_TOKENS = 1024
@@ -57,6 +60,7 @@ class BatchingOptions:
 
     max_batch: int
     token_budget: int
+    mixed_budget: int | None = None  # tokens of a step that also carries decode rows (scheduler.py)
     before_admit: Callable[[int], None] | None = None  # the host's seal check, once per admitting step
     observer: LoopObserver | None = None
 
@@ -128,7 +132,7 @@ class ResidentModel:
         self._closed = False
         self._loop = EngineLoop(
             _BoundRunner(runner, engine.ctx), max_batch=batching.max_batch, token_budget=batching.token_budget,
-            before_admit=batching.before_admit, observer=batching.observer,
+            mixed_budget=batching.mixed_budget, before_admit=batching.before_admit, observer=batching.observer,
         )
 
     @property
@@ -246,6 +250,23 @@ class _BoundRunner:
                 self._bound = True
             return self._runner.step(batch)
 
+    def launch(self, batch: StepBatch) -> PendingStep:
+        with device_errors("generation", self._ctx.index):
+            if not self._bound:
+                self._ctx.bind_thread()
+                self._bound = True
+            return _BoundPending(self._runner.launch(batch), self._ctx.index)
+
+
+class _BoundPending:
+    def __init__(self, pending: PendingStep, index: int) -> None:
+        self._pending = pending
+        self._index = index
+
+    def result(self) -> list[Sampled]:
+        with device_errors("generation", self._index):
+            return self._pending.result()
+
 
 class Engine:
     """The process's GPU layer: one device, the models loaded on it."""
@@ -355,7 +376,9 @@ class Engine:
             raise
         assert arena is not None and weights is not None and kv is not None and runner is not None and fp is not None
         vram = 0 if self.ctx.dev_mode else torch.cuda.memory_allocated(idx) - allocated_before
-        options = BatchingOptions(max_batch=batch, token_budget=budget, before_admit=before_admit, observer=observer)
+        mixed = None if self.ctx.dev_mode else max(min(MIXED_STEP_TOKENS_CUDA, budget), batch)
+        options = BatchingOptions(max_batch=batch, token_budget=budget, mixed_budget=mixed,
+                                  before_admit=before_admit, observer=observer)
         rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options)
         self._models.append(rm)
         log.info(

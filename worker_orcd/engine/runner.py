@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batching.step import Sampled, SampleSpec, StepBatch
+from ..batching.step import PENDING, Sampled, SampleSpec, StepBatch
 from ..engine.events import SamplingParams
 from .kernels.paged_layout import tile_shape
 from .model import Model
 from .paged_kv import SCRATCH_BLOCKS, PagedKVCache
-from .sampler import sample_step
+from .sampler import SampledOnDevice, sample_launch
 
 # Decode batch sizes with a captured graph: a decode step runs in the smallest bucket that holds it.
 DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -40,6 +40,16 @@ class AttentionMeta:
     row_start: torch.Tensor
     host_rows: list[tuple[int, int, int]]  # (qstart, qlen, start) per row
     host_tables: list[list[int]]
+
+
+class _Nothing:
+    """The result of a step that samples nothing (prompt chunks only)."""
+
+    def result(self) -> list[Sampled]:
+        return []
+
+
+_NOTHING = _Nothing()
 
 
 class ModelRunner:
@@ -71,6 +81,9 @@ class ModelRunner:
         # asynchronously: a step that samples nothing (a prompt chunk) does not wait for the device,
         # so the next step waits for the previous copies before it overwrites their source
         self._staged: torch.cuda.Event | None = None
+        # the previous launch's draw: seq_id -> row of its device ids (the next step's PENDING tokens)
+        self._prev: tuple[dict[int, int], torch.Tensor] | None = None
+        self.pending_reads = 0  # PENDING tokens read on the device (steps that overlapped the host's read)
 
     # --- StepRunner ----------------------------------------------------------------------------
 
@@ -92,11 +105,19 @@ class ModelRunner:
 
     @torch.no_grad()
     def step(self, batch: StepBatch) -> list[Sampled]:
+        return self.launch(batch).result()
+
+    @torch.no_grad()
+    def launch(self, batch: StepBatch) -> SampledOnDevice:
+        """Queue the step (inputs, forward, draw) without waiting for the device; ``result()`` reads it."""
         specs = [r.sample for r in batch.rows if r.sample is not None]
         logits = self.logits(batch)
         if not specs:
-            return []
-        return self._sample(logits, specs)
+            self._prev = None
+            return _NOTHING
+        out = sample_launch(logits, specs)
+        self._prev = ({r.seq_id: i for i, r in enumerate(r for r in batch.rows if r.sample is not None)}, out.ids)
+        return out
 
     def logits(self, batch: StepBatch, eager: bool = False) -> torch.Tensor:
         """fp32 logits of the step's sampled rows (the last row when none samples): a decode graph,
@@ -111,6 +132,34 @@ class ModelRunner:
         return self._eager(batch)
 
     # --- inputs ------------------------------------------------------------------------------
+
+    def _pending_tokens(self, batch: StepBatch) -> list[tuple[int, int]]:
+        """(flat token index, seq_id) of each PENDING token: a sequence's last token, drawn by the
+        previous launch and not yet read by the host."""
+        found: list[tuple[int, int]] = []
+        t = 0
+        for row in batch.rows:
+            t += len(row.tokens)
+            if row.tokens[-1] == PENDING:
+                found.append((t - 1, row.seq_id))
+            if PENDING in row.tokens[:-1]:
+                raise RuntimeError(f"row of sequence {row.seq_id}: only its last token may be pending")
+        return found
+
+    def _fill_pending(self, tokens: torch.Tensor, found: list[tuple[int, int]]) -> None:
+        """Write the previous launch's draws into ``tokens`` (the step's device token ids) in place."""
+        if not found:
+            return
+        if self._prev is None:
+            raise RuntimeError("a PENDING token without a previous launch that sampled")
+        index, ids = self._prev
+        try:
+            src = [index[sid] for _, sid in found]
+        except KeyError as e:
+            raise RuntimeError(f"sequence {e.args[0]} was not sampled by the previous launch") from None
+        pos = torch.tensor([[t for t, _ in found], src], dtype=torch.int64).to(tokens.device, non_blocking=True)
+        tokens.index_copy_(0, pos[0], ids.index_select(0, pos[1]))
+        self.pending_reads += len(found)
 
     def _layout(self, batch: StepBatch) -> tuple[list[int], list[int], list[int], list[tuple[int, int, int]],
                                                   list[list[int]], list[int], list[int], list[int]]:
@@ -164,6 +213,7 @@ class ModelRunner:
             host_tables=tables,
         )
         i64 = torch.tensor([tokens, positions, slots], dtype=torch.int64).to(dev, non_blocking=True)
+        self._fill_pending(i64[0], self._pending_tokens(batch))
         sidx = torch.tensor(sample_index, dtype=torch.int64).to(dev, non_blocking=True)
         return self.model.forward_step(i64[0], i64[1], i64[2], meta, sidx, self.kv)
 
@@ -177,7 +227,7 @@ class ModelRunner:
     # Rows never mix in any kernel, so a row's numbers equal the eager path's (test_engine_batching).
 
     def _mixed_sizes(self) -> tuple[list[int], list[int]]:
-        tok = [t for t in (64, 128, 256, 512, 1024, 2048) if t < self.max_tokens] + [self.max_tokens]
+        tok = [t for t in (64, 128, 256, 384, 512, 1024, 2048) if t < self.max_tokens] + [self.max_tokens]
         rows = [r for r in (4, 16, 64) if r < self.max_batch] + [self.max_batch]
         return tok, rows
 
@@ -284,6 +334,7 @@ class ModelRunner:
         s["i32"].copy_(h["i32"], non_blocking=True)
         s["bt"][: r_b + 1, :width].copy_(h["bt"][: r_b + 1, :width], non_blocking=True)
         self._staging_done()
+        self._fill_pending(s["i64"][:T], self._pending_tokens(batch))
         return len(sample_index)
 
     def _wait_staging(self) -> None:
@@ -380,15 +431,12 @@ class ModelRunner:
         s["row_start"][:b].copy_(s["i64"][1, :b])
         s["bt"][:b, :width].copy_(h["bt"][:b, :width], non_blocking=True)
         self._staging_done()
+        self._fill_pending(s["i64"][0, :n], self._pending_tokens(batch))
         graph, logits = self.graphs[b]
         graph.replay()
         return logits
 
     # --- sampling ------------------------------------------------------------------------------
-
-    def _sample(self, logits: torch.Tensor, specs: list[SampleSpec]) -> list[Sampled]:
-        """Every row in one batched draw (engine/sampler.py); an all-greedy step is one argmax."""
-        return sample_step(logits, specs)
 
     @torch.no_grad()
     def prefill_logits(self, ids: Sequence[int], chunk: int | None = None) -> torch.Tensor:

@@ -59,15 +59,68 @@ def top_logprobs(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lp.gather(1, ids), ids
 
 
-def sample_step(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[Sampled]:
-    """Row i of ``logits`` [R, V] sampled with ``specs[i]``: the tokens (and logprobs) in row order.
+class SampledOnDevice:
+    """A step's draw, queued: ``ids`` [R] int64 on the device (the next step's PENDING inputs read
+    it there); ``result()`` waits for the one device->host copy and decodes it."""
+
+    def __init__(self, ids: torch.Tensor, packed: torch.Tensor, specs: Sequence[SampleSpec],
+                 asks: list[int], k_max: int) -> None:
+        self.ids = ids
+        self._specs = specs
+        self._asks = asks
+        self._k_max = k_max
+        self._out: list[Sampled] | None = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event: torch.cuda.Event | None = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = packed, None
+
+    def result(self) -> list[Sampled]:
+        if self._out is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._out = self._decode(self._host.tolist())
+        return self._out
+
+    def _decode(self, host: list) -> list[Sampled]:  # type: ignore[type-arg]
+        specs, asks, k_max = self._specs, self._asks, self._k_max
+        n, m = len(specs), len(asks)
+        if not asks and all(p.params.constraint is None for p in specs):
+            return [Sampled(int(t)) for t in host[:n]]
+        chosen = host[n : n + m]
+        vals_h = host[n + m : n + m + m * k_max]
+        top_h = host[n + m + m * k_max :]
+        slot = {row: j for j, row in enumerate(asks)}
+        out: list[Sampled] = []
+        for i, spec in enumerate(specs):
+            p = spec.params
+            tok = int(host[i])
+            if p.constraint is not None:
+                p.constraint.accept(tok)
+            j = slot.get(i)
+            if j is None:
+                out.append(Sampled(tok))
+                continue
+            k = min(p.top_logprobs, MAX_LOGPROBS)
+            base = j * k_max
+            top = tuple((int(top_h[base + c]), vals_h[base + c]) for c in range(k))
+            out.append(Sampled(tok, chosen[j], top))
+        return out
+
+
+def sample_launch(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> SampledOnDevice:
+    """Row i of ``logits`` [R, V] sampled with ``specs[i]``, queued on the device.
 
     Logprobs are log_softmax of the raw fp32 logits (before penalties, temperature and
     truncation), as vLLM reports them; alternatives with equal logprobs come lowest id first.
     """
     if all(simple_greedy(s.params) for s in specs):
         # argmax picks the lowest index on ties, as the sampling kernel's greedy path does
-        return [Sampled(int(t)) for t in torch.argmax(logits, dim=-1).tolist()]
+        ids = torch.argmax(logits, dim=-1)
+        return SampledOnDevice(ids, ids, specs, [], 0)
     rows = SampleRows.stack([row_params(s) for s in specs], logits.shape[-1])
     ids = ops.sample_batch(logits, rows)
     asks = [i for i, s in enumerate(specs) if s.params.logprobs or s.params.top_logprobs]
@@ -85,24 +138,9 @@ def sample_step(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[Sampl
         if k_max:
             vals, top = top_logprobs(lp, k_max)
             parts += [vals.reshape(-1).to(torch.float64), top.reshape(-1).to(torch.float64)]
-    host = torch.cat(parts).tolist()
-    n, m = len(specs), len(asks)
-    chosen = host[n : n + m]
-    vals_h = host[n + m : n + m + m * k_max]
-    top_h = host[n + m + m * k_max :]
-    slot = {row: j for j, row in enumerate(asks)}
-    out: list[Sampled] = []
-    for i, spec in enumerate(specs):
-        p = spec.params
-        tok = int(host[i])
-        if p.constraint is not None:
-            p.constraint.accept(tok)
-        j = slot.get(i)
-        if j is None:
-            out.append(Sampled(tok))
-            continue
-        k = min(p.top_logprobs, MAX_LOGPROBS)
-        base = j * k_max
-        top = tuple((int(top_h[base + c]), vals_h[base + c]) for c in range(k))
-        out.append(Sampled(tok, chosen[j], top))
-    return out
+    return SampledOnDevice(ids, torch.cat(parts), specs, asks, k_max)
+
+
+def sample_step(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[Sampled]:
+    """``sample_launch`` and wait: the tokens (and logprobs) in row order."""
+    return sample_launch(logits, specs).result()

@@ -21,6 +21,13 @@ What makes a row's result independent of M (batch invariance):
   qmatmul); with a K split, at most MAX_ROW_PROGRAMS programs along M, each
   looping over its groups, so the counters needed do not grow with M.
 
+Wide tiles (``wide_config``): from WIDE_MIN_M rows, an unsplit shape runs one
+``tl.dot`` over a 64/128-row tile (Hopper's wgmma, 3-4x the 16-row rate). Its
+chain is the same k = 0, 16, 32, ... with fp32 accumulation; that the hardware
+gives the same bits for a row through wgmma as through m16n8k16 is not
+documented, so it is measured: tests/test_dense_matmul.py compares every real
+shape's rows across the switch on the GPU, benchmarks/tune_wide.py per config.
+
 Weights and activations share one dtype (the dense residency's); fp32 (CPU
 interpreter tests) uses IEEE dots. The bias is added in
 fp32 once, after the (ordered) reduction; one rounding to the output dtype.
@@ -90,6 +97,57 @@ def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]
     if m <= 64:
         return (64, 64, 4, 3, gm) if 16_384 <= n < 65_536 else (64, 128, 4, 3, gm)
     return (64, 64, 4, 3, 4) if 2048 <= n < 65_536 else (64, 128, 4, 3, 4)
+
+
+WIDE_MIN_M = 64  # rows from which an unsplit shape takes the wide tile
+
+
+def wide_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int] | None:
+    """(BM, BN, BK, num_warps, num_stages) of the wide-tile kernel, or None for the 16-row kernel.
+
+    benchmarks/tune_wide.py on the H200 (0.5B/7B shapes, M = 64..1024; every candidate's rows
+    bitwise equal to the 16-row kernel's): 128x128 tiles once there are >= 100 of them, 64x64
+    below (fewer, smaller tiles keep the SMs busy); 2.0-2.6x the 16-row kernel from M = 128.
+    """
+    if splits > 1 or m < WIDE_MIN_M:
+        return None
+    if m >= 128 and -(-m // 128) * -(-n // 128) >= 100:
+        return 128, 128, 64, 8, 3
+    return 64, 64, 64, 4, 4
+
+
+@triton.jit(do_not_specialize=["M"])
+def dense_matmul_wide_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, BMw: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    # column-major program order over (row tile, column tile): a weight tile is reused by
+    # consecutive row tiles while it is in L2 (order changes no arithmetic)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BMw)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rows = pid_m * BMw + tl.arange(0, BMw)
+    cols = pid_n * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    xp = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + kk[None, :]
+    wp = w_ptr + cols.to(tl.int64)[:, None] * K + kk[None, :]
+    rmask = rows[:, None] < M
+    cmask = cols[:, None] < N
+    acc = tl.zeros((BMw, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(xp, mask=rmask, other=0.0)
+            w = tl.load(wp, mask=cmask, other=0.0)
+        else:
+            km = (k0 + kk)[None, :] < K
+            xt = tl.load(xp, mask=rmask & km, other=0.0)
+            w = tl.load(wp, mask=cmask & km, other=0.0)
+        acc = _dot(xt, tl.trans(w), acc, IEEE)
+        xp += BK
+        wp += BK
+    _store(y_ptr, b_ptr, acc, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -217,10 +275,12 @@ def dense_matmul(
     locks: torch.Tensor | None = None,
     config: tuple[int, int, int, int, int] | None = None,
     splits: int | None = None,
+    wide: tuple[int, int, int, int, int] | bool | None = None,
 ) -> torch.Tensor:
     """x[M, K] @ w[N, K].T (+ bias) -> [M, N]. ``locks``: zeroed int32 counters (``lock_slots(N)``),
     owned by the caller and left zeroed; only a split shape needs them (allocated here if absent).
-    ``config``/``splits`` override the tuned choice (benchmarks; splits must stay per shape)."""
+    ``config``/``splits``/``wide`` override the tuned choice (benchmarks and tests; splits must stay
+    per shape; ``wide=False`` forces the 16-row kernel, a tuple a wide-tile configuration)."""
     if out is None:
         v.tensor(KERNEL, "x", x)
         v.tensor(KERNEL, "w", w)
@@ -229,6 +289,17 @@ def dense_matmul(
     M, K = x.shape
     N = w.shape[0]
     s = split_k(N, K) if splits is None else splits
+    wcfg = None if wide is False or config is not None else wide if isinstance(wide, tuple) else (
+        wide_config(M, N, s) if x.device.type == "cuda" else (16, 16, 64, 4, 1) if wide and s == 1 else None)
+    if wcfg is not None:
+        bm, bn, bk, warps, stages = wcfg
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        dense_matmul_wide_kernel[grid](
+            x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,
+            num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        )
+        return out
     if x.device.type == "cuda":
         bn, bk, warps, stages, gm = config or launch_config(M, N, s)
     else:
