@@ -84,6 +84,9 @@ class ModelRunner:
         # the previous launch's draw: seq_id -> row of its device ids (the next step's PENDING tokens)
         self._prev: tuple[dict[int, int], torch.Tensor] | None = None
         self.pending_reads = 0  # PENDING tokens read on the device (steps that overlapped the host's read)
+        self._pend_host = torch.zeros((2, max_batch), dtype=torch.int64, pin_memory=self.cuda)
+        self._pend_dev = torch.zeros((2, max_batch), dtype=torch.int64, device=device)
+        self._pend_staged: torch.cuda.Event | None = None
 
     # --- StepRunner ----------------------------------------------------------------------------
 
@@ -157,7 +160,22 @@ class ModelRunner:
             src = [index[sid] for _, sid in found]
         except KeyError as e:
             raise RuntimeError(f"sequence {e.args[0]} was not sampled by the previous launch") from None
-        pos = torch.tensor([[t for t, _ in found], src], dtype=torch.int64).to(tokens.device, non_blocking=True)
+        dst = [t for t, _ in found]
+        n = len(found)
+        if self.cuda and n <= self._pend_host.shape[1]:
+            # through pinned staging: a copy from pageable memory may wait for the queued step,
+            # which is exactly the wait this overlap removes
+            if self._pend_staged is not None:
+                self._pend_staged.synchronize()  # the previous launch's copy has read the buffer
+            host = self._pend_host.numpy()
+            host[0, :n] = dst
+            host[1, :n] = src
+            pos = self._pend_dev[:, :n]
+            pos.copy_(self._pend_host[:, :n], non_blocking=True)
+            self._pend_staged = torch.cuda.Event()
+            self._pend_staged.record()
+        else:
+            pos = torch.tensor([dst, src], dtype=torch.int64).to(tokens.device)
         tokens.index_copy_(0, pos[0], ids.index_select(0, pos[1]))
         self.pending_reads += len(found)
 
@@ -496,7 +514,7 @@ class ModelRunner:
 
     def buffers(self) -> list[torch.Tensor]:
         """Device scratch owned here (attested with the weights)."""
-        out = list(self._static.values())
+        out = list(self._static.values()) + [self._pend_dev]
         out += [logits for _, logits in self.graphs.values()]
         out += list(self._mixed.values()) + [logits for _, logits in self.mixed_graphs.values()]
         if self.model.locks is not None:
@@ -514,5 +532,7 @@ class ModelRunner:
         self._static.clear()
         self._static_meta.clear()
         self._pinned.clear()
+        self._prev = None
+        self._pend_dev = self._pend_host = None  # type: ignore[assignment]
         self.model = None  # type: ignore[assignment]
         self.kv = None  # type: ignore[assignment]
