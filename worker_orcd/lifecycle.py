@@ -40,7 +40,7 @@ from .scheduler import Scheduler
 from .seal import ModelShardHandle, Sealer
 
 # Errors after which this process cannot be trusted to serve: stopped, reported, exit non-zero (4032, 4122, 4960).
-FATAL_CODES = frozenset({ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED})
+FATAL_CODES = frozenset({ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED, ErrorCode.TP_GROUP_FAILED})
 MB = 1_000_000
 
 
