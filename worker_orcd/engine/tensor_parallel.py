@@ -82,7 +82,7 @@ def _wait_get(store: dist.Store, key: str, timeout_s: float) -> bytes | None:
     return store.get(key)
 
 
-def _master_store(spec: TPSpec) -> tuple[dist.TCPStore, socket.socket]:
+def _master_store(spec: TPSpec) -> dist.TCPStore:
     """Rank 0's rendezvous store, listening on the --tp-master address only (not every interface)."""
     family = socket.AF_INET6 if ":" in spec.master_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -96,7 +96,8 @@ def _master_store(spec: TPSpec) -> tuple[dist.TCPStore, socket.socket]:
                            f"{spec.master_host}:{spec.master_port}: {e.strerror or e}") from None
     store = dist.TCPStore(spec.master_host, spec.master_port, None, True, timedelta(seconds=spec.join_timeout_s),
                           wait_for_workers=False, master_listen_fd=sock.fileno(), use_libuv=False)
-    return store, sock  # the socket stays open as long as the store
+    sock.detach()  # the store's daemon owns the descriptor now: Python closing it under the daemon aborts the process
+    return store
 
 
 def _member_store(spec: TPSpec) -> dist.TCPStore:
@@ -186,14 +187,14 @@ def join(spec: TPSpec, device: str) -> TPGroup:
     deadline = time.monotonic() + spec.join_timeout_s
     prefix = f"worker-orcd/tp/{spec.group_id}/"
     if spec.rank == 0:
-        store, sock = _master_store(spec)
+        store = _master_store(spec)
         nonce0 = secrets.token_hex(16)
         store.set(prefix + "nonce", nonce0)
         log.info("tensor-parallel group %s: rank 0 waiting for %d member(s) on %s:%d", spec.group_id,
                  spec.degree - 1, spec.master_host, spec.master_port)
         _admit(store, spec, prefix, nonce0, deadline)
     else:
-        store, sock = _member_store(spec), None
+        store = _member_store(spec)
         raw = _wait_get(store, prefix + "nonce", spec.join_timeout_s)
         if raw is None:
             raise TPGroupError(f"tensor-parallel group {spec.group_id}: the store at {spec.master_host}:"
@@ -208,9 +209,7 @@ def join(spec: TPSpec, device: str) -> TPGroup:
         raise TPGroupError(f"tensor-parallel group {spec.group_id}: forming the {backend} group failed: "
                            f"{str(e).splitlines()[0]}") from None
     log.info("tensor-parallel group %s formed: rank %d of %d over %s", spec.group_id, spec.rank, spec.degree, backend)
-    group = TPGroup(spec, store, pg_prefix)
-    group._sock = sock
-    return group
+    return TPGroup(spec, store, pg_prefix)
 
 
 class TPGroup:
@@ -220,7 +219,6 @@ class TPGroup:
         self.spec = spec
         self.rank, self.size = spec.rank, spec.degree
         self._store = store
-        self._sock: socket.socket | None = None  # rank 0: the store's listening socket
         self._prefix = pg_prefix
         self.lock = threading.Lock()  # rank 0: one message (and the step it starts) at a time
         self._header = torch.zeros(3, dtype=torch.int64)
