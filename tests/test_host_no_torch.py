@@ -26,6 +26,7 @@ HOST_READABLE_ENGINE = (
     "worker_orcd.engine.dequant",  # lazy package: only its formats module is read by the host
     "worker_orcd.engine.dequant.formats",  # the ECP's tensor types
     "worker_orcd.engine.vram_budget",
+    "worker_orcd.engine.tp_plan",  # tensor-parallel membership and shard shapes, validated by the host
 )
 
 PROBE = textwrap.dedent(

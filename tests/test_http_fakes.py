@@ -209,6 +209,9 @@ class FakeResident:
     def vram_bytes(self) -> int:
         return 123_456
 
+    def follow(self, before_job: Any = None) -> str:
+        raise AssertionError("the HTTP tests run no tensor-parallel member")
+
     def close(self) -> None:
         self.closed = True
 
@@ -234,7 +237,7 @@ class FakeEngine:
     def load(
         self, gguf: Any, model_file: BinaryIO, *, digest: str, name: str = "model", kv_cache_mb: int | None = None,
         max_batch: int | None = None, prefill_chunk: int | None = None, before_admit: Any = None, observer: Any = None,
-        progress: Any = None,
+        progress: Any = None, on_fatal: Any = None,
     ) -> FakeResident:
         k = self.knobs
         total = k.load_bytes

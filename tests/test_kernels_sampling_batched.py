@@ -419,7 +419,8 @@ def test_worker_4710_batched_equals_per_row_gpu(gen: torch.Generator, rng: rando
     assert {k: small[k] for k in ours} == ours
     copies = {k: v for k, v in large.items() if k.startswith("Memcpy")}
     assert copies == {k: v for k, v in small.items() if k.startswith("Memcpy")}
-    assert copies["Memcpy DtoH (Device -> Pageable)"] == 1  # one read per step
+    reads = {k: v for k, v in copies.items() if k.startswith("Memcpy DtoH")}
+    assert reads == {"Memcpy DtoH (Device -> Pinned)": 1}, reads  # one read per step, queued (the step may overlap)
     # torch's topk / sort / index_select pick their internal kernels by the number of slices (seen on
     # the H200: 99 device activities at R=4, 106 at R=64), so the totals match only up to that choice.
     assert abs(sum(large.values()) - sum(small.values())) <= 16, (small, large)

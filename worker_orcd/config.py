@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .engine.tp_plan import MAX_TP_DEGREE, MIN_SECRET_BYTES
 from .gguf.constants import Limits
 from .sources import DEFAULT_MODEL_ROOT
 
@@ -109,9 +110,17 @@ class WorkerConfig(BaseModel):
     # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels are exact but slower for now)
     resident_weights: Literal["dense", "quantized"] = "dense"  # tokens per engine step (None: engine default)
     user: str | None = None  # SPEC 4901: started as root, drop to this user after device open + bind
+    # Tensor parallel (SPEC 4500-4522; README "Tensor parallel"): one process per device, rank 0 serves.
+    tp_degree: int = Field(default=1, ge=1, le=MAX_TP_DEGREE)
+    tp_rank: int = Field(default=0, ge=0, lt=MAX_TP_DEGREE)
+    tp_group_id: str | None = None
+    tp_members: str | None = Field(default=None, max_length=MAX_TP_DEGREE * 129)  # worker ids, rank order, comma-separated
+    tp_master: str | None = None  # HOST:PORT of rank 0's rendezvous store
+    tp_secret_file: Path | None = None  # the group's shared secret (>= 16 bytes, mode 0600)
+    tp_timeout_sec: float = Field(default=60.0, ge=2, le=3_600)  # every collective; a lost peer is fatal after it
     allow_root: bool = False  # keep running as root: development/CI only, never production (4900)
 
-    @field_validator("worker_id", "pool_id")
+    @field_validator("worker_id", "pool_id", "tp_group_id")
     @classmethod
     def _identifier(cls, v: str | None) -> str | None:
         if v is not None and not _ID.fullmatch(v):
@@ -189,6 +198,51 @@ class WorkerConfig(BaseModel):
             raise ValueError("require_signature needs model_public_key")
         return self
 
+    @field_validator("tp_master")
+    @classmethod
+    def _tp_master(cls, v: str | None) -> str | None:
+        if v is not None and (not re.search(r":[0-9]+$", v) or parse_bind(v)[1] == 0):
+            raise ValueError("must be HOST:PORT (or [V6]:PORT) with a port in 1..65535")
+        return v
+
+    @field_validator("tp_secret_file")
+    @classmethod
+    def _tp_secret(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            read_tp_secret(v)
+        return v
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> WorkerConfig:
+        given = [n for n in ("tp_group_id", "tp_members", "tp_master", "tp_secret_file") if getattr(self, n) is not None]
+        if self.tp_degree == 1:
+            if given or self.tp_rank:
+                raise ValueError(f"{', '.join(given) or 'tp_rank'} need(s) tp_degree > 1")
+            return self
+        missing = [n for n in ("tp_group_id", "tp_members", "tp_master", "tp_secret_file") if n not in given]
+        if missing:
+            raise ValueError(f"tp_degree {self.tp_degree} needs {', '.join(missing)}")
+        if self.tp_rank >= self.tp_degree:
+            raise ValueError(f"tp_rank {self.tp_rank} must be below tp_degree {self.tp_degree}")
+        members = self.tp_member_ids
+        if len(members) != self.tp_degree or not all(_ID.fullmatch(m) for m in members) or len(set(members)) != len(members):
+            raise ValueError(f"tp_members must list {self.tp_degree} distinct worker ids, rank 0 first")
+        if members[self.tp_rank] != self.worker_id:
+            raise ValueError(f"tp_members names {members[self.tp_rank]!r} as rank {self.tp_rank}, "
+                             f"but this worker is {self.worker_id!r}")
+        if self.device != "cpu":
+            raise ValueError("tensor parallel runs on --device cpu (gloo) only for now: the CUDA/NCCL path has not "
+                             "been run on a multi-GPU machine yet")
+        if self.resident_weights != "dense":
+            raise ValueError("tensor parallel needs resident_weights dense (quantized blocks are not split yet)")
+        if not self.model:
+            raise ValueError("tensor parallel needs --model on every rank (POST /worker/commit does not form groups)")
+        return self
+
+    @property
+    def tp_member_ids(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.tp_members.split(",")) if self.tp_members else ()
+
     @model_validator(mode="after")
     def _one_root_policy(self) -> WorkerConfig:
         if self.allow_root and self.user is not None:
@@ -208,6 +262,20 @@ class WorkerConfig(BaseModel):
     def dev_mode(self) -> bool:
         """SPEC "GPU only": CPU execution is an explicit development/test mode, never implied."""
         return self.device == "cpu"
+
+
+def read_tp_secret(path: Path) -> bytes:
+    """The tensor-parallel group secret: at least 16 bytes (surrounding whitespace dropped), owner-only."""
+    try:
+        st = path.stat()
+        secret = path.read_bytes().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the file ({e.strerror or e})") from None
+    if st.st_mode & 0o077:
+        raise ValueError(f"is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"holds {len(secret)} bytes; the group secret needs at least {MIN_SECRET_BYTES}")
+    return secret
 
 
 def parse_bind(value: str) -> tuple[str, int]:

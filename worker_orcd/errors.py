@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     WORKER_BUSY = "WORKER_BUSY"
     WORKER_NOT_READY = "WORKER_NOT_READY"
     INTERNAL = "INTERNAL"
+    TP_GROUP_FAILED = "TP_GROUP_FAILED"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ CODE_INFO: dict[ErrorCode, CodeInfo] = {
     ErrorCode.WORKER_BUSY: CodeInfo(503, True, 250, "the batch and its wait queue are full (with --max-batch 1: the one slot is taken); retry later"),
     ErrorCode.WORKER_NOT_READY: CodeInfo(503, True, 1000, "no sealed model yet, or draining"),
     ErrorCode.INTERNAL: CodeInfo(500, False, None, "unexpected failure; details only in the log"),
+    ErrorCode.TP_GROUP_FAILED: CodeInfo(500, False, None, "a tensor-parallel peer failed, hung, left or was refused; worker stops"),
 }
 
 

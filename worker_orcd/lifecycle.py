@@ -40,7 +40,7 @@ from .scheduler import Scheduler
 from .seal import ModelShardHandle, Sealer
 
 # Errors after which this process cannot be trusted to serve: stopped, reported, exit non-zero (4032, 4122, 4960).
-FATAL_CODES = frozenset({ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED})
+FATAL_CODES = frozenset({ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED, ErrorCode.TP_GROUP_FAILED})
 MB = 1_000_000
 
 
@@ -302,6 +302,11 @@ class Worker:
         validated = await asyncio.to_thread(validate_model, req.source, options, self.ecp, self._loader_log)
         tokenizer = await asyncio.to_thread(self.binding.tokenizer, validated.gguf)
         shard_id = req.shard_id or f"{self.config.worker_id}-shard{req.shard_index}"
+        loop = asyncio.get_running_loop()
+
+        def on_fatal(error: WorkerError) -> None:  # an engine thread: a TP peer lost while no job runs
+            loop.call_soon_threadsafe(self.fail, error)
+
         # The engine streams the file and fingerprints what is resident; the seal is ours (SPEC 4120).
         sealed = await asyncio.to_thread(
             partial(
@@ -312,7 +317,7 @@ class Worker:
                 max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
                 # M0 (--max-batch 1) keeps the per-request check before the stream opens (500 on mismatch)
                 before_admit=None if self.config.max_batch == 1 else self._seal_check_in_step, observer=self.metrics,
-                progress=self._on_upload,
+                progress=self._on_upload, on_fatal=on_fatal,
             )
         )
         done = self.load_progress or {}

@@ -62,7 +62,7 @@ FIELDS: Mapping[str, Kind] = MappingProxyType(
         "user": "id", "group": "id", "uid": "int", "gid": "int", "callers": "int", "file": "text",
         # model
         "model_ref": "id", "model_id": "id", "architecture": "id", "digest": "id", "signature": "id",
-        "shard_id": "id", "size_bytes": "int", "size_mb": "num", "vram_bytes": "int", "max_seq_len": "int",
+        "shard_id": "id", "tp_rank": "int", "tp_degree": "int", "tp_group_id": "id", "size_bytes": "int", "size_mb": "num", "vram_bytes": "int", "max_seq_len": "int",
         "load_ms": "num", "load_s": "num", "seal_verify_ms": "num",
         # request / job
         "correlation_id": "id", "job_id": "id", "fp6": "id", "method": "id", "path": "id", "status": "int",

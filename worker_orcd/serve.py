@@ -34,7 +34,8 @@ import uvicorn
 
 from . import __version__, logs, privileges
 from .auth import BearerAuth, TokenFile, TokenFileError
-from .config import ConfigError, WorkerConfig, load_config
+from .config import ConfigError, WorkerConfig, load_config, parse_bind, read_tp_secret
+from .engine.tp_plan import TPSpec
 from .engine.interface import EngineLike
 from .errors import ErrorCode, WorkerError
 from .gguf.reader import GGUFFile
@@ -93,6 +94,13 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--chat-template", "Jinja chat template file for /v1/chat/completions, replacing the model's own"),
     ("--callback-attempts", "readiness callback attempts before giving up (default 6)"),
     ("--callback-timeout-sec", "per-attempt callback timeout (default 5)"),
+    ("--tp-degree", "tensor parallel: processes (one per device) in the group (default 1: no group)"),
+    ("--tp-rank", "tensor parallel: this process's rank; 0 serves HTTP/SSE and schedules, the others follow it"),
+    ("--tp-group-id", "tensor parallel: the group's id (from the pool manager)"),
+    ("--tp-members", "tensor parallel: the group's worker ids in rank order, comma-separated (rank 0 first)"),
+    ("--tp-master", "tensor parallel: HOST:PORT where rank 0 listens for its members (a private network)"),
+    ("--tp-secret-file", "tensor parallel: file with the group's shared secret (>= 16 bytes, mode 0600)"),
+    ("--tp-timeout-sec", "tensor parallel: limit of every collective; a peer lost for longer stops the group (default 60)"),
     ("--user", (
         "started as root: open the GPU and bind the port, then drop to this user and its primary group "
         "for good (required when run as root; SPEC 4901)"
@@ -106,7 +114,8 @@ _METAVARS: dict[str, str] = {
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
     "--max-queue": "N", "--prefill-chunk": "TOKENS", "--resident-weights": "dense|quantized", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
-    "--callback-timeout-sec": "SEC", "--user": "NAME",
+    "--callback-timeout-sec": "SEC", "--user": "NAME", "--tp-degree": "T", "--tp-rank": "R", "--tp-group-id": "ID",
+    "--tp-members": "ID,ID,...", "--tp-master": "HOST:PORT", "--tp-secret-file": "FILE", "--tp-timeout-sec": "SEC",
 }
 _SWITCHES: tuple[tuple[str, str], ...] = (
     ("--require-signature", "refuse models without a verifying signature (needs --model-public-key)"),
@@ -160,7 +169,12 @@ def run_serve(args: argparse.Namespace) -> int:
             level=logging.WARNING,
         )
     try:
-        code = asyncio.run(serve(config, real_binding(config), drop_plan=plan))
+        if config.tp_rank > 0:
+            from .tp_member import serve_member
+
+            code = asyncio.run(serve_member(config, real_binding(config), drop_plan=plan))
+        else:
+            code = asyncio.run(serve(config, real_binding(config), drop_plan=plan))
     except KeyboardInterrupt:
         code = EXIT_OK
     return exit_process(code)
@@ -212,7 +226,7 @@ def real_binding(config: WorkerConfig) -> EngineBinding:
     def open_engine() -> EngineLike:
         from .engine.api import Engine
 
-        return Engine.open(config.device, config.gpu_device, config.resident_weights)
+        return Engine.open(config.device, config.gpu_device, config.resident_weights, tp=tp_spec(config))
 
     def sampling_params(**kw: Any) -> Any:
         from .engine.api import SamplingParams
@@ -225,6 +239,30 @@ def real_binding(config: WorkerConfig) -> EngineBinding:
         return GGUFTokenizer.from_gguf(gguf)
 
     return EngineBinding(open=open_engine, sampling_params=sampling_params, tokenizer=tokenizer)
+
+
+def tp_spec(config: WorkerConfig) -> TPSpec | None:
+    """This process's tensor-parallel membership (the secret read now, never logged), or None."""
+    if config.tp_degree == 1:
+        return None
+    assert config.tp_group_id and config.tp_master and config.tp_secret_file
+    host, port = parse_bind(config.tp_master)
+    return TPSpec(
+        degree=config.tp_degree, rank=config.tp_rank, group_id=config.tp_group_id, members=config.tp_member_ids,
+        master_host=host, master_port=port, secret=read_tp_secret(config.tp_secret_file),
+        timeout_s=config.tp_timeout_sec, heartbeat_s=min(1.0, config.tp_timeout_sec / 4),
+    )
+
+
+def model_commit(config: WorkerConfig) -> Commit:
+    """``--model`` as a commit: with tensor parallel, this rank's shard of it."""
+    assert config.model
+    spec = tp_spec(config)
+    return Commit(
+        model_ref=config.model, source=config.model, model_root=config.model_root,
+        expected_sha256=config.expected_sha256,
+        shard_id=spec.shard_id if spec else None, shard_index=config.tp_rank, total_shards=config.tp_degree,
+    )
 
 
 class _Server(uvicorn.Server):
@@ -369,13 +407,7 @@ async def _start(
 
 async def _load_and_announce(worker: Worker, config: WorkerConfig) -> None:
     """Load, verify and seal ``--model`` while listening, then the readiness callback (SPEC 4023, 4031)."""
-    assert config.model
-    await worker.commit(
-        Commit(
-            model_ref=config.model, source=config.model, model_root=config.model_root,
-            expected_sha256=config.expected_sha256,
-        )
-    )
+    await worker.commit(model_commit(config))
     await worker.announce_ready()  # sealed and listening, then the callback (SPEC "Callback")
 
 

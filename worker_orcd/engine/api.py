@@ -11,6 +11,7 @@ the engine computes (``worker_orcd.residency``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
-from ..errors import ErrorCode, InvalidParams, WorkerError
+from ..errors import ErrorCode, InvalidParams, ModelLoadError, WorkerError
 from ..gguf import GGUFFile
 from . import attest as attest_mod
 from . import ops
@@ -34,6 +35,8 @@ from .paged_kv import PagedKVCache, kv_tokens
 from .paged_kv import max_seq_len as paged_max_seq_len
 from .runner import ModelRunner
 from .plan import VramPlan, plan_vram
+from .tp_plan import TPSpec, shard_config
+from .shard import shard_arena
 from .upload import LoadStats, upload
 from .weights import ModelWeights, bind, resident_dtype, weight_layout
 
@@ -118,8 +121,10 @@ class ResidentModel:
         stats: LoadStats,
         vram_bytes: int,
         batching: BatchingOptions,
+        tp: Any = None,
     ) -> None:
         self._engine = engine
+        self.tp = tp  # tensor_parallel.TPGroup of this shard, or None (tp=1)
         self.config = cfg
         self._weights = weights
         self._kv = kv
@@ -130,8 +135,13 @@ class ResidentModel:
         self._vram_bytes = vram_bytes
         self.batching = batching
         self._closed = False
+        step_runner: Any = runner
+        if tp is not None and tp.rank == 0:
+            from .tensor_parallel import LeaderRunner
+
+            step_runner = LeaderRunner(runner, tp)  # rank 0 broadcasts every step (members never use the loop)
         self._loop = EngineLoop(
-            _BoundRunner(runner, engine.ctx), max_batch=batching.max_batch, token_budget=batching.token_budget,
+            _BoundRunner(step_runner, engine.ctx), max_batch=batching.max_batch, token_budget=batching.token_budget,
             mixed_budget=batching.mixed_budget, before_admit=batching.before_admit, observer=batching.observer,
         )
 
@@ -186,6 +196,9 @@ class ResidentModel:
 
     def _checked(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         self._require_open()
+        if self.tp is not None and self.tp.rank != 0:
+            raise WorkerError(f"rank {self.tp.rank} of tensor-parallel group {self.tp.spec.group_id} takes no jobs; "
+                              "rank 0 serves them", code=ErrorCode.WORKER_NOT_READY)
         _check_params(params)
         ids = list(prompt_ids)
         vocab = self.config.vocab_size
@@ -220,12 +233,28 @@ class ResidentModel:
         """Device bytes this model holds (0 in CPU development mode: nothing is in VRAM)."""
         return self._vram_bytes
 
+    def follow(self, before_job: Callable[[], None] | None = None) -> str:
+        """A tensor-parallel member (rank > 0): run the steps rank 0 broadcasts until it ends the group.
+
+        Returns why it ended (a drain on rank 0); raises TP_GROUP_FAILED when rank 0 is lost.
+        ``before_job`` is the host's seal check, run before every step that starts a job."""
+        self._require_open()
+        if self.tp is None or self.tp.rank == 0:
+            raise WorkerError("only a tensor-parallel member (rank > 0) follows", code=ErrorCode.INVALID_PARAMS)
+        from .tensor_parallel import follow
+
+        with device_errors("generation", self._engine.ctx.index), torch.no_grad():
+            self._engine.ctx.bind_thread()
+            return follow(self.runner, self.tp, before_job)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._loop.close()
         self._loop.runner = None  # type: ignore[assignment]  # the loop must not keep the device buffers alive
+        if self.tp is not None:
+            self.tp.close()  # rank 0: the members stop too
         self.runner.close()
         del self.runner, self._kv, self._weights, self._fingerprint, self._loop
         self._engine._forget(self)
@@ -271,10 +300,11 @@ class _BoundPending:
 class Engine:
     """The process's GPU layer: one device, the models loaded on it."""
 
-    def __init__(self, ctx: DeviceContext, resident_weights: str = "dense") -> None:
+    def __init__(self, ctx: DeviceContext, resident_weights: str = "dense", tp: TPSpec | None = None) -> None:
         if resident_weights not in ("dense", "quantized"):
             raise InvalidParams(f"resident_weights must be 'dense' or 'quantized', got {resident_weights!r}")
         self.ctx = ctx
+        self.tp = tp  # this process's tensor-parallel membership; the group is joined at load
         # quantized: matrices stay GGUF blocks in VRAM (smallest; the fused kernels are exact but not yet
         # as fast as the dense fp16 path); dense: dequantized once at load (fastest today). CPU: dense fp32.
         self.quantized = resident_weights == "quantized" and not ctx.dev_mode
@@ -282,10 +312,11 @@ class Engine:
 
     @classmethod
     def open(
-        cls, device: Literal["cuda", "cpu"] = "cuda", gpu_device: int = 0, resident_weights: str = "dense"
+        cls, device: Literal["cuda", "cpu"] = "cuda", gpu_device: int = 0, resident_weights: str = "dense",
+        tp: TPSpec | None = None,
     ) -> Engine:
         with device_errors("opening the device", gpu_device):
-            return cls(open_device(device, gpu_device), resident_weights)
+            return cls(open_device(device, gpu_device), resident_weights, tp)
 
     @property
     def dev_mode(self) -> bool:
@@ -321,6 +352,7 @@ class Engine:
         before_admit: Callable[[int], None] | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
+        on_fatal: Callable[[WorkerError], None] | None = None,
     ) -> ResidentModel:
         """Plan, stream + dequantize ``model_file`` into VRAM, re-hash, capture the decode graphs, fingerprint.
 
@@ -331,6 +363,9 @@ class Engine:
         host's seal check, run once per step that admits jobs. ``progress(bytes_done, bytes_total)``
         is called after every uploaded chunk of tensor data (what ``/health`` shows while loading);
         once it reports all bytes, warm-up and graph capture follow. Its exceptions are ignored.
+        ``on_fatal`` hears (on an engine thread) of a failure outside any job: a tensor-parallel
+        peer lost while idle. With a ``tp`` spec this process joins its group first, then keeps
+        only its shard (``shard.py``; the full upload and re-hash are as for tp=1).
         """
         if not name:
             raise InvalidParams("name must be non-empty")
@@ -354,21 +389,43 @@ class Engine:
         kv: PagedKVCache | None = None
         runner: ModelRunner | None = None
         fp: ops.Fingerprint | None = None
+        group: Any = None
         try:
+            if self.tp is not None:
+                from . import tensor_parallel
+
+                mcfg = shard_config(cfg, self.tp.degree)  # refuses heads / FFN that do not split
+                if self.quantized:
+                    raise ModelLoadError("tensor parallel needs --resident-weights dense (quantized blocks are not split yet)")
+                group = tensor_parallel.join(self.tp, self.ctx.kind)
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
-                weights = bind(arena, lay, cfg)
-                kv = PagedKVCache.allocate(cfg, pool, dtype, dev)
-                runner = ModelRunner(Model(cfg, weights), kv, dev, s_max, batch, max_tokens=budget)
+                if group is None:
+                    model = Model(cfg, bind(arena, lay, cfg))
+                else:
+                    arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)  # the full arena is dropped
+                    stats = dataclasses.replace(stats, resident_bytes=arena.numel())
+                    model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg), group)
+                weights = model.w
+                kv = PagedKVCache.allocate(model.cfg, pool, dtype, dev)
+                runner = ModelRunner(model, kv, dev, s_max, batch, max_tokens=budget)
                 runner.warmup()
                 if capture_graph:
                     runner.capture()
                 fp = ops.Fingerprint([arena])
                 self.ctx.synchronize()
-        except BaseException:
+            if group is not None:
+                group.agree({"digest": digest, "blocks": kv.num_blocks, "block_size": kv.block_size,
+                             "max_seq_len": s_max, "max_batch": batch, "token_budget": budget})
+                if on_fatal is not None:
+                    group.on_failure(on_fatal)
+                group.start_heartbeat()
+        except BaseException as e:
+            if group is not None:
+                group.abort(f"{type(e).__name__}: {e}")
             if runner is not None:
                 runner.close()
             arena = kv = runner = weights = fp = None  # drop every device buffer of the failed load now
@@ -379,7 +436,7 @@ class Engine:
         mixed = None if self.ctx.dev_mode else max(min(MIXED_STEP_TOKENS_CUDA, budget), batch)
         options = BatchingOptions(max_batch=batch, token_budget=budget, mixed_budget=mixed,
                                   before_admit=before_admit, observer=observer)
-        rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options)
+        rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options, tp=group)
         self._models.append(rm)
         log.info(
             "model %s %s: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",

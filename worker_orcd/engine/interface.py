@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, Protocol
 
 from ..batching.loop import Cancel, LoopObserver
+from ..errors import WorkerError
 from ..gguf import GGUFFile
 from .events import GenerationEnd, SamplingParams, TokenEvent
 
@@ -56,6 +57,10 @@ class ResidentModelLike(Protocol):
 
     def attest(self) -> dict[str, Any]: ...
     def vram_bytes(self) -> int: ...
+    def follow(self, before_job: Callable[[], None] | None = None) -> str:
+        """A tensor-parallel member (rank > 0): run rank 0's steps until it ends the group; why it ended."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -76,10 +81,12 @@ class EngineLike(Protocol):
         before_admit: Callable[[int], None] | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
+        on_fatal: Callable[[WorkerError], None] | None = None,
     ) -> ResidentModelLike:
         """Stream ``model_file`` (the open, verified file ``gguf`` was parsed from) onto the device,
         re-hashing it against ``digest`` on the way; nothing is sealed here. ``progress(bytes_done,
-        bytes_total)`` hears of each uploaded chunk of tensor data; what it raises is ignored."""
+        bytes_total)`` hears of each uploaded chunk of tensor data; what it raises is ignored.
+        ``on_fatal`` hears (on an engine thread) of a failure outside any job (a lost TP peer)."""
         ...
 
     def memory(self) -> dict[str, int]: ...

@@ -22,7 +22,7 @@ from ..engine.events import SamplingParams
 from .kernels.paged_layout import tile_shape
 from .model import Model
 from .paged_kv import SCRATCH_BLOCKS, PagedKVCache
-from .sampler import SampledOnDevice, sample_launch
+from .sampler import ReadStaging, SampledOnDevice, sample_launch
 
 # Decode batch sizes with a captured graph: a decode step runs in the smallest bucket that holds it.
 DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -40,6 +40,25 @@ class AttentionMeta:
     row_start: torch.Tensor
     host_rows: list[tuple[int, int, int]]  # (qstart, qlen, start) per row
     host_tables: list[list[int]]
+
+
+def _upload(dst: torch.Tensor, host: torch.Tensor, stage: torch.Tensor) -> None:
+    """``dst`` (a device view) <- the first ``dst.numel()`` values of pinned ``host``, row-major in
+    ``dst``'s shape, without a host wait: from a non-contiguous pinned slice torch would first copy
+    to pageable memory, and a copy from pageable memory waits for every step queued before it."""
+    n = dst.numel()
+    src = host.view(-1)[:n].view(dst.shape)
+    if dst.is_contiguous():
+        dst.copy_(src, non_blocking=True)
+        return
+    tmp = stage[:n].view(dst.shape)
+    tmp.copy_(src, non_blocking=True)
+    dst.copy_(tmp)
+
+
+def _rows(host: torch.Tensor, r: int, c: int) -> np.ndarray:
+    """The first r*c values of pinned ``host`` as an [r, c] array (the layout ``_upload`` reads)."""
+    return host.view(-1)[: r * c].numpy().reshape(r, c)
 
 
 class _Nothing:
@@ -87,6 +106,7 @@ class ModelRunner:
         self._pend_host = torch.zeros((2, max_batch), dtype=torch.int64, pin_memory=self.cuda)
         self._pend_dev = torch.zeros((2, max_batch), dtype=torch.int64, device=device)
         self._pend_staged: torch.cuda.Event | None = None
+        self._reads = ReadStaging() if self.cuda else None
 
     # --- StepRunner ----------------------------------------------------------------------------
 
@@ -118,7 +138,7 @@ class ModelRunner:
         if not specs:
             self._prev = None
             return _NOTHING
-        out = sample_launch(logits, specs)
+        out = sample_launch(logits, specs, self._reads)
         self._prev = ({r.seq_id: i for i, r in enumerate(r for r in batch.rows if r.sample is not None)}, out.ids)
         return out
 
@@ -167,11 +187,11 @@ class ModelRunner:
             # which is exactly the wait this overlap removes
             if self._pend_staged is not None:
                 self._pend_staged.synchronize()  # the previous launch's copy has read the buffer
-            host = self._pend_host.numpy()
-            host[0, :n] = dst
-            host[1, :n] = src
-            pos = self._pend_dev[:, :n]
-            pos.copy_(self._pend_host[:, :n], non_blocking=True)
+            host = _rows(self._pend_host, 2, n)
+            host[0] = dst
+            host[1] = src
+            pos = self._pend_dev.view(-1)[: 2 * n].view(2, n)
+            pos.copy_(self._pend_host.view(-1)[: 2 * n].view(2, n), non_blocking=True)
             self._pend_staged = torch.cuda.Event()
             self._pend_staged.record()
         else:
@@ -268,6 +288,7 @@ class ModelRunner:
         self._mixed_pinned = {
             k: torch.zeros(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in self._mixed.items()
         }
+        self._mixed["stage32"] = torch.zeros(r_max * self.max_blocks, dtype=torch.int32, device=dev)
         self._mixed_dims = (t_max, r_max, nt_max)
 
     def _mixed_views(self, t_b: int, r_b: int) -> tuple[torch.Tensor, ...]:
@@ -343,14 +364,14 @@ class ModelRunner:
             i32[base : base + r_b + 1] = 0
             i32[base : base + R] = col
         width = max(len(t) for t in tables)
-        bt = h["bt"].numpy()
-        bt[: r_b + 1, :width] = 0
+        bt = _rows(h["bt"], r_b + 1, width)
+        bt[:] = 0
         for i, t in enumerate(tables):
             bt[i, : len(t)] = t
         s = self._mixed
         s["i64"][: 3 * t_max + r_b].copy_(h["i64"][: 3 * t_max + r_b], non_blocking=True)
         s["i32"].copy_(h["i32"], non_blocking=True)
-        s["bt"][: r_b + 1, :width].copy_(h["bt"][: r_b + 1, :width], non_blocking=True)
+        _upload(s["bt"][: r_b + 1, :width], h["bt"], s["stage32"])
         self._staging_done()
         self._fill_pending(s["i64"][:T], self._pending_tokens(batch))
         return len(sample_index)
@@ -378,6 +399,8 @@ class ModelRunner:
             "zeros": torch.zeros(b_max, dtype=torch.int32, device=dev),
             "ones": torch.ones(b_max, dtype=torch.int32, device=dev),
             "sidx": torch.arange(b_max, dtype=torch.int64, device=dev),
+            "stage64": torch.zeros(3 * b_max, dtype=torch.int64, device=dev),
+            "stage32": torch.zeros(b_max * self.max_blocks, dtype=torch.int32, device=dev),
         }
         # host staging for one step's inputs (pinned: the copies do not block the host)
         self._pinned = {
@@ -434,8 +457,8 @@ class ModelRunner:
         bs = self.kv.block_size
         width = max(len(r.block_table) for r in batch.rows)
         self._wait_staging()
-        i64 = h["i64"].numpy()[:, :b]
-        bt = h["bt"].numpy()[:b, :width]
+        i64 = _rows(h["i64"], 3, b)
+        bt = _rows(h["bt"], b, width)
         i64[:] = 0  # padding rows: token 0 at position 0 of the scratch block (slot 0, table of zeros)
         bt[:] = 0
         for i, row in enumerate(batch.rows):
@@ -445,9 +468,9 @@ class ModelRunner:
             i64[1, i] = pos
             i64[2, i] = (table[pos // bs] + SCRATCH_BLOCKS) * bs + pos % bs
             bt[i, : len(table)] = np.asarray(table, dtype=np.int32) + SCRATCH_BLOCKS
-        s["i64"][:, :b].copy_(h["i64"][:, :b], non_blocking=True)
+        _upload(s["i64"][:, :b], h["i64"], s["stage64"])
         s["row_start"][:b].copy_(s["i64"][1, :b])
-        s["bt"][:b, :width].copy_(h["bt"][:b, :width], non_blocking=True)
+        _upload(s["bt"][:b, :width], h["bt"], s["stage32"])
         self._staging_done()
         self._fill_pending(s["i64"][0, :n], self._pending_tokens(batch))
         graph, logits = self.graphs[b]
@@ -533,6 +556,6 @@ class ModelRunner:
         self._static_meta.clear()
         self._pinned.clear()
         self._prev = None
-        self._pend_dev = self._pend_host = None  # type: ignore[assignment]
+        self._pend_dev = self._pend_host = self._reads = None  # type: ignore[assignment]
         self.model = None  # type: ignore[assignment]
         self.kv = None  # type: ignore[assignment]

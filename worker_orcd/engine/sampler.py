@@ -59,24 +59,52 @@ def top_logprobs(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lp.gather(1, ids), ids
 
 
+class ReadStaging:
+    """Pinned host buffers the steps' results are copied into, reused in turn: allocating pinned
+    memory per step would cost a cudaHostAlloc (which waits for the device) whenever the
+    caching allocator has no free block. A slot is reused only once its copy has landed."""
+
+    SLOTS = 4  # the engine loop has at most two steps unread
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[torch.dtype, int], list[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
+        self._next = 0
+
+    def read(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        n = packed.numel()
+        size = 1 << max(6, (n - 1).bit_length())
+        ring = self._bufs.setdefault((packed.dtype, size), [])
+        i = self._next % self.SLOTS
+        self._next += 1
+        if len(ring) <= i:
+            ring.extend((torch.empty(size, dtype=packed.dtype, pin_memory=True), None) for _ in range(i + 1 - len(ring)))
+        buf, prev = ring[i]
+        if prev is not None:
+            prev.synchronize()
+        host = buf[:n]
+        host.copy_(packed.reshape(-1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        ring[i] = (buf, event)
+        return host, event
+
+
 class SampledOnDevice:
     """A step's draw, queued: ``ids`` [R] int64 on the device (the next step's PENDING inputs read
     it there); ``result()`` waits for the one device->host copy and decodes it."""
 
     def __init__(self, ids: torch.Tensor, packed: torch.Tensor, specs: Sequence[SampleSpec],
-                 asks: list[int], k_max: int) -> None:
+                 asks: list[int], k_max: int, staging: ReadStaging | None = None) -> None:
         self.ids = ids
         self._specs = specs
         self._asks = asks
         self._k_max = k_max
         self._out: list[Sampled] | None = None
+        self._event: torch.cuda.Event | None = None
         if packed.device.type == "cuda":
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._event: torch.cuda.Event | None = torch.cuda.Event()
-            self._event.record()
+            self._host, self._event = (staging or ReadStaging()).read(packed)
         else:
-            self._host, self._event = packed, None
+            self._host = packed
 
     def result(self) -> list[Sampled]:
         if self._out is None:
@@ -111,7 +139,8 @@ class SampledOnDevice:
         return out
 
 
-def sample_launch(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> SampledOnDevice:
+def sample_launch(logits: torch.Tensor, specs: Sequence[SampleSpec],
+                  staging: ReadStaging | None = None) -> SampledOnDevice:
     """Row i of ``logits`` [R, V] sampled with ``specs[i]``, queued on the device.
 
     Logprobs are log_softmax of the raw fp32 logits (before penalties, temperature and
@@ -120,7 +149,7 @@ def sample_launch(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> SampledO
     if all(simple_greedy(s.params) for s in specs):
         # argmax picks the lowest index on ties, as the sampling kernel's greedy path does
         ids = torch.argmax(logits, dim=-1)
-        return SampledOnDevice(ids, ids, specs, [], 0)
+        return SampledOnDevice(ids, ids, specs, [], 0, staging)
     rows = SampleRows.stack([row_params(s) for s in specs], logits.shape[-1])
     ids = ops.sample_batch(logits, rows)
     asks = [i for i, s in enumerate(specs) if s.params.logprobs or s.params.top_logprobs]
@@ -138,7 +167,7 @@ def sample_launch(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> SampledO
         if k_max:
             vals, top = top_logprobs(lp, k_max)
             parts += [vals.reshape(-1).to(torch.float64), top.reshape(-1).to(torch.float64)]
-    return SampledOnDevice(ids, torch.cat(parts), specs, asks, k_max)
+    return SampledOnDevice(ids, torch.cat(parts), specs, asks, k_max, staging)
 
 
 def sample_step(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[Sampled]:

@@ -234,7 +234,7 @@ async def ready(
         ready=ok,
         state=worker.state.value,
         handles=[_view(handle)] if handle is not None and worker.state.value != "stopped" else [],
-        nccl_group_id=None,
+        nccl_group_id=worker.config.tp_group_id,  # the tensor-parallel group (gloo on the CPU), null on one device
         device=worker.config.device,
         dev_mode=worker.config.dev_mode,
         batching=BatchingView(**worker.batching()),

@@ -1,0 +1,64 @@
+"""Tensor-parallel settings (README "Tensor parallel"): validated up front, one clear line each (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker_orcd.config import ConfigError, load_config
+from worker_orcd.serve import model_commit, tp_spec
+
+
+def _secret(tmp: Path, text: str = "s" * 32, mode: int = 0o600, name: str = "group.secret") -> Path:
+    path = tmp / name
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _tp(tmp: Path, **over: object) -> dict[str, object]:
+    flags: dict[str, object] = {
+        "worker_id": "w1", "device": "cpu", "model": "m.gguf", "tp_degree": "2", "tp_rank": "1",
+        "tp_group_id": "g1", "tp_members": "w0,w1", "tp_master": "127.0.0.1:29500",
+        "tp_secret_file": str(_secret(tmp)),
+    }
+    flags.update(over)
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def test_tp_config_valid_group_gives_this_ranks_spec_and_shard(tmp_path: Path) -> None:
+    cfg = load_config(_tp(tmp_path), env={})
+    spec = tp_spec(cfg)
+    assert spec is not None and spec.rank == 1 and spec.members == ("w0", "w1") and spec.secret == b"s" * 32
+    assert (spec.master_host, spec.master_port, spec.timeout_s) == ("127.0.0.1", 29500, 60.0)
+    commit = model_commit(cfg)
+    assert (commit.shard_id, commit.shard_index, commit.total_shards) == ("g1-shard1of2", 1, 2)
+    assert tp_spec(load_config({"worker_id": "w"}, env={})) is None
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"tp_degree": None, "tp_rank": None}, "need(s) tp_degree > 1"),
+        ({"tp_master": None}, "needs tp_master"),
+        ({"tp_rank": "2"}, "tp_rank 2 must be below tp_degree 2"),
+        ({"tp_members": "w0,w2"}, "names 'w2' as rank 1, but this worker is 'w1'"),
+        ({"tp_members": "w0,w1,w2"}, "must list 2 distinct worker ids"),
+        ({"tp_master": "127.0.0.1"}, "tp_master (--tp-master): must be HOST:PORT"),
+        ({"device": "cuda"}, "CUDA/NCCL path has not been run"),
+        ({"resident_weights": "quantized"}, "needs resident_weights dense"),
+        ({"model": None}, "needs --model on every rank"),
+    ],
+)
+def test_tp_config_errors_name_the_rule(tmp_path: Path, over: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_tp(tmp_path, **over), env={})
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(("text", "mode", "message"), [("short", 0o600, "at least 16"), ("s" * 32, 0o644, "chmod 600")])
+def test_tp_config_secret_file_checked(tmp_path: Path, text: str, mode: int, message: str) -> None:
+    flags = _tp(tmp_path, tp_secret_file=str(_secret(tmp_path, text, mode, "bad.secret")))
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags, env={})

@@ -1,0 +1,138 @@
+"""Tensor-parallel shard slicing (SPEC 4500-4522; engine/shard.py, engine/tp_plan.py), no peers needed.
+
+The slices of every rank put back together give the full weight (column-parallel: per fused
+part, row-parallel: along K); a shard's dense forward of the FFN and attention projections,
+summed over ranks, is the full model's; shapes that do not split are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker_orcd.engine.config import model_config
+from worker_orcd.engine.shard import (
+    check_block_split,
+    column_shard,
+    fused_parts,
+    row_shard,
+    shard_arena,
+    shard_layout,
+)
+from worker_orcd.engine.tp_plan import TPSpec, check_shardable, shard_config
+from worker_orcd.engine.weights import views, weight_layout
+from worker_orcd.errors import ModelLoadError
+from worker_orcd.gguf import GGMLType, parse_file
+from synthetic import synth as _synth
+
+synth = _synth()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.write_synthetic_model(tmp_path_factory.mktemp("tp") / "tiny-qwen2.gguf", "tiny-qwen2", "Q8_0")
+
+
+def _full_arena(path: Path) -> tuple[object, object, torch.Tensor]:
+    g = parse_file(path)
+    cfg = model_config(g)
+    lay = weight_layout(cfg, g, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
+    for v in views(arena, lay).values():
+        v.copy_(torch.randn(v.shape, generator=gen))
+    return cfg, lay, arena
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+def test_tp_column_and_row_slices_concatenate_back(degree: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    parts = (8, 4, 4)  # Q | K | V rows
+    w = torch.randn(sum(parts), 6, generator=gen)
+    shards = [column_shard(w, parts, r, degree) for r in range(degree)]
+    assert all(s.shape == (sum(parts) // degree, 6) for s in shards)
+    off = at = 0
+    for n in parts:  # part i of the full weight is every rank's part i, in rank order
+        step = n // degree
+        assert torch.equal(torch.cat([s[at : at + step] for s in shards]), w[off : off + n])
+        off, at = off + n, at + step
+    wo = torch.randn(6, 8, generator=gen)
+    assert torch.equal(torch.cat([row_shard(wo, r, degree) for r in range(degree)], dim=1), wo)
+
+
+def test_tp_shard_arena_slots_are_the_full_weights_slices(tiny: Path) -> None:
+    cfg, lay, arena = _full_arena(tiny)
+    full = views(arena, lay)
+    got = [views(*shard_arena(arena, lay, cfg, r, 2)) for r in range(2)]  # type: ignore[arg-type]
+    for name, w in full.items():
+        leaf = name.rsplit(".", 1)[-1]
+        pieces = [g[name] for g in got]
+        if leaf in ("wo", "w_down"):
+            assert torch.equal(torch.cat(pieces, dim=1), w), name
+        elif leaf in ("wqkv", "bqkv", "w_gate_up"):
+            parts = fused_parts(cfg, name)  # type: ignore[arg-type]
+            at = 0  # part i of a shard starts at the halves of the parts before it
+            rebuilt = []
+            for n in parts:
+                rebuilt += [p[at : at + n // 2] for p in pieces]  # rank 0's half, then rank 1's
+                at += n // 2
+            assert torch.equal(torch.cat(rebuilt), w), name
+        else:  # replicated: embeddings, output head, norms
+            assert all(torch.equal(p, w) for p in pieces), name
+    assert shard_layout(lay, cfg, 2).total_bytes < lay.total_bytes  # type: ignore[arg-type]
+
+
+def test_tp_partial_products_sum_to_the_full_projection(tiny: Path) -> None:
+    """Column-parallel gate/up then row-parallel down, summed over ranks (the all-reduce) = tp=1."""
+    cfg, lay, arena = _full_arena(tiny)
+    full = views(arena, lay)
+    x = torch.randn(3, cfg.d_model, generator=torch.Generator().manual_seed(2))  # type: ignore[attr-defined]
+
+    def mlp(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        gu = x @ w["0.w_gate_up"].T
+        f = gu.shape[1] // 2
+        return (torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]) @ w["0.w_down"].T
+
+    def attn_out(w: dict[str, torch.Tensor], q_dim: int) -> torch.Tensor:
+        return (x @ w["0.wqkv"].T)[:, :q_dim] @ w["0.wo"].T
+
+    shards = [views(*shard_arena(arena, lay, cfg, r, 2)) for r in range(2)]  # type: ignore[arg-type]
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:  # fp32 sums in another order: rounding only
+        return float((a - b).norm() / b.norm())
+
+    assert rel(sum(mlp(s) for s in shards), mlp(full)) < 1e-6  # type: ignore[arg-type]
+    q = cfg.q_dim  # type: ignore[attr-defined]
+    assert rel(sum(attn_out(s, q // 2) for s in shards), attn_out(full, q)) < 1e-6  # type: ignore[arg-type]
+
+
+def test_tp_shapes_that_do_not_split_are_refused(tiny: Path) -> None:
+    cfg = model_config(parse_file(tiny))  # 4 heads, 2 KV heads, ffn 512
+    assert shard_config(cfg, 2).n_kv_heads == 1 and shard_config(cfg, 2).ffn_dim == 256
+    assert shard_config(cfg, 2).attn_scale == cfg.attn_scale
+    with pytest.raises(ModelLoadError, match="num_kv_heads % 4 == 0"):
+        check_shardable(cfg, 4)
+    with pytest.raises(ModelLoadError, match="num_heads % 3 == 0"):
+        check_shardable(dataclasses.replace(cfg, n_heads=4), 3)
+
+
+def test_tp_quantized_blocks_split_only_on_block_boundaries() -> None:
+    check_block_split(GGMLType.Q8_0, 896, 2)  # 448 = 14 blocks of 32
+    check_block_split(GGMLType.Q4_K, 4096, 2)  # 2048 = 8 blocks of 256
+    with pytest.raises(ModelLoadError, match="256-element block"):
+        check_block_split(GGMLType.Q4_K, 4864, 2)  # Qwen2.5-0.5B's ffn: 2432 is not whole blocks
+    with pytest.raises(ModelLoadError, match="32-element block"):
+        check_block_split(GGMLType.Q8_0, 96, 2)
+
+
+def test_tp_spec_validates_its_members() -> None:
+    ok = dict(degree=2, rank=1, group_id="g", members=("a", "b"), master_host="127.0.0.1", master_port=1,
+              secret=b"x" * 32)
+    assert TPSpec(**ok).shard_id == "g-shard1of2"  # type: ignore[arg-type]
+    assert "x" * 32 not in repr(TPSpec(**ok))  # type: ignore[arg-type]
+    for bad, match in ((dict(rank=2), "rank"), (dict(members=("a",)), "member list"), (dict(secret=b"s"), "secret"),
+                       (dict(degree=1, members=("a",), rank=0), "degree")):
+        with pytest.raises(ValueError, match=match):
+            TPSpec(**{**ok, **bad})  # type: ignore[arg-type]
