@@ -15,10 +15,12 @@ code before every frame, so no token follows an acknowledged cancel; after
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -34,6 +36,50 @@ from ..engine.interface import ResidentModelLike
 from ..lifecycle import FATAL_CODES, TokenizerLike, Worker
 from ..metrics import SUCCESS
 from ..scheduler import Job
+
+_HANDOFFS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Handoff] = weakref.WeakKeyDictionary()
+
+
+class _Handoff:
+    """Events from engine threads to one event loop: one wake-up per burst, not per token.
+
+    A step of 64 streams would otherwise cost 64 ``call_soon_threadsafe`` (a self-pipe write and
+    a loop wake-up each) on the engine thread. The flag is cleared before draining, so an item
+    appended during or after a drain always has a drain scheduled after it (deque ops are atomic).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[tuple[asyncio.Queue[Any], Any]] = collections.deque()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        self._items.append((queue, item))
+        if self._scheduled:
+            return
+        self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # loop closed: the process is exiting
+            self._scheduled = False
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        items = self._items
+        while items:
+            queue, item = items.popleft()
+            queue.put_nowait(item)
+
+
+_HANDOFF_LOCK = threading.Lock()
+
+
+def _handoff(loop: asyncio.AbstractEventLoop) -> _Handoff:
+    h = _HANDOFFS.get(loop)
+    if h is None:
+        with _HANDOFF_LOCK:
+            h = _HANDOFFS.setdefault(loop, _Handoff(loop))
+    return h
 from .sse import HEADERS, KEEPALIVE, MEDIA_TYPE, frame
 
 _DONE = object()  # the engine thread returned
@@ -114,10 +160,7 @@ class JobStream:
         threading.Thread(target=context.run, args=(self._produce,), name=f"job-{job.job_id[:16]}", daemon=True).start()
 
     def _post(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # loop closed: the process is exiting
-            pass
+        _handoff(self._loop).post(self.queue, item)
 
     def _produce(self) -> None:
         try:
