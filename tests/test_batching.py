@@ -297,6 +297,39 @@ def test_loop_overlaps_steps_only_without_host_state(overlap: bool) -> None:
     assert loop.blocks.num_used == 0
 
 
+def test_loop_flushes_each_consumer_once_per_step_after_its_deliveries() -> None:
+    """Sinks sharing one ``flush`` (streams on one event loop) get it called once per step that
+    delivered to them, after those deliveries: nothing is left waiting for a wake-up."""
+    runner = HashRunner(delay=0.001)
+    loop = EngineLoop(runner, max_batch=4, token_budget=64)
+    log: list[object] = []
+    done = threading.Event()
+
+    class Sink:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.flush = flush
+
+        def __call__(self, item: object) -> None:
+            log.append((self.name, item))
+            if isinstance(item, GenerationEnd) and sum(isinstance(x, tuple) and isinstance(x[1], GenerationEnd)
+                                                       for x in log) == 2:
+                done.set()
+
+    def flush() -> None:
+        log.append("flush")
+
+    for name in ("a", "b"):
+        loop.submit_to([1, 2, 3], SamplingParams(max_tokens=6, seed=len(name)), None, Sink(name))
+    assert done.wait(10)
+    time.sleep(0.05)
+    loop.close()
+    assert log[-1] == "flush", "the last deliveries were flushed"
+    assert all(not (x == "flush" and y == "flush") for x, y in zip(log, log[1:])), "a flush only after deliveries"
+    tokens = [x for x in log if isinstance(x, tuple) and isinstance(x[1], TokenEvent)]
+    assert len(tokens) == 12 and log.count("flush") <= 7, "one flush per step for both streams, not per token"
+
+
 def test_loop_stop_ids_and_capacity() -> None:
     runner = HashRunner()
     loop = EngineLoop(runner, max_batch=2, token_budget=16)

@@ -141,12 +141,16 @@ class FakeResident:
     ) -> None:
         events = self.generate(prompt_ids, params, cancel)  # refused at the call, as the engine does
 
+        flush = getattr(sink, "flush", lambda: None)
+
         def run() -> None:
             try:
                 for event in events:
                     sink(event)
+                    flush()  # a step per token here
             except BaseException as e:  # noqa: BLE001 - the engine hands its failure to the sink
                 sink(e)
+                flush()
 
         threading.Thread(target=run, name="fake-engine", daemon=True).start()
 

@@ -71,6 +71,7 @@ class _Job:
     t_first: float | None = None
     t_prefill_done: float | None = None
     sink: Sink | None = None  # called on the engine thread instead of queueing (no reader thread per job)
+    flush: Callable[[], None] | None = None  # the sink's ``flush``: called once after a step's deliveries
 
     def cancelled(self) -> bool:
         return self.abandoned.is_set() or _is_set(self.cancel)
@@ -125,6 +126,7 @@ class EngineLoop:
         self._failed: WorkerError | None = None
         self._tokens_out = 0
         self._rate_t0 = time.monotonic()
+        self._to_flush: dict[int, Callable[[], None]] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -140,7 +142,9 @@ class EngineLoop:
 
     def submit_to(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel, sink: Sink) -> None:
         """Queue a validated job whose events (TokenEvent..., then a GenerationEnd or an exception) are
-        handed to ``sink`` on the engine thread, in order; stop it through ``cancel``."""
+        handed to ``sink`` on the engine thread, in order; stop it through ``cancel``. A sink with a
+        ``flush`` attribute has it called after each step that delivered to it (sinks sharing one
+        ``flush`` object: once), before the loop waits or queues the step after next."""
         self._enqueue(prompt_ids, params, cancel, sink)
 
     def _enqueue(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel, sink: Sink | None) -> _Job:
@@ -153,7 +157,8 @@ class EngineLoop:
                 f"capacity of {self.runner.max_seq_len} tokens",
                 code=ErrorCode.INVALID_PARAMS,
             )
-        job = _Job(seq, queue.SimpleQueue(), cancel, threading.Event(), time.monotonic(), sink=sink)
+        job = _Job(seq, queue.SimpleQueue(), cancel, threading.Event(), time.monotonic(), sink=sink,
+                   flush=getattr(sink, "flush", None))
         seq.sink = job
         with self._cv:
             if self._stopping:
@@ -208,6 +213,7 @@ class EngineLoop:
         inflight: _InFlight | None = None
         try:
             while True:
+                self._flush()
                 with self._cv:
                     while (not self._stopping and not self._inbox and not self.scheduler.has_work
                            and inflight is None):
@@ -251,6 +257,7 @@ class EngineLoop:
             self.scheduler.add(job.seq)
         for job in list(self._jobs.values()):
             self._end(job, "cancelled")
+        self._flush()
 
     def _reap_cancelled(self) -> None:
         for job in list(self._jobs.values()):
@@ -307,7 +314,7 @@ class EngineLoop:
             if job.cancelled():  # no token after an acknowledged cancel (SPEC 4252)
                 self._end(job, "cancelled")
                 continue
-            job.deliver(TokenEvent(i, out.token_id, out.logprob, out.top_logprobs))
+            self._deliver(job, TokenEvent(i, out.token_id, out.logprob, out.top_logprobs))
             if out.token_id in seq.params.stop_ids:
                 self._end(job, "eos")
             elif i + 1 >= seq.params.max_tokens:
@@ -333,7 +340,8 @@ class EngineLoop:
         now = time.monotonic()
         start = seq.first_scheduled or now
         first = job.t_first or now
-        job.deliver(
+        self._deliver(
+            job,
             GenerationEnd(
                 tokens_in=len(seq.prompt),
                 tokens_out=len(seq.output),
@@ -352,7 +360,7 @@ class EngineLoop:
             return
         if seq.status is not SeqStatus.FINISHED:
             self.scheduler.finish(seq, "failed")
-        job.deliver(err)
+        self._deliver(job, err)
 
     def _fail_all(self, err: BaseException) -> None:
         with self._cv:
@@ -360,6 +368,21 @@ class EngineLoop:
             pending = list(self._inbox)
             self._inbox.clear()
         for job in pending:
-            job.deliver(err)
+            self._deliver(job, err)
         for job in list(self._jobs.values()):
             self._fail(job, err)
+        self._flush()
+
+    def _deliver(self, job: _Job, item: Any) -> None:
+        job.deliver(item)
+        if job.flush is not None:
+            self._to_flush[id(job.flush)] = job.flush
+
+    def _flush(self) -> None:
+        """Once per step: wake each consumer that got events (see ``submit_to``)."""
+        while self._to_flush:
+            _, flush = self._to_flush.popitem()
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine for everyone
+                log.exception("a sink's flush failed")

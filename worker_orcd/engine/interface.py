@@ -49,7 +49,12 @@ class ResidentModelLike(Protocol):
     ) -> Iterator[TokenEvent | GenerationEnd]: ...
     def generate_into(
         self, prompt_ids: Sequence[int], params: SamplingParams, cancel: Cancel, sink: Callable[[Any], None]
-    ) -> None: ...
+    ) -> None:
+        """``sink`` gets each TokenEvent, then a GenerationEnd or an exception, on the engine's thread.
+        If it has a ``flush`` attribute, that is called after each batch of deliveries (a step's):
+        a sink may hold tokens until then."""
+        ...
+
     def stats(self) -> dict[str, int]: ...
     def fingerprint(self) -> str:
         """Hex checksum of the resident weight bytes, computed where they live."""

@@ -44,18 +44,25 @@ class _Handoff:
     """Events from engine threads to one event loop: one wake-up per burst, not per token.
 
     A step of 64 streams would otherwise cost 64 ``call_soon_threadsafe`` (a self-pipe write and
-    a loop wake-up each) on the engine thread. The flag is cleared before draining, so an item
-    appended during or after a drain always has a drain scheduled after it (deque ops are atomic).
+    a loop wake-up each) on the engine thread: the engine loop posts its tokens with
+    ``wake=False`` and calls ``wake`` (the sink's ``flush``) once after the step. The flag is
+    cleared before draining, so an item appended during or after a drain always has a drain
+    scheduled after it (deque ops are atomic).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._items: collections.deque[tuple[asyncio.Queue[Any], Any]] = collections.deque()
         self._scheduled = False
+        self.wake_cb = self.wake  # one object for every stream on this loop: the engine dedupes by it
 
-    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+    def post(self, queue: asyncio.Queue[Any], item: Any, wake: bool = True) -> None:
         self._items.append((queue, item))
-        if self._scheduled:
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        if self._scheduled or not self._items:
             return
         self._scheduled = True
         try:
@@ -80,6 +87,18 @@ def _handoff(loop: asyncio.AbstractEventLoop) -> _Handoff:
         with _HANDOFF_LOCK:
             h = _HANDOFFS.setdefault(loop, _Handoff(loop))
     return h
+
+
+class _EngineSink:
+    """A stream's sink for the batching engine: tokens queue without a wake-up; ``flush`` (called
+    by the engine loop after each step, once per event loop) wakes the event loop once."""
+
+    def __init__(self, stream: Any, handoff: _Handoff) -> None:
+        self._stream = stream
+        self.flush = handoff.wake_cb
+
+    def __call__(self, event: Any) -> None:
+        self._stream._on_engine_event(event, wake=False)
 from .sse import HEADERS, KEEPALIVE, MEDIA_TYPE, frame
 
 _DONE = object()  # the engine thread returned
@@ -151,7 +170,7 @@ class JobStream:
         into = getattr(self.model, "generate_into", None)
         if callable(into):  # the batching engine hands events over on its own thread: no thread per job
             try:
-                into(self.prompt_ids, self.params, self.job.cancel, self._on_engine_event)
+                into(self.prompt_ids, self.params, self.job.cancel, _EngineSink(self, _handoff(self._loop)))
             except BaseException as e:  # noqa: BLE001 - refused at submission: the same path as an engine error
                 self._on_engine_event(e)
             return
@@ -159,8 +178,8 @@ class JobStream:
         context = contextvars.copy_context()
         threading.Thread(target=context.run, args=(self._produce,), name=f"job-{job.job_id[:16]}", daemon=True).start()
 
-    def _post(self, item: Any) -> None:
-        _handoff(self._loop).post(self.queue, item)
+    def _post(self, item: Any, wake: bool = True) -> None:
+        _handoff(self._loop).post(self.queue, item, wake)
 
     def _produce(self) -> None:
         try:
@@ -174,14 +193,15 @@ class JobStream:
         finally:
             self._engine_done()
 
-    def _on_engine_event(self, event: Any) -> None:
-        """The engine's sink (its thread, or the loop's at submission): what _produce would post."""
+    def _on_engine_event(self, event: Any, wake: bool = True) -> None:
+        """The engine's sink (its thread, or the loop's at submission): what _produce would post.
+        ``wake=False``: a token from the engine loop, which wakes the event loop once per step."""
         if isinstance(event, BaseException):
             self._engine_ok = False
             self._post(_Failed(event))
             self._engine_done()
             return
-        self._post(event)
+        self._post(event, wake or hasattr(event, "stop_reason"))
         if hasattr(event, "stop_reason"):
             if event.stop_reason != "cancelled":
                 self._engine_ok = True
