@@ -25,3 +25,31 @@ def test_upload_fills_strided_and_contiguous_views_row_major() -> None:
     whole = torch.zeros((3, 4), dtype=torch.int32)
     _upload(whole, host, stage)  # contiguous: copied directly
     assert torch.equal(whole, torch.arange(12, dtype=torch.int32).reshape(3, 4))
+
+
+def test_decode_inputs_equal_the_row_by_row_layout() -> None:
+    """The vectorised decode inputs (engine/runner.py) against the plain per-row formula, random rows."""
+    import random
+
+    import numpy as np
+
+    from worker_orcd.batching.step import StepRow
+    from worker_orcd.engine.paged_kv import SCRATCH_BLOCKS
+    from worker_orcd.engine.runner import decode_inputs
+
+    rng = random.Random(3)
+    bs = 16
+    for n, b in ((1, 1), (5, 8), (64, 64), (3, 96)):
+        rows = []
+        for i in range(n):
+            start = rng.randrange(0, 2000)
+            table = tuple(rng.sample(range(10_000), start // bs + 1))
+            rows.append(StepRow(i, (rng.randrange(0, 151_936),), start, table, None))
+        width = max(len(r.block_table) for r in rows)
+        i64, bt = np.full((3, b), -5, dtype=np.int64), np.full((b, width), -5, dtype=np.int32)
+        decode_inputs(rows, bs, i64, bt)
+        want_i64, want_bt = np.zeros((3, b), dtype=np.int64), np.zeros((b, width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            want_i64[:, i] = (r.tokens[0], r.start, (r.block_table[r.start // bs] + SCRATCH_BLOCKS) * bs + r.start % bs)
+            want_bt[i, : len(r.block_table)] = np.asarray(r.block_table) + SCRATCH_BLOCKS
+        assert (i64 == want_i64).all() and (bt == want_bt).all(), (n, b)

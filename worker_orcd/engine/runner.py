@@ -11,13 +11,14 @@ the batch or the chunking (kernels/attention_paged.py).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..batching.step import PENDING, Sampled, SampleSpec, StepBatch
+from ..batching.step import PENDING, Sampled, SampleSpec, StepBatch, StepRow
 from ..engine.events import SamplingParams
 from .kernels.paged_layout import tile_shape
 from .model import Model
@@ -59,6 +60,25 @@ def _upload(dst: torch.Tensor, host: torch.Tensor, stage: torch.Tensor) -> None:
 def _rows(host: torch.Tensor, r: int, c: int) -> np.ndarray:
     """The first r*c values of pinned ``host`` as an [r, c] array (the layout ``_upload`` reads)."""
     return host.view(-1)[: r * c].numpy().reshape(r, c)
+
+
+def decode_inputs(rows: Sequence[StepRow], bs: int, i64: np.ndarray, bt: np.ndarray) -> None:
+    """A decode step's inputs, vectorised (one conversion of all block tables, not one per row):
+    ``i64`` [3, b] = token, position, KV slot per row; ``bt`` [b, width] = physical block tables.
+    Padding rows (past ``len(rows)``): token 0 at position 0 of the scratch block, tables of zeros."""
+    n = len(rows)
+    lens = np.fromiter((len(r.block_table) for r in rows), dtype=np.int64, count=n)
+    flat = np.fromiter(itertools.chain.from_iterable(r.block_table for r in rows), dtype=np.int64,
+                       count=int(lens.sum())) + SCRATCH_BLOCKS
+    pos = np.fromiter((r.start for r in rows), dtype=np.int64, count=n)
+    first = np.zeros(n, dtype=np.int64)
+    np.cumsum(lens[:-1], out=first[1:])
+    i64[:] = 0
+    i64[0, :n] = [r.tokens[0] for r in rows]
+    i64[1, :n] = pos
+    i64[2, :n] = flat[first + pos // bs] * bs + pos % bs
+    bt[:] = 0
+    bt[:n][np.arange(bt.shape[1]) < lens[:, None]] = flat
 
 
 class _Nothing:
@@ -457,17 +477,7 @@ class ModelRunner:
         bs = self.kv.block_size
         width = max(len(r.block_table) for r in batch.rows)
         self._wait_staging()
-        i64 = _rows(h["i64"], 3, b)
-        bt = _rows(h["bt"], b, width)
-        i64[:] = 0  # padding rows: token 0 at position 0 of the scratch block (slot 0, table of zeros)
-        bt[:] = 0
-        for i, row in enumerate(batch.rows):
-            pos = row.start
-            table = row.block_table
-            i64[0, i] = row.tokens[0]
-            i64[1, i] = pos
-            i64[2, i] = (table[pos // bs] + SCRATCH_BLOCKS) * bs + pos % bs
-            bt[i, : len(table)] = np.asarray(table, dtype=np.int32) + SCRATCH_BLOCKS
+        decode_inputs(batch.rows, bs, _rows(h["i64"], 3, b), _rows(h["bt"], b, width))
         _upload(s["i64"][:, :b], h["i64"], s["stage64"])
         s["row_start"][:b].copy_(s["i64"][1, :b])
         _upload(s["bt"][:b, :width], h["bt"], s["stage32"])
