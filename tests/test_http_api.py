@@ -197,7 +197,10 @@ def test_worker_4210_plan_reports_feasibility_and_mcd(h: WorkerHarness) -> None:
     assert body["vram_required"] == 1 << 20 and body["shard_plan"][0]["vram_bytes"] == 1 << 20
     assert body["mcd"]["architecture"] == "llama" and len(body["digest"]) == 64
     tp = h.client().post("/worker/plan", json={"model_ref": "tiny.gguf", "shard_layout": "tensor_parallel", "tp_degree": 2}).json()
-    assert tp["feasible"] is False and any("deferred past M0" in r for r in tp["reasons"])
+    # a worker started without --tp-* flags plans each rank's share, but cannot hold one itself
+    assert tp["feasible"] is False and any("started with --tp-degree 1" in r for r in tp["reasons"]), tp
+    assert [s["shard_index"] for s in tp["shard_plan"]] == [0, 1]
+    assert all(s["gpu_device"] is None for s in tp["shard_plan"])
 
 
 def test_worker_4340_plan_of_model_outside_root_refused(h: WorkerHarness, tmp_path: Path) -> None:

@@ -235,7 +235,7 @@ class FakeEngine:
         self.models: list[FakeResident] = []
         self.closed = False
 
-    def plan(self, gguf: Any, kv_cache_mb: int | None = None) -> FakePlan:
+    def plan(self, gguf: Any, kv_cache_mb: int | None = None, *, tp_degree: int = 1) -> FakePlan:
         return FakePlan(required_bytes=1 << 20, free_bytes=self.knobs.vram_total)
 
     def load(

@@ -238,3 +238,43 @@ def test_tp_killing_rank1_mid_job_fails_the_job_and_stops_rank0(
                 if p.proc.poll() is None:
                     p.proc.kill()
                     p.proc.wait(30)
+
+
+def test_tp_rank0_takes_its_shard_from_a_commit(serve_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Rank 0 started without --model: POST /worker/commit of shard 0 of 2 loads it, joining rank 1 (README)."""
+    tmp = tmp_path_factory.mktemp("tp-commit")
+    token_file, token, _ = write_tokens(tmp)
+    port = _free_port()
+    secret = _secret(tmp, "g-c.secret", "group-secret-" + "5" * 24)
+    with CallbackServer() as pm:
+        args0 = _args(serve_model_path, 0, port, secret, "g-c", ["--port", "0", "--callback-url", pm.url])
+        i = args0.index("--model")
+        del args0[i:i + 2]
+        rank0 = start(tmp, args0, token_file, env=ONE_THREAD)
+        rank1 = start(tmp, _args(serve_model_path, 1, port, secret, "g-c", []), None, env=ONE_THREAD)
+        try:
+            deadline = time.monotonic() + 120
+            while (listen := next((r for r in rank0.lines() if r.get("event") == "listening"), None)) is None:
+                assert time.monotonic() < deadline and rank0.proc.poll() is None, _text(rank0)[-3000:]
+                time.sleep(0.2)
+            rank0.url = f"http://127.0.0.1:{listen['port']}"
+            with rank0.client(token, timeout=600) as c:
+                wrong = c.post("/worker/commit", json={"model_ref": serve_model_path.name, "shard_index": 1,
+                                                       "total_shards": 2})
+                assert wrong.status_code == 400 and wrong.json()["message"].startswith("shard_index: "), wrong.text
+                ok = c.post("/worker/commit", json={"model_ref": serve_model_path.name, "shard_index": 0,
+                                                    "total_shards": 2})
+                assert ok.status_code == 200, ok.text + _text(rank0)[-3000:]
+                assert ok.json()["handle"]["shard_id"] == "g-c-shard0of2"
+                for _ in range(300):  # ready once the commit's follow-up (callback, engine loop) has run
+                    if c.get("/worker/ready").json()["ready"]:
+                        break
+                    time.sleep(0.1)
+                events = _sse(c, {"prompt": PROMPT, "params": {"max_tokens": 4}})
+                assert [e for e, _ in events][-1] == "end", events
+            assert any(r.get("event") == "tp_member_ready" for r in rank1.lines()), _text(rank1)[-3000:]
+        finally:
+            for p in (rank0, rank1):
+                if p.proc.poll() is None:
+                    p.proc.kill()
+                    p.proc.wait(30)

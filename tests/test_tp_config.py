@@ -48,7 +48,7 @@ def test_tp_config_valid_group_gives_this_ranks_spec_and_shard(tmp_path: Path) -
         ({"tp_master": "127.0.0.1"}, "tp_master (--tp-master): must be HOST:PORT"),
         ({"device": "cuda"}, "CUDA/NCCL path has not been run"),
         ({"resident_weights": "quantized"}, "needs resident_weights dense"),
-        ({"model": None}, "needs --model on every rank"),
+        ({"model": None}, "rank 1 needs --model: a member serves no API"),
     ],
 )
 def test_tp_config_errors_name_the_rule(tmp_path: Path, over: dict[str, object], message: str) -> None:

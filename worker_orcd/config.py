@@ -235,8 +235,9 @@ class WorkerConfig(BaseModel):
                              "been run on a multi-GPU machine yet")
         if self.resident_weights != "dense":
             raise ValueError("tensor parallel needs resident_weights dense (quantized blocks are not split yet)")
-        if not self.model:
-            raise ValueError("tensor parallel needs --model on every rank (POST /worker/commit does not form groups)")
+        if not self.model and self.tp_rank > 0:
+            raise ValueError(f"tensor parallel rank {self.tp_rank} needs --model: a member serves no API, so no "
+                             "POST /worker/commit can reach it (rank 0 may take its shard from one)")
         return self
 
     @property

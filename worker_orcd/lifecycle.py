@@ -13,6 +13,7 @@ in ``engine/interface.py``; sealing and verifying is host work (``residency.py``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -30,7 +31,8 @@ from .capability import ECP, match
 from .config import WorkerConfig
 from .engine.interface import EngineLike, ResidentModelLike
 from .engine.profile import build_ecp
-from .errors import ErrorCode, ModelLoadError, WorkerError
+from .engine.tp_plan import tp_shard_id
+from .errors import ErrorCode, InvalidParams, ModelLoadError, WorkerError
 from .gguf.constants import Limits
 from .gguf.reader import GGUFFile
 from .loader import LoadOptions, validate_model
@@ -237,8 +239,9 @@ class Worker:
         Repeating the commit of the loaded model returns its handle; a different one is refused (4022).
         A repeat is checked like a first commit (issue 10, defect 3): its source is resolved under
         the model root, hashed and parsed, and must be the sealed bytes; naming the sealed model
-        is not enough.
+        is not enough. A commit names the shard this process was started to hold (``_own_shard``).
         """
+        req = self._own_shard(req)
         async with self._commit_lock:
             current = self.handle
             if current is not None:
@@ -284,6 +287,38 @@ class Worker:
                 max_seq_len=resident.max_seq_len, gpu_device=self.config.gpu_device,
             )
             return handle, True
+
+    def _own_shard(self, req: Commit) -> Commit:
+        """``req`` for this process's shard, or INVALID_PARAMS naming what does not match.
+
+        A process holds one shard, fixed at startup: shard 0 of 1 without ``--tp-*`` flags, else
+        shard ``--tp-rank`` of ``--tp-degree`` (joining the group while it loads). Its shard id is
+        the group's ``{group}-shard{R}of{T}`` (inside the seal); another one is refused.
+        """
+        c = self.config
+        if req.total_shards != c.tp_degree:
+            if c.tp_degree == 1:
+                raise InvalidParams(
+                    f"total_shards: this worker was not started as a member of a tensor-parallel group of "
+                    f"{req.total_shards} (it has no --tp-degree): start {req.total_shards} workers with --tp-degree "
+                    f"{req.total_shards}, --tp-rank, --tp-group-id, --tp-members, --tp-master and --tp-secret-file"
+                )
+            raise InvalidParams(
+                f"total_shards: this worker is rank {c.tp_rank} of tensor-parallel group {c.tp_group_id!r} of "
+                f"{c.tp_degree} ranks (--tp-degree {c.tp_degree}), not of {req.total_shards}"
+            )
+        if req.shard_index != c.tp_rank:
+            raise InvalidParams(
+                f"shard_index: this worker holds shard {c.tp_rank} of {c.tp_degree} (--tp-rank {c.tp_rank}), "
+                f"not {req.shard_index}; send that shard's commit to the worker started with --tp-rank {req.shard_index}"
+            )
+        if c.tp_degree == 1:
+            return req
+        assert c.tp_group_id is not None
+        shard_id = tp_shard_id(c.tp_group_id, c.tp_rank, c.tp_degree)
+        if req.shard_id is not None and req.shard_id != shard_id:
+            raise InvalidParams(f"shard_id: a tensor-parallel shard is named after its group: {shard_id!r}, not {req.shard_id!r}")
+        return dataclasses.replace(req, shard_id=shard_id)
 
     def _load_failed(self) -> None:
         """Back to ``starting`` for another commit, unless a drain or a stop already moved on."""
@@ -350,16 +385,28 @@ class Worker:
         return req.model_ref == current.model_ref
 
     async def plan(self, model_ref: str, tp_degree: int) -> dict[str, Any]:
-        """Feasibility under the VRAM budget (SPEC 4210-4214); reasons instead of errors for 'no'."""
+        """Feasibility under the VRAM budget (SPEC 4210-4214); reasons instead of errors for 'no'.
+
+        ``tp_degree`` > 1: ``shard_plan`` has one entry per rank (each needs the same: its slice of
+        the split weights, the replicated ones, 1/T of the KV cache, scratch and margin); this
+        worker checks its own rank's memory only. A model that cannot split T ways is refused
+        (MODEL_LOAD_FAILED, as its load would be), not reported infeasible.
+        """
         if self.engine is None or self.ecp is None:
             raise WorkerError("the device is not open yet", code=ErrorCode.WORKER_NOT_READY)
         options = self._load_options(self.config.model_root, None)
         validated = await asyncio.to_thread(validate_model, model_ref, options, None, self._loader_log)
         reasons = [r.message for r in match(validated.mcd, self.ecp).rejections]
-        if tp_degree != 1:
-            reasons.append(f"tensor_parallel with tp_degree={tp_degree} is deferred past M0 (SPEC 4500); use single")
+        own = self.config.tp_rank if tp_degree == self.config.tp_degree else None
+        if own is None:
+            reasons.append(
+                f"this worker was started with --tp-degree {self.config.tp_degree}: a commit of a shard of "
+                f"{tp_degree} needs workers started with --tp-degree {tp_degree} (shard_plan shows what each needs)"
+            )
         try:
-            vram_plan = await asyncio.to_thread(self.engine.plan, validated.gguf, self.config.kv_cache_size_mb)
+            vram_plan = await asyncio.to_thread(
+                partial(self.engine.plan, validated.gguf, self.config.kv_cache_size_mb, tp_degree=tp_degree)
+            )
         except WorkerError as e:
             if e.code in FATAL_CODES:
                 self.fail(e)
@@ -376,12 +423,26 @@ class Worker:
             "dev_mode": self.config.dev_mode,  # true: the vram_* fields count host memory (SPEC "GPU only")
             "vram_required": required,
             "vram_free": free,
-            "shard_plan": [{"shard_index": 0, "gpu_device": self.config.gpu_device, "vram_bytes": required}],
+            "shard_plan": self._shard_plan(vram_plan.as_dict(), required, tp_degree, own),
             "reasons": reasons,
             "digest": validated.digest,
             "mcd": validated.mcd.to_dict(),
             "plan": vram_plan.as_dict(),
         }
+
+    def _shard_plan(self, plan: dict[str, Any], required: int, tp_degree: int, own: int | None) -> list[dict[str, Any]]:
+        """One entry per rank; ``gpu_device`` is known for this worker's own rank only (each rank is a process)."""
+        keys = ("weights_bytes", "weights_sharded_bytes", "weights_replicated_bytes", "kv_cache_bytes")
+        return [
+            {
+                "shard_index": rank,
+                "gpu_device": self.config.gpu_device if rank == own else None,
+                "vram_bytes": int(plan.get("resident_bytes", required)),
+                "load_peak_bytes": int(plan.get("load_peak_bytes", required)),
+                **{k: int(plan[k]) for k in keys if k in plan},
+            }
+            for rank in range(tp_degree)
+        ]
 
     def _seal_check_in_step(self, admitted: int) -> None:
         """The engine loop's hook: one seal verification per step that admits jobs (SPEC 4121, issue 8).

@@ -329,13 +329,18 @@ class Engine:
     def prefill_chunk(self) -> int:
         return PREFILL_CHUNK_CPU if self.ctx.dev_mode else PREFILL_CHUNK_CUDA
 
-    def plan(self, gguf: GGUFFile, kv_cache_mb: int | None = None, *, free_bytes: int | None = None) -> VramPlan:
-        """What loading ``gguf`` needs against free device memory (SPEC 4210, 4214); allocates nothing."""
+    def plan(
+        self, gguf: GGUFFile, kv_cache_mb: int | None = None, *, free_bytes: int | None = None, tp_degree: int = 1
+    ) -> VramPlan:
+        """What loading ``gguf`` needs against free device memory (SPEC 4210, 4214); allocates nothing.
+
+        ``tp_degree`` > 1: what one rank of a group of that size needs (``plan.plan_vram``)."""
         cfg = model_config(gguf)
         free = self.ctx.mem_get_info()[0] if free_bytes is None else free_bytes
         dtype = resident_dtype(cfg, self.ctx)
         return plan_vram(
-            cfg, gguf, dtype, kv_cache_mb, free, self.ctx.index, self.prefill_chunk, self.ctx.dev_mode, self.quantized
+            cfg, gguf, dtype, kv_cache_mb, free, self.ctx.index, self.prefill_chunk, self.ctx.dev_mode, self.quantized,
+            tp_degree=tp_degree,
         )
 
     def load(
@@ -375,7 +380,7 @@ class Engine:
         g = gguf
         cfg = model_config(g)
         dtype = resident_dtype(cfg, self.ctx)
-        plan = self.plan(g, kv_cache_mb)
+        plan = self.plan(g, kv_cache_mb, tp_degree=self.tp.degree if self.tp is not None else 1)
         plan.require()
         pool = kv_tokens(cfg, dtype, kv_cache_mb, self.ctx.dev_mode)
         s_max = paged_max_seq_len(cfg, dtype, kv_cache_mb, self.ctx.dev_mode)

@@ -72,7 +72,9 @@ class ResidentModelLike(Protocol):
 class EngineLike(Protocol):
     """One device and the models loaded on it."""
 
-    def plan(self, gguf: GGUFFile, kv_cache_mb: int | None = None) -> VramPlanLike: ...
+    def plan(self, gguf: GGUFFile, kv_cache_mb: int | None = None, *, tp_degree: int = 1) -> VramPlanLike:
+        """What a load needs; ``tp_degree`` > 1: one rank's share (refused, ModelLoadError, if it cannot split)."""
+        ...
     def load(
         self,
         gguf: GGUFFile,

@@ -3,6 +3,12 @@
 Weights at the resident dtype, the KV cache for S_max tokens, scratch
 (activations of one prefill chunk, logits, the decode graph's pool, load
 staging, cuBLAS workspaces) and a stated margin, against free device memory.
+
+With tensor parallel (``tp_degree`` T > 1) the plan is one rank's (all ranks need the same): its
+1/T of the column/row-parallel weights plus the replicated ones (``vram_budget.tp_weight_bytes``),
+1/T of the KV cache (KV heads split; the pool holds as many tokens as at T=1), scratch computed
+with the shard's shapes, the same margin. Loading also holds the whole dense arena while it is
+sliced (``shard.py``): ``load_peak_bytes``, which ``required_bytes`` covers.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ErrorCode, WorkerError
+from ..errors import ErrorCode, ModelLoadError, WorkerError
 from ..gguf import GGUFFile
 from .config import ModelConfig
 from .paged_kv import SCRATCH_BLOCKS, BLOCK_SIZE, bytes_per_token, kv_tokens, max_seq_len
+from .tp_plan import shard_config
 from .upload import CHUNK_BYTES, RING
+from .vram_budget import tp_weight_bytes
 from .weights import weight_layout
 
 CUBLAS_WORKSPACE_BYTES = 2 * 8 * (4 << 20)  # ":4096:8" per stream; main stream + graph-capture stream
@@ -34,10 +42,26 @@ class VramPlan:
     margin_bytes: int
     free_bytes: int
     dev_mode: bool
+    tp_degree: int = 1
+    weights_sharded_bytes: int = 0  # this rank's part of the split (column/row-parallel) tensors, unaligned, dense
+    weights_replicated_bytes: int = 0  # the tensors every rank holds whole, unaligned, dense (0: quantized)
+    load_weights_bytes: int = 0  # the full dense arena alive while a shard is sliced out of it (T > 1)
+
+    @property
+    def resident_bytes(self) -> int:
+        """What stays allocated once loaded: weights, KV cache, scratch, margin."""
+        return self.weights_bytes + self.kv_cache_bytes + self.scratch_bytes + self.margin_bytes
+
+    @property
+    def load_peak_bytes(self) -> int:
+        """While loading a shard: the full arena stands where the KV cache will be (T = 1: resident_bytes)."""
+        if self.tp_degree == 1:
+            return self.resident_bytes
+        return self.resident_bytes - self.kv_cache_bytes + self.load_weights_bytes
 
     @property
     def required_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.scratch_bytes + self.margin_bytes
+        return max(self.resident_bytes, self.load_peak_bytes)
 
     @property
     def feasible(self) -> bool:
@@ -51,7 +75,10 @@ class VramPlan:
         raise WorkerError(
             f"model needs {self.required_bytes} bytes but {where} has {self.free_bytes} bytes free "
             f"(weights {self.weights_bytes} + KV cache {self.kv_cache_bytes} for {self.max_seq_len} tokens + "
-            f"scratch {self.scratch_bytes} + margin {self.margin_bytes}); device id {self.gpu_device}",
+            f"scratch {self.scratch_bytes} + margin {self.margin_bytes})"
+            + (f", or {self.load_peak_bytes} while loading shard 1 of {self.tp_degree} (the full arena is sliced)"
+               if self.tp_degree > 1 else "")
+            + f"; device id {self.gpu_device}",
             code=ErrorCode.INSUFFICIENT_VRAM,
         )
 
@@ -67,6 +94,11 @@ class VramPlan:
             "required_bytes": self.required_bytes,
             "free_bytes": self.free_bytes,
             "feasible": self.feasible,
+            "tp_degree": self.tp_degree,
+            "weights_sharded_bytes": self.weights_sharded_bytes,
+            "weights_replicated_bytes": self.weights_replicated_bytes,
+            "resident_bytes": self.resident_bytes,
+            "load_peak_bytes": self.load_peak_bytes,
         }
 
 
@@ -98,20 +130,37 @@ def plan_vram(
     prefill_chunk: int,
     dev_mode: bool,
     quantized: bool = False,
+    tp_degree: int = 1,
 ) -> VramPlan:
-    """Pure arithmetic over the header: what loading would allocate, against ``free_bytes``."""
-    lay = weight_layout(cfg, g, dtype, quantized=quantized and not dev_mode)
-    s_max = max_seq_len(cfg, dtype, kv_cache_mb, dev_mode)
-    kv = (kv_tokens(cfg, dtype, kv_cache_mb, dev_mode) + SCRATCH_BLOCKS * BLOCK_SIZE) * bytes_per_token(cfg, dtype)
-    margin = FIXED_MARGIN_BYTES + int(MARGIN_FRACTION * (lay.total_bytes + kv))
+    """Pure arithmetic over the header: what loading would allocate, against ``free_bytes``.
+
+    ``tp_degree`` > 1: one rank's plan; a model whose heads / KV heads / FFN width do not divide
+    by it, or the quantized residency, is refused (``ModelLoadError``) as a load would be."""
+    quantized = quantized and not dev_mode
+    scfg = shard_config(cfg, tp_degree)  # refuses what does not split
+    if quantized and tp_degree > 1:
+        raise ModelLoadError("tensor parallel needs --resident-weights dense (quantized blocks are not split yet)")
+    lay = weight_layout(cfg, g, dtype, quantized=quantized)
+    # the dense split (the quantized residency, tp=1 only, reports none)
+    split = {"arena_bytes": 0, "sharded_bytes": 0, "replicated_bytes": 0} if quantized else tp_weight_bytes(
+        g, tp_degree, dtype.itemsize
+    )
+    weights = lay.total_bytes if tp_degree == 1 else split["arena_bytes"]
+    s_max = max_seq_len(cfg, dtype, kv_cache_mb, dev_mode)  # the pool holds as many tokens on every rank
+    kv = (kv_tokens(cfg, dtype, kv_cache_mb, dev_mode) + SCRATCH_BLOCKS * BLOCK_SIZE) * bytes_per_token(scfg, dtype)
+    margin = FIXED_MARGIN_BYTES + int(MARGIN_FRACTION * (weights + kv))
     return VramPlan(
         gpu_device=gpu_device,
         dtype=str(dtype).removeprefix("torch."),
         max_seq_len=s_max,
-        weights_bytes=lay.total_bytes,
+        weights_bytes=weights,
         kv_cache_bytes=kv,
-        scratch_bytes=scratch_bytes(cfg, dtype, prefill_chunk, s_max, dev_mode),
+        scratch_bytes=scratch_bytes(scfg, dtype, prefill_chunk, s_max, dev_mode),
         margin_bytes=margin,
         free_bytes=free_bytes,
         dev_mode=dev_mode,
+        tp_degree=tp_degree,
+        weights_sharded_bytes=split["sharded_bytes"],
+        weights_replicated_bytes=split["replicated_bytes"],
+        load_weights_bytes=0 if tp_degree == 1 else lay.total_bytes,
     )

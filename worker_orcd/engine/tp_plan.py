@@ -66,7 +66,12 @@ class TPSpec:
     @property
     def shard_id(self) -> str:
         """What the sealed handle is called: the group and the shard, so the seal binds both."""
-        return f"{self.group_id}-shard{self.rank}of{self.degree}"
+        return tp_shard_id(self.group_id, self.rank, self.degree)
+
+
+def tp_shard_id(group_id: str, rank: int, degree: int) -> str:
+    """The shard id of rank ``rank`` in group ``group_id`` of ``degree`` ranks (inside the seal's HMAC)."""
+    return f"{group_id}-shard{rank}of{degree}"
 
 
 def check_shardable(cfg: ModelConfig, degree: int) -> None:

@@ -117,3 +117,47 @@ def vram_plan_summary(
             {t.type_name for t in g.tensors if len(t.shape) >= 2 and t.ggml_type not in FUSED_TYPES}
         ),
     }
+
+
+# --- tensor parallel (the split rules are tp_plan.py's; the engine slices in shard.py) ----------
+
+# GGUF tensor name parts by how a tensor splits across ranks; everything else is replicated.
+_COLUMN_PARALLEL = ("attn_q.", "attn_k.", "attn_v.", "ffn_gate.", "ffn_up.")  # weight and bias: split by rows
+_ROW_PARALLEL = ("attn_output.weight", "ffn_down.weight")  # split by input columns
+
+
+def tp_split_kind(name: str) -> str:
+    """``column``, ``row`` or ``replicated``: how tensor ``name`` is divided among the ranks."""
+    if any(part in name for part in _COLUMN_PARALLEL):
+        return "column"
+    if any(part in name for part in _ROW_PARALLEL):
+        return "row"
+    return "replicated"
+
+
+def tp_weight_bytes(g: GGUFFile, degree: int, itemsize: int) -> dict[str, int]:
+    """One rank's dense weights at ``itemsize`` bytes per element (every rank holds the same amount).
+
+    ``sharded_bytes``: its 1/degree of the column- and row-parallel tensors; ``replicated_bytes``:
+    every other tensor, whole; ``arena_bytes``: what it allocates, slot by slot rounded up to the
+    arena alignment as ``shard.shard_layout`` does (Q/K/V and gate/up fused, as ``weights.py``).
+    The caller has checked that heads, KV heads and the FFN width divide by ``degree``.
+    """
+    sharded = replicated = 0
+    slots: dict[str, int] = {}
+    for t in g.tensors:
+        n = t.n_elements * itemsize
+        if tp_split_kind(t.name) == "replicated":
+            replicated += n
+        else:
+            if n % degree:
+                raise ValueError(f"tensor {t.name} of {t.n_elements} elements does not split into {degree} shards")
+            n //= degree
+            sharded += n
+        key = _fused_key(t.name, matrices=True)
+        slots[key] = slots.get(key, 0) + n
+    return {
+        "sharded_bytes": sharded,
+        "replicated_bytes": replicated,
+        "arena_bytes": sum(_aligned(n) for n in slots.values()),
+    }

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
+from ..engine.tp_plan import MAX_TP_DEGREE
 from ..errors import ErrorCode, InvalidParams, ModelLoadError, WorkerError
 from ..lifecycle import Commit, Worker
 from ..seal import ModelShardHandle
@@ -81,8 +82,10 @@ _COMMIT_BODY = {
         {"name": "model_ref", "in": "query", "required": False, "schema": {"type": "string"},
          "description": "octet-stream commits only"},
         {"name": "shard_id", "in": "query", "required": False, "schema": {"type": "string"}},
-        {"name": "shard_index", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0, "maximum": 0}},
-        {"name": "total_shards", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1}},
+        {"name": "shard_index", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_TP_DEGREE - 1}},
+        {"name": "total_shards", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TP_DEGREE}},
         {"name": "expected_digest", "in": "query", "required": False,
          "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}},
     ],

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..engine.tp_plan import MAX_TP_DEGREE
 
 U64_MAX = 2**64 - 1
 PROMPT_CEILING = 10_000_000  # hard cap; --max-prompt-chars (default 100,000) is checked in the route
@@ -84,7 +86,7 @@ def _refuse_nul(v: str | None) -> str | None:
 class PlanRequest(Strict):
     model_ref: str = Field(min_length=1, max_length=4096)
     shard_layout: Literal["single", "tensor_parallel"] = "single"
-    tp_degree: int = Field(default=1, ge=1, le=64)
+    tp_degree: int = Field(default=1, ge=1, le=MAX_TP_DEGREE, description="ranks of the tensor-parallel group")
 
     _no_nul = field_validator("model_ref")(classmethod(lambda cls, v: _refuse_nul(v)))
 
@@ -98,11 +100,18 @@ class CommitRequest(Strict):
         description="path under --model-root, file:/abs URI or shm:NAME; defaults to model_ref",
     )
     shard_id: str | None = Field(default=None, pattern=ID_PATTERN)
-    shard_index: int = Field(default=0, ge=0, le=0, description="0 on one GPU (tensor parallel is past M0)")
-    total_shards: int = Field(default=1, ge=1, le=1)
+    shard_index: int = Field(default=0, ge=0, lt=MAX_TP_DEGREE, description="this worker's --tp-rank (0 on one GPU)")
+    total_shards: int = Field(default=1, ge=1, le=MAX_TP_DEGREE, description="this worker's --tp-degree (1 on one GPU)")
     expected_digest: str | None = Field(default=None, pattern=SHA256_PATTERN)
 
     _no_nul = field_validator("model_ref", "model_path")(classmethod(lambda cls, v: _refuse_nul(v)))
+    _shard = model_validator(mode="after")(lambda self: _shard_in_range(self))
+
+
+def _shard_in_range(req: Any) -> Any:
+    if req.shard_index >= req.total_shards:
+        raise ValueError(f"shard_index {req.shard_index} must be below total_shards {req.total_shards}")
+    return req
 
 
 class StreamCommitQuery(Strict):
@@ -111,11 +120,12 @@ class StreamCommitQuery(Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
     model_ref: str = Field(min_length=1, max_length=4096)
     shard_id: str | None = Field(default=None, pattern=ID_PATTERN)
-    shard_index: int = Field(default=0, ge=0, le=0)
-    total_shards: int = Field(default=1, ge=1, le=1)
+    shard_index: int = Field(default=0, ge=0, lt=MAX_TP_DEGREE)
+    total_shards: int = Field(default=1, ge=1, le=MAX_TP_DEGREE)
     expected_digest: str | None = Field(default=None, pattern=SHA256_PATTERN)
 
     _no_nul = field_validator("model_ref")(classmethod(lambda cls, v: _refuse_nul(v)))
+    _shard = model_validator(mode="after")(lambda self: _shard_in_range(self))
 
 
 # --- responses ---------------------------------------------------------------------------
@@ -149,9 +159,16 @@ class CommitResponse(BaseModel):
 
 
 class ShardPlan(BaseModel):
+    """One rank's needs (SPEC 4212); with tensor parallel every rank needs the same."""
+
     shard_index: int
-    gpu_device: int
-    vram_bytes: int
+    gpu_device: int | None = Field(description="this worker's device for its own shard; null for the other ranks")
+    vram_bytes: int = Field(description="resident once loaded: weights + KV cache + scratch + margin")
+    load_peak_bytes: int = Field(description="the most held while loading (tp > 1: the full arena is sliced)")
+    weights_bytes: int | None = Field(default=None, description="this shard's weight arena (aligned slots)")
+    weights_sharded_bytes: int | None = Field(default=None, description="its 1/T of the split tensors")
+    weights_replicated_bytes: int | None = Field(default=None, description="the tensors every rank holds whole")
+    kv_cache_bytes: int | None = Field(default=None, description="its 1/T of the KV cache (KV heads split)")
 
 
 class PlanResponse(BaseModel):
