@@ -150,12 +150,6 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     return load_config(flags, os.environ if env is None else env, Path(args.config) if args.config else None)
 
 
-# The engine thread is busy Python between steps when steps are short (a small model's step is ~1 ms
-# on an H200); with CPython's default 5 ms GIL switch interval the HTTP thread could then wait up to
-# 5 ms per hand-over, streams arrive in bursts and steps stall behind SSE writes.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
 def run_serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
@@ -169,7 +163,6 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.configure(config.log_level, worker_id=config.worker_id, gpu_device=config.gpu_device, device=config.device)
     use_state_dir(config, os.environ)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     if plan is None:
         logs.event(
             "running_as_root", "Running as root because --allow-root was given: development/CI only, never production.",
