@@ -3,6 +3,9 @@
 #   bash benchmarks/run_h200.sh tests      # llama.cpp build in the background, SPEC 5000 recording, the GPU suite
 #   bash benchmarks/run_h200.sh tune       # dense matmul: GPU tests, config sweep, step profile
 #   bash benchmarks/run_h200.sh load       # engine and HTTP throughput, worker-orcd and llama-server, same files
+#   bash benchmarks/run_h200.sh profile    # step profiles (0.5B and 7B: waited, overlapped, prefill, mixed) + tune_wide
+# Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
+# the llama.cpp build and the models `tests` started in the background.
 # Needs .whl (scripts/fetch_device_wheels.sh) and .devdata (tokenizer donor, llama.cpp tarball + build script).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -19,7 +22,8 @@ tests)
   timeout 120 python3 benchmarks/determinism_streams.py record tests/fixtures/determinism_streams.json 2>&1 | tail -3
   cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout ${GPU_TESTS_TIMEOUT:-450} python3 -m pytest -q -m gpu -rf --tb=short tests/ -p no:cacheprovider 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -25
   timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 --cprofile 2>&1 \
     | grep -E "^\||tottime|^ +[0-9]+ " | head -30
   ;;
@@ -28,6 +32,14 @@ tune)
   [ -n "${TUNE_BUDGET:-}" ] && timeout 260 python3 benchmarks/tune_dense.py --budget-s $TUNE_BUDGET 2>&1 | tail -75
   timeout 200 python3 -m pytest -q -m gpu tests/test_engine_batching.py -p no:cacheprovider 2>&1 | tail -4
   timeout 150 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | tail -25
+  ;;
+profile)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 60 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 2>&1 | grep -E "^\||prefill"
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 16 64 --profile 2>&1 \
+    | grep -vE "^-+|^$" | head -60
+  [ -n "${TUNE_BUDGET:-}" ] && timeout 260 python3 benchmarks/tune_wide.py --budget-s $TUNE_BUDGET 2>&1 | grep -E "^\|"
   ;;
 load)
   for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 5; done
