@@ -84,6 +84,7 @@ class Scheduler:
     def schedule(self) -> tuple[StepBatch, list[Sequence]]:
         """The next step's rows and, for each row, its sequence (same order)."""
         budget = self.token_budget
+        bs = self.blocks.block_size
         decoding = sum(1 for seq in self.running if seq.remaining == 1 and not seq.drawn_all)
         if decoding:
             budget = max(self.mixed_budget, min(decoding, budget))
@@ -94,14 +95,15 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.drawn_all:  # preempted below; or its last token is
                 continue  # in flight (the loop ends it when it reads that token)
             n = min(seq.remaining, budget)
-            while not self.blocks.can_grow(seq, n):
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            self.blocks.grow(seq, n)
+            if seq.num_computed + n > len(seq.block_table) * bs:  # needs another block (else: nothing to do)
+                while not self.blocks.can_grow(seq, n):
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    continue
+                self.blocks.grow(seq, n)
             chosen.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
