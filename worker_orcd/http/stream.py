@@ -244,7 +244,9 @@ class JobStream:
                 yield started
             while True:
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), keepalive)
+                    # a burst handed over at once is read without a timer per token
+                    item = self.queue.get_nowait() if not self.queue.empty() else \
+                        await asyncio.wait_for(self.queue.get(), keepalive)
                 except TimeoutError:
                     if job.stop_code is None:
                         yield KEEPALIVE
