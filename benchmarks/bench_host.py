@@ -30,7 +30,7 @@ from worker_orcd.http.stream import _handoff  # noqa: E402
 
 
 class NullRunner:
-    """Every sampling row draws token 7: what is left is the host's work. With ``step_s`` the
+    """Every sampling row draws one token (7): what is left is the host's work. With ``step_s`` the
     runner behaves as a GPU would: a launch returns at once, and its result is ready ``step_s``
     after the previous step's end or its own launch (whichever is later), waited for without
     the GIL (as a CUDA event wait)."""
@@ -40,8 +40,9 @@ class NullRunner:
     max_seq_len = 8192
     vocab_size = 1000
 
-    def __init__(self, step_s: float = 0.0) -> None:
+    def __init__(self, step_s: float = 0.0, token: int = 7) -> None:
         self.steps = 0
+        self.token = token
         self.step_s = step_s
         self._device_free = 0.0  # when the simulated device finishes the queued work
 
@@ -51,7 +52,7 @@ class NullRunner:
     def launch(self, batch: StepBatch) -> _Done:
         self.steps += 1
         self._device_free = max(self._device_free, time.perf_counter()) + self.step_s
-        return _Done([Sampled(7)] * sum(1 for r in batch.rows if r.sample is not None), self._device_free)
+        return _Done([Sampled(self.token)] * sum(1 for r in batch.rows if r.sample is not None), self._device_free)
 
 
 class _Done:

@@ -242,11 +242,15 @@ class JobStream:
             started = self.render_started()
             if started:
                 yield started
+            held: Any = None  # an event read while joining tokens, handled next
             while True:
                 try:
                     # a burst handed over at once is read without a timer per token
-                    item = self.queue.get_nowait() if not self.queue.empty() else \
-                        await asyncio.wait_for(self.queue.get(), keepalive)
+                    if held is not None:
+                        item, held = held, None
+                    else:
+                        item = self.queue.get_nowait() if not self.queue.empty() else \
+                            await asyncio.wait_for(self.queue.get(), keepalive)
                 except TimeoutError:
                     if job.stop_code is None:
                         yield KEEPALIVE
@@ -264,7 +268,15 @@ class JobStream:
                     yield self._error(WorkerError("the engine stopped without ending the stream", code=ErrorCode.INTERNAL))
                     return
                 if hasattr(item, "token_id"):
-                    chunk = self._token(item)
+                    chunk = self._token(item) or b""
+                    # tokens already queued (a stream that fell behind) go out in one write, each
+                    # rendered only while no stop is set, as if yielded one by one
+                    while self.outcome is None and job.stop_code is None and not self.queue.empty():
+                        nxt = self.queue.get_nowait()
+                        if not hasattr(nxt, "token_id"):
+                            held = nxt
+                            break
+                        chunk += self._token(nxt) or b""
                     if chunk:
                         yield chunk
                     if self.outcome is not None:  # the rendering ended the stream (e.g. a stop string)
