@@ -101,14 +101,38 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
                 p, m = plan[i * args.requests_per_client + j]
                 await one_request(c, p, m, llama, stats)
 
+        before = {} if llama else await engine_counters(c)
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(n)))
         wall = time.perf_counter() - t0
+        after = {} if llama else await engine_counters(c)
+    eng = {k: after[k] - before.get(k, 0.0) for k in after}
+    steps = eng.get("worker_batch_size_count", 0.0)
     return {
+        # worker-orcd's own view of the level (its /metrics): engine steps, mean rows per step, the time
+        # spent verifying the seal (admitting steps) -- where the wall time went
+        "engine_steps": steps, "engine_rows_per_step": eng.get("worker_batch_size_sum", 0.0) / steps if steps else None,
+        "seal_checks": eng.get("worker_seal_verify_ms_count"), "seal_ms_total": eng.get("worker_seal_verify_ms_sum"),
         "clients": n, "tok_s": stats["tokens"] / wall, "tokens": stats["tokens"], "wall_s": wall,
         "ttft_p50_ms": pct(stats["ttft"], 0.5) * 1e3, "ttft_p99_ms": pct(stats["ttft"], 0.99) * 1e3,
         "itl_p50_ms": pct(stats["itl"], 0.5) * 1e3, "itl_p99_ms": pct(stats["itl"], 0.99) * 1e3,
     }
+
+
+async def engine_counters(c: httpx.AsyncClient) -> dict[str, float]:
+    """Sums and counts of worker-orcd's step and seal histograms (Prometheus text), 0 if absent."""
+    want = ("worker_batch_size_count", "worker_batch_size_sum", "worker_seal_verify_ms_count",
+            "worker_seal_verify_ms_sum")
+    out = dict.fromkeys(want, 0.0)
+    try:
+        r = await c.get("/metrics")
+    except httpx.HTTPError:
+        return out
+    for line in r.text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600) -> float:
@@ -196,11 +220,15 @@ def main() -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print("\n| engine | model | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
-    print("|---|---|---:|---:|---|---|")
+    print("\n| engine | model | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | engine steps | rows/step "
+          "| seal checks (ms) |")
+    print("|---|---|---:|---:|---|---|---:|---:|---|")
     for r in rows:
+        eng = ("| - | - | - |" if r["engine"] != "worker-orcd" else
+               f"| {r['engine_steps']:.0f} | {r['engine_rows_per_step'] or 0:.1f} | {r['seal_checks'] or 0:.0f} "
+               f"({r['seal_ms_total'] or 0:.0f}) |")
         print(f"| {r['engine']} | {r['model']} | {r['clients']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} {eng}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"bench_load_{label}.json").write_text(json.dumps(rows, indent=1))
     return 0
