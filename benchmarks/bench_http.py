@@ -113,20 +113,25 @@ def serve_main(port_file: Path, step_ms: float, max_batch: int) -> int:
     return asyncio.run(serve(config, binding, on_worker=announce))
 
 
-async def clients(url: str, n: int, tokens: int) -> dict[str, float]:
+async def clients(url: str, n: int, tokens: int, openai: bool = False) -> dict[str, float]:
     import httpx
 
     gaps: list[float] = []
     count = [0]
+    if openai:  # the route bench_load.py drives: /v1/completions, one `data:` chunk per token
+        path, mark = "/v1/completions", "data: {"
+        body = {"model": "tiny.gguf", "prompt": "hello world", "max_tokens": tokens, "temperature": 0, "stream": True}
+    else:
+        path, mark = "/worker/execute", "event: token"
+        body = {"prompt": "hello world", "params": {"max_tokens": tokens, "temperature": 0}}
 
     async def one(c: httpx.AsyncClient) -> None:
-        body = {"prompt": "hello world", "params": {"max_tokens": tokens, "temperature": 0}}
         last = None
-        async with c.stream("POST", url + "/worker/execute", json=body,
-                            headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-            r.raise_for_status()
+        async with c.stream("POST", url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
-                if line.startswith("event: token"):
+                if line.startswith(mark):
                     now = time.perf_counter()
                     count[0] += 1
                     if last is not None:
@@ -149,6 +154,7 @@ def main() -> int:
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 128])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=1.3)
+    ap.add_argument("--openai", action="store_true", help="stream /v1/completions instead of /worker/execute")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -167,11 +173,12 @@ def main() -> int:
         url = port_file.read_text().strip()
         if os.environ.get("BENCH_HTTP_PID_FILE"):  # for a profiler attached from outside
             Path(os.environ["BENCH_HTTP_PID_FILE"]).write_text(str(proc.pid))
-        print(f"step {args.step_ms} ms (simulated device), {args.tokens} tokens per request")
+        print(f"step {args.step_ms} ms (simulated device), {args.tokens} tokens per request, "
+              f"{'/v1/completions' if args.openai else '/worker/execute'}")
         print("| clients | tokens/s | gap p50 / p99 ms |")
         print("|---:|---:|---|")
         for n in args.clients:
-            r = asyncio.run(clients(url, n, args.tokens))
+            r = asyncio.run(clients(url, n, args.tokens, args.openai))
             print(f"| {n} | {r['tok_s']:,.0f} | {r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f} |", flush=True)
             print(json.dumps(r), file=sys.stderr)
     finally:
