@@ -94,9 +94,11 @@ class Worker:
         binding: EngineBinding,
         metrics: Metrics | None = None,
         force_exit: Callable[[int], None] = os._exit,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self._force_exit = force_exit  # what the shutdown watchdog calls; tests replace os._exit
+        self._on_loaded = on_loaded  # after each successful load and seal (serve.settle_heap in the daemon)
         self.binding = binding
         self.metrics = metrics or Metrics()
         self.scheduler = Scheduler()
@@ -286,6 +288,11 @@ class Worker:
                 size_bytes=size, size_mb=size / MB, load_s=round(load_s, 3), load_ms=round(load_s * 1000),
                 max_seq_len=resident.max_seq_len, gpu_device=self.config.gpu_device,
             )
+            if self._on_loaded is not None:
+                try:
+                    self._on_loaded()
+                except Exception as e:  # noqa: BLE001 - housekeeping: never fails a sealed load
+                    logs.event("internal_error", "After-load hook failed: {exc_type}.", level=logging.WARNING, exc=e)
             return handle, True
 
     def _own_shard(self, req: Commit) -> Commit:
