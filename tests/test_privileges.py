@@ -85,8 +85,8 @@ def test_worker_4901_status_parsing() -> None:
     t = parse_status(7, text)
     assert (t.tid, t.uids, t.gids, t.groups, t.no_new_privs) == (7, (NOBODY,) * 4, (NOBODY,) * 4, (), True)
     assert (t.cap_eff, t.cap_bnd) == (0, 0x1FFFFFFFFFF)
-    me = thread_creds()
-    assert me[0].tid == os.getpid() and me[0].uids[0] == os.getuid()
+    me = {t.tid: t for t in thread_creds()}  # by tid: after a pid wrap-around the main thread's is not the lowest
+    assert os.getpid() in me and me[os.getpid()].uids[0] == os.getuid()
 
 
 # --- the CLI refuses before doing anything --------------------------------------------------
