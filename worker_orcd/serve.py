@@ -152,10 +152,10 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
 
 
 def settle_heap() -> None:
-    """After a load: every object alive now (torch, Triton, the model's Python side: ~330k on the CI
-    machine, where one full collection then takes ~170 ms) leaves the cyclic collector's reach, so
-    the rare full collections while serving scan only what was made since, instead of stalling
-    every stream for that long (vLLM freezes its heap after start-up for the same reason)."""
+    """After a load: every object alive now (torch, Triton, the model's Python side: ~336k on the CI
+    machine, where one full collection then takes ~200 ms: benchmarks/bench_gc.py) leaves the cyclic
+    collector's reach, so the rare full collections while serving scan only what was made since,
+    instead of stalling every stream for that long."""
     gc.collect()
     gc.freeze()
 
