@@ -22,7 +22,9 @@ tests)
   timeout 120 python3 benchmarks/determinism_streams.py record tests/fixtures/determinism_streams.json 2>&1 | tail -3
   cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  timeout ${GPU_TESTS_TIMEOUT:-450} python3 -m pytest -q -m gpu -rf --tb=short tests/ -p no:cacheprovider 2>&1 \
+  # the suite is mostly Triton compilation (CPU): xdist spreads the files over the 16 cores
+  XD=""; python3 -c "import xdist" 2>/dev/null && XD="-n ${GPU_TESTS_WORKERS:-6} --dist loadfile"
+  timeout ${GPU_TESTS_TIMEOUT:-450} python3 -m pytest -q -m gpu -rf --tb=short --durations=12 $XD tests/ -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25
   timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 --cprofile 2>&1 \
     | grep -E "^\||tottime|^ +[0-9]+ " | head -30
