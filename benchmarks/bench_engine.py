@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--kv-cache-mb", type=int, default=1024)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model files")
+    ap.add_argument("--resident-weights", choices=("dense", "quantized"), default="dense")
     args = ap.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     types = [t for t in args.types.split(",") if t]
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_engine needs a CUDA GPU", file=sys.stderr)
         return 1
     args.workdir.mkdir(parents=True, exist_ok=True)
-    engine = Engine.open("cuda", 0)
+    engine = Engine.open("cuda", 0, resident_weights=args.resident_weights)
     bw = d2d_bandwidth()
     rows: list[dict[str, Any]] = []
     failed = False

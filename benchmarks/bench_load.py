@@ -165,6 +165,8 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
            "--max-tokens-out", "4096", *(["--allow-root"] if os.geteuid() == 0 else [])]
     if args.kv_cache_mb:
         cmd += ["--kv-cache-size-mb", str(args.kv_cache_mb)]
+    if args.resident_weights:
+        cmd += ["--resident-weights", args.resident_weights]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))
     return proc, f"http://127.0.0.1:{port}", token
 
@@ -188,6 +190,7 @@ def main() -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--llama-concurrency", nargs="+", type=int, default=None)
     ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--resident-weights", choices=("dense", "quantized"), default=None, help="worker-orcd's (default: its own)")
     ap.add_argument("--prompt-min", type=int, default=64)
     ap.add_argument("--prompt-max", type=int, default=512)
     ap.add_argument("--out-min", type=int, default=128)

@@ -53,12 +53,13 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=512, help="tokens of the lone prompt-chunk step timed once")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="Python profile of 300 runner.step calls at the first B")
+    ap.add_argument("--resident-weights", choices=("dense", "quantized"), default="dense")
     args = ap.parse_args()
     path = args.model or Path("/tmp/profile-step") / f"{args.shape}-{args.type}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         write_synthetic_model(path, args.shape, args.type)  # type: ignore[arg-type]
-    engine = Engine.open("cuda", 0)
+    engine = Engine.open("cuda", 0, resident_weights=args.resident_weights)
     rm = load_resident(engine, validate_model(str(path), LoadOptions(model_root=path.parent)), max_batch=max(args.batch))
     runner = rm.runner
     bs = runner.block_size

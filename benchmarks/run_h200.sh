@@ -54,6 +54,19 @@ load)
       --concurrency $C --requests-per-client 1 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
   done
   ;;
+qtiled)
+  # quantized residency: tiled kernel GPU tests, per-shape speed and identity vs dense, then engine steps
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 150 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul.py tests/test_qlayout.py -p no:cacheprovider 2>&1 | tail -6
+  timeout ${TUNE_TIMEOUT:-200} python3 benchmarks/tune_qtiled.py --m ${QT_M:-1 16 64 256 512} ${QT_SWEEP:---sweep} --budget-s ${QT_BUDGET:-180} 2>&1 \
+    | tee "$OUT/tune_qtiled.log" | grep -E "^\||non-identical|^  |Error"
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for r in dense quantized; do
+    echo "## 7B Q4_K_M resident $r"
+    timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 16 64 --resident-weights $r 2>&1 \
+      | grep -E "^\||prefill|Error"
+  done
+  ;;
 verify)
   # after a fix: the failing tests first, the load comparison with what device time is left
   bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background >/dev/null 2>&1

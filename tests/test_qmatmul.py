@@ -15,7 +15,10 @@ from conftest import REQUIRE_REAL_GPU
 from kernel_testing import rel
 from test_dequant import F16_FIELDS, oracle
 from worker_orcd.engine.errors import KernelDimensionError
+from worker_orcd.engine.kernels import qmatmul_tiled as tiled
+from worker_orcd.engine.kernels.matmul_dense import dense_matmul
 from worker_orcd.engine.kernels.qmatmul import qlinear, qmatmul, qmatmul_reference
+from worker_orcd.engine.qlayout import PLANAR_TYPES, to_planes
 from worker_orcd.engine.qweight import FUSED_TYPES, QWeight, WeightGroup
 from worker_orcd.gguf.constants import BLOCK_LAYOUT, GGMLType
 
@@ -168,3 +171,83 @@ def test_worker_4711_gpu_qmatmul_batch_invariant_large(t: GGMLType, gen: torch.G
         idx = torch.randperm(2048, generator=gen)[:m].to(device)
         assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"
         assert torch.equal(qmatmul(pool[:m], w), full[:m]), f"M={m} prefix"
+
+
+# --- qmatmul_tiled: Q4_K as file blocks, Q8_0 / Q6_K in qlayout's planes -------------------------
+
+TILED = [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0]
+
+
+def make_resident(t: GGMLType, n: int, k: int, rng: np.random.Generator, device: str) -> tuple[QWeight, torch.Tensor]:
+    """A weight as the quantized residency holds it (planar where qlayout repacks the type)."""
+    w, wf = make(t, n, k, rng, device)
+    if t in PLANAR_TYPES:
+        w = QWeight(to_planes(w.raw, t, n, k), t, n, k, planar=True)
+    return w, wf
+
+
+@pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
+def test_worker_4701_tiled_matches_gguf_float64(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    n, k = 40, 512
+    w, wf = make_resident(t, n, k, rng, device)
+    assert tiled.supports(w)
+    assert torch.equal(w.dequantize().cpu(), wf.float()), "planar bytes dequantize to the file's values"
+    bias = torch.randn(n, generator=gen).to(device)
+    for m in (1, 5, 40):
+        x = torch.randn(m, k, generator=gen).to(device=device, dtype=torch.float16)
+        y = qmatmul(x, w, bias)
+        ref = x.double().cpu() @ wf.to(torch.float16).double().t() + bias.double().cpu()
+        assert rel(y.cpu(), ref) < 2e-3, f"M={m}"
+        x32 = x.float()
+        assert rel(qmatmul(x32, w).cpu(), x32.double().cpu() @ wf.double().t()) < 1e-6, f"M={m} fp32"
+
+
+@pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
+def test_worker_4711_tiled_rows_equal_dense_and_invariant(
+    rowwise_dot: None, t: GGMLType, gen: torch.Generator, device: str
+) -> None:
+    """Each row equals the dense residency's kernel (unsplit, on the dequantized fp16 weight) bit for
+    bit, and its own row at M = 70: one, two and four 16-row dots per program."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    n, k = 24, 512
+    w, _ = make_resident(t, n, k, rng, device)
+    w16 = w.dequantize(torch.float32).to(device=device, dtype=torch.float16)
+    pool = torch.randn(70, k, generator=gen).to(device=device, dtype=torch.float16)
+    full = qmatmul(pool, w)
+    assert torch.equal(full, dense_matmul(pool, w16, splits=1, wide=False))
+    for m in (1, 2, 16, 17, 33, 50):
+        idx = torch.randperm(70, generator=gen)[:m].to(device)
+        assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"
+
+
+def test_worker_4400_planar_weights_checked(gen: torch.Generator, device: str) -> None:
+    rng = np.random.default_rng(2)
+    w, _ = make(GGMLType.Q4_K, 8, 256, rng, device)
+    with pytest.raises(ValueError, match="no planar layout"):
+        QWeight(w.raw, GGMLType.Q4_K, 8, 256, planar=True)
+    q, _ = make(GGMLType.Q8_0, 8, 64, rng, device)
+    p = QWeight(to_planes(q.raw, GGMLType.Q8_0, 8, 64), GGMLType.Q8_0, 8, 64, planar=True)
+    x = torch.randn(2, 64, generator=gen).to(device=device, dtype=torch.float16)
+    with pytest.raises(KernelDimensionError, match="qmatmul"):
+        qmatmul(torch.zeros(2, 96, dtype=torch.float16, device=device), p)
+    # the same matrix through the planes (tiled kernel) and the file's blocks (the per-element kernel)
+    assert rel(qmatmul(x, p).cpu(), qmatmul(x, q).double().cpu()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_worker_4711_gpu_tiled_equals_dense_every_m(t: GGMLType, dtype: torch.dtype, gen: torch.Generator, device: str) -> None:
+    """Compiled: rows at M = 1..1100 (16-row mma.sync below 64 rows, wgmma tiles above) bitwise equal
+    to the dense kernel on the dequantized weight and to the same rows at M = 1100."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    w, wf = make_resident(t, 1000, 3584, rng, device)
+    wd = wf.to(device=device).to(dtype)
+    pool = torch.randn(1100, 3584, generator=gen).to(device=device, dtype=dtype)
+    full = qmatmul(pool, w)
+    assert torch.equal(full, dense_matmul(pool, wd, splits=1))
+    assert rel(full, pool.double() @ wd.double().t()) < 2e-2
+    for m in (1, 2, 8, 16, 17, 33, 63, 64, 65, 127, 128, 300, 1099):
+        idx = torch.randperm(1100, generator=gen)[:m].to(device)
+        assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"

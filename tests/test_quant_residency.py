@@ -17,7 +17,8 @@ from worker_orcd.engine.runner import ModelRunner
 from worker_orcd.engine.model import Model
 from worker_orcd.engine.qweight import QWeight, WeightGroup
 from worker_orcd.engine.upload import upload
-from worker_orcd.engine.weights import bind, weight_layout
+from worker_orcd.engine.qlayout import PLANAR_TYPES, to_planes
+from worker_orcd.engine.weights import bind, make_planar, weight_layout
 from worker_orcd.gguf.constants import GGMLType
 from worker_orcd.gguf.reader import parse_file
 from worker_orcd.integrity import sha256_path
@@ -33,6 +34,8 @@ def _resident(path: Path, quantized: bool):  # noqa: ANN202
     arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
     with open(path, "rb") as fh:
         upload(fh, g, lay, arena, sha256_path(path), ctx, chunk_bytes=1 << 16)
+    if quantized:
+        make_planar(arena, lay)  # as the engine does after the hashed upload
     w = bind(arena, lay, cfg)
     kv = PagedKVCache.allocate(cfg, 64, torch.float32, torch.device("cpu"))
     return g, cfg, lay, w, ModelRunner(Model(cfg, w), kv, torch.device("cpu"), 64, 1)
@@ -53,8 +56,14 @@ def test_worker_4100_matrices_resident_as_file_bytes(q4km: Path) -> None:
     for name in ("blk.1.attn_v.weight", "blk.0.ffn_down.weight", "token_embd.weight", "output.weight"):
         info = g.tensor(name)
         s = lay.slots[name]
-        resident = w.arena[s.byte_offset : s.byte_offset + s.n_bytes].numpy().tobytes()
-        assert resident == data[info.data_offset : info.data_offset + info.n_bytes], name
+        resident = w.arena[s.byte_offset : s.byte_offset + s.n_bytes]
+        file_bytes = data[info.data_offset : info.data_offset + info.n_bytes]
+        if s.ggml_type in PLANAR_TYPES:  # Q6_K: the fixed plane permutation of the verified bytes
+            want = to_planes(torch.frombuffer(bytearray(file_bytes), dtype=torch.uint8), s.ggml_type, *s.shape)
+            assert torch.equal(resident, want), name
+        else:
+            assert resident.numpy().tobytes() == file_bytes, name
+    assert any(s.ggml_type in PLANAR_TYPES for s in lay.slots.values()) and lay.planar
     matrices = sum(t.n_bytes for t in g.tensors if len(t.shape) == 2)
     assert lay.total_bytes < 1.05 * g.tensor_bytes + 256 * len(lay.slots)
     assert lay.total_bytes >= matrices

@@ -38,7 +38,7 @@ from .plan import VramPlan, plan_vram
 from .tp_plan import TPSpec, shard_config
 from .shard import shard_arena
 from .upload import LoadStats, upload
-from .weights import ModelWeights, bind, resident_dtype, weight_layout
+from .weights import ModelWeights, bind, make_planar, resident_dtype, weight_layout
 
 __all__ = ["Engine", "GenerationEnd", "ResidentModel", "SamplingParams", "TokenEvent", "VramPlan"]
 
@@ -408,6 +408,8 @@ class Engine:
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
+                if self.quantized:
+                    make_planar(arena, lay)  # a fixed permutation of the verified bytes, before the seal
                 if group is None:
                     model = Model(cfg, bind(arena, lay, cfg))
                 else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .dequant.formats import FUSED_TYPES
+from .qlayout import PLANAR_TYPES, from_planes, plane_rows
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 
 __all__ = ["FUSED_TYPES", "QWeight", "Weight", "WeightGroup", "row_bytes"]  # FUSED_TYPES: re-exported (torch-free home)
@@ -30,12 +31,15 @@ def row_bytes(ggml_type: GGMLType, k: int) -> int:
 
 @dataclass(frozen=True)
 class QWeight:
-    """W[N, K] as GGUF blocks: ``raw`` is uint8 [N * row_bytes], row n at n * row_bytes."""
+    """W[N, K] as GGUF blocks: ``raw`` is uint8 [N * row_bytes], row n at n * row_bytes.
+
+    ``planar``: Q8_0/Q6_K repacked by ``qlayout`` (each block field in its own plane, same bytes)."""
 
     raw: torch.Tensor
     ggml_type: GGMLType
     n: int
     k: int
+    planar: bool = False
 
     def __post_init__(self) -> None:
         want = self.n * row_bytes(self.ggml_type, self.k)
@@ -44,6 +48,8 @@ class QWeight:
                 f"QWeight {self.ggml_type.name} [{self.n}, {self.k}]: raw must be uint8 [{want}], "
                 f"got {self.raw.dtype} {tuple(self.raw.shape)}"
             )
+        if self.planar and self.ggml_type not in PLANAR_TYPES:
+            raise ValueError(f"QWeight {self.ggml_type.name}: no planar layout for this type")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,13 +65,19 @@ class QWeight:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """The block bytes of rows ``idx`` as uint8 [len(idx) * row_bytes] (for an embedding lookup)."""
+        if self.planar:
+            return plane_rows(self.raw, self.ggml_type, self.n, self.k, idx)
         return self.raw.view(self.n, self.row_bytes).index_select(0, idx.reshape(-1)).reshape(-1)
+
+    def gguf_bytes(self) -> torch.Tensor:
+        """The matrix as the file's GGUF blocks (undoes the planar repacking)."""
+        return from_planes(self.raw, self.ggml_type, self.n, self.k) if self.planar else self.raw
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole matrix [N, K] in ``dtype`` (tests, references, the CPU fallback)."""
         from .dequant import dequantize
 
-        return dequantize(self.raw, self.ggml_type, self.n * self.k, dtype).view(self.n, self.k)
+        return dequantize(self.gguf_bytes(), self.ggml_type, self.n * self.k, dtype).view(self.n, self.k)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ attest, one buffer for the GPU fingerprint kernel, and an exact
 Two residencies:
 
 * quantized (CUDA): every matrix (Q/K/V, O, gate/up/down, embedding, output
-  head) stays as the file's GGUF blocks, byte for byte (no repacking), and is
-  bound as a ``QWeight``; Q/K/V and gate/up become ``WeightGroup``s (their
+  head) stays as the file's GGUF blocks, byte for byte, except that Q8_0 and
+  Q6_K blocks are then split into aligned planes (``qlayout``, same bytes,
+  ``make_planar``), and is bound as a ``QWeight``; Q/K/V and gate/up become ``WeightGroup``s (their
   parts may have different types: Q4_K_M mixes Q4_K and Q6_K) that the fused
   dequant-matmul kernel writes into one output. Norm weights and biases (tiny)
   are dequantized at load to the resident dtype. The seal fingerprints the
@@ -33,6 +34,7 @@ from .config import ModelConfig
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 from .dequant import SUPPORTED_TYPES
 from .device import DeviceContext
+from .qlayout import PLANAR_TYPES, repack_planar
 from .qweight import FUSED_TYPES, QWeight, Weight, WeightGroup
 
 ARENA_ALIGN = 256  # bytes; cuBLAS and vectorised Triton loads want >= 16
@@ -77,6 +79,7 @@ class WeightLayout:
     parts: dict[str, Part] = field(default_factory=dict)
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
+    planar: bool = False  # Q8_0/Q6_K slots repacked into qlayout's planes (``make_planar``)
 
     def _reserve(self, slot: Slot) -> None:
         self.slots[slot.name] = slot
@@ -241,8 +244,20 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str) -> Weight:
             raw = v[s.name].reshape(-1).view(torch.uint8)
             parts.append(QWeight(raw, _FLOAT_TYPE[lay.dtype], s.shape[0], s.shape[1]))
         else:
-            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1]))
+            planar = lay.planar and s.ggml_type in PLANAR_TYPES
+            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
+
+
+def make_planar(arena: torch.Tensor, lay: WeightLayout) -> None:
+    """After the hashed upload: every Q8_0/Q6_K slot becomes ``qlayout``'s planes, in place (the
+    aligned layout ``qmatmul_tiled`` reads at memory speed); the seal then fingerprints the planes."""
+    if lay.planar:
+        raise RuntimeError("the arena is already planar")
+    for s in lay.slots.values():
+        if s.ggml_type in PLANAR_TYPES:
+            repack_planar(arena[s.byte_offset : s.byte_offset + s.n_bytes], s.ggml_type, s.shape[0], s.shape[1])
+    lay.planar = True
 
 
 def bind(arena: torch.Tensor, lay: WeightLayout, cfg: ModelConfig) -> ModelWeights:

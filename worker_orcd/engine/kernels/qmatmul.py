@@ -258,12 +258,17 @@ def qmatmul(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x[M, K] @ W[N, K].T (+ bias) -> [M, N] in ``out_dtype`` (default x's); ``out`` may be a column slice."""
+    """x[M, K] @ W[N, K].T (+ bias) -> [M, N] in ``out_dtype`` (default x's); ``out`` may be a column slice.
+
+    Q4_K, and Q8_0/Q6_K in ``qlayout``'s planes, go to ``qmatmul_tiled`` (same sums, memory speed)."""
     if out is None:
         v.tensor(KERNEL, "x", x)
         v.rank(KERNEL, "x", x, 2)
         out = torch.empty(x.shape[0], getattr(w, "n", 0), dtype=out_dtype or x.dtype, device=x.device)
     _check(x, w, bias, out)
+    if tiled.supports(w):
+        return tiled.qmatmul_tiled(x, w, bias, out)
+    v.check(not w.planar, KERNEL, "w", f"planar {w.ggml_type.name} runs only in qmatmul_tiled")
     M = x.shape[0]
     bn, warps, stages, gm = launch_config(M, w.n) if x.device.type == "cuda" else (BLOCK_N, NUM_WARPS, 1, group_m(M))
     src = w.raw.view(_FLOAT_VIEW[w.ggml_type]) if w.ggml_type in _FLOAT_VIEW else w.raw
@@ -316,3 +321,6 @@ def qmatmul_reference(x: torch.Tensor, w: QWeight | WeightGroup, bias: torch.Ten
     wd = w.dequantize(torch.float32).to(x.dtype).double()
     y = x.double() @ wd.t()
     return y if bias is None else y + bias.double()
+
+
+from . import qmatmul_tiled as tiled  # noqa: E402  (it imports this module's dot and epilogue)

@@ -1,0 +1,228 @@
+"""y = x · Wᵀ for Q4_K, Q6_K and Q8_0 weights at memory speed: the dense kernel's dot chain over
+weight sub-tiles dequantized in registers.
+
+Why beside ``qmatmul``: that kernel dequantizes a [BN, 256] tile element by element, each
+element computing its own byte addresses (a load per element and per scale): 58-172 GB/s on
+the H200. Here a program reads one unit of K per step (Q8_0: 32 inputs, Q4_K: 64 of a
+super-block, Q6_K: 128) with one aligned vector load per field — Q4_K blocks (144 bytes) are
+16-byte aligned in the file, Q8_0 and Q6_K are made so by ``qlayout``'s planes —, the scales
+once per column and super-block, and turns it into 32-input sub-tiles. Integers become
+floats by the exponent trick (``(q | 0x4B000000)`` as fp32 minus 2^23: exact, full rate).
+
+Arithmetic (batch invariance, and equality with the dense residency):
+
+* each 32-input sub-tile is dequantized exactly as ggml does (fp32, no FMA contraction:
+  ``enable_fp_fusion=False``) and rounded once to the activation dtype — the fp16/bf16 values
+  the dense residency holds;
+* the reduction is ``matmul_dense``'s: ``tl.dot(x[rows, 32], Wᵀ[32, BN], acc)`` chained over
+  k = 0, 32, 64, ... in fp32, i.e. k16 tensor-core steps in k order, as a 64/128-row wgmma at
+  every M (``launch_config``; the kernel keeps a 16-row/GROUP_M form for the CPU interpreter).
+  The dense kernel's rows are bit-identical across its own 16-row/wgmma switch
+  (tests/test_dense_matmul.py), and this kernel's wgmma rows equal them (tune_qtiled.py).
+  So a row equals ``dense_matmul`` (unsplit) on the dequantized weight, bit for bit, at every M,
+  and what varies with M (tile sizes, warps, stages, GROUP_M) never touches a row's sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...gguf.constants import GGMLType
+from ..dequant.kernels_basic import _round_bf16
+from ..qweight import QWeight
+from . import validate as v
+from .qmatmul import _dot, _store_rows
+
+KERNEL = "qmatmul_tiled"
+SUB = 32  # inputs per dot (one Q8_0 block, one K-quant sub-block)
+TILED_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0})
+_NEEDS_PLANES = frozenset({GGMLType.Q6_K, GGMLType.Q8_0})
+WIDE_MIN_M = 64
+
+
+def supports(w: QWeight) -> bool:
+    """Whether ``w`` runs here: Q4_K as the file's blocks, Q8_0/Q6_K repacked into planes."""
+    return w.ggml_type in TILED_TYPES and (w.planar or w.ggml_type not in _NEEDS_PLANES)
+
+
+def launch_config(m: int, n: int) -> tuple[int, int, int, int, int]:
+    """(rows per dot, GROUP_M, BN, num_warps, num_stages); none of them changes a row's sums.
+
+    Every M runs 64- or 128-row wgmma tiles: on the H200 the 16-row mma.sync form of this kernel
+    did NOT give the dense kernel's bits at M <= 16 while the wgmma form did at every M
+    (benchmarks/tune_qtiled.py, RESULTS.md), and at decode the idle rows cost nothing that
+    matters (the step is bound by the weight bytes and their dequantization, not the dot)."""
+    if m >= 128 and -(-m // 128) * -(-n // 128) >= 100:
+        # a Q4_K/Q6_K step holds 8 x sub-tiles: 128x128 tiles fit the 227 KB of shared memory in 2 stages
+        return 128, 1, 128, 8, 2
+    if m >= WIDE_MIN_M:
+        return 64, 1, 64, 4, 2
+    return 64, 1, 32 if n <= 16_384 else 64, 4, 3
+
+
+@triton.jit
+def _u2f(q, bias: tl.constexpr):
+    """int32 q (0 <= q < 2^23) -> float32(q) - (bias - 2^23), exact: q's bits in the mantissa of 2^23."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - bias
+
+
+@triton.jit
+def _act(w, x_ptr):
+    """A dequantized fp32 sub-tile rounded once to the activation dtype, transposed for the dot."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        return tl.trans(_round_bf16(w))
+    return tl.trans(w.to(x_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dots(x_ptr, rows0, k0, wt, a0, a1, a2, a3, M, stride_xm,
+          GROUP: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+    """acc_g = dot(x[rows0 + g*BR + (0..BR), k0 : k0+32], wt, acc_g) for each of GROUP row blocks."""
+    kk = k0 + tl.arange(0, 32)
+    r = rows0 + tl.arange(0, BR).to(tl.int64)
+    xp = x_ptr + r[:, None] * stride_xm + kk[None, :]
+    a0 = _dot(tl.load(xp, mask=r[:, None] < M, other=0.0), wt, a0, IEEE)
+    if GROUP > 1:
+        a1 = _dot(tl.load(xp + BR * stride_xm, mask=(r + BR)[:, None] < M, other=0.0), wt, a1, IEEE)
+    if GROUP > 2:
+        a2 = _dot(tl.load(xp + 2 * BR * stride_xm, mask=(r + 2 * BR)[:, None] < M, other=0.0), wt, a2, IEEE)
+        a3 = _dot(tl.load(xp + 3 * BR * stride_xm, mask=(r + 3 * BR)[:, None] < M, other=0.0), wt, a3, IEEE)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _byte(word, i: tl.constexpr):
+    """Signed byte i (0..3) of an int32 word, as int32."""
+    return (word << (24 - 8 * i)) >> 24
+
+
+@triton.jit
+def _k4_scale_min(w1, w2, w3, s: tl.constexpr):
+    """get_scale_min_k4 for sub-block s from the 12 scale bytes as three words (q[0:4], q[4:8], q[8:12])."""
+    a = (w1 >> (8 * (s % 4))) & 255
+    b = (w2 >> (8 * (s % 4))) & 255
+    if s < 4:
+        sc = a & 63
+        mn = b & 63
+    else:
+        c = (w3 >> (8 * (s % 4))) & 255
+        sc = (c & 15) | ((a >> 2) & 0x30)
+        mn = (c >> 4) | ((b >> 2) & 0x30)
+    return _u2f(sc, 8388608.0), _u2f(mn, 8388608.0)
+
+
+@triton.jit(do_not_specialize=["M"])
+def qmatmul_tiled_kernel(
+    x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, RB, P1, P2, P3,
+    WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BR: tl.constexpr, BN: tl.constexpr,
+):
+    IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    # column-major program order: consecutive row blocks reuse a weight tile while it is in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, GROUP * BR)
+    rows0 = (pid % num_m).to(tl.int64) * (GROUP * BR)
+    cols = (pid // num_m) * BN + tl.arange(0, BN)
+    n = cols.to(tl.int64)[:, None]
+    nm = n < N
+    l32 = tl.arange(0, 32)[None, :]
+    a0 = tl.zeros((BR, BN), dtype=tl.float32)
+    a1 = tl.zeros((BR, BN), dtype=tl.float32)
+    a2 = tl.zeros((BR, BN), dtype=tl.float32)
+    a3 = tl.zeros((BR, BN), dtype=tl.float32)
+    if WTYPE == 8:  # Q8_0 planes: qs [N, K] i8 at 0, d [N, K/32] f16 at byte P1
+        for b in range(0, K // 32):
+            q = tl.load(w_ptr + n * K + b * 32 + l32, mask=nm, other=0).to(tl.int32)
+            d = tl.load(w16_ptr + P1 // 2 + n * (K // 32) + b, mask=nm, other=0.0).to(tl.float32)
+            w = _u2f(q ^ 128, 8388736.0) * d  # (q + 128) - 128
+            a0, a1, a2, a3 = _dots(x_ptr, rows0, b * 32, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
+    elif WTYPE == 12:  # Q4_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}, RB bytes per row
+        for sb in range(0, K // 256):
+            base = n * RB + sb * 144
+            d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
+            dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
+            w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
+            w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
+            w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+            for c in tl.static_range(4):  # 64 inputs: low nibbles are the first 32, high the next
+                qb = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
+                sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
+                w = (d * sc) * _u2f(qb & 15, 8388608.0) - dmin * mn
+                k0 = sb * 256 + 64 * c
+                a0, a1, a2, a3 = _dots(x_ptr, rows0, k0, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
+                sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
+                a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
+    else:  # Q6_K planes: ql [N, K/2] at 0, qh [N, K/4] at P1, scales [N, K/16] i8 at P2, d [N, K/256] f16 at P3
+        lo = l32 < 16
+        for sb in range(0, K // 256):
+            d = tl.load(w16_ptr + P3 // 2 + n * (K // 256) + sb, mask=nm, other=0.0).to(tl.float32)
+            for h in tl.static_range(2):  # 128 inputs: y[l], y[l+32], y[l+64], y[l+96] from ql[l], ql[l+32], qh[l]
+                qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
+                ql0 = tl.load(qlp, mask=nm, other=0).to(tl.int32)
+                ql1 = tl.load(qlp + 32, mask=nm, other=0).to(tl.int32)
+                qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0).to(tl.int32)
+                s0 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h, mask=nm, other=0)
+                s1 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h + 1, mask=nm, other=0)
+                k0 = sb * 256 + 128 * h
+                for t in tl.static_range(4):
+                    word = s0 if t < 2 else s1
+                    sa = _u2f(_byte(word, (2 * t) % 4) + 128, 8388736.0)
+                    sz = _u2f(_byte(word, (2 * t) % 4 + 1) + 128, 8388736.0)
+                    scale = tl.where(lo, d * sa, d * sz)
+                    src = ql0 if t % 2 == 0 else ql1
+                    low = src & 15 if t < 2 else src >> 4
+                    q = low | (((qh >> (2 * t)) & 3) << 4)
+                    w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
+                    a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32 * t, _act(w, x_ptr), a0, a1, a2, a3,
+                                           M, stride_xm, GROUP, BR, IEEE)
+    r = rows0 + tl.arange(0, BR)
+    _store_rows(y_ptr, b_ptr, a0, r, cols, M, N, stride_ym, HAS_BIAS)
+    if GROUP > 1:
+        _store_rows(y_ptr, b_ptr, a1, r + BR, cols, M, N, stride_ym, HAS_BIAS)
+    if GROUP > 2:
+        _store_rows(y_ptr, b_ptr, a2, r + 2 * BR, cols, M, N, stride_ym, HAS_BIAS)
+        _store_rows(y_ptr, b_ptr, a3, r + 3 * BR, cols, M, N, stride_ym, HAS_BIAS)
+
+
+def _planes(w: QWeight) -> tuple[int, int, int]:
+    """Byte offsets of the planes after the first (qlayout's order)."""
+    nk = w.n * w.k
+    if w.ggml_type == GGMLType.Q8_0:
+        return nk, 0, 0
+    if w.ggml_type == GGMLType.Q6_K:
+        return nk // 2, nk // 2 + nk // 4, nk // 2 + nk // 4 + nk // 16
+    return 0, 0, 0
+
+
+def qmatmul_tiled(
+    x: torch.Tensor,
+    w: QWeight,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W[N, K].T (+ bias); ``out`` may be a column slice (qmatmul checked the shapes).
+    ``config`` overrides ``launch_config`` (benchmarks, tests): rows per dot, GROUP_M, BN, warps, stages."""
+    v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
+    v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
+    M = x.shape[0]
+    if x.device.type == "cuda":
+        br, gm, bn, warps, stages = config or launch_config(M, w.n)
+    else:
+        br, gm, bn, warps, stages = config or (16, 1 if M <= 16 else 2 if M <= 32 else 4, 16, 4, 1)  # interpreter: small tiles
+    raw = w.raw
+    w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
+    w32 = raw[: raw.numel() // 4 * 4].view(torch.int32)
+    p1, p2, p3 = _planes(w)
+    grid = (triton.cdiv(M, gm * br) * triton.cdiv(w.n, bn),)
+    qmatmul_tiled_kernel[grid](
+        x, raw, w16, w32, bias if bias is not None else out, out,
+        M, w.n, w.k, x.stride(0), out.stride(0), w.row_bytes, p1, p2, p3,
+        WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, GROUP=gm, BR=br, BN=bn,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
+    return out

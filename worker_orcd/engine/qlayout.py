@@ -1,0 +1,90 @@
+"""The one repacking of GGUF blocks the quantized residency makes: Q8_0 and Q6_K split into planes.
+
+Why: their blocks (34 and 210 bytes) are not 4-byte aligned, so a kernel reading
+them in place issues one load per byte; a Q4_K block (144 bytes) is 16-byte aligned
+and stays as it is. The repacking moves each field of every block into its own plane
+(all rows' first fields, then all rows' second fields, ...), row order and block order
+kept: same bytes, same total size (resident bytes = file bytes), every load aligned.
+It is made on the device right after the hashed upload, a fixed permutation of the
+verified bytes; the seal then fingerprints the planes (what is resident).
+
+    Q8_0 {f16 d; i8 qs[32]}                     -> [qs: N*K] [d: N*K/32 f16]
+    Q6_K {u8 ql[128]; u8 qh[64]; i8 sc[16]; f16 d} -> [ql: N*K/2] [qh: N*K/4] [sc: N*K/16] [d: N*K/256 f16]
+
+Row n of a plane starts at n * (its bytes per row), so a row's fields are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..gguf.constants import BLOCK_LAYOUT, GGMLType
+
+# (field widths in bytes, in block order) and the plane order they are stored in
+_FIELDS: dict[GGMLType, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    GGMLType.Q8_0: ((2, 32), (1, 0)),  # block: d, qs -> planes: qs, d
+    GGMLType.Q6_K: ((128, 64, 16, 2), (0, 1, 2, 3)),  # block: ql, qh, sc, d -> same order
+}
+PLANAR_TYPES = frozenset(_FIELDS)
+
+
+def _offsets(widths: tuple[int, ...]) -> list[int]:
+    out, at = [], 0
+    for w in widths:
+        out.append(at)
+        at += w
+    return out
+
+
+def _check(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> int:
+    if t not in _FIELDS:
+        raise ValueError(f"{t.name} has no planar layout")
+    layout = BLOCK_LAYOUT[t]
+    if k % layout.block_size or raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise ValueError(f"{t.name} [{n}, {k}]: need uint8 bytes and K a multiple of {layout.block_size}")
+    nb = n * k // layout.block_size
+    if raw.numel() != nb * layout.type_size:
+        raise ValueError(f"{t.name} [{n}, {k}]: expected {nb * layout.type_size} bytes, got {raw.numel()}")
+    return nb
+
+
+def to_planes(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> torch.Tensor:
+    """GGUF blocks of W[n, k] -> the planar bytes (a new tensor of the same size, raw's device)."""
+    nb = _check(raw, t, n, k)
+    widths, order = _FIELDS[t]
+    offs = _offsets(widths)
+    blocks = raw.view(nb, BLOCK_LAYOUT[t].type_size)
+    return torch.cat([blocks[:, offs[f] : offs[f] + widths[f]].reshape(-1) for f in order])
+
+
+def _planes(raw: torch.Tensor, t: GGMLType, nb: int) -> dict[int, torch.Tensor]:
+    """Field index -> that field's plane as [nb, width]."""
+    widths, order = _FIELDS[t]
+    out, at = {}, 0
+    for f in order:
+        size = nb * widths[f]
+        out[f] = raw[at : at + size].view(nb, widths[f])
+        at += size
+    return out
+
+
+def from_planes(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> torch.Tensor:
+    """The planar bytes of W[n, k] -> its GGUF blocks (``to_planes``' exact inverse)."""
+    nb = _check(raw, t, n, k)
+    p = _planes(raw, t, nb)
+    return torch.cat([p[f] for f in range(len(p))], dim=1).reshape(-1)
+
+
+def plane_rows(raw: torch.Tensor, t: GGMLType, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks of rows ``idx`` of a planar W[n, k] (an embedding lookup reads a few rows)."""
+    nb = _check(raw, t, n, k)
+    per_row = nb // n
+    p = _planes(raw, t, nb)
+    idx = idx.reshape(-1)
+    fields = [p[f].view(n, per_row, -1).index_select(0, idx) for f in range(len(p))]
+    return torch.cat(fields, dim=2).reshape(-1)
+
+
+def repack_planar(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> None:
+    """In place: ``raw`` (a slot of the arena holding GGUF blocks) becomes its planar bytes."""
+    raw.copy_(to_planes(raw, t, n, k))
