@@ -4,6 +4,9 @@
 #   bash benchmarks/run_h200.sh tune       # dense matmul: GPU tests, config sweep, step profile
 #   bash benchmarks/run_h200.sh load       # engine and HTTP throughput, worker-orcd and llama-server, same files
 #   bash benchmarks/run_h200.sh profile    # step profiles (0.5B and 7B: waited, overlapped, prefill, mixed) + tune_wide
+#   bash benchmarks/run_h200.sh qtiled     # quantized residency: tiled-kernel GPU tests, tune_qtiled, 7B steps per residency
+#   bash benchmarks/run_h200.sh wload      # worker-orcd alone under load (0.5B F16, 7B Q4_K_M), engine steps per level
+# SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
 # the llama.cpp build and the models `tests` started in the background.
 # Needs .whl (scripts/fetch_device_wheels.sh) and .devdata (tokenizer donor, llama.cpp tarball + build script).
@@ -16,7 +19,7 @@ M=/tmp/models; mkdir -p $M
 synth() { [ -f "$M/$1-$2.gguf" ] || python3 benchmarks/synth.py "$M/$1-$2.gguf" --shape "$1" --type "$2" --vocab 151936 --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" >/dev/null; }
 case "${1:-tests}" in
 tests)
-  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  [ -f /tmp/llama.cpp/done ] || [ -n "${SKIP_LLAMA:-}" ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   # the load stage's models, written while the GPU suite runs
   (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; synth qwen2.5-7b F16; touch $M/done) >$M/synth.log 2>&1 &
   timeout 120 python3 benchmarks/determinism_streams.py record tests/fixtures/determinism_streams.json 2>&1 | tail -3
@@ -65,6 +68,15 @@ qtiled)
     echo "## 7B Q4_K_M resident $r"
     timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 16 64 --resident-weights $r 2>&1 \
       | grep -E "^\||prefill|Error"
+  done
+  ;;
+wload)
+  # worker-orcd alone under load (no llama.cpp build): the engine-step view of /metrics per level
+  for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 5; done
+  synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M
+  for m in ${WLOAD_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
+    timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --concurrency ${LOAD_LEVELS:-1 8 32 64 128} \
+      --requests-per-client ${RPC:-1} 2>&1 | tee "$OUT/wload_$m.log" | sed -n '/^| engine |/,$p;/Error/p'
   done
   ;;
 verify)

@@ -84,7 +84,7 @@ def main() -> int:
             ms = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out) for w in ws])
             dms = graph_ms([lambda w=w: D.dense_matmul(x, w, splits=1) for w in dcopies])
             r = {"model": model, "matrix": name, "type": t.name, "N": n, "K": k, "M": m, "ms": ms, "dense_ms": dms,
-                 "gb_s": qbytes / ms / 1e6, "config": T.launch_config(m, n), "identical": same_dense and same_m}
+                 "gb_s": qbytes / ms / 1e6, "config": T.launch_config(m, n, k, t), "identical": same_dense and same_m}
             if args.sweep and m == min(args.m):  # a candidate counts only if its rows are bitwise the default's
                 best = (ms, r["config"])
                 for c in SWEEP:

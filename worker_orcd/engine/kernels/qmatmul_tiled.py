@@ -47,19 +47,24 @@ def supports(w: QWeight) -> bool:
     return w.ggml_type in TILED_TYPES and (w.planar or w.ggml_type not in _NEEDS_PLANES)
 
 
-def launch_config(m: int, n: int) -> tuple[int, int, int, int, int]:
+def launch_config(m: int, n: int, k: int, t: GGMLType) -> tuple[int, int, int, int, int]:
     """(rows per dot, GROUP_M, BN, num_warps, num_stages); none of them changes a row's sums.
 
     Every M runs 64- or 128-row wgmma tiles: on the H200 the 16-row mma.sync form of this kernel
     did NOT give the dense kernel's bits at M <= 16 while the wgmma form did at every M
     (benchmarks/tune_qtiled.py, RESULTS.md), and at decode the idle rows cost nothing that
-    matters (the step is bound by the weight bytes and their dequantization, not the dot)."""
+    matters (the step is bound by the weight bytes and their dequantization, not the dot).
+    Below 64 rows: the fastest bit-identical candidates of the M = 1 sweep on the 7B/0.5B shapes."""
     if m >= 128 and -(-m // 128) * -(-n // 128) >= 100:
         # a Q4_K/Q6_K step holds 8 x sub-tiles: 128x128 tiles fit the 227 KB of shared memory in 2 stages
         return 128, 1, 128, 8, 2
     if m >= WIDE_MIN_M:
         return 64, 1, 64, 4, 2
-    return 64, 1, 32 if n <= 16_384 else 64, 4, 3
+    if n <= 4096:  # narrow: more, thinner programs (7B down: 224 of them)
+        return 64, 1, 16 if k >= 8192 else 32, 4, 3
+    if t == GGMLType.Q8_0:
+        return 64, 1, 64, 4, 3
+    return (64, 1, 128, 4, 2) if n <= 65_536 else (64, 1, 32, 4, 2)
 
 
 @triton.jit
@@ -211,7 +216,7 @@ def qmatmul_tiled(
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     M = x.shape[0]
     if x.device.type == "cuda":
-        br, gm, bn, warps, stages = config or launch_config(M, w.n)
+        br, gm, bn, warps, stages = config or launch_config(M, w.n, w.k, w.ggml_type)
     else:
         br, gm, bn, warps, stages = config or (16, 1 if M <= 16 else 2 if M <= 32 else 4, 16, 4, 1)  # interpreter: small tiles
     raw = w.raw
