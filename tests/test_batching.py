@@ -402,6 +402,56 @@ def test_loop_seal_check_once_per_admitting_step() -> None:
     assert calls == [4, 1]
 
 
+def test_loop_deferred_seal_check_runs_before_the_step_releases_tokens() -> None:
+    """The hook may return the second half of the check (the engine's fingerprint queued on the
+    device): it runs once per admitting step, before any token of that step is handed out."""
+    events: list[str] = []
+
+    def start(n: int):  # noqa: ANN202
+        events.append(f"start {n}")
+        return lambda: events.append("check")
+
+    loop = EngineLoop(HashRunner(), max_batch=4, token_budget=64, before_admit=start)
+    stream = loop.submit([1, 2], SamplingParams(max_tokens=3))
+    first = next(stream)
+    events.append(f"token {first.index}")
+    rest = [e for e in stream if isinstance(e, TokenEvent)]
+    loop.close()
+    assert [e.index for e in rest] == [1, 2]
+    assert events[:3] == ["start 1", "check", "token 0"]
+    assert events.count("check") == 1
+
+
+def test_loop_deferred_seal_failure_releases_nothing() -> None:
+    """A seal that no longer matches, found when the admitting step completes: the admitted job gets
+    SEAL_VERIFICATION_FAILED and no token of it; a job already running fails too (fatal, 4122)."""
+    checks = {"n": 0}
+
+    def start(n: int):  # noqa: ANN202
+        checks["n"] += 1
+        if checks["n"] == 1:
+            return None  # the first admission passes (checked synchronously)
+
+        def check() -> None:
+            raise WorkerError("seal mismatch", code=ErrorCode.SEAL_VERIFICATION_FAILED)
+
+        return check
+
+    loop = EngineLoop(HashRunner(delay=0.005), max_batch=4, token_budget=64, before_admit=start)
+    running = loop.submit([1], SamplingParams(max_tokens=200))
+    next(running)
+    late = loop.submit([5, 6], SamplingParams(max_tokens=5))
+    with pytest.raises(WorkerError) as e:
+        next(late)
+    assert e.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
+    with pytest.raises(WorkerError) as e2:
+        for _ in running:
+            pass
+    assert e2.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
+    with pytest.raises(WorkerError):
+        loop.submit([1], SamplingParams(max_tokens=1))
+
+
 def test_loop_seal_failure_fails_the_admitted_jobs() -> None:
     def bad(n: int) -> None:
         raise WorkerError("seal mismatch", code=ErrorCode.SEAL_VERIFICATION_FAILED)

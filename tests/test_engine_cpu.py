@@ -366,9 +366,13 @@ def test_worker_4122_seal_tamper_one_byte(qwen_sealed: SealedModel, qwen: Reside
         with pytest.raises(SealVerificationError) as e:
             sealed.verify_seal()
         assert e.value.code is ErrorCode.SEAL_VERIFICATION_FAILED
+        check = sealed.verify_seal_start()  # the engine loop's two-part form
+        with pytest.raises(SealVerificationError):
+            check()
     finally:
         arena[i] = old
     sealed.verify_seal()
+    sealed.verify_seal_start()()
     good = sealed.handle
     sealed.handle = dataclasses.replace(good, vram_bytes=good.vram_bytes + 1)
     try:

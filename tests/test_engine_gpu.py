@@ -238,14 +238,19 @@ def test_worker_4121_seal_detects_one_flipped_byte_in_vram(qwen: Subject) -> Non
     arena = rm._weights.arena
     i = arena.numel() // 2 + 12345
     old = int(arena[i])
+    assert rm.fingerprint_start()() == rm.fingerprint()  # the engine loop's queued form
     arena[i] = old ^ 0x80
     try:
         with pytest.raises(SealVerificationError) as e:
             sealed.verify_seal()
         assert e.value.code is ErrorCode.SEAL_VERIFICATION_FAILED
+        check = sealed.verify_seal_start()  # queued behind the device's work, checked later
+        with pytest.raises(SealVerificationError):
+            check()
     finally:
         arena[i] = old
     sealed.verify_seal()
+    sealed.verify_seal_start()()
 
 
 def test_worker_4121_gpu_and_cpu_fingerprints_of_the_weights_agree(qwen: Subject) -> None:

@@ -207,6 +207,10 @@ class FakeResident:
     def fingerprint(self) -> str:
         return self.resident_fingerprint
 
+    def fingerprint_start(self) -> Callable[[], str]:
+        value = self.resident_fingerprint
+        return lambda: value
+
     def attest(self) -> dict[str, Any]:
         return {"resident": False, "status": "fake"}
 

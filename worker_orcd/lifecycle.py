@@ -451,19 +451,29 @@ class Worker:
             for rank in range(tp_degree)
         ]
 
-    def _seal_check_in_step(self, admitted: int) -> None:
+    def _seal_check_in_step(self, admitted: int) -> Callable[[], None]:
         """The engine loop's hook: one seal verification per step that admits jobs (SPEC 4121, issue 8).
 
-        Runs on the engine thread, before the admitted jobs' first computation; a failure fails
-        them with SEAL_VERIFICATION_FAILED and their streams stop the worker (fatal, 4122).
+        Runs on the engine thread as the admitting step is queued: the fingerprint is queued on the
+        device ahead of that step, and the returned check (HMAC against the seal) runs before any
+        output of the step leaves the engine (loop.py ``_complete``). A failure fails the admitted
+        jobs with SEAL_VERIFICATION_FAILED and stops the worker (fatal, 4122); the metric is the
+        engine thread's time in both halves (the device runs the fingerprint meanwhile).
         """
         sealed = self.sealed
         if sealed is None:
             raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
         t0 = time.perf_counter()
-        sealed.verify_seal()
-        self.last_seal_ms = (time.perf_counter() - t0) * 1000
-        self.metrics.seal_verify_ms.observe(self.last_seal_ms)
+        finish = sealed.verify_seal_start()
+        started_ms = (time.perf_counter() - t0) * 1000
+
+        def check() -> None:
+            t1 = time.perf_counter()
+            finish()
+            self.last_seal_ms = started_ms + (time.perf_counter() - t1) * 1000
+            self.metrics.seal_verify_ms.observe(self.last_seal_ms)
+
+        return check
 
     async def verify_seal(self) -> float:
         """SPEC 4121/4245: re-verify before every execute; failure is fatal for the worker (4122)."""

@@ -11,6 +11,7 @@ is closed before the error leaves, so no device buffer outlives a failed load.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .engine.interface import EngineLike, ResidentModelLike
@@ -36,6 +37,13 @@ class SealedModel:
         t0 = time.perf_counter()
         self._sealer.verify(self.handle, self.resident.fingerprint())
         return (time.perf_counter() - t0) * 1e3
+
+    def verify_seal_start(self) -> Callable[[], None]:
+        """``verify_seal`` in two halves: the fingerprint is queued on the device now, the returned
+        callable waits for it and checks the HMAC (raises as ``verify_seal``). The engine loop uses
+        it so a seal check does not drain the device queue (loop.py)."""
+        fingerprint = self.resident.fingerprint_start()
+        return lambda: self._sealer.verify(self.handle, fingerprint())
 
     def close(self) -> None:
         self.resident.close()

@@ -93,6 +93,8 @@ class _InFlight:
     seqs: list[Sequence]
     handle: PendingStep
     preemptions_before: int
+    seal_check: Callable[[], None] | None = None  # the admitting step's deferred seal check
+    admitted: tuple[int, ...] = ()  # seq ids this step admitted
 
 
 def _host_free(seq: Sequence) -> bool:
@@ -109,7 +111,7 @@ class EngineLoop:
         max_batch: int,
         token_budget: int,
         mixed_budget: int | None = None,
-        before_admit: Callable[[int], None] | None = None,
+        before_admit: Callable[[int], Callable[[], None] | None] | None = None,
         observer: LoopObserver | None = None,
         name: str = "engine-loop",
     ) -> None:
@@ -271,10 +273,11 @@ class EngineLoop:
             return None
         now = time.monotonic()
         fresh = [s for s in seqs if s.first_scheduled is None]
+        seal_check = None
         if fresh:
             if self._before_admit is not None:
                 try:
-                    self._before_admit(len(fresh))
+                    seal_check = self._before_admit(len(fresh))
                 except WorkerError as e:
                     for s in fresh:
                         self._fail(self._jobs[s.seq_id], e)
@@ -289,10 +292,23 @@ class EngineLoop:
             seq.num_computed += len(row.tokens)
             if row.sample is not None:
                 seq.output.append(PENDING)  # its token: read by the next step on the device, here later
-        return _InFlight(batch, seqs, handle, before)
+        return _InFlight(batch, seqs, handle, before, seal_check, tuple(s.seq_id for s in fresh))
 
     def _complete(self, step: _InFlight) -> None:
-        """Read a launched step's tokens and hand them out (in row order)."""
+        """Read a launched step's tokens and hand them out (in row order).
+
+        An admitting step's seal check finishes first: nothing this step computed leaves the
+        engine unless the weights it ran on still match the seal (SPEC 4121). A failure fails the
+        admitted jobs with it and then, raised, every job (fatal, 4122)."""
+        if step.seal_check is not None:
+            try:
+                step.seal_check()
+            except WorkerError as e:
+                for sid in step.admitted:
+                    job = self._jobs.get(sid)
+                    if job is not None:
+                        self._fail(job, e)
+                raise
         outs = step.handle.result()
         done = time.monotonic()
         k = 0

@@ -64,7 +64,7 @@ class BatchingOptions:
     max_batch: int
     token_budget: int
     mixed_budget: int | None = None  # tokens of a step that also carries decode rows (scheduler.py)
-    before_admit: Callable[[int], None] | None = None  # the host's seal check, once per admitting step
+    before_admit: Callable[[int], Callable[[], None] | None] | None = None  # the host's seal check (loop.py)
     observer: LoopObserver | None = None
 
 
@@ -218,6 +218,20 @@ class ResidentModel:
             self._engine.ctx.bind_thread()
             return self._fingerprint.hex()
 
+    def fingerprint_start(self) -> Callable[[], str]:
+        """``fingerprint`` queued on the device behind the steps already queued (no host wait now);
+        the returned callable waits for it and gives the hex. Called on the engine-loop thread."""
+        self._require_open()
+        with device_errors("fingerprint", self._engine.ctx.index), torch.no_grad():
+            self._engine.ctx.bind_thread()
+            wait = self._fingerprint.start()
+
+        def result() -> str:
+            with device_errors("fingerprint", self._engine.ctx.index):
+                return wait()
+
+        return result
+
     def attest(self) -> dict[str, Any]:
         """Where every weight, KV-cache and scratch buffer lives, per the CUDA runtime (SPEC 4100-4101)."""
         self._require_open()
@@ -354,7 +368,7 @@ class Engine:
         capture_graph: bool = True,
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
-        before_admit: Callable[[int], None] | None = None,
+        before_admit: Callable[[int], Callable[[], None] | None] | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,

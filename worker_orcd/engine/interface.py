@@ -60,6 +60,10 @@ class ResidentModelLike(Protocol):
         """Hex checksum of the resident weight bytes, computed where they live."""
         ...
 
+    def fingerprint_start(self) -> Callable[[], str]:
+        """``fingerprint`` started behind the device work already queued; the callable waits for it."""
+        ...
+
     def attest(self) -> dict[str, Any]: ...
     def vram_bytes(self) -> int: ...
     def follow(self, before_job: Callable[[], None] | None = None) -> str:
@@ -85,7 +89,7 @@ class EngineLike(Protocol):
         kv_cache_mb: int | None = None,
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
-        before_admit: Callable[[int], None] | None = None,
+        before_admit: Callable[[int], Callable[[], None] | None] | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
