@@ -6,6 +6,7 @@
 #   bash benchmarks/run_h200.sh profile    # step profiles (0.5B and 7B: waited, overlapped, prefill, mixed) + tune_wide
 #   bash benchmarks/run_h200.sh qtiled     # quantized residency: tiled-kernel GPU tests, tune_qtiled, 7B steps per residency
 #   bash benchmarks/run_h200.sh wload      # worker-orcd alone under load (0.5B F16, 7B Q4_K_M), engine steps per level
+#   bash benchmarks/run_h200.sh final      # a short call: dot-K probe, seal + batching GPU tests, worker load (7B, 0.5B)
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
 # the llama.cpp build and the models `tests` started in the background.
@@ -77,6 +78,20 @@ wload)
   for m in ${WLOAD_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
     timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --concurrency ${LOAD_LEVELS:-1 8 32 64 128} \
       --requests-per-client ${RPC:-1} 2>&1 | tee "$OUT/wload_$m.log" | sed -n '/^| engine |/,$p;/Error/p'
+  done
+  ;;
+final)
+  # a short last call: models in the background, the dot-K probe, the seal/batching GPU tests, worker load
+  (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; touch $M/done) >$M/synth.log 2>&1 &
+  timeout 60 python3 benchmarks/probe_dot_k.py 2>&1 | grep -E "^\||Error"
+  timeout ${FINAL_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -rf --tb=short tests/test_engine_gpu.py -k "seal or dense_bits or engine_batching" \
+    tests/test_engine_batching.py -p no:cacheprovider 2>&1 | tail -4
+  timeout ${FINAL_TUNE_TIMEOUT:-90} python3 benchmarks/tune_qtiled.py --m 1 --sweep --budget-s 70 \
+    --only 7b:gate_up:Q4_K 7b:down:Q6_K 7b:head:Q6_K 7b:gate_up:Q8_0 2>&1 | tee "$OUT/tune_qtiled.log" | grep -E "^\||non-identical|^  "
+  for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 3; done
+  for m in ${WLOAD_MODELS:-qwen2.5-7b-Q4_K_M qwen2.5-0.5b-F16}; do
+    timeout ${LOAD_TIMEOUT:-80} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --concurrency ${LOAD_LEVELS:-1 64 128} \
+      --requests-per-client 1 2>&1 | tee "$OUT/wload_$m.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
   ;;
 verify)

@@ -40,7 +40,10 @@ CASES = [  # (model, matrix, N, K, type)
     ("7b", "gate_up", 37888, 3584, Q80), ("7b", "head", 152064, 3584, Q80),
     ("0.5b", "gate_up", 9728, 896, Q80), ("0.5b", "down", 896, 4864, Q80), ("0.5b", "head", 151936, 896, Q80),
 ]  # fmt: skip
-SWEEP = [(64, 1, bn, w, s) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)] + [(16, 1, 32, 4, 3)]
+# (rows per dot, GROUP_M, BN, warps, stages[, inputs per dot]): wgmma and 16-row forms, 32- and 64-input dots
+SWEEP = ([(64, 1, bn, 4, s) for bn in (16, 32, 64, 128) for s in (2, 3)]
+         + [(16, 1, bn, 4, s, 64) for bn in (16, 32, 64) for s in (3, 4)]
+         + [(64, 1, bn, 4, s, 64) for bn in (32, 64, 128) for s in (2, 3)] + [(16, 1, 32, 4, 3)])
 
 
 def resident(t: GGMLType, n: int, k: int, gen: torch.Generator) -> QWeight:
@@ -56,12 +59,15 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["7b", "0.5b"])
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs at M <= 16")
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--only", nargs="*", default=None, help="cases as MODEL:MATRIX:TYPE, e.g. 7b:gate_up:Q4_K")
     args = ap.parse_args()
     t_end = time.time() + args.budget_s
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, bad = [], []
     for model, name, n, k, t in CASES:
         if model not in args.models or time.time() > t_end:
+            continue
+        if args.only and f"{model}:{name}:{t.name}" not in args.only:
             continue
         w0 = resident(t, n, k, gen)
         qbytes = w0.raw.numel()
@@ -97,12 +103,16 @@ def main() -> int:
                         continue
                     if not torch.equal(yc, y):
                         bad.append(f"{model} {name} {t.name} M={m} config {c}: not identical")
+                        r.setdefault("cands", {})[str(c)] = "not identical"
                         continue
                     cm = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out, config=c) for w in ws])
+                    r.setdefault("cands", {})[str(c)] = cm
                     best = min(best, (cm, c))
                 r["best_ms"], r["best_config"] = best
             rows.append(r)
             print(json.dumps(r), flush=True)
+            for c, v in r.get("cands", {}).items():
+                print(f"  cand {model} {name} {t.name} M={m} {c}: {v if isinstance(v, str) else f'{v:.4f} ms'}", flush=True)
     print("\n| model | matrix | type | M | tiled ms | GB/s (resident bytes) | dense fp16 ms | dense/tiled | best swept ms | config |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:

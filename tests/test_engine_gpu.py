@@ -429,3 +429,27 @@ def test_worker_4701_gpu_q3_k_m_dequantized_at_load(
         assert len(_tokens(gpu, prompts[0], max_tokens=8)) == 8
     finally:
         gpu.close()
+
+
+@pytest.mark.parametrize("wtype", ["Q4_K_M", "Q8_0"])
+def test_worker_4701_gpu_quantized_residency_gives_the_dense_bits(engine: Engine, synth_file: SynthFile, wtype: str) -> None:
+    """Q4_K/Q6_K/Q8_0 kept as blocks (Q6_K/Q8_0 in qlayout's planes) compute every row exactly as the
+    dense residency's kernel on the dequantized weights: same logits bit for bit, same tokens."""
+    from worker_orcd.engine.qweight import QWeight, WeightGroup
+
+    vm = _validated(synth_file("mid-llama", wtype))
+    got = {}
+    for residency in ("dense", "quantized"):
+        rm: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
+        try:
+            if residency == "quantized":
+                parts = [p for lw in rm._weights.layers for w in (lw.wqkv, lw.w_down)
+                         for p in (w.parts if isinstance(w, WeightGroup) else (w,)) if isinstance(p, QWeight)]
+                assert parts and any(p.planar for p in parts), "a Q6_K/Q8_0 matrix should be planar"
+            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
+            got[residency] = (prefill_logits(rm, prompts), _tokens(rm, prompts[0], max_tokens=12))
+        finally:
+            rm.close()
+    for a, b in zip(got["dense"][0], got["quantized"][0], strict=True):
+        assert torch.equal(a, b)
+    assert got["dense"][1] == got["quantized"][1]

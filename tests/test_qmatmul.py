@@ -251,3 +251,16 @@ def test_worker_4711_gpu_tiled_equals_dense_every_m(t: GGMLType, dtype: torch.dt
     for m in (1, 2, 8, 16, 17, 33, 63, 64, 65, 127, 128, 300, 1099):
         idx = torch.randperm(1100, generator=gen)[:m].to(device)
         assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"
+
+
+@pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
+def test_worker_4711_tiled_64_input_dots_same_rows(rowwise_dot: None, t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """The 64-input-dot form (two sub-tiles dequantized into one operand) builds the same operand
+    values in the same k order as the 32-input form: equal rows under the per-element dot model."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    w, _ = make_resident(t, 24, 512, rng, device)
+    x = torch.randn(5, 512, generator=gen).to(device=device, dtype=torch.float16)
+    out = torch.empty(5, 24, dtype=torch.float16, device=device)
+    y32 = tiled.qmatmul_tiled(x, w, None, out.clone(), config=(16, 1, 16, 4, 1, 32))
+    y64 = tiled.qmatmul_tiled(x, w, None, out.clone(), config=(16, 1, 16, 4, 1, 64))
+    assert torch.equal(y32, y64)

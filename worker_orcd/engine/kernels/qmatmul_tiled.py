@@ -83,9 +83,9 @@ def _act(w, x_ptr):
 
 @triton.jit
 def _dots(x_ptr, rows0, k0, wt, a0, a1, a2, a3, M, stride_xm,
-          GROUP: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
-    """acc_g = dot(x[rows0 + g*BR + (0..BR), k0 : k0+32], wt, acc_g) for each of GROUP row blocks."""
-    kk = k0 + tl.arange(0, 32)
+          GROUP: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr, KD: tl.constexpr = 32):
+    """acc_g = dot(x[rows0 + g*BR + (0..BR), k0 : k0+KD], wt, acc_g) for each of GROUP row blocks."""
+    kk = k0 + tl.arange(0, KD)
     r = rows0 + tl.arange(0, BR).to(tl.int64)
     xp = x_ptr + r[:, None] * stride_xm + kk[None, :]
     a0 = _dot(tl.load(xp, mask=r[:, None] < M, other=0.0), wt, a0, IEEE)
@@ -123,7 +123,7 @@ def qmatmul_tiled_kernel(
     x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, RB, P1, P2, P3,
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BR: tl.constexpr, BN: tl.constexpr,
+    BR: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     # column-major program order: consecutive row blocks reuse a weight tile while it is in L2
@@ -134,11 +134,21 @@ def qmatmul_tiled_kernel(
     n = cols.to(tl.int64)[:, None]
     nm = n < N
     l32 = tl.arange(0, 32)[None, :]
+    l64 = tl.arange(0, 64)[None, :]
+    first = l64 < 32  # KD = 64: the first 32 inputs of a 64-input dot
     a0 = tl.zeros((BR, BN), dtype=tl.float32)
     a1 = tl.zeros((BR, BN), dtype=tl.float32)
     a2 = tl.zeros((BR, BN), dtype=tl.float32)
     a3 = tl.zeros((BR, BN), dtype=tl.float32)
-    if WTYPE == 8:  # Q8_0 planes: qs [N, K] i8 at 0, d [N, K/32] f16 at byte P1
+    if WTYPE == 8 and KD == 64:  # Q8_0 planes, two blocks per dot (K % 64 == 0)
+        for b in range(0, K // 64):
+            q = tl.load(w_ptr + n * K + b * 64 + l64, mask=nm, other=0).to(tl.int32)
+            dp = w16_ptr + P1 // 2 + n * (K // 32) + 2 * b
+            d0 = tl.load(dp, mask=nm, other=0.0).to(tl.float32)
+            d1 = tl.load(dp + 1, mask=nm, other=0.0).to(tl.float32)
+            w = _u2f(q ^ 128, 8388736.0) * tl.where(first, d0, d1)
+            a0, a1, a2, a3 = _dots(x_ptr, rows0, b * 64, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64)
+    elif WTYPE == 8:  # Q8_0 planes: qs [N, K] i8 at 0, d [N, K/32] f16 at byte P1
         for b in range(0, K // 32):
             q = tl.load(w_ptr + n * K + b * 32 + l32, mask=nm, other=0).to(tl.int32)
             d = tl.load(w16_ptr + P1 // 2 + n * (K // 32) + b, mask=nm, other=0.0).to(tl.float32)
@@ -153,37 +163,62 @@ def qmatmul_tiled_kernel(
             w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
             w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
             for c in tl.static_range(4):  # 64 inputs: low nibbles are the first 32, high the next
-                qb = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
-                sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
-                w = (d * sc) * _u2f(qb & 15, 8388608.0) - dmin * mn
-                k0 = sb * 256 + 64 * c
-                a0, a1, a2, a3 = _dots(x_ptr, rows0, k0, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
-                sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
-                w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
-                a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
+                if KD == 64:  # one dot: each byte read for both of its inputs (the second read hits L1)
+                    qb = tl.load(w_ptr + base + 16 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                    sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
+                    sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                    q = _u2f(tl.where(first, qb & 15, qb >> 4), 8388608.0)
+                    w = tl.where(first, d * sc0, d * sc1) * q - tl.where(first, dmin * mn0, dmin * mn1)
+                    a0, a1, a2, a3 = _dots(x_ptr, rows0, sb * 256 + 64 * c, _act(w, x_ptr), a0, a1, a2, a3,
+                                           M, stride_xm, GROUP, BR, IEEE, 64)
+                else:
+                    qb = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
+                    sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
+                    w = (d * sc) * _u2f(qb & 15, 8388608.0) - dmin * mn
+                    k0 = sb * 256 + 64 * c
+                    a0, a1, a2, a3 = _dots(x_ptr, rows0, k0, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
+                    sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                    w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
+                    a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
     else:  # Q6_K planes: ql [N, K/2] at 0, qh [N, K/4] at P1, scales [N, K/16] i8 at P2, d [N, K/256] f16 at P3
         lo = l32 < 16
         for sb in range(0, K // 256):
             d = tl.load(w16_ptr + P3 // 2 + n * (K // 256) + sb, mask=nm, other=0.0).to(tl.float32)
             for h in tl.static_range(2):  # 128 inputs: y[l], y[l+32], y[l+64], y[l+96] from ql[l], ql[l+32], qh[l]
-                qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
-                ql0 = tl.load(qlp, mask=nm, other=0).to(tl.int32)
-                ql1 = tl.load(qlp + 32, mask=nm, other=0).to(tl.int32)
-                qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0).to(tl.int32)
                 s0 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h, mask=nm, other=0)
                 s1 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h + 1, mask=nm, other=0)
                 k0 = sb * 256 + 128 * h
-                for t in tl.static_range(4):
-                    word = s0 if t < 2 else s1
-                    sa = _u2f(_byte(word, (2 * t) % 4) + 128, 8388736.0)
-                    sz = _u2f(_byte(word, (2 * t) % 4 + 1) + 128, 8388736.0)
-                    scale = tl.where(lo, d * sa, d * sz)
-                    src = ql0 if t % 2 == 0 else ql1
-                    low = src & 15 if t < 2 else src >> 4
-                    q = low | (((qh >> (2 * t)) & 3) << 4)
-                    w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
-                    a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32 * t, _act(w, x_ptr), a0, a1, a2, a3,
-                                           M, stride_xm, GROUP, BR, IEEE)
+                if KD == 64:  # two dots of 64: (y[l], y[l+32]) from ql[0:64] low, then high nibbles
+                    ql = tl.load(w_ptr + n * (K // 2) + sb * 128 + 64 * h + l64, mask=nm, other=0).to(tl.int32)
+                    qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                    for p in tl.static_range(2):
+                        word = s0 if p == 0 else s1  # scales 8h + 4p + (0..3), 16 inputs each
+                        sa = d * _u2f(_byte(word, 0) + 128, 8388736.0)
+                        sb_ = d * _u2f(_byte(word, 1) + 128, 8388736.0)
+                        sc_ = d * _u2f(_byte(word, 2) + 128, 8388736.0)
+                        sd = d * _u2f(_byte(word, 3) + 128, 8388736.0)
+                        scale = tl.where(l64 < 16, sa, tl.where(l64 < 32, sb_, tl.where(l64 < 48, sc_, sd)))
+                        low = ql & 15 if p == 0 else ql >> 4
+                        q = low | (((qh >> (4 * p + 2 * (l64 // 32))) & 3) << 4)
+                        w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
+                        a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 64 * p, _act(w, x_ptr), a0, a1, a2, a3,
+                                               M, stride_xm, GROUP, BR, IEEE, 64)
+                else:
+                    qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
+                    ql0 = tl.load(qlp, mask=nm, other=0).to(tl.int32)
+                    ql1 = tl.load(qlp + 32, mask=nm, other=0).to(tl.int32)
+                    qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0).to(tl.int32)
+                    for t in tl.static_range(4):
+                        word = s0 if t < 2 else s1
+                        sa = _u2f(_byte(word, (2 * t) % 4) + 128, 8388736.0)
+                        sz = _u2f(_byte(word, (2 * t) % 4 + 1) + 128, 8388736.0)
+                        scale = tl.where(lo, d * sa, d * sz)
+                        src = ql0 if t % 2 == 0 else ql1
+                        low = src & 15 if t < 2 else src >> 4
+                        q = low | (((qh >> (2 * t)) & 3) << 4)
+                        w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
+                        a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32 * t, _act(w, x_ptr), a0, a1, a2, a3,
+                                               M, stride_xm, GROUP, BR, IEEE)
     r = rows0 + tl.arange(0, BR)
     _store_rows(y_ptr, b_ptr, a0, r, cols, M, N, stride_ym, HAS_BIAS)
     if GROUP > 1:
@@ -208,17 +243,22 @@ def qmatmul_tiled(
     w: QWeight,
     bias: torch.Tensor | None,
     out: torch.Tensor,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias); ``out`` may be a column slice (qmatmul checked the shapes).
-    ``config`` overrides ``launch_config`` (benchmarks, tests): rows per dot, GROUP_M, BN, warps, stages."""
+    ``config`` overrides ``launch_config`` (benchmarks, tests): rows per dot, GROUP_M, BN, warps, stages
+    [, inputs per dot: 32 (default) or 64]."""
     v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     M = x.shape[0]
     if x.device.type == "cuda":
-        br, gm, bn, warps, stages = config or launch_config(M, w.n, w.k, w.ggml_type)
+        cfg = config or launch_config(M, w.n, w.k, w.ggml_type)
     else:
-        br, gm, bn, warps, stages = config or (16, 1 if M <= 16 else 2 if M <= 32 else 4, 16, 4, 1)  # interpreter: small tiles
+        cfg = config or (16, 1 if M <= 16 else 2 if M <= 32 else 4, 16, 4, 1)  # interpreter: small tiles
+    br, gm, bn, warps, stages = cfg[:5]
+    kd = cfg[5] if len(cfg) > 5 else 32  # inputs per dot: 32, or 64 (two sub-tiles in one dot)
+    if kd == 64 and w.k % 64:
+        kd = 32
     raw = w.raw
     w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
     w32 = raw[: raw.numel() // 4 * 4].view(torch.int32)
@@ -227,7 +267,7 @@ def qmatmul_tiled(
     qmatmul_tiled_kernel[grid](
         x, raw, w16, w32, bias if bias is not None else out, out,
         M, w.n, w.k, x.stride(0), out.stride(0), w.row_bytes, p1, p2, p3,
-        WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, GROUP=gm, BR=br, BN=bn,
+        WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, GROUP=gm, BR=br, BN=bn, KD=kd,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
     return out
