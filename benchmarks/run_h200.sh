@@ -81,18 +81,18 @@ wload)
   done
   ;;
 final)
-  # a short last call: models in the background, the dot-K probe, the seal/batching GPU tests, worker load
-  (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; touch $M/done) >$M/synth.log 2>&1 &
-  timeout 60 python3 benchmarks/probe_dot_k.py 2>&1 | grep -E "^\||Error"
-  timeout ${FINAL_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -rf --tb=short tests/test_engine_gpu.py -k "seal or dense_bits or engine_batching" \
+  # a short last call, most important first: seal/batching/residency GPU tests, worker load, dot-K probe, tiled sweep
+  (synth qwen2.5-7b Q4_K_M; synth qwen2.5-0.5b F16; touch $M/done) >$M/synth.log 2>&1 &
+  timeout ${FINAL_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -rf --tb=short tests/test_engine_gpu.py -k "seal or agrees_with_dense or engine_batching" \
     tests/test_engine_batching.py -p no:cacheprovider 2>&1 | tail -4
-  timeout ${FINAL_TUNE_TIMEOUT:-90} python3 benchmarks/tune_qtiled.py --m 1 --sweep --budget-s 70 \
-    --only 7b:gate_up:Q4_K 7b:down:Q6_K 7b:head:Q6_K 7b:gate_up:Q8_0 2>&1 | tee "$OUT/tune_qtiled.log" | grep -E "^\||non-identical|^  "
   for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 3; done
   for m in ${WLOAD_MODELS:-qwen2.5-7b-Q4_K_M qwen2.5-0.5b-F16}; do
     timeout ${LOAD_TIMEOUT:-80} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --concurrency ${LOAD_LEVELS:-1 64 128} \
       --requests-per-client 1 2>&1 | tee "$OUT/wload_$m.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
+  timeout 60 python3 benchmarks/probe_dot_k.py 2>&1 | grep -E "^\||Error"
+  timeout ${FINAL_TUNE_TIMEOUT:-90} python3 benchmarks/tune_qtiled.py --m 1 --sweep --budget-s 70 \
+    --only 7b:gate_up:Q4_K 7b:down:Q6_K 7b:head:Q6_K 7b:gate_up:Q8_0 2>&1 | tee "$OUT/tune_qtiled.log" | grep -E "^\||non-identical|^  "
   ;;
 verify)
   # after a fix: the failing tests first, the load comparison with what device time is left
