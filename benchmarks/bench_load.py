@@ -6,9 +6,11 @@ seeded random length in [--prompt-min, --prompt-max] tokens (words of the real
 tokenizer), --out-min..--out-max output tokens, greedy. EOS is ignored where
 the server allows (llama-server ``ignore_eos``); on the random-weight synthetic
 models EOS is rare, and only tokens actually received are counted. Per
-concurrency level: aggregate output tok/s over the measured window, TTFT
-p50/p99 (request sent -> first content chunk), ITL p50/p99 (gaps between
-chunks of one stream). Prints a markdown table; JSON to $OUT/bench_load.json.
+concurrency level: aggregate output tok/s (over the whole level, a burst with its
+ramp-up and drain; or, with --duration, back-to-back requests and the tokens that
+arrive after --warmup: the steady state), TTFT p50/p99 (request sent -> first
+content chunk), ITL p50/p99 (gaps between chunks of one stream). Prints a
+markdown table; JSON to $OUT/bench_load.json.
 
     python benchmarks/bench_load.py --model M.gguf --worker --llama /tmp/llama.cpp/build/bin/llama-server \
         --concurrency 1 8 32 64
@@ -85,6 +87,9 @@ async def one_request(c: httpx.AsyncClient, prompt: str, max_tokens: int, llama:
                 stats["itl"].append(now - last)
             last = now
             n += 1
+            win = stats.get("window")
+            if win is not None and win[0] <= now <= win[1]:
+                stats["window_tokens"] += 1
     stats["tokens"] += n
 
 
@@ -97,12 +102,22 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
         await one_request(c, "warm up", 8, llama, {"ttft": [], "itl": [], "tokens": 0})
 
         async def client(i: int) -> None:
+            if args.duration:  # steady state: requests back to back until the window closes
+                j = 0
+                while time.perf_counter() < stats["window"][1]:
+                    p, m = plan[(i * args.requests_per_client + j) % len(plan)]
+                    await one_request(c, p, m, llama, stats)
+                    j += 1
+                return
             for j in range(args.requests_per_client):
                 p, m = plan[i * args.requests_per_client + j]
                 await one_request(c, p, m, llama, stats)
 
         before = {} if llama else await engine_counters(c)
         t0 = time.perf_counter()
+        if args.duration:
+            stats["window"] = (t0 + args.warmup, t0 + args.duration)
+            stats["window_tokens"] = 0
         await asyncio.gather(*(client(i) for i in range(n)))
         wall = time.perf_counter() - t0
         after = {} if llama else await engine_counters(c)
@@ -113,7 +128,10 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
         # spent verifying the seal (admitting steps) -- where the wall time went
         "engine_steps": steps, "engine_rows_per_step": eng.get("worker_batch_size_sum", 0.0) / steps if steps else None,
         "seal_checks": eng.get("worker_seal_verify_ms_count"), "seal_ms_total": eng.get("worker_seal_verify_ms_sum"),
-        "clients": n, "tok_s": stats["tokens"] / wall, "tokens": stats["tokens"], "wall_s": wall,
+        "clients": n, "tokens": stats["tokens"], "wall_s": wall,
+        # --duration: tokens that arrived inside [warmup, duration] over that window (steady state);
+        # else every token of the level over its wall time (a burst: ramp-up and drain included)
+        "tok_s": (stats["window_tokens"] / (args.duration - args.warmup)) if args.duration else stats["tokens"] / wall,
         "ttft_p50_ms": pct(stats["ttft"], 0.5) * 1e3, "ttft_p99_ms": pct(stats["ttft"], 0.99) * 1e3,
         "itl_p50_ms": pct(stats["itl"], 0.5) * 1e3, "itl_p99_ms": pct(stats["itl"], 0.99) * 1e3,
     }
@@ -190,6 +208,9 @@ def main() -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--llama-concurrency", nargs="+", type=int, default=None)
     ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--duration", type=float, default=0.0,
+                    help="seconds per level of back-to-back requests; tok/s counts tokens arriving after --warmup")
+    ap.add_argument("--warmup", type=float, default=0.0, help="seconds at the start of a --duration level not counted")
     ap.add_argument("--resident-weights", choices=("dense", "quantized"), default=None, help="worker-orcd's (default: its own)")
     ap.add_argument("--prompt-min", type=int, default=64)
     ap.add_argument("--prompt-max", type=int, default=512)
@@ -198,6 +219,8 @@ def main() -> int:
     ap.add_argument("--kv-cache-mb", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="worker-orcd device (cpu: a smoke run only)")
     args = ap.parse_args()
+    if args.duration and not 0 <= args.warmup < args.duration:
+        ap.error("--warmup must be in [0, --duration)")
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     MODEL_ID[0] = args.model.name
     label = args.label or args.model.stem

@@ -8,6 +8,7 @@
 #   bash benchmarks/run_h200.sh wload      # worker-orcd alone under load (0.5B F16, 7B Q4_K_M), engine steps per level
 #   bash benchmarks/run_h200.sh final      # a short call: dot-K probe, seal + batching GPU tests, worker load (7B, 0.5B)
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
+# LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
 # the llama.cpp build and the models `tests` started in the background.
 # Needs .whl (scripts/fetch_device_wheels.sh) and .devdata (tokenizer donor, llama.cpp tarball + build script).
@@ -55,7 +56,7 @@ load)
   C="${LOAD_LEVELS:-1 8 32 64 128}"
   for m in qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M qwen2.5-7b-F16; do
     timeout ${LOAD_TIMEOUT:-170} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --llama $L \
-      --concurrency $C --requests-per-client 1 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
+      --concurrency $C --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
   done
   ;;
 qtiled)
@@ -77,7 +78,7 @@ wload)
   synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M
   for m in ${WLOAD_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
     timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --concurrency ${LOAD_LEVELS:-1 8 32 64 128} \
-      --requests-per-client ${RPC:-1} 2>&1 | tee "$OUT/wload_$m.log" | sed -n '/^| engine |/,$p;/Error/p'
+      --requests-per-client ${RPC:-1} ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/wload_$m.log" | sed -n '/^| engine |/,$p;/Error/p'
   done
   ;;
 final)
