@@ -185,6 +185,27 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
         cmd += ["--kv-cache-size-mb", str(args.kv_cache_mb)]
     if args.resident_weights:
         cmd += ["--resident-weights", args.resident_weights]
+    if args.tp > 1:  # a tensor-parallel group: rank r on GPU r; rank 0 serves, the others follow
+        secret = work / "tp.secret"
+        secret.write_text(os.urandom(24).hex() + "\n")
+        secret.chmod(0o600)
+        tp_port = free_port()
+        members = ",".join(f"bench-r{r}" for r in range(args.tp))
+
+        def tp_flags(rank: int) -> list[str]:
+            return ["--tp-degree", str(args.tp), "--tp-rank", str(rank), "--tp-group-id", "bench", "--tp-members", members,
+                    "--tp-master", f"127.0.0.1:{tp_port}", "--tp-secret-file", str(secret), "--gpu-device", str(rank)]
+
+        cmd[cmd.index("--worker-id") + 1] = "bench-r0"
+        cmd += tp_flags(0)
+        for rank in range(1, args.tp):
+            member = [sys.executable, "-m", "worker_orcd", "serve", "--worker-id", f"bench-r{rank}", "--device", args.device,
+                      "--model", model.name, "--model-root", str(model.parent), "--log-level", "warning",
+                      "--max-batch", str(max(args.concurrency)), "--max-tokens-out", "4096", *tp_flags(rank),
+                      *(["--allow-root"] if os.geteuid() == 0 else []),
+                      *(["--kv-cache-size-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else [])]
+            subprocess.Popen(member, stdout=subprocess.DEVNULL, stderr=open(work / f"worker-r{rank}.log", "w"),
+                             start_new_session=True)  # it stops when rank 0 ends the group
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))
     return proc, f"http://127.0.0.1:{port}", token
 
@@ -194,7 +215,7 @@ def start_llama(binary: str, model: Path, args: argparse.Namespace, work: Path) 
     np_ = max(args.concurrency)
     ctx = np_ * (args.prompt_max + args.out_max + 64)
     cmd = [binary, "-m", str(model), "-ngl", "99", "-fa", "on", "-np", str(np_), "-c", str(ctx),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port), *args.llama_arg]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "llama.log", "w"))
     return proc, f"http://127.0.0.1:{port}", "none"
 
@@ -212,6 +233,8 @@ def main() -> int:
                     help="seconds per level of back-to-back requests; tok/s counts tokens arriving after --warmup")
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at the start of a --duration level not counted")
     ap.add_argument("--resident-weights", choices=("dense", "quantized"), default=None, help="worker-orcd's (default: its own)")
+    ap.add_argument("--tp", type=int, default=1, help="worker-orcd as a tensor-parallel group of this many GPUs")
+    ap.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument (repeat; write --llama-arg=-sm --llama-arg=row)")
     ap.add_argument("--prompt-min", type=int, default=64)
     ap.add_argument("--prompt-max", type=int, default=512)
     ap.add_argument("--out-min", type=int, default=128)

@@ -7,6 +7,7 @@
 #   bash benchmarks/run_h200.sh qtiled     # quantized residency: tiled-kernel GPU tests, tune_qtiled, 7B steps per residency
 #   bash benchmarks/run_h200.sh wload      # worker-orcd alone under load (0.5B F16, 7B Q4_K_M), engine steps per level
 #   bash benchmarks/run_h200.sh final      # a short call: dot-K probe, seal + batching GPU tests, worker load (7B, 0.5B)
+#   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm row
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
@@ -94,6 +95,23 @@ final)
   timeout 60 python3 benchmarks/probe_dot_k.py 2>&1 | grep -E "^\||Error"
   timeout ${FINAL_TUNE_TIMEOUT:-90} python3 benchmarks/tune_qtiled.py --m 1 --sweep --budget-s 70 \
     --only 7b:gate_up:Q4_K 7b:down:Q6_K 7b:head:Q6_K 7b:gate_up:Q8_0 2>&1 | tee "$OUT/tune_qtiled.log" | grep -E "^\||non-identical|^  "
+  ;;
+tp)
+  # the nvidia-h200-x2 kind (issue 12): the two-GPU NCCL tests, then 7B F16 under load at tp=1 and tp=2,
+  # and llama-server splitting the same file by rows over both GPUs
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  (synth qwen2.5-7b F16; touch $M/tp.done) >$M/synth.log 2>&1 &
+  nvidia-smi --query-gpu=index,name --format=csv,noheader
+  REQUIRE_MULTI_GPU=1 timeout ${TP_TESTS_TIMEOUT:-300} python3 -m pytest -q -m multi_gpu -rf --tb=short tests/test_tp_gpu.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  for i in $(seq 1 80); do [ -f $M/tp.done ] && [ -f /tmp/llama.cpp/done ] && break; sleep 5; done
+  for tp in 1 2; do
+    timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-tp$tp --worker \
+      --tp $tp --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 2>&1 | tee "$OUT/tp$tp.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
+  timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-llama-sm-row \
+    --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=row --concurrency ${LOAD_LEVELS:-1 64} \
+    --requests-per-client 1 2>&1 | tee "$OUT/tp_llama.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   ;;
 verify)
   # after a fix: the failing tests first, the load comparison with what device time is left

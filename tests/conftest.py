@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 FETCH = REPO.parent / "shared" / "models" / "fetch_model.py"
 MODEL_CACHE = Path(os.environ.get("WORKER_ORCD_MODEL_CACHE", Path.home() / ".cache" / "worker-orcd-models"))
 REQUIRE_REAL_GPU = os.environ.get("REQUIRE_REAL_GPU") == "1"
+REQUIRE_MULTI_GPU = os.environ.get("REQUIRE_MULTI_GPU") == "1"
 if not REQUIRE_REAL_GPU:
     # No GPU here: Triton kernels run in the interpreter, on CPU tensors (set before triton loads).
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -61,7 +62,12 @@ def gemma_path() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """SPEC 4998: with REQUIRE_REAL_GPU=1 GPU tests must run (and fail without a GPU)."""
+    """SPEC 4998: with REQUIRE_REAL_GPU=1 GPU tests must run (and fail without a GPU); with
+    REQUIRE_MULTI_GPU=1 the two-GPU tests too (the one-GPU machine's suite leaves them out)."""
+    multi = pytest.mark.skip(reason="two-GPU test: set REQUIRE_MULTI_GPU=1 on a machine with two CUDA GPUs")
+    for item in items:
+        if "multi_gpu" in item.keywords and not REQUIRE_MULTI_GPU:
+            item.add_marker(multi)
     if REQUIRE_REAL_GPU:
         return
     skip = pytest.mark.skip(reason="GPU test: set REQUIRE_REAL_GPU=1 on a machine with a CUDA GPU")

@@ -57,9 +57,10 @@ class Group:
     tmp: Path
 
 
-def _args(model: Path, rank: int, port: int, secret: Path, group: str, extra: list[str]) -> list[str]:
+def _args(model: Path, rank: int, port: int, secret: Path, group: str, extra: list[str],
+          device: tuple[str, ...] = ("--device", "cpu")) -> list[str]:
     return [
-        "--worker-id", f"tp-w{rank}", "--device", "cpu", "--model", model.name, "--model-root", str(model.parent),
+        "--worker-id", f"tp-w{rank}", *device, "--model", model.name, "--model-root", str(model.parent),
         "--tp-degree", "2", "--tp-rank", str(rank), "--tp-group-id", group, "--tp-members", "tp-w0,tp-w1",
         "--tp-master", f"127.0.0.1:{port}", "--tp-secret-file", str(secret), "--tp-timeout-sec", str(TP_TIMEOUT),
         "--max-batch", "2", "--kv-cache-size-mb", "64", "--max-tokens-out", "1500", "--shutdown-timeout-sec", "30",
