@@ -15,7 +15,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from callback_server import CallbackServer
 from test_serve_integration import start, wait_ready, write_tokens
@@ -67,17 +66,18 @@ def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gro
 
 
 def _greedy(g: Group) -> list[str]:
-    assert g.rank0.url
-    with httpx.Client(base_url=g.rank0.url, headers={"Authorization": f"Bearer {g.token}"}, timeout=120) as c:
-        h = c.get("/worker/ready").json()
-        body = {"handle_id": h["handle_id"], "prompt": PROMPT, "params": {"max_tokens": N_GREEDY, "temperature": 0}}
-        events = _sse(c, body)
+    with g.rank0.client(g.token) as c:
+        events = _sse(c, {"prompt": PROMPT, "params": {"max_tokens": N_GREEDY, "temperature": 0}})
     assert events[-1][0] == "end", events[-3:]
     return [d["t"] for e, d in events if e == "token"]
 
 
 def test_tp2_nccl_forms_refuses_a_wrong_secret_and_is_deterministic(group: Group) -> None:
-    assert group.rank1.proc.poll() is None, group.rank1.log.read_text(errors="replace")[-2000:]  # cuda: NCCL
+    assert group.rank1.proc.poll() is None, group.rank1.log.read_text(errors="replace")[-2000:]
+    with group.rank0.client(group.token) as c:
+        ready = c.get("/worker/ready").json()
+    assert ready["ready"] and ready["nccl_group_id"] == "g-nccl", ready
+    assert ready["handles"][0]["total_shards"] == 2
     first, second = _greedy(group), _greedy(group)
     assert len(first) == N_GREEDY and first == second
 
