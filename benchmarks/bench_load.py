@@ -43,6 +43,7 @@ WORDS = ("alpha beta gamma delta kernel batch token stream paged cache worker mo
 
 
 MODEL_ID = [""]  # the served model's id (worker-orcd: the --model reference)
+TP_MEMBERS: list[subprocess.Popen] = []  # --tp: the following ranks, stopped with rank 0
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -204,8 +205,8 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
                       "--max-batch", str(max(args.concurrency)), "--max-tokens-out", "4096", *tp_flags(rank),
                       *(["--allow-root"] if os.geteuid() == 0 else []),
                       *(["--kv-cache-size-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else [])]
-            subprocess.Popen(member, stdout=subprocess.DEVNULL, stderr=open(work / f"worker-r{rank}.log", "w"),
-                             start_new_session=True)  # it stops when rank 0 ends the group
+            TP_MEMBERS.append(subprocess.Popen(member, stdout=subprocess.DEVNULL,
+                                               stderr=open(work / f"worker-r{rank}.log", "w")))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))
     return proc, f"http://127.0.0.1:{port}", token
 
@@ -264,11 +265,14 @@ def main() -> int:
                 print(f"| {name} | {label} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
                       f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |", flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for p in [proc, *TP_MEMBERS]:  # rank 0 ends the group; a member still up after it is stopped too
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            TP_MEMBERS.clear()
     print("\n| engine | model | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | engine steps | rows/step "
           "| seal checks (ms) |")
     print("|---|---|---:|---:|---|---|---:|---:|---|")

@@ -456,6 +456,6 @@ class Fingerprint:
 
         def wait() -> str:
             done.synchronize()
-            return f"{int(host[0]) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+            return K.digest_hex(host)
 
         return wait

@@ -9,8 +9,8 @@ Two residencies:
 * quantized (CUDA): every matrix (Q/K/V, O, gate/up/down, embedding, output
   head) stays as the file's GGUF blocks, byte for byte, except that Q8_0 and
   Q6_K blocks are then split into aligned planes (``qlayout``, same bytes,
-  ``make_planar``), and is bound as a ``QWeight``; Q/K/V and gate/up become ``WeightGroup``s (their
-  parts may have different types: Q4_K_M mixes Q4_K and Q6_K) that the fused
+  ``make_planar``), and is bound as a ``QWeight``; Q/K/V and gate/up become
+  ``WeightGroup``s (their parts may have different types: Q4_K_M mixes Q4_K and Q6_K) that the fused
   dequant-matmul kernel writes into one output. Norm weights and biases (tiny)
   are dequantized at load to the resident dtype. The seal fingerprints the
   arena, i.e. exactly the verified file bytes that are resident. A matrix whose
