@@ -7,6 +7,8 @@
 #   bash benchmarks/run_h200.sh qtiled     # quantized residency: tiled-kernel GPU tests, tune_qtiled, 7B steps per residency
 #   bash benchmarks/run_h200.sh wload      # worker-orcd alone under load (0.5B F16, 7B Q4_K_M), engine steps per level
 #   bash benchmarks/run_h200.sh final      # a short call: dot-K probe, seal + batching GPU tests, worker load (7B, 0.5B)
+#   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
+#   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm row
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -112,6 +114,30 @@ tp)
   timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-llama-sm-row \
     --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=row --concurrency ${LOAD_LEVELS:-1 64} \
     --requests-per-client 1 2>&1 | tee "$OUT/tp_llama.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  ;;
+probe)
+  # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout ${PROBE_TUNE_TIMEOUT:-110} python3 benchmarks/tune_wide.py --model 7b --m ${PROBE_M:-24 48 64 96} --budget-s 95 2>&1 \
+    | tee "$OUT/tune_wide.log" | grep -E "^\|"
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 48 64 --context 600 --profile 2>&1 \
+    | tee "$OUT/profile_7b.log" | grep -vE "^-+$|^$" | head -70
+  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
+  timeout ${LOAD_TIMEOUT:-200} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --llama /tmp/llama.cpp/build/bin/llama-server \
+    --concurrency ${LOAD_LEVELS:-1 64 128} --duration ${LOAD_DURATION:-20} --warmup ${LOAD_WARMUP:-5} 2>&1 | tee "$OUT/steady_7b.log" \
+    | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)|ready in' | head -16
+  ;;
+kprobe)
+  # issue 13's swapped-operand Q4_K probe; the dense wide tiles from 17 rows: GPU invariance tests, 0.5B/7B sweep, 7B steps
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout ${SWAP_TIMEOUT:-170} python3 benchmarks/probe_swap_q4k.py --m ${SWAP_M:-1 16 64 256} 2>&1 | tee "$OUT/probe_swap.log" | grep -E "^\||Error"
+  timeout 150 python3 -m pytest -q -m gpu -rf --tb=short tests/test_dense_matmul.py -p no:cacheprovider 2>&1 | tail -4
+  timeout 80 python3 benchmarks/tune_wide.py --model 0.5b 7b --m 16 24 48 --budget-s 65 2>&1 | tee "$OUT/tune_wide.log" | grep -E "^\|"
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
+    | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
   ;;
 verify)
   # after a fix: the failing tests first, the load comparison with what device time is left
