@@ -57,7 +57,7 @@ load)
   for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
   L=/tmp/llama.cpp/build/bin/llama-server
   C="${LOAD_LEVELS:-1 8 32 64 128}"
-  for m in qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M qwen2.5-7b-F16; do
+  for m in ${LOAD_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M qwen2.5-7b-F16}; do
     timeout ${LOAD_TIMEOUT:-170} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --llama $L \
       --concurrency $C --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
   done

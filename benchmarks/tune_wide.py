@@ -55,7 +55,7 @@ def main() -> int:
                 refb = D.dense_matmul(x.bfloat16(), wb, wide=False)
                 narrow_ms = graph_ms([lambda w=w: D.dense_matmul(x, w, wide=False) for w in ws])
                 r = {"model": model, "matrix": name, "N": n, "K": k, "M": m, "narrow_ms": narrow_ms,
-                     "default_wide": D.wide_config(m, n, 1, k), "cands": {}}
+                     "default_wide": D.wide_config(m, n, 1), "cands": {}}
                 for c in CANDS:
                     try:
                         out = D.dense_matmul(x, ws[0], wide=c)

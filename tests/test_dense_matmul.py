@@ -16,7 +16,6 @@ from test_qmatmul import rowwise_dot  # noqa: F401 - fixture
 from worker_orcd.engine.errors import KernelDimensionError
 from worker_orcd.engine.kernels.matmul_dense import (
     WIDE_MIN_M,
-    WIDE_MIN_M_DEEP,
     dense_matmul,
     lock_slots,
     split_k,
@@ -80,11 +79,8 @@ def test_worker_4711_wide_tile_rows_equal_the_16_row_kernel(
         assert torch.equal(wide, narrow), f"n={n} k={k}"
     assert wide_config(4096, 4096, 2) is None and wide_config(WIDE_MIN_M - 1, 4096, 1) is None
     assert wide_config(WIDE_MIN_M, 4096, 1) is not None
-    # a 7B-class matrix (both sides >= DEEP_MIN) takes a 64-row tile from 17 rows; a small one keeps 16-row dots
-    assert wide_config(WIDE_MIN_M_DEEP - 1, 4608, 1, 3584) is None
-    assert wide_config(WIDE_MIN_M_DEEP, 4608, 1, 3584) == (64, 32, 128, 4, 3)
-    assert wide_config(WIDE_MIN_M_DEEP, 896, 1, 896) is None and wide_config(48, 9728, 1, 896) is None
-    assert wide_config(48, 3584, 4, 18944) is None
+    assert wide_config(17, 4608, 1) == (64, 32, 128, 4, 3) and wide_config(16, 4608, 1) is None
+    assert wide_config(48, 37888, 1) == (64, 128, 64, 4, 3) and wide_config(48, 9728, 1) == (64, 64, 64, 4, 4)
 
 
 def test_worker_4400_dense_matmul_bad_input_rejected(device: str) -> None:

@@ -21,7 +21,7 @@ What makes a row's result independent of M (batch invariance):
   qmatmul); with a K split, at most MAX_ROW_PROGRAMS programs along M, each
   looping over its groups, so the counters needed do not grow with M.
 
-Wide tiles (``wide_config``): from WIDE_MIN_M rows (17 for a 7B's matrices), an unsplit shape runs one
+Wide tiles (``wide_config``): from WIDE_MIN_M rows, an unsplit shape runs one
 ``tl.dot`` over a 64/128-row tile (Hopper's wgmma, 3-4x the 16-row rate). Its
 chain is the same k = 0, 16, 32, ... with fp32 accumulation; that the hardware
 gives the same bits for a row through wgmma as through m16n8k16 is not
@@ -99,34 +99,29 @@ def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]
     return (64, 64, 4, 3, 4) if 2048 <= n < 65_536 else (64, 128, 4, 3, 4)
 
 
-WIDE_MIN_M = 64  # rows from which an unsplit shape takes the wide tile
-WIDE_MIN_M_DEEP = 17  # ... and a large one (both sides >= DEEP_MIN): measured faster from 17 rows
-DEEP_MIN = 2048
+WIDE_MIN_M = 17  # rows from which an unsplit shape takes the wide tile
 
 
-def wide_config(m: int, n: int, splits: int, k: int = 0) -> tuple[int, int, int, int, int] | None:
+def wide_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int] | None:
     """(BM, BN, BK, num_warps, num_stages) of the wide-tile kernel, or None for the 16-row kernel.
 
     benchmarks/tune_wide.py on the H200 (every candidate's rows bitwise equal to the 16-row
-    kernel's, 0.5B/7B shapes, M = 24..1024): 128x128 tiles once there are >= 100 of them from
-    M = 128; below that, on the 7B's matrices (n, k >= 2048), one 64-row tile from M = 17 with
-    the column width that keeps the SMs busy — 32 columns x 128 inputs for narrow matrices (qkv,
-    o, down: 1.3-1.5x the 16-row kernel at M = 48), 128 x 64 for gate_up, 64/128 x 64 for the
-    head; the 0.5B's small matrices keep the 16-row kernel below 64 rows (not measured faster).
-    ``k`` = 0 (unknown) never takes the deep rule."""
-    if splits > 1:
+    kernel's; 0.5B/7B shapes, M = 16..1024): 128x128 tiles once there are >= 100 of them from
+    M = 128; below, one 64-row tile from 17 rows (at 16 the 16-row kernel is faster; at 24-64
+    the wide one, up to 1.5x on narrow matrices) with the column width that keeps the SMs busy:
+    32 columns x 128 inputs for narrow matrices (qkv, o, down), 128 x 64 for a 7B's gate_up,
+    64/128 x 64 for an output head.
+    """
+    if splits > 1 or m < WIDE_MIN_M:
         return None
-    deep = n >= DEEP_MIN and k >= DEEP_MIN
-    if m < (WIDE_MIN_M_DEEP if deep else WIDE_MIN_M):
-        return None
-    if m >= 128 and -(-m // 128) * -(-n // 128) >= 100:
-        return 128, 128, 64, 8, 3
-    if not deep or m >= 128:
-        return 64, 64, 64, 4, 4
-    if n >= 65_536:  # the output head
+    if m >= 128:
+        return (128, 128, 64, 8, 3) if -(-m // 128) * -(-n // 128) >= 100 else (64, 64, 64, 4, 4)
+    if n >= 65_536:  # an output head
         return (64, 64, 64, 4, 4) if m <= 32 else (64, 128, 64, 4, 3) if m < 96 else (128, 128, 64, 8, 3)
-    if n >= 16_384:  # gate_up
+    if n >= 16_384:  # a 7B's gate_up
         return (64, 128, 64, 4, 3) if m < 96 else (64, 64, 64, 4, 4)
+    if n >= 8192:  # a 0.5B's gate_up
+        return 64, 64, 64, 4, 4
     return 64, 32, 128, 4, 3
 
 
@@ -304,7 +299,7 @@ def dense_matmul(
     N = w.shape[0]
     s = split_k(N, K) if splits is None else splits
     wcfg = None if wide is False or config is not None else wide if isinstance(wide, tuple) else (
-        wide_config(M, N, s, K) if x.device.type == "cuda" else (16, 16, 64, 4, 1) if wide and s == 1 else None)
+        wide_config(M, N, s) if x.device.type == "cuda" else (16, 16, 64, 4, 1) if wide and s == 1 else None)
     if wcfg is not None:
         bm, bn, bk, warps, stages = wcfg
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
