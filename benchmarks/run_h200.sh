@@ -9,6 +9,7 @@
 #   bash benchmarks/run_h200.sh final      # a short call: dot-K probe, seal + batching GPU tests, worker load (7B, 0.5B)
 #   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
+#   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm row
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -138,6 +139,16 @@ kprobe)
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
     | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
+  ;;
+qverify)
+  # the quantized residency's swapped form + K segments: GPU tests, per-shape speed, 7B Q4_K_M steps
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul.py tests/test_qlayout.py \
+    tests/test_engine_gpu.py -k "tiled or qmatmul or qlayout or agrees_with_dense" -p no:cacheprovider 2>&1 | tail -6
+  timeout 100 python3 benchmarks/tune_qtiled.py --m 1 16 64 256 --budget-s 80 2>&1 | tee "$OUT/tune_qtiled.log" | grep -E "^\||non-identical|^  "
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 120 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 16 64 --resident-weights quantized 2>&1 \
+    | tee "$OUT/profile_7b_q.log" | grep -E "^\||prefill|Error"
   ;;
 verify)
   # after a fix: the failing tests first, the load comparison with what device time is left

@@ -1,9 +1,9 @@
 """Quantized-resident matmul (kernels/qmatmul_tiled.py) on the GPU: bitwise rows, speed per M, configs.
 
 For real Qwen2.5 shapes in the types a Q4_K_M / Q8_0 file gives them, and each M: the tiled
-kernel's rows must be bitwise equal to ``dense_matmul`` (unsplit) on the dequantized fp16
-weight — the dense residency's result, so either residency gives the same tokens — and to its
-own rows at the largest M (batch invariance). Timed in CUDA graphs cycling through weight
+kernel's rows must be bitwise equal to ``segments_reference`` (the dense kernel's chains over the
+same K segments on the dequantized fp16 weight) and to its own rows at the largest M (batch
+invariance). Timed in CUDA graphs cycling through weight
 copies that defeat L2 (as tune_dense.py), against the dense fp16 kernel on the same matrix.
 With ``--sweep`` the small-M launch configurations are swept too (each must be identical).
 Prints a markdown table; JSON to $OUT/tune_qtiled.json.
@@ -41,6 +41,7 @@ CASES = [  # (model, matrix, N, K, type)
     ("0.5b", "gate_up", 9728, 896, Q80), ("0.5b", "down", 896, 4864, Q80), ("0.5b", "head", 151936, 896, Q80),
 ]  # fmt: skip
 # (rows per dot, GROUP_M, BN, warps, stages[, inputs per dot]): wgmma and 16-row forms, 32- and 64-input dots
+SWAP_SWEEP = [(bt, 1, bn, w, s) for bt in (16, 32) for bn, w in ((64, 4), (128, 8)) for s in (2, 3, 4)]
 SWEEP = ([(64, 1, bn, 4, s) for bn in (16, 32, 64, 128) for s in (2, 3)]
          + [(16, 1, bn, 4, s, 64) for bn in (16, 32, 64) for s in (3, 4)]
          + [(64, 1, bn, 4, s, 64) for bn in (32, 64, 128) for s in (2, 3)] + [(16, 1, 32, 4, 3)])
@@ -82,7 +83,7 @@ def main() -> int:
             x = pool[:m].contiguous()
             out = torch.empty(m, n, dtype=torch.half, device="cuda")
             y = T.qmatmul_tiled(x, w0, None, out).clone()
-            ref = D.dense_matmul(x, w16, splits=1)
+            ref = T.segments_reference(x, w16)
             same_dense = bool(torch.equal(y, ref))
             same_m = bool(torch.equal(y, full[:m]))
             if not (same_dense and same_m):
@@ -90,14 +91,15 @@ def main() -> int:
             ms = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out) for w in ws])
             dms = graph_ms([lambda w=w: D.dense_matmul(x, w, splits=1) for w in dcopies])
             r = {"model": model, "matrix": name, "type": t.name, "N": n, "K": k, "M": m, "ms": ms, "dense_ms": dms,
-                 "gb_s": qbytes / ms / 1e6, "config": T.launch_config(m, n, k, t), "identical": same_dense and same_m}
+                 "gb_s": qbytes / ms / 1e6, "config": "swapped" if m <= T.SWAP_MAX_M else T.launch_config(m, n, k, t), "identical": same_dense and same_m}
             if args.sweep and m == min(args.m):  # a candidate counts only if its rows are bitwise the default's
                 best = (ms, r["config"])
-                for c in SWEEP:
+                swap = m <= T.SWAP_MAX_M
+                for c in SWAP_SWEEP if swap else SWEEP:
                     if time.time() > t_end:
                         break
                     try:
-                        yc = T.qmatmul_tiled(x, w0, None, out, config=c).clone()
+                        yc = T.qmatmul_tiled(x, w0, None, out, config=c, swap=swap).clone()
                     except Exception as e:  # noqa: BLE001 - out of resources for this tile
                         print(f"# {c}: {type(e).__name__}", flush=True)
                         continue
@@ -105,7 +107,7 @@ def main() -> int:
                         bad.append(f"{model} {name} {t.name} M={m} config {c}: not identical")
                         r.setdefault("cands", {})[str(c)] = "not identical"
                         continue
-                    cm = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out, config=c) for w in ws])
+                    cm = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out, config=c, swap=swap) for w in ws])
                     r.setdefault("cands", {})[str(c)] = cm
                     best = min(best, (cm, c))
                 r["best_ms"], r["best_config"] = best

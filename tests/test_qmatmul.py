@@ -186,6 +186,16 @@ def make_resident(t: GGMLType, n: int, k: int, rng: np.random.Generator, device:
     return w, wf
 
 
+def test_worker_4701_k_segments_depend_on_the_shape_only() -> None:
+    assert tiled.k_segments(152_064, 3584) == (3584, 1)  # a head fills the GPU by columns
+    assert tiled.k_segments(3584, 18_944) == (2560, 8)  # 7B down: 56 column tiles, 8 segments
+    assert tiled.k_segments(4608, 3584) == (512, 7)  # super-block multiples: the last one shorter
+    assert tiled.k_segments(37_888, 3584) == (1792, 2)
+    for n, k in ((24, 512), (896, 4864), (1152, 896)):
+        ks, nseg = tiled.k_segments(n, k)
+        assert ks % tiled.SEG_UNIT == 0 and (nseg - 1) * ks < k <= nseg * ks and nseg <= tiled.MAX_SEGMENTS
+
+
 @pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
 def test_worker_4701_tiled_matches_gguf_float64(t: GGMLType, gen: torch.Generator, device: str) -> None:
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -207,18 +217,25 @@ def test_worker_4701_tiled_matches_gguf_float64(t: GGMLType, gen: torch.Generato
 def test_worker_4711_tiled_rows_equal_dense_and_invariant(
     rowwise_dot: None, t: GGMLType, gen: torch.Generator, device: str
 ) -> None:
-    """Each row equals the dense residency's kernel (unsplit, on the dequantized fp16 weight) bit for
-    bit, and its own row at M = 70: one, two and four 16-row dots per program."""
+    """Each row equals the dense kernel's chains over the same K segments (on the dequantized fp16
+    weight) added in order, bit for bit, and its own row at M = 70: the swapped form (M <= 64, one
+    program per segment, the sums in a second launch) and the unswapped one (segments in one
+    program; one, two and four 16-row dots per program), with a bias."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     n, k = 24, 512
+    assert tiled.k_segments(n, k)[1] == 2
     w, _ = make_resident(t, n, k, rng, device)
     w16 = w.dequantize(torch.float32).to(device=device, dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
     pool = torch.randn(70, k, generator=gen).to(device=device, dtype=torch.float16)
-    full = qmatmul(pool, w)
-    assert torch.equal(full, dense_matmul(pool, w16, splits=1, wide=False))
-    for m in (1, 2, 16, 17, 33, 50):
+    full = qmatmul(pool, w, bias)
+    assert torch.equal(full, tiled.segments_reference(pool, w16, bias))
+    for m in (1, 2, 16, 17, 33, 50, 64, 65):
         idx = torch.randperm(70, generator=gen)[:m].to(device)
-        assert torch.equal(qmatmul(pool[idx], w), full[idx]), f"M={m}"
+        assert torch.equal(qmatmul(pool[idx], w, bias), full[idx]), f"M={m}"
+    out = torch.empty(5, n, dtype=torch.float16, device=device)
+    swapped = tiled.qmatmul_tiled(pool[:5], w, bias, out.clone(), swap=True)
+    assert torch.equal(swapped, tiled.qmatmul_tiled(pool[:5], w, bias, out.clone(), swap=False))
 
 
 def test_worker_4400_planar_weights_checked(gen: torch.Generator, device: str) -> None:
@@ -239,14 +256,17 @@ def test_worker_4400_planar_weights_checked(gen: torch.Generator, device: str) -
 @pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_worker_4711_gpu_tiled_equals_dense_every_m(t: GGMLType, dtype: torch.dtype, gen: torch.Generator, device: str) -> None:
-    """Compiled: rows at M = 1..1100 (16-row mma.sync below 64 rows, wgmma tiles above) bitwise equal
-    to the dense kernel on the dequantized weight and to the same rows at M = 1100."""
+    """Compiled: rows at M = 1..1100 (the swapped form to 64 rows: wgmma with the weight as A from
+    registers, one program per K segment; wgmma tiles above, segments in one program) bitwise equal
+    to the dense kernel's chains over the same segments on the dequantized weight, and to the same
+    rows at M = 1100."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     w, wf = make_resident(t, 1000, 3584, rng, device)
+    assert tiled.k_segments(1000, 3584)[1] > 1
     wd = wf.to(device=device).to(dtype)
     pool = torch.randn(1100, 3584, generator=gen).to(device=device, dtype=dtype)
     full = qmatmul(pool, w)
-    assert torch.equal(full, dense_matmul(pool, wd, splits=1))
+    assert torch.equal(full, tiled.segments_reference(pool, wd))
     assert rel(full, pool.double() @ wd.double().t()) < 2e-2
     for m in (1, 2, 8, 16, 17, 33, 63, 64, 65, 127, 128, 300, 1099):
         idx = torch.randperm(1100, generator=gen)[:m].to(device)

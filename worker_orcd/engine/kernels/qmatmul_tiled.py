@@ -9,18 +9,30 @@ super-block, Q6_K: 128) with one aligned vector load per field — Q4_K blocks (
 once per column and super-block, and turns it into 32-input sub-tiles. Integers become
 floats by the exponent trick (``(q | 0x4B000000)`` as fp32 minus 2^23: exact, full rate).
 
-Arithmetic (batch invariance, and equality with the dense residency):
+Two forms of the same sums:
+
+* swapped (M <= SWAP_MAX_M, decode): yᵀ = W · xᵀ — the dequantized weight is the tensor core's
+  A operand (64 weight rows per wgmma, straight from registers), the tokens its N (16 or 32);
+  Hopper's wgmma reads B only from shared memory, so in the other form every dequantized element
+  makes a shared-memory trip. One program per (64 weight rows, token tile, K segment);
+* unswapped (larger M, prefill): ``tl.dot(x[rows, 32], Wᵀ[32, BN], acc)`` as 64/128-row wgmma
+  tiles (``launch_config``), all K segments in one program.
+
+Arithmetic (batch invariance):
 
 * each 32-input sub-tile is dequantized exactly as ggml does (fp32, no FMA contraction:
   ``enable_fp_fusion=False``) and rounded once to the activation dtype — the fp16/bf16 values
   the dense residency holds;
-* the reduction is ``matmul_dense``'s: ``tl.dot(x[rows, 32], Wᵀ[32, BN], acc)`` chained over
-  k = 0, 32, 64, ... in fp32, i.e. k16 tensor-core steps in k order, as a 64/128-row wgmma at
-  every M (``launch_config``; the kernel keeps a 16-row/GROUP_M form for the CPU interpreter).
-  The dense kernel's rows are bit-identical across its own 16-row/wgmma switch
-  (tests/test_dense_matmul.py), and this kernel's wgmma rows equal them (tune_qtiled.py).
-  So a row equals ``dense_matmul`` (unsplit) on the dequantized weight, bit for bit, at every M,
-  and what varies with M (tile sizes, warps, stages, GROUP_M) never touches a row's sums.
+* K is cut into segments fixed per weight shape (``k_segments``, never per M); each segment's
+  chain is k16 tensor-core steps in k order from zero in fp32, and the chains are added in
+  segment order (the swapped form writes them out and ``_segments_sum_kernel`` adds them; the
+  unswapped one adds them as it goes), then the bias, one rounding. A row's chain is the same
+  products in the same order in either form, and the dense kernel's: measured bitwise on the
+  H200 (``tests/test_qmatmul.py``: every M against ``segments_reference``, built from the dense
+  kernel; ``benchmarks/probe_swap_q4k.py``). Where a shape has one segment a row equals the
+  dense residency's bit for bit; with several (narrow deep matrices) it differs from it by the
+  fp32 regrouping only. The 16-row ``mma.sync`` form of the unswapped kernel did NOT give the
+  dense kernel's bits (RESULTS.md) and is used only by the CPU interpreter.
 """
 
 from __future__ import annotations
@@ -40,6 +52,12 @@ SUB = 32  # inputs per dot (one Q8_0 block, one K-quant sub-block)
 TILED_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0})
 _NEEDS_PLANES = frozenset({GGMLType.Q6_K, GGMLType.Q8_0})
 WIDE_MIN_M = 64
+SWAP_MAX_M = 64  # rows up to which the swapped form (weight as the A operand) runs
+SWAP_BN = 64  # weight rows per program in the swapped form (one wgmma's 64 rows)
+SEG_UNIT = 256  # K segment boundaries: multiples of a K-quant super-block (8 Q8_0 blocks)
+MAX_SEGMENTS = 8
+TARGET_PROGRAMS = 1024  # segments are added until the swapped form has this many programs (or MAX_SEGMENTS)
+SUM_BLOCK = 1024
 
 
 def supports(w: QWeight) -> bool:
@@ -118,114 +136,192 @@ def _k4_scale_min(w1, w2, w3, s: tl.constexpr):
     return _u2f(sc, 8388608.0), _u2f(mn, 8388608.0)
 
 
+@triton.jit
+def _cast(w, x_ptr):
+    """A dequantized fp32 sub-tile rounded once to the activation dtype (the swapped form's A operand)."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        return _round_bf16(w)
+    return w.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _acc(w, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm,
+         GROUP: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr, KD: tl.constexpr, SWAP: tl.constexpr):
+    """Continue the k chain with one dequantized [BN, KD] sub-tile ``w`` (inputs k0 .. k0+KD).
+
+    SWAP: acc[BN, BR] = dot(w, x[rows0 .. rows0+BR, k0 : k0+KD]ᵀ, acc) — the weight is the tensor
+    core's A operand, taken from registers (Hopper's wgmma reads B only from shared memory);
+    otherwise acc_g[BR, BN] = dot(x[...], wᵀ, acc_g) for GROUP row blocks. Each output element is
+    the same chain of products in the same k order either way."""
+    if SWAP:
+        t = rows0 + tl.arange(0, BR).to(tl.int64)
+        kk = k0 + tl.arange(0, KD)
+        xt = tl.load(x_ptr + t[None, :] * stride_xm + kk[:, None], mask=t[None, :] < M, other=0.0)
+        a0 = _dot(_cast(w, x_ptr), xt, a0, IEEE)
+    else:
+        a0, a1, a2, a3 = _dots(x_ptr, rows0, k0, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, KD)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _zero_acc(BR: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        z = tl.zeros((BN, BR), dtype=tl.float32)
+    else:
+        z = tl.zeros((BR, BN), dtype=tl.float32)
+    return z
+
+
 @triton.jit(do_not_specialize=["M"])
 def qmatmul_tiled_kernel(
-    x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_ym, RB, P1, P2, P3,
+    x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, stride_xm, stride_ym, RB, P1, P2, P3, KS, NSEG,
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BR: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr,
+    BR: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
-    # column-major program order: consecutive row blocks reuse a weight tile while it is in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, GROUP * BR)
-    rows0 = (pid % num_m).to(tl.int64) * (GROUP * BR)
-    cols = (pid // num_m) * BN + tl.arange(0, BN)
+    if SWAP:  # grid (column tiles, row tiles, K segments): one segment per program
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        rows0 = tl.program_id(1).to(tl.int64) * BR
+        seg_lo = tl.program_id(2)
+        seg_hi = seg_lo + 1
+    else:  # column-major program order: consecutive row blocks reuse a weight tile while it is in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, GROUP * BR)
+        rows0 = (pid % num_m).to(tl.int64) * (GROUP * BR)
+        cols = (pid // num_m) * BN + tl.arange(0, BN)
+        seg_lo = 0
+        seg_hi = NSEG
     n = cols.to(tl.int64)[:, None]
     nm = n < N
     l32 = tl.arange(0, 32)[None, :]
     l64 = tl.arange(0, 64)[None, :]
     first = l64 < 32  # KD = 64: the first 32 inputs of a 64-input dot
-    a0 = tl.zeros((BR, BN), dtype=tl.float32)
-    a1 = tl.zeros((BR, BN), dtype=tl.float32)
-    a2 = tl.zeros((BR, BN), dtype=tl.float32)
-    a3 = tl.zeros((BR, BN), dtype=tl.float32)
-    if WTYPE == 8 and KD == 64:  # Q8_0 planes, two blocks per dot (K % 64 == 0)
-        for b in range(0, K // 64):
-            q = tl.load(w_ptr + n * K + b * 64 + l64, mask=nm, other=0).to(tl.int32)
-            dp = w16_ptr + P1 // 2 + n * (K // 32) + 2 * b
-            d0 = tl.load(dp, mask=nm, other=0.0).to(tl.float32)
-            d1 = tl.load(dp + 1, mask=nm, other=0.0).to(tl.float32)
-            w = _u2f(q ^ 128, 8388736.0) * tl.where(first, d0, d1)
-            a0, a1, a2, a3 = _dots(x_ptr, rows0, b * 64, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64)
-    elif WTYPE == 8:  # Q8_0 planes: qs [N, K] i8 at 0, d [N, K/32] f16 at byte P1
-        for b in range(0, K // 32):
-            q = tl.load(w_ptr + n * K + b * 32 + l32, mask=nm, other=0).to(tl.int32)
-            d = tl.load(w16_ptr + P1 // 2 + n * (K // 32) + b, mask=nm, other=0.0).to(tl.float32)
-            w = _u2f(q ^ 128, 8388736.0) * d  # (q + 128) - 128
-            a0, a1, a2, a3 = _dots(x_ptr, rows0, b * 32, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
-    elif WTYPE == 12:  # Q4_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}, RB bytes per row
-        for sb in range(0, K // 256):
-            base = n * RB + sb * 144
-            d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
-            dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
-            w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
-            w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
-            w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
-            for c in tl.static_range(4):  # 64 inputs: low nibbles are the first 32, high the next
-                if KD == 64:  # one dot: each byte read for both of its inputs (the second read hits L1)
-                    qb = tl.load(w_ptr + base + 16 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
-                    sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
-                    sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
-                    q = _u2f(tl.where(first, qb & 15, qb >> 4), 8388608.0)
-                    w = tl.where(first, d * sc0, d * sc1) * q - tl.where(first, dmin * mn0, dmin * mn1)
-                    a0, a1, a2, a3 = _dots(x_ptr, rows0, sb * 256 + 64 * c, _act(w, x_ptr), a0, a1, a2, a3,
-                                           M, stride_xm, GROUP, BR, IEEE, 64)
-                else:
-                    qb = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
-                    sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
-                    w = (d * sc) * _u2f(qb & 15, 8388608.0) - dmin * mn
-                    k0 = sb * 256 + 64 * c
-                    a0, a1, a2, a3 = _dots(x_ptr, rows0, k0, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
-                    sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
-                    w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
-                    a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32, _act(w, x_ptr), a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE)
-    else:  # Q6_K planes: ql [N, K/2] at 0, qh [N, K/4] at P1, scales [N, K/16] i8 at P2, d [N, K/256] f16 at P3
-        lo = l32 < 16
-        for sb in range(0, K // 256):
-            d = tl.load(w16_ptr + P3 // 2 + n * (K // 256) + sb, mask=nm, other=0.0).to(tl.float32)
-            for h in tl.static_range(2):  # 128 inputs: y[l], y[l+32], y[l+64], y[l+96] from ql[l], ql[l+32], qh[l]
-                s0 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h, mask=nm, other=0)
-                s1 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h + 1, mask=nm, other=0)
-                k0 = sb * 256 + 128 * h
-                if KD == 64:  # two dots of 64: (y[l], y[l+32]) from ql[0:64] low, then high nibbles
-                    ql = tl.load(w_ptr + n * (K // 2) + sb * 128 + 64 * h + l64, mask=nm, other=0).to(tl.int32)
-                    qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + (l64 % 32), mask=nm, other=0).to(tl.int32)
-                    for p in tl.static_range(2):
-                        word = s0 if p == 0 else s1  # scales 8h + 4p + (0..3), 16 inputs each
-                        sa = d * _u2f(_byte(word, 0) + 128, 8388736.0)
-                        sb_ = d * _u2f(_byte(word, 1) + 128, 8388736.0)
-                        sc_ = d * _u2f(_byte(word, 2) + 128, 8388736.0)
-                        sd = d * _u2f(_byte(word, 3) + 128, 8388736.0)
-                        scale = tl.where(l64 < 16, sa, tl.where(l64 < 32, sb_, tl.where(l64 < 48, sc_, sd)))
-                        low = ql & 15 if p == 0 else ql >> 4
-                        q = low | (((qh >> (4 * p + 2 * (l64 // 32))) & 3) << 4)
-                        w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
-                        a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 64 * p, _act(w, x_ptr), a0, a1, a2, a3,
-                                               M, stride_xm, GROUP, BR, IEEE, 64)
-                else:
-                    qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
-                    ql0 = tl.load(qlp, mask=nm, other=0).to(tl.int32)
-                    ql1 = tl.load(qlp + 32, mask=nm, other=0).to(tl.int32)
-                    qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0).to(tl.int32)
-                    for t in tl.static_range(4):
-                        word = s0 if t < 2 else s1
-                        sa = _u2f(_byte(word, (2 * t) % 4) + 128, 8388736.0)
-                        sz = _u2f(_byte(word, (2 * t) % 4 + 1) + 128, 8388736.0)
-                        scale = tl.where(lo, d * sa, d * sz)
-                        src = ql0 if t % 2 == 0 else ql1
-                        low = src & 15 if t < 2 else src >> 4
-                        q = low | (((qh >> (2 * t)) & 3) << 4)
-                        w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
-                        a0, a1, a2, a3 = _dots(x_ptr, rows0, k0 + 32 * t, _act(w, x_ptr), a0, a1, a2, a3,
-                                               M, stride_xm, GROUP, BR, IEEE)
+    t0 = _zero_acc(BR, BN, SWAP)
+    t1 = _zero_acc(BR, BN, SWAP)
+    t2 = _zero_acc(BR, BN, SWAP)
+    t3 = _zero_acc(BR, BN, SWAP)
+    for seg in range(seg_lo, seg_hi):  # K segments (k_split): each chain starts at zero, added in order
+        k_lo = seg * KS
+        k_hi = tl.minimum(K, k_lo + KS)
+        a0 = _zero_acc(BR, BN, SWAP)
+        a1 = _zero_acc(BR, BN, SWAP)
+        a2 = _zero_acc(BR, BN, SWAP)
+        a3 = _zero_acc(BR, BN, SWAP)
+        if WTYPE == 8 and KD == 64:  # Q8_0 planes, two blocks per dot (K % 64 == 0)
+            for b in range(k_lo // 64, k_hi // 64):
+                q = tl.load(w_ptr + n * K + b * 64 + l64, mask=nm, other=0).to(tl.int32)
+                dp = w16_ptr + P1 // 2 + n * (K // 32) + 2 * b
+                d0 = tl.load(dp, mask=nm, other=0.0).to(tl.float32)
+                d1 = tl.load(dp + 1, mask=nm, other=0.0).to(tl.float32)
+                w = _u2f(q ^ 128, 8388736.0) * tl.where(first, d0, d1)
+                a0, a1, a2, a3 = _acc(w, x_ptr, rows0, b * 64, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+        elif WTYPE == 8:  # Q8_0 planes: qs [N, K] i8 at 0, d [N, K/32] f16 at byte P1
+            for b in range(k_lo // 32, k_hi // 32):
+                q = tl.load(w_ptr + n * K + b * 32 + l32, mask=nm, other=0).to(tl.int32)
+                d = tl.load(w16_ptr + P1 // 2 + n * (K // 32) + b, mask=nm, other=0.0).to(tl.float32)
+                w = _u2f(q ^ 128, 8388736.0) * d  # (q + 128) - 128
+                a0, a1, a2, a3 = _acc(w, x_ptr, rows0, b * 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+        elif WTYPE == 12:  # Q4_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}, RB bytes per row
+            for sb in range(k_lo // 256, k_hi // 256):
+                base = n * RB + sb * 144
+                d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
+                dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
+                w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
+                w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
+                w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+                for c in tl.static_range(4):  # 64 inputs: low nibbles are the first 32, high the next
+                    if KD == 64:  # one dot: each byte read for both of its inputs (the second read hits L1)
+                        qb = tl.load(w_ptr + base + 16 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                        sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
+                        sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        q = _u2f(tl.where(first, qb & 15, qb >> 4), 8388608.0)
+                        w = tl.where(first, d * sc0, d * sc1) * q - tl.where(first, dmin * mn0, dmin * mn1)
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, sb * 256 + 64 * c, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+                    else:
+                        qb = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
+                        sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
+                        w = (d * sc) * _u2f(qb & 15, 8388608.0) - dmin * mn
+                        k0 = sb * 256 + 64 * c
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+        else:  # Q6_K planes: ql [N, K/2] at 0, qh [N, K/4] at P1, scales [N, K/16] i8 at P2, d [N, K/256] f16 at P3
+            lo = l32 < 16
+            for sb in range(k_lo // 256, k_hi // 256):
+                d = tl.load(w16_ptr + P3 // 2 + n * (K // 256) + sb, mask=nm, other=0.0).to(tl.float32)
+                for h in tl.static_range(2):  # 128 inputs: y[l], y[l+32], y[l+64], y[l+96] from ql[l], ql[l+32], qh[l]
+                    s0 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h, mask=nm, other=0)
+                    s1 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h + 1, mask=nm, other=0)
+                    k0 = sb * 256 + 128 * h
+                    if KD == 64:  # two dots of 64: (y[l], y[l+32]) from ql[0:64] low, then high nibbles
+                        ql = tl.load(w_ptr + n * (K // 2) + sb * 128 + 64 * h + l64, mask=nm, other=0).to(tl.int32)
+                        qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                        for p in tl.static_range(2):
+                            word = s0 if p == 0 else s1  # scales 8h + 4p + (0..3), 16 inputs each
+                            sa = d * _u2f(_byte(word, 0) + 128, 8388736.0)
+                            sb_ = d * _u2f(_byte(word, 1) + 128, 8388736.0)
+                            sc_ = d * _u2f(_byte(word, 2) + 128, 8388736.0)
+                            sd = d * _u2f(_byte(word, 3) + 128, 8388736.0)
+                            scale = tl.where(l64 < 16, sa, tl.where(l64 < 32, sb_, tl.where(l64 < 48, sc_, sd)))
+                            low = ql & 15 if p == 0 else ql >> 4
+                            q = low | (((qh >> (4 * p + 2 * (l64 // 32))) & 3) << 4)
+                            w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
+                            a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 64 * p, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+                    else:
+                        qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
+                        ql0 = tl.load(qlp, mask=nm, other=0).to(tl.int32)
+                        ql1 = tl.load(qlp + 32, mask=nm, other=0).to(tl.int32)
+                        qh = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0).to(tl.int32)
+                        for t in tl.static_range(4):
+                            word = s0 if t < 2 else s1
+                            sa = _u2f(_byte(word, (2 * t) % 4) + 128, 8388736.0)
+                            sz = _u2f(_byte(word, (2 * t) % 4 + 1) + 128, 8388736.0)
+                            scale = tl.where(lo, d * sa, d * sz)
+                            src = ql0 if t % 2 == 0 else ql1
+                            low = src & 15 if t < 2 else src >> 4
+                            q = low | (((qh >> (2 * t)) & 3) << 4)
+                            w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
+                            a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 32 * t, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+        t0 += a0
+        t1 += a1
+        t2 += a2
+        t3 += a3
     r = rows0 + tl.arange(0, BR)
-    _store_rows(y_ptr, b_ptr, a0, r, cols, M, N, stride_ym, HAS_BIAS)
-    if GROUP > 1:
-        _store_rows(y_ptr, b_ptr, a1, r + BR, cols, M, N, stride_ym, HAS_BIAS)
-    if GROUP > 2:
-        _store_rows(y_ptr, b_ptr, a2, r + 2 * BR, cols, M, N, stride_ym, HAS_BIAS)
-        _store_rows(y_ptr, b_ptr, a3, r + 3 * BR, cols, M, N, stride_ym, HAS_BIAS)
+    if SWAP:
+        if PARTIAL:  # this segment's fp32 chain, summed in segment order by _segments_sum_kernel
+            offs = (seg_lo.to(tl.int64) * M + r[None, :]) * N + cols[:, None]
+            tl.store(part_ptr + offs, t0, mask=(r[None, :] < M) & (cols[:, None] < N))
+        else:
+            _store_rows(y_ptr, b_ptr, tl.trans(t0), r, cols, M, N, stride_ym, HAS_BIAS)
+    else:
+        _store_rows(y_ptr, b_ptr, t0, r, cols, M, N, stride_ym, HAS_BIAS)
+        if GROUP > 1:
+            _store_rows(y_ptr, b_ptr, t1, r + BR, cols, M, N, stride_ym, HAS_BIAS)
+        if GROUP > 2:
+            _store_rows(y_ptr, b_ptr, t2, r + 2 * BR, cols, M, N, stride_ym, HAS_BIAS)
+            _store_rows(y_ptr, b_ptr, t3, r + 3 * BR, cols, M, N, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _segments_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, NSEG, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = (0 + p_0 + p_1 + ... + p_{NSEG-1}) (+ bias), in fp32 and that order, rounded once: the
+    same additions the unswapped kernel makes at its segment ends, so a row's bits do not depend
+    on which form (which M) computed it."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, NSEG):
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    rows = offs // N
+    cols = offs % N
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(y_ptr + rows * stride_ym + cols, _round_bf16(acc), mask=mask)
+    else:
+        tl.store(y_ptr + rows * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _planes(w: QWeight) -> tuple[int, int, int]:
@@ -238,20 +334,43 @@ def _planes(w: QWeight) -> tuple[int, int, int]:
     return 0, 0, 0
 
 
+def k_segments(n: int, k: int) -> tuple[int, int]:
+    """(inputs per segment, segments) for an [n, k] weight: a function of the shape only, never of M.
+
+    A narrow matrix (a 7B's qkv/o/down: 56-72 column tiles on 132 SMs) cannot keep the GPU busy at
+    decode by columns alone; its K is cut into up to MAX_SEGMENTS segments (multiples of a
+    super-block) that the swapped form runs as separate programs. Every form sums the same
+    segments' chains in the same order, so the cut changes no row between M = 1 and a prefill.
+    probe_swap_q4k.py (H200, Q4_K, M = 1): 7B down 0.146 -> 0.045 ms with 8 segments, qkv 0.029 -> 0.014.
+    """
+    cols = -(-n // SWAP_BN)
+    want = 1
+    while want < MAX_SEGMENTS and cols * want < TARGET_PROGRAMS:
+        want *= 2
+    per = -(-k // want)
+    ks = -(-per // SEG_UNIT) * SEG_UNIT
+    return ks, -(-k // ks)
+
+
 def qmatmul_tiled(
     x: torch.Tensor,
     w: QWeight,
     bias: torch.Tensor | None,
     out: torch.Tensor,
     config: tuple[int, ...] | None = None,
+    swap: bool | None = None,
 ) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias); ``out`` may be a column slice (qmatmul checked the shapes).
-    ``config`` overrides ``launch_config`` (benchmarks, tests): rows per dot, GROUP_M, BN, warps, stages
-    [, inputs per dot: 32 (default) or 64]."""
+    ``swap`` (default: M <= SWAP_MAX_M) runs the swapped form; ``config`` overrides ``launch_config``
+    (benchmarks, tests): rows per dot (the swapped form: rows per program), GROUP_M, BN, warps,
+    stages [, inputs per dot: 32 (default) or 64]."""
     v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     M = x.shape[0]
-    if x.device.type == "cuda":
+    swap = M <= SWAP_MAX_M if swap is None else swap
+    if swap:
+        cfg = config or (16 if M <= 16 else 32, 1, SWAP_BN, 4, 3)
+    elif x.device.type == "cuda":
         cfg = config or launch_config(M, w.n, w.k, w.ggml_type)
     else:
         cfg = config or (16, 1 if M <= 16 else 2 if M <= 32 else 4, 16, 4, 1)  # interpreter: small tiles
@@ -259,15 +378,45 @@ def qmatmul_tiled(
     kd = cfg[5] if len(cfg) > 5 else 32  # inputs per dot: 32, or 64 (two sub-tiles in one dot)
     if kd == 64 and w.k % 64:
         kd = 32
+    v.check(not swap or gm == 1, KERNEL, "config", "the swapped form takes GROUP_M = 1")
     raw = w.raw
     w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
     w32 = raw[: raw.numel() // 4 * 4].view(torch.int32)
     p1, p2, p3 = _planes(w)
-    grid = (triton.cdiv(M, gm * br) * triton.cdiv(w.n, bn),)
+    ks, nseg = k_segments(w.n, w.k)
+    partial = swap and nseg > 1
+    part = torch.empty((nseg, M, w.n), dtype=torch.float32, device=x.device) if partial else out
+    if swap:
+        grid: tuple[int, ...] = (triton.cdiv(w.n, bn), triton.cdiv(M, br), nseg)
+    else:
+        grid = (triton.cdiv(M, gm * br) * triton.cdiv(w.n, bn),)
     qmatmul_tiled_kernel[grid](
-        x, raw, w16, w32, bias if bias is not None else out, out,
-        M, w.n, w.k, x.stride(0), out.stride(0), w.row_bytes, p1, p2, p3,
+        x, raw, w16, w32, bias if bias is not None else out, out, part,
+        M, w.n, w.k, x.stride(0), out.stride(0), w.row_bytes, p1, p2, p3, ks, nseg,
         WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, GROUP=gm, BR=br, BN=bn, KD=kd,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        SWAP=swap, PARTIAL=partial, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
+    if partial:
+        _segments_sum_kernel[(triton.cdiv(M * w.n, SUM_BLOCK),)](
+            part, bias if bias is not None else out, out, M, w.n, nseg, out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, num_warps=4,
+        )
     return out
+
+
+def segments_reference(x: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What this kernel computes, built from the dense kernel (tests, benchmarks): the unsplit fp32
+    chain of each ``k_segments`` segment on the dequantized weight ``wd``, added in segment order
+    (+ bias), rounded once to x's dtype. Bitwise equal on the GPU where the dense kernel's rows are."""
+    from .matmul_dense import dense_matmul
+
+    n, k = wd.shape
+    ks, nseg = k_segments(n, k)
+    acc = None
+    for s in range(nseg):
+        lo, hi = s * ks, min(k, (s + 1) * ks)
+        p = dense_matmul(x[:, lo:hi].contiguous(), wd[:, lo:hi].contiguous(), splits=1, out_dtype=torch.float32)
+        acc = p if acc is None else acc + p
+    assert acc is not None
+    return (acc if bias is None else acc + bias.float()).to(x.dtype)
+
