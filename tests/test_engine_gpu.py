@@ -433,8 +433,8 @@ def test_worker_4701_gpu_q3_k_m_dequantized_at_load(
 
 @pytest.mark.parametrize("wtype", ["Q4_K_M", "Q8_0"])
 def test_worker_4701_gpu_quantized_residency_agrees_with_dense(engine: Engine, synth_file: SynthFile, wtype: str) -> None:
-    """Q4_K/Q6_K/Q8_0 kept as blocks (Q6_K/Q8_0 in qlayout's planes) compute each unsplit matmul's rows
-    exactly as the dense residency's kernel (tests/test_qmatmul.py); end to end the logits agree."""
+    """Q4_K/Q6_K/Q8_0 kept as blocks (Q6_K/Q8_0 in qlayout's planes) compute each matmul's rows as the
+    dense kernel's chains over fixed K segments (tests/test_qmatmul.py); end to end the logits agree."""
     from worker_orcd.engine.qweight import QWeight, WeightGroup
 
     vm = _validated(synth_file("mid-llama", wtype))
@@ -450,7 +450,7 @@ def test_worker_4701_gpu_quantized_residency_agrees_with_dense(engine: Engine, s
             got[residency] = (prefill_logits(rm, prompts), _tokens(rm, prompts[0], max_tokens=12))
         finally:
             rm.close()
-    # Not bit for bit here: the dense kernel splits K for narrow deep matrices (this shape's FFN down,
-    # [2048, 8192]: split 4, fixed per shape), the tiled kernel never does; measured on the H200.
+    # Not bit for bit: each residency cuts K of narrow deep matrices into its own segments (fixed per
+    # shape: dense splits this shape's FFN down [2048, 8192] in 4, the quantized kernel in 8).
     assert_logits_agree(got["quantized"][0], got["dense"][0], REL_TOL[torch.float16], f"{wtype} quantized vs dense")
     assert len(got["quantized"][1]) == len(got["dense"][1]) == 12
