@@ -14,18 +14,27 @@ and sealed, then measured:
   here as (read + written bytes) / time of a large device-to-device copy),
   divided by the measured time per token.
 
+With ``--llama-bench PATH`` llama.cpp's ``llama-bench`` runs on the same file right
+after (``-p 512 -n 128 -fa 1 -ngl 99 -r 3 -o json``; the synthetic model then carries the
+real tokenizer, ``--tokenizer-from``, and llama.cpp's embedding rows, ``--vocab``) and the
+table gives both engines' pp512 and tg128 and their ratio per row.
+
 Prints a markdown table, writes ``$OUT/bench_engine.json`` when ``OUT`` is
 set, exits non-zero on any error.
 
     python benchmarks/bench_engine.py --shapes qwen2.5-0.5b --types F16
+    python benchmarks/bench_engine.py --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
+        --tokenizer-from .devdata/qwen05-tokenizer.gguf --vocab 151936 --resident-weights quantized
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -42,11 +51,6 @@ from worker_orcd.engine.api import Engine, GenerationEnd, ResidentModel, Samplin
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
 from worker_orcd.residency import load_sealed  # noqa: E402
 from worker_orcd.seal import Sealer  # noqa: E402
-
-# llama.cpp pp512 on H100 (F16), the brief's reference points; targets are 50% of these
-LLAMA_CPP_PP512 = {"qwen2.5-0.5b": 77_000.0, "qwen2.5-1.5b": 47_000.0, "qwen2.5-7b": 24_600.0}
-DECODE_TARGET = {"qwen2.5-0.5b": 700.0, "qwen2.5-1.5b": 400.0, "qwen2.5-7b": 165.0}
-
 
 def d2d_bandwidth(n_bytes: int = 2 << 30, reps: int = 20) -> float:
     """Bytes moved (read + written) per second by a large device-to-device copy."""
@@ -79,6 +83,31 @@ def _generate(rm: ResidentModel, ids: list[int], max_tokens: int) -> tuple[list[
     return toks, end
 
 
+def llama_bench(binary: str, path: Path, prompt_tokens: int, gen_tokens: int, timeout_s: float = 900.0) -> dict[str, float]:
+    """llama.cpp's pp and tg tok/s on ``path`` (``llama-bench -o json``, flash attention, all layers on the GPU)."""
+    cmd = [binary, "-m", str(path), "-p", str(prompt_tokens), "-n", str(gen_tokens), "-fa", "1", "-ngl", "99",
+           "-r", "3", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return parse_llama_bench(proc.stdout)
+
+
+def parse_llama_bench(out: str) -> dict[str, float]:
+    """``{"pp": tok/s, "tg": tok/s}`` from llama-bench's JSON array (one record per test: a prompt
+    test has n_gen 0, a generation test n_prompt 0); a missing test is an error, not a zero."""
+    records = json.loads(out)
+    got: dict[str, float] = {}
+    for r in records:
+        if r["n_prompt"] > 0 and r["n_gen"] == 0:
+            got["pp"] = float(r["avg_ts"])
+        elif r["n_gen"] > 0 and r["n_prompt"] == 0:
+            got["tg"] = float(r["avg_ts"])
+    if set(got) != {"pp", "tg"}:
+        raise ValueError(f"llama-bench output lacks a prompt or a generation test: {sorted(got)}")
+    return got
+
+
 def decode_bytes_per_token(rm: ResidentModel, seq_len: int) -> int:
     """Bytes one decode step must read: all weights but the embedding table (one row is read),
     unless the head is tied to it, plus K and V of every cached position."""
@@ -97,7 +126,8 @@ def bench_one(
     path = workdir / f"synth-{shape}-{wtype}.gguf"
     t = time.perf_counter()
     if not path.exists():
-        write_synthetic_model(path, shape, wtype)  # type: ignore[arg-type]
+        s = SHAPES[shape] if args.vocab is None else dataclasses.replace(SHAPES[shape], vocab=args.vocab)
+        write_synthetic_model(path, s, wtype, tokenizer_from=args.tokenizer_from)  # type: ignore[arg-type]
     write_s = time.perf_counter() - t
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -143,10 +173,8 @@ def bench_one(
             "load_gb_s": rm.load_stats.gb_per_s,
             "time_to_ready_s": ready_s,
             "prefill_tok_s": prefill_tps,
-            "prefill_vs_llama_cpp": prefill_tps / LLAMA_CPP_PP512[shape] if shape in LLAMA_CPP_PP512 else None,
             "ttft_ms": ttft_ms,
             "decode_tok_s": decode_tps,
-            "decode_target_tok_s": DECODE_TARGET.get(shape),
             "roofline_pct": 100.0 * roofline_s / per_token_s,
             "seal_verify_ms": seal_ms,
             "graph": rm.graph_captured,
@@ -154,25 +182,39 @@ def bench_one(
         }
     finally:
         rm.close()
+    try:
+        if args.llama_bench:  # the same file, after worker-orcd has let go of the GPU memory
+            torch.cuda.empty_cache()
+            lb = llama_bench(args.llama_bench, path, args.prompt_tokens, args.decode_tokens)
+            result.update(llama_pp_tok_s=lb["pp"], llama_tg_tok_s=lb["tg"],
+                          pp_ratio=prefill_tps / lb["pp"], tg_ratio=decode_tps / lb["tg"])
+    finally:
         if not args.keep:
             path.unlink(missing_ok=True)
     return result
 
 
 def _table(rows: list[dict[str, Any]], bw: float) -> str:
+    llama = any("llama_tg_tok_s" in r for r in rows)
     head = (
-        "| shape | type | file GB | load GB/s | ready s | pp512 tok/s | vs llama.cpp | TTFT ms "
-        "| decode tok/s | target | % roofline | seal ms |"
+        "| shape | type | file GB | resident GB | load GB/s | ready s | pp512 tok/s | TTFT ms "
+        "| decode tok/s | % roofline | seal ms |"
     )
-    lines = [f"D2D copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", "", head, "|" + "---|" * 12]
+    if llama:
+        head += " llama.cpp pp512 | pp ratio | llama.cpp tg128 | tg ratio |"
+    lines = [f"D2D copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", "", head, "|" + "---|" * (15 if llama else 11)]
     for r in rows:
-        vs = f"{100 * r['prefill_vs_llama_cpp']:.0f}%" if r["prefill_vs_llama_cpp"] else "-"
-        tgt = f"{r['decode_target_tok_s']:.0f}" if r["decode_target_tok_s"] else "-"
-        lines.append(
-            f"| {r['shape']} | {r['type']} | {r['file_gb']:.2f} | {r['load_gb_s']:.2f} | {r['time_to_ready_s']:.1f} | "
-            f"{r['prefill_tok_s']:.0f} | {vs} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.0f} | {tgt} | "
+        line = (
+            f"| {r['shape']} | {r['type']} | {r['file_gb']:.2f} | {r['resident_gb']:.2f} | {r['load_gb_s']:.2f} | "
+            f"{r['time_to_ready_s']:.1f} | {r['prefill_tok_s']:.0f} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.0f} | "
             f"{r['roofline_pct']:.0f}% | {r['seal_verify_ms']:.2f} |"
         )
+        if llama:
+            line += (
+                f" {r['llama_pp_tok_s']:.0f} | {r['pp_ratio']:.2f}x | {r['llama_tg_tok_s']:.1f} | {r['tg_ratio']:.2f}x |"
+                if "llama_tg_tok_s" in r else " - | - | - | - |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -189,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-mb", type=int, default=1024)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model files")
     ap.add_argument("--resident-weights", choices=("dense", "quantized"), default="dense")
+    ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary: run it on the same files")
+    ap.add_argument("--tokenizer-from", type=Path, default=None, help="copy this GGUF's tokenizer into the models")
+    ap.add_argument("--vocab", type=int, default=None, help="embedding rows (llama.cpp wants the tokenizer's count)")
     args = ap.parse_args(argv)
+    if args.llama_bench and args.tokenizer_from is None:
+        ap.error("--llama-bench needs --tokenizer-from (llama.cpp loads the model's tokenizer)")
     shapes = [s for s in args.shapes.split(",") if s]
     types = [t for t in args.types.split(",") if t]
     bad = [s for s in shapes if s not in SHAPES] + [t for t in types if t not in ("F16", "Q8_0", "Q4_K_M")]

@@ -10,6 +10,8 @@
 #   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
+#   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
+#   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm row
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -140,7 +142,24 @@ kprobe)
   timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
     | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
   ;;
-qverify)
+qbench13)
+  # issue 13's table: worker-orcd and llama-bench on the same synthetic files, one row per shape x type
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
+  timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_engine.py --shapes ${BENCH_SHAPES:-qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b} \
+    --types ${BENCH_TYPES:-F16,Q8_0,Q4_K_M} --resident-weights ${RESIDENCY:-quantized} --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
+    --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee "$OUT/bench13.log" | grep -vE '^\{'
+  ;;
+r72)
+  # a Qwen2.5-72B-shape Q4_K_M (51 GB) resident quantized with a 32k-token KV budget, against llama-bench
+  rm -rf $M/* /tmp/worker-orcd-bench; df -h /tmp | tail -1
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
+  timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_engine.py --shapes qwen2.5-72b --types Q4_K_M --resident-weights quantized \
+    --kv-cache-mb 10752 --llama-bench /tmp/llama.cpp/build/bin/llama-bench --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" \
+    --vocab 151936 2>&1 | tee "$OUT/r72.log" | grep -vE '^\{'
+  ;;
+verify)
   # the quantized residency's swapped form + K segments: GPU tests, per-shape speed, 7B Q4_K_M steps
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
   timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul.py tests/test_qlayout.py \

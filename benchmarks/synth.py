@@ -1,7 +1,7 @@
 """Synthetic GGUF models of real shapes, with valid random weight blocks (benchmarks, GPU tests).
 
 The device machine reaches no model hub, so the benchmark writes models with
-the exact tensor shapes of Qwen2.5 0.5B/1.5B/7B (and tiny llama/qwen2/gemma3
+the exact tensor shapes of Qwen2.5 0.5B/1.5B/7B/72B (and tiny llama/qwen2/gemma3
 shapes for tests) using our own ``GGUFWriter``. Weights are random but valid:
 f16 scales are finite and small, so activations stay finite and every kernel
 does real work. Tensor bytes are produced lazily from a small template ring,
@@ -35,6 +35,7 @@ ShapeName = Literal[
     "qwen2.5-0.5b",
     "qwen2.5-1.5b",
     "qwen2.5-7b",
+    "qwen2.5-72b",
     "tiny-qwen2",
     "tiny-llama",
     "tiny-gemma3",
@@ -71,6 +72,9 @@ SHAPES: dict[str, Shape] = {
     "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 151936, 32768, tied=True),
     "qwen2.5-1.5b": Shape("qwen2", 28, 1536, 12, 2, 8960, 151936, 32768, tied=True),
     "qwen2.5-7b": Shape("qwen2", 28, 3584, 28, 4, 18944, 152064, 32768, tied=False),
+    # Qwen2.5-72B (issue 13's "72B class on one GPU"): a Q4_K_M file is ~47 GB (its FFN down rows,
+    # 29,568 inputs, are not whole 256-blocks: Q8_0 there, as llama.cpp falls back)
+    "qwen2.5-72b": Shape("qwen2", 80, 8192, 64, 8, 29568, 152064, 32768, tied=False),
     # tiny shapes: fast CPU tests of every architecture path
     "tiny-qwen2": Shape("qwen2", 2, 256, 4, 2, 512, 512, 256, tied=True),
     "tiny-llama": Shape("llama", 2, 256, 4, 2, 512, 512, 256, tied=False, rope_theta=10000.0),
