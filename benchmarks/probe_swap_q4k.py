@@ -9,6 +9,10 @@ Dequantization stays exactly ggml's (fp32, no FMA contraction, one rounding), so
 equal the dense residency's bit for bit; the probe measures whether they do, whether they are
 the same at every M (batch invariance), and the speed. Optional fixed K split (per shape, never
 per M): partials in fp32, added in split order by torch (the probe times the matmul part).
+The product's form of this (``qmatmul_tiled``'s swapped form, every tiled type, ``k_segments``)
+came out of it; the probe stays for what the product does not have: the fp16-arithmetic
+dequantization (``MAGIC``) and a free choice of tiles and splits. Its "tiled" column is the
+unswapped form (``swap=False``).
 
     python benchmarks/probe_swap_q4k.py --m 1 16 64 256
 """
@@ -28,15 +32,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from bench_qmatmul import random_weight  # noqa: E402
+from tune_dense import L2_BYTES, graph_ms  # noqa: E402
 
 from worker_orcd.engine.kernels import matmul_dense as D  # noqa: E402
 from worker_orcd.engine.kernels import qmatmul_tiled as T  # noqa: E402
 from worker_orcd.engine.kernels.qmatmul_tiled import _k4_scale_min, _u2f  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402
-
-L2_BYTES = 160 << 20
-REPS = 20
-
 
 @triton.jit(do_not_specialize=["M"])
 def q4k_swap_kernel(x_ptr, w_ptr, w16_ptr, w32_ptr, y_ptr, M, N, K, stride_xm, RB, SB_PER_SPLIT,
@@ -98,25 +99,6 @@ def swap_matmul(x: torch.Tensor, w, cfg: tuple[int, int, int, int, int], magic: 
     return out[0] if s == 1 else out
 
 
-def graph_ms(fns: list) -> float:  # noqa: ANN001
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(REPS):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(5):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / (5 * REPS)
-
-
 SHAPES = [("gate_up", 37888, 3584), ("qkv", 4608, 3584), ("o", 3584, 3584), ("down", 3584, 18944)]
 CFGS = [(64, 16, 4, 3, 1), (64, 16, 4, 4, 1), (128, 16, 8, 3, 1), (64, 32, 4, 3, 1), (64, 64, 4, 3, 1),
         (64, 16, 4, 3, 2), (64, 16, 4, 3, 4), (64, 16, 4, 3, 8), (128, 16, 8, 3, 4)]
@@ -145,8 +127,9 @@ def main() -> int:
             exact = (x.double() @ ref64.T)
             r = {"matrix": name, "N": n, "K": k, "M": m,
                  "dense_ms": graph_ms([lambda w=w: D.dense_matmul(x, w) for w in d16]),
-                 "tiled_ms": graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, torch.empty(m, n, dtype=torch.half, device="cuda")) for w in ws]),
-                 "tiled_eq_dense": bool(torch.equal(T.qmatmul_tiled(x, w0, None, torch.empty(m, n, dtype=torch.half, device="cuda")), dense)),
+                 "tiled_ms": graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, torch.empty(m, n, dtype=torch.half, device="cuda"), swap=False) for w in ws]),
+                 "tiled_eq_segments": bool(torch.equal(T.qmatmul_tiled(x, w0, None, torch.empty(m, n, dtype=torch.half, device="cuda"), swap=False),
+                                                        T.segments_reference(x, w16))),
                  "dense_err": (dense.double() - exact).abs().max().item(), "cands": {}}
             for cfg in CFGS:
                 for magic in (False, True):
