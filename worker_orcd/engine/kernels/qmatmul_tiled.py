@@ -1,11 +1,11 @@
-"""y = x · Wᵀ for Q4_K, Q6_K and Q8_0 weights at memory speed: the dense kernel's dot chain over
+"""y = x · Wᵀ for Q4_K, Q5_K, Q6_K and Q8_0 weights at memory speed: the dense kernel's dot chain over
 weight sub-tiles dequantized in registers.
 
 Why beside ``qmatmul``: that kernel dequantizes a [BN, 256] tile element by element, each
 element computing its own byte addresses (a load per element and per scale): 58-172 GB/s on
 the H200. Here a program reads one unit of K per step (Q8_0: 32 inputs, Q4_K: 64 of a
-super-block, Q6_K: 128) with one aligned vector load per field — Q4_K blocks (144 bytes) are
-16-byte aligned in the file, Q8_0 and Q6_K are made so by ``qlayout``'s planes —, the scales
+super-block, Q6_K: 128) with one aligned vector load per field — Q4_K and Q5_K blocks (144 and 176
+bytes) are 16-byte aligned in the file, Q8_0 and Q6_K are made so by ``qlayout``'s planes —, the scales
 once per column and super-block, and turns it into 32-input sub-tiles. Integers become
 floats by the exponent trick (``(q | 0x4B000000)`` as fp32 minus 2^23: exact, full rate).
 
@@ -49,7 +49,7 @@ from .qmatmul import _dot, _store_rows
 
 KERNEL = "qmatmul_tiled"
 SUB = 32  # inputs per dot (one Q8_0 block, one K-quant sub-block)
-TILED_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0})
+TILED_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0})
 _NEEDS_PLANES = frozenset({GGMLType.Q6_K, GGMLType.Q8_0})
 WIDE_MIN_M = 64
 SWAP_MAX_M = 64  # rows up to which the swapped form (weight as the A operand) runs
@@ -246,6 +246,34 @@ def qmatmul_tiled_kernel(
                         a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
                         sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
                         w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+        elif WTYPE == 13:  # Q5_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: Q4_K + a 5th bit
+            for sb in range(k_lo // 256, k_hi // 256):
+                base = n * RB + sb * 176
+                d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
+                dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
+                w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
+                w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
+                w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+                for c in tl.static_range(4):  # inputs 64c..64c+63: low nibbles + qh bit 2c, high + bit 2c+1
+                    if KD == 64:
+                        qb = tl.load(w_ptr + base + 48 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                        qh = tl.load(w_ptr + base + 16 + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                        sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
+                        sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        q5 = tl.where(first, (qb & 15) | (((qh >> (2 * c)) & 1) << 4),
+                                      (qb >> 4) | (((qh >> (2 * c + 1)) & 1) << 4))
+                        w = tl.where(first, d * sc0, d * sc1) * _u2f(q5, 8388608.0) - tl.where(first, dmin * mn0, dmin * mn1)
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, sb * 256 + 64 * c, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+                    else:
+                        qb = tl.load(w_ptr + base + 48 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
+                        qh = tl.load(w_ptr + base + 16 + l32, mask=nm, other=0).to(tl.int32)
+                        sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
+                        w = (d * sc) * _u2f((qb & 15) | (((qh >> (2 * c)) & 1) << 4), 8388608.0) - dmin * mn
+                        k0 = sb * 256 + 64 * c
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        w = (d * sc) * _u2f((qb >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), 8388608.0) - dmin * mn
                         a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
         else:  # Q6_K planes: ql [N, K/2] at 0, qh [N, K/4] at P1, scales [N, K/16] i8 at P2, d [N, K/256] f16 at P3
             lo = l32 < 16
