@@ -33,11 +33,11 @@ from worker_orcd.engine.qlayout import PLANAR_TYPES, to_planes  # noqa: E402
 from worker_orcd.engine.qweight import QWeight  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402
 
-Q4K, Q6K, Q80 = GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0
+Q4K, Q5K, Q6K, Q80 = GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0
 CASES = [  # (model, matrix, N, K, type)
     ("7b", "qkv", 4608, 3584, Q4K), ("7b", "o", 3584, 3584, Q4K), ("7b", "gate_up", 37888, 3584, Q4K),
     ("7b", "down", 3584, 18944, Q6K), ("7b", "down", 3584, 18944, Q4K), ("7b", "head", 152064, 3584, Q6K),
-    ("7b", "gate_up", 37888, 3584, Q80), ("7b", "head", 152064, 3584, Q80),
+    ("7b", "gate_up", 37888, 3584, Q80), ("7b", "head", 152064, 3584, Q80), ("7b", "gate_up", 37888, 3584, Q5K),
     ("0.5b", "gate_up", 9728, 896, Q80), ("0.5b", "down", 896, 4864, Q80), ("0.5b", "head", 151936, 896, Q80),
 ]  # fmt: skip
 # (rows per dot, GROUP_M, BN, warps, stages[, inputs per dot]): wgmma and 16-row forms, 32- and 64-input dots

@@ -433,8 +433,8 @@ def test_worker_4701_gpu_q3_k_m_dequantized_at_load(
 
 @pytest.mark.parametrize("wtype", ["Q4_K_M", "Q8_0"])
 def test_worker_4701_gpu_quantized_residency_agrees_with_dense(engine: Engine, synth_file: SynthFile, wtype: str) -> None:
-    """Q4_K/Q6_K/Q8_0 kept as blocks (Q6_K/Q8_0 in qlayout's planes) compute each matmul's rows as the
-    dense kernel's chains over fixed K segments (tests/test_qmatmul.py); end to end the logits agree."""
+    """Q4_K/Q5_K/Q6_K/Q8_0 kept as blocks (Q6_K/Q8_0 in qlayout's planes) compute each matmul's rows
+    as the dense kernel's chains over fixed K segments (tests/test_qmatmul.py); end to end the logits agree."""
     from worker_orcd.engine.qweight import QWeight, WeightGroup
 
     vm = _validated(synth_file("mid-llama", wtype))

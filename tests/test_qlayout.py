@@ -1,4 +1,4 @@
-"""qlayout: the quantized residency's one repacking (Q8_0/Q6_K fields into planes) is an exact,
+"""qlayout: the quantized residency's one repacking (Q8_0/Q6_K/Q4_0/Q4_1/Q5_0/Q5_1 fields into planes) is an exact,
 size-preserving permutation of the file's bytes, and a row lookup through it gives the file's rows."""
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ def _raw(t: GGMLType, n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
 
 
+FIRST_PLANE = {GGMLType.Q8_0: (2, 32), GGMLType.Q6_K: (0, 128), GGMLType.Q4_0: (2, 16), GGMLType.Q4_1: (4, 16),
+               GGMLType.Q5_0: (6, 16), GGMLType.Q5_1: (8, 16)}  # (offset in the block, bytes)
+
+
 @pytest.mark.parametrize("t", sorted(PLANAR_TYPES), ids=lambda t: t.name)
 def test_worker_4100_planes_round_trip(t: GGMLType) -> None:
     n, k = 7, 512
@@ -24,10 +28,11 @@ def test_worker_4100_planes_round_trip(t: GGMLType) -> None:
     p = to_planes(raw, t, n, k)
     assert p.numel() == raw.numel() and not torch.equal(p, raw)
     assert torch.equal(from_planes(p, t, n, k), raw)
-    # row n's first field is contiguous at n * (its bytes per row): Q8_0 qs / Q6_K ql
-    per_row = k if t == GGMLType.Q8_0 else k // 2
+    # row n's first plane (the quants: Q8_0 qs, Q6_K ql, Q4_0/Q4_1/Q5_0/Q5_1 qs) is contiguous at n * (its bytes per row)
+    off, width = FIRST_PLANE[t]
+    per_row = k // BLOCK_LAYOUT[t].block_size * width
     blocks = raw.view(n, k // BLOCK_LAYOUT[t].block_size, BLOCK_LAYOUT[t].type_size)
-    first = blocks[3, :, 2:] if t == GGMLType.Q8_0 else blocks[3, :, :128]
+    first = blocks[3, :, off : off + width]
     assert torch.equal(p[3 * per_row : 4 * per_row], first.reshape(-1))
     idx = torch.tensor([6, 0, 3, 3])
     want = raw.view(n, -1)[idx].reshape(-1)

@@ -175,7 +175,8 @@ def test_worker_4711_gpu_qmatmul_batch_invariant_large(t: GGMLType, gen: torch.G
 
 # --- qmatmul_tiled: Q4_K as file blocks, Q8_0 / Q6_K in qlayout's planes -------------------------
 
-TILED = [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0]
+TILED = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+         GGMLType.Q8_0]
 
 
 def make_resident(t: GGMLType, n: int, k: int, rng: np.random.Generator, device: str) -> tuple[QWeight, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""The one repacking of GGUF blocks the quantized residency makes: Q8_0 and Q6_K split into planes.
+"""The one repacking of GGUF blocks the quantized residency makes: Q8_0, Q6_K, Q4_0, Q4_1, Q5_0 and
+Q5_1 split into planes.
 
-Why: their blocks (34 and 210 bytes) are not 4-byte aligned, so a kernel reading
+Why: their blocks (34, 210, 18, 20, 22 and 24 bytes) are not 16-byte aligned, so a kernel reading
 them in place issues one load per byte; a Q4_K block (144 bytes) is 16-byte aligned
 and stays as it is. The repacking moves each field of every block into its own plane
 (all rows' first fields, then all rows' second fields, ...), row order and block order
@@ -10,6 +11,10 @@ verified bytes; the seal then fingerprints the planes (what is resident).
 
     Q8_0 {f16 d; i8 qs[32]}                     -> [qs: N*K] [d: N*K/32 f16]
     Q6_K {u8 ql[128]; u8 qh[64]; i8 sc[16]; f16 d} -> [ql: N*K/2] [qh: N*K/4] [sc: N*K/16] [d: N*K/256 f16]
+    Q4_0 {f16 d; u8 qs[16]}                     -> [qs: N*K/2] [d: N*K/32 f16]
+    Q4_1 {f16 d; f16 m; u8 qs[16]}              -> [qs: N*K/2] [d: N*K/32 f16] [m: N*K/32 f16]
+    Q5_0 {f16 d; u8 qh[4]; u8 qs[16]}           -> [qs: N*K/2] [qh: N*K/32 u32] [d: N*K/32 f16]
+    Q5_1 {f16 d; f16 m; u8 qh[4]; u8 qs[16]}    -> [qs: N*K/2] [qh: N*K/32 u32] [d: N*K/32 f16] [m: N*K/32 f16]
 
 Row n of a plane starts at n * (its bytes per row), so a row's fields are contiguous.
 """
@@ -24,6 +29,10 @@ from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 _FIELDS: dict[GGMLType, tuple[tuple[int, ...], tuple[int, ...]]] = {
     GGMLType.Q8_0: ((2, 32), (1, 0)),  # block: d, qs -> planes: qs, d
     GGMLType.Q6_K: ((128, 64, 16, 2), (0, 1, 2, 3)),  # block: ql, qh, sc, d -> same order
+    GGMLType.Q4_0: ((2, 16), (1, 0)),  # block: d, qs -> planes: qs, d
+    GGMLType.Q4_1: ((2, 2, 16), (2, 0, 1)),  # block: d, m, qs -> planes: qs, d, m
+    GGMLType.Q5_0: ((2, 4, 16), (2, 1, 0)),  # block: d, qh, qs -> planes: qs, qh, d
+    GGMLType.Q5_1: ((2, 2, 4, 16), (3, 2, 0, 1)),  # block: d, m, qh, qs -> planes: qs, qh, d, m
 }
 PLANAR_TYPES = frozenset(_FIELDS)
 

@@ -33,7 +33,7 @@ def row_bytes(ggml_type: GGMLType, k: int) -> int:
 class QWeight:
     """W[N, K] as GGUF blocks: ``raw`` is uint8 [N * row_bytes], row n at n * row_bytes.
 
-    ``planar``: Q8_0/Q6_K repacked by ``qlayout`` (each block field in its own plane, same bytes)."""
+    ``planar``: a PLANAR_TYPES weight repacked by ``qlayout`` (each block field in its own plane, same bytes)."""
 
     raw: torch.Tensor
     ggml_type: GGMLType

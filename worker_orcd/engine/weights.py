@@ -79,7 +79,7 @@ class WeightLayout:
     parts: dict[str, Part] = field(default_factory=dict)
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
-    planar: bool = False  # Q8_0/Q6_K slots repacked into qlayout's planes (``make_planar``)
+    planar: bool = False  # PLANAR_TYPES slots repacked into qlayout's planes (``make_planar``)
 
     def _reserve(self, slot: Slot) -> None:
         self.slots[slot.name] = slot
@@ -250,7 +250,7 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str) -> Weight:
 
 
 def make_planar(arena: torch.Tensor, lay: WeightLayout) -> None:
-    """After the hashed upload: every Q8_0/Q6_K slot becomes ``qlayout``'s planes, in place (the
+    """After the hashed upload: every PLANAR_TYPES slot becomes ``qlayout``'s planes, in place (the
     aligned layout ``qmatmul_tiled`` reads at memory speed); the seal then fingerprints the planes."""
     if lay.planar:
         raise RuntimeError("the arena is already planar")

@@ -260,7 +260,7 @@ def qmatmul(
 ) -> torch.Tensor:
     """x[M, K] @ W[N, K].T (+ bias) -> [M, N] in ``out_dtype`` (default x's); ``out`` may be a column slice.
 
-    Q4_K, and Q8_0/Q6_K in ``qlayout``'s planes, go to ``qmatmul_tiled`` (same sums, memory speed)."""
+    Q4_K/Q5_K, and Q8_0/Q6_K/Q4_0/Q4_1/Q5_0/Q5_1 in ``qlayout``'s planes, go to ``qmatmul_tiled``."""
     if out is None:
         v.tensor(KERNEL, "x", x)
         v.rank(KERNEL, "x", x, 2)

@@ -1,11 +1,11 @@
-"""y = x · Wᵀ for Q4_K, Q6_K and Q8_0 weights at memory speed: the dense kernel's dot chain over
+"""y = x · Wᵀ for Q4_K, Q5_K, Q6_K and Q8_0 weights at memory speed: the dense kernel's dot chain over
 weight sub-tiles dequantized in registers.
 
 Why beside ``qmatmul``: that kernel dequantizes a [BN, 256] tile element by element, each
 element computing its own byte addresses (a load per element and per scale): 58-172 GB/s on
 the H200. Here a program reads one unit of K per step (Q8_0: 32 inputs, Q4_K: 64 of a
-super-block, Q6_K: 128) with one aligned vector load per field — Q4_K blocks (144 bytes) are
-16-byte aligned in the file, Q8_0 and Q6_K are made so by ``qlayout``'s planes —, the scales
+super-block, Q6_K: 128, Q4_0/Q4_1/Q5_0/Q5_1: 32) with one aligned vector load per field — Q4_K and Q5_K blocks (144 and 176
+bytes) are 16-byte aligned in the file, the others are made so by ``qlayout``'s planes —, the scales
 once per column and super-block, and turns it into 32-input sub-tiles. Integers become
 floats by the exponent trick (``(q | 0x4B000000)`` as fp32 minus 2^23: exact, full rate).
 
@@ -43,14 +43,17 @@ import triton.language as tl
 
 from ...gguf.constants import GGMLType
 from ..dequant.kernels_basic import _round_bf16
+from ..qlayout import PLANAR_TYPES
 from ..qweight import QWeight
 from . import validate as v
 from .qmatmul import _dot, _store_rows
 
 KERNEL = "qmatmul_tiled"
 SUB = 32  # inputs per dot (one Q8_0 block, one K-quant sub-block)
-TILED_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0})
-_NEEDS_PLANES = frozenset({GGMLType.Q6_K, GGMLType.Q8_0})
+TILED_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K,
+                         GGMLType.Q6_K, GGMLType.Q8_0})
+_BLOCKS_32 = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1})  # 32-input dots only
+_NEEDS_PLANES = PLANAR_TYPES
 WIDE_MIN_M = 64
 SWAP_MAX_M = 64  # rows up to which the swapped form (weight as the A operand) runs
 SWAP_BN = 64  # weight rows per program in the swapped form (one wgmma's 64 rows)
@@ -61,7 +64,7 @@ SUM_BLOCK = 1024
 
 
 def supports(w: QWeight) -> bool:
-    """Whether ``w`` runs here: Q4_K as the file's blocks, Q8_0/Q6_K repacked into planes."""
+    """Whether ``w`` runs here: Q4_K/Q5_K as the file's blocks, the other types repacked into planes."""
     return w.ggml_type in TILED_TYPES and (w.planar or w.ggml_type not in _NEEDS_PLANES)
 
 
@@ -247,6 +250,51 @@ def qmatmul_tiled_kernel(
                         sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
                         w = (d * sc) * _u2f(qb >> 4, 8388608.0) - dmin * mn
                         a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+        elif WTYPE == 13:  # Q5_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: Q4_K + a 5th bit
+            for sb in range(k_lo // 256, k_hi // 256):
+                base = n * RB + sb * 176
+                d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
+                dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
+                w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
+                w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
+                w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+                for c in tl.static_range(4):  # inputs 64c..64c+63: low nibbles + qh bit 2c, high + bit 2c+1
+                    if KD == 64:
+                        qb = tl.load(w_ptr + base + 48 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                        qh = tl.load(w_ptr + base + 16 + (l64 % 32), mask=nm, other=0).to(tl.int32)
+                        sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
+                        sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        q5 = tl.where(first, (qb & 15) | (((qh >> (2 * c)) & 1) << 4),
+                                      (qb >> 4) | (((qh >> (2 * c + 1)) & 1) << 4))
+                        w = tl.where(first, d * sc0, d * sc1) * _u2f(q5, 8388608.0) - tl.where(first, dmin * mn0, dmin * mn1)
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, sb * 256 + 64 * c, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+                    else:
+                        qb = tl.load(w_ptr + base + 48 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
+                        qh = tl.load(w_ptr + base + 16 + l32, mask=nm, other=0).to(tl.int32)
+                        sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
+                        w = (d * sc) * _u2f((qb & 15) | (((qh >> (2 * c)) & 1) << 4), 8388608.0) - dmin * mn
+                        k0 = sb * 256 + 64 * c
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        sc, mn = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        w = (d * sc) * _u2f((qb >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), 8388608.0) - dmin * mn
+                        a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+        elif WTYPE < 8:  # Q4_0 / Q4_1 / Q5_0 / Q5_1 planes: qs [N, K/2] at 0 (element j of a block: byte j % 16,
+            # low nibble below 16), qh [N, K/32] u32 at P1 (Q5: bit j), d [N, K/32] f16 at P2, m at P3 (Q4_1/Q5_1)
+            hi = l32 >= 16
+            for b in range(k_lo // 32, k_hi // 32):
+                qb = tl.load(w_ptr + n * (K // 2) + b * 16 + (l32 % 16), mask=nm, other=0).to(tl.int32)
+                q = tl.where(hi, qb >> 4, qb & 15)
+                if WTYPE >= 6:
+                    qh = tl.load(w32_ptr + P1 // 4 + n * (K // 32) + b, mask=nm, other=0)
+                    q = q | (((qh >> l32) & 1) << 4)
+                d = tl.load(w16_ptr + P2 // 2 + n * (K // 32) + b, mask=nm, other=0.0).to(tl.float32)
+                if WTYPE == 2:
+                    w = _u2f(q, 8388616.0) * d  # (q - 8) * d
+                elif WTYPE == 6:
+                    w = _u2f(q, 8388624.0) * d  # (q - 16) * d
+                else:
+                    w = _u2f(q, 8388608.0) * d + tl.load(w16_ptr + P3 // 2 + n * (K // 32) + b, mask=nm, other=0.0).to(tl.float32)
+                a0, a1, a2, a3 = _acc(w, x_ptr, rows0, b * 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
         else:  # Q6_K planes: ql [N, K/2] at 0, qh [N, K/4] at P1, scales [N, K/16] i8 at P2, d [N, K/256] f16 at P3
             lo = l32 < 16
             for sb in range(k_lo // 256, k_hi // 256):
@@ -325,12 +373,17 @@ def _segments_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, NSEG, stride_ym, HAS_BIAS
 
 
 def _planes(w: QWeight) -> tuple[int, int, int]:
-    """Byte offsets of the planes after the first (qlayout's order)."""
+    """Byte offsets of the planes after the first (qlayout's order; the kernel's P1, P2, P3)."""
     nk = w.n * w.k
-    if w.ggml_type == GGMLType.Q8_0:
+    t = w.ggml_type
+    if t == GGMLType.Q8_0:
         return nk, 0, 0
-    if w.ggml_type == GGMLType.Q6_K:
+    if t == GGMLType.Q6_K:
         return nk // 2, nk // 2 + nk // 4, nk // 2 + nk // 4 + nk // 16
+    if t in (GGMLType.Q4_0, GGMLType.Q4_1):  # qs, d[, m]
+        return 0, nk // 2, nk // 2 + nk // 16
+    if t in (GGMLType.Q5_0, GGMLType.Q5_1):  # qs, qh, d[, m]
+        return nk // 2, nk // 2 + nk // 8, nk // 2 + nk // 8 + nk // 16
     return 0, 0, 0
 
 
@@ -376,7 +429,7 @@ def qmatmul_tiled(
         cfg = config or (16, 1 if M <= 16 else 2 if M <= 32 else 4, 16, 4, 1)  # interpreter: small tiles
     br, gm, bn, warps, stages = cfg[:5]
     kd = cfg[5] if len(cfg) > 5 else 32  # inputs per dot: 32, or 64 (two sub-tiles in one dot)
-    if kd == 64 and w.k % 64:
+    if kd == 64 and (w.k % 64 or w.ggml_type in _BLOCKS_32):
         kd = 32
     v.check(not swap or gm == 1, KERNEL, "config", "the swapped form takes GROUP_M = 1")
     raw = w.raw
