@@ -105,18 +105,20 @@ tp)
   # the nvidia-h200-x2 kind (issue 12): the two-GPU NCCL tests, then 7B F16 under load at tp=1 and tp=2,
   # and llama-server splitting the same file by rows over both GPUs
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
-  (synth qwen2.5-7b F16; touch $M/tp.done) >$M/synth.log 2>&1 &
+  [ -f $M/tp.done ] || (synth qwen2.5-7b F16; touch $M/tp.done; synth qwen2.5-7b Q4_K_M) >$M/synth.log 2>&1 &
   nvidia-smi --query-gpu=index,name --format=csv,noheader
-  REQUIRE_MULTI_GPU=1 timeout ${TP_TESTS_TIMEOUT:-300} python3 -m pytest -q -m multi_gpu -rf --tb=short tests/test_tp_gpu.py \
-    -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  # TP_PART=tests: the tests only (models and llama.cpp keep building); TP_PART=load: the loads only
+  [ "${TP_PART:-}" = load ] || REQUIRE_MULTI_GPU=1 timeout ${TP_TESTS_TIMEOUT:-300} python3 -m pytest -q -m multi_gpu -rf --tb=short \
+    tests/test_tp_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  [ "${TP_PART:-}" = tests ] && exit 0
   for i in $(seq 1 80); do [ -f $M/tp.done ] && [ -f /tmp/llama.cpp/done ] && break; sleep 5; done
   for tp in 1 2; do
     timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-tp$tp --worker \
-      --tp $tp --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 2>&1 | tee "$OUT/tp$tp.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+      --tp $tp --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp$tp.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
   timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-llama-sm-row \
     --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=row --concurrency ${LOAD_LEVELS:-1 64} \
-    --requests-per-client 1 2>&1 | tee "$OUT/tp_llama.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+    --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp_llama.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines
@@ -142,7 +144,7 @@ kprobe)
   timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
     | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
   ;;
-qbench13)
+bench13)
   # issue 13's table: worker-orcd and llama-bench on the same synthetic files, one row per shape x type
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
@@ -159,7 +161,7 @@ r72)
     --kv-cache-mb 10752 --llama-bench /tmp/llama.cpp/build/bin/llama-bench --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" \
     --vocab 151936 2>&1 | tee "$OUT/r72.log" | grep -vE '^\{'
   ;;
-verify)
+qverify)
   # the quantized residency's swapped form + K segments: GPU tests, per-shape speed, 7B Q4_K_M steps
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
   timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul.py tests/test_qlayout.py \
