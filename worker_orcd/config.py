@@ -230,9 +230,6 @@ class WorkerConfig(BaseModel):
         if members[self.tp_rank] != self.worker_id:
             raise ValueError(f"tp_members names {members[self.tp_rank]!r} as rank {self.tp_rank}, "
                              f"but this worker is {self.worker_id!r}")
-        if self.device != "cpu":
-            raise ValueError("tensor parallel runs on --device cpu (gloo) only for now: the CUDA/NCCL path has not "
-                             "been run on a multi-GPU machine yet")
         if self.resident_weights != "dense":
             raise ValueError("tensor parallel needs resident_weights dense (quantized blocks are not split yet)")
         if not self.model and self.tp_rank > 0:

@@ -1,8 +1,8 @@
 """Tensor parallel over torch.distributed (SPEC 4500-4522): joining a group, the step broadcast, the all-reduces.
 
 One worker process per device, one shard each (``shard.py``), one process group: ``gloo`` on the
-CPU (development/test mode, what runs today) and NCCL on GPUs (the same code; not run yet, no
-multi-GPU machine was lent). Rank 0 serves HTTP/SSE and runs the scheduler; the others follow.
+CPU (development/test mode) and, on GPUs, NCCL for the all-reduces (CUDA tensors, inside the
+captured decode graphs) with gloo for rank 0's step messages (CPU tensors) in the same group. Rank 0 serves HTTP/SSE and runs the scheduler; the others follow.
 
 Joining (before ``init_process_group``). Rank 0 runs a ``TCPStore`` bound to ``--tp-master`` only,
 and writes a fresh nonce. A member reads it and writes a hello: its own nonce and
@@ -180,7 +180,7 @@ def _hello(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str) -> None:
 def join(spec: TPSpec, device: str) -> TPGroup:
     """Authenticate (see the module doc), then ``init_process_group``; blocks until every rank is in."""
     backend = BACKEND_BY_DEVICE[device]
-    if backend == "nccl":
+    if "nccl" in backend:
         for k, v in NCCL_SAFE_ENV.items():
             os.environ.setdefault(k, v)
     if dist.is_initialized():

@@ -30,8 +30,10 @@ from .config import ModelConfig
 # The NCCL settings the GPU path must pin before init_process_group (not used by gloo): NVLink
 # SHARP / multicast (NVLS) off, as the device lender requires; set only where the operator has not.
 NCCL_SAFE_ENV: dict[str, str] = {"NCCL_NVLS_ENABLE": "0"}
-# gloo on the CPU (development/test mode) today; NCCL is the GPU backend (not run yet: no multi-GPU machine).
-BACKEND_BY_DEVICE: dict[str, str] = {"cpu": "gloo", "cuda": "nccl"}
+# gloo on the CPU (development/test mode). On GPUs one group with two backends: NCCL for the CUDA
+# tensors (the all-reduces, captured in the decode graphs) and gloo for the CPU ones (rank 0's step
+# messages and pings), so a step's description never makes a host-device round trip.
+BACKEND_BY_DEVICE: dict[str, str] = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}
 MAX_TP_DEGREE = 64
 MIN_SECRET_BYTES = 16
 
