@@ -37,6 +37,12 @@ def test_tp_config_valid_group_gives_this_ranks_spec_and_shard(tmp_path: Path) -
     assert tp_spec(load_config({"worker_id": "w"}, env={})) is None
 
 
+def test_tp_config_accepts_cuda_ranks(tmp_path: Path) -> None:
+    """The NCCL path ran on two H200s (tests/test_tp_gpu.py): --device cuda is a valid member."""
+    cfg = load_config(_tp(tmp_path, device="cuda", gpu_device="1"), env={})
+    assert cfg.device == "cuda" and tp_spec(cfg) is not None
+
+
 @pytest.mark.parametrize(
     ("over", "message"),
     [
@@ -46,7 +52,6 @@ def test_tp_config_valid_group_gives_this_ranks_spec_and_shard(tmp_path: Path) -
         ({"tp_members": "w0,w2"}, "names 'w2' as rank 1, but this worker is 'w1'"),
         ({"tp_members": "w0,w1,w2"}, "must list 2 distinct worker ids"),
         ({"tp_master": "127.0.0.1"}, "tp_master (--tp-master): must be HOST:PORT"),
-        ({"device": "cuda"}, "CUDA/NCCL path has not been run"),
         ({"resident_weights": "quantized"}, "needs resident_weights dense"),
         ({"model": None}, "rank 1 needs --model: a member serves no API"),
     ],
