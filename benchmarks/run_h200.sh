@@ -12,7 +12,7 @@
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
-#   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm row
+#   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
@@ -116,9 +116,12 @@ tp)
     timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-tp$tp --worker \
       --tp $tp --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp$tp.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
-  timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-llama-sm-row \
-    --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=row --concurrency ${LOAD_LEVELS:-1 64} \
-    --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp_llama.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  # -sm row does not load on this build ("device CUDA0 does not support split buffers"): tensor and layer
+  for sm in tensor layer; do
+    timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-llama-sm-$sm \
+      --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=$sm --concurrency ${LOAD_LEVELS:-1 64} \
+      --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp_llama_$sm.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
   ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines
