@@ -82,7 +82,8 @@ def test_tp2_nccl_forms_refuses_a_wrong_secret_and_is_deterministic(group: Group
     assert len(first) == N_GREEDY and first == second
 
 
-def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: Path) -> None:
+def _tp1_reference(model: Path, resident_weights: str) -> tuple[list[str], int, list[float]]:
+    """tp=1 on cuda:0 in this process: greedy text pieces, the reliable prefix (before the first near-tie)."""
     import torch
 
     from worker_orcd.engine.api import Engine, SamplingParams, TokenEvent
@@ -92,7 +93,7 @@ def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: 
 
     v = validate_model(model.name, LoadOptions(model_root=model.parent))
     tok = GGUFTokenizer.from_gguf(v.gguf)
-    m = load_resident(Engine.open("cuda", 0), v, kv_cache_mb=256)
+    m = load_resident(Engine.open("cuda", 0, resident_weights=resident_weights), v, kv_cache_mb=256)
     try:
         ids = tok.encode(PROMPT)
         got = [e.token_id for e in m.generate(ids, SamplingParams(max_tokens=N_GREEDY)) if isinstance(e, TokenEvent)]
@@ -105,5 +106,49 @@ def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: 
         torch.cuda.empty_cache()
     n = next((i for i, gap in enumerate(gaps) if gap <= TIE_GAP), len(got))
     detok = tok.stream()
-    want = [detok.push(t) for t in got]
-    assert _greedy(group)[:n] == want[:n], f"reliable prefix {n} of {len(got)} (gaps {[round(x, 3) for x in gaps]})"
+    return [detok.push(t) for t in got], n, gaps
+
+
+def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: Path) -> None:
+    want, n, gaps = _tp1_reference(model, "dense")
+    assert _greedy(group)[:n] == want[:n], f"reliable prefix {n} of {len(want)} (gaps {[round(x, 3) for x in gaps]})"
+
+
+@pytest.fixture(scope="module")
+def q8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    donor = os.environ.get("WORKER_ORCD_TOKENIZER_DONOR")
+    assert donor and Path(donor).is_file(), "set WORKER_ORCD_TOKENIZER_DONOR to the tokenizer donor GGUF"
+    path = tmp_path_factory.mktemp("tp-gpu-q8") / "qwen05-q8_0.gguf"
+    return synth().write_synthetic_model(path, "qwen2.5-0.5b", "Q8_0", tokenizer_from=donor)
+
+
+@pytest.fixture(scope="module")
+def qgroup(q8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    """Two ranks with the quantized residency: each keeps its share of the file's Q8_0 blocks."""
+    tmp = tmp_path_factory.mktemp("tp-gpu-qgroup")
+    token_file, token, _ = write_tokens(tmp)
+    port = _free_port()
+    secret = _secret(tmp, "q.secret", "group-secret-" + "5" * 24)
+    q = ("--resident-weights", "quantized")
+    with CallbackServer() as pm:
+        rank0 = start(tmp, _args(q8_model, 0, port, secret, "g-q8", ["--port", "0", "--callback-url", pm.url, *q],
+                                 _cuda(0)), token_file)
+        rank1 = start(tmp, _args(q8_model, 1, port, secret, "g-q8", list(q), _cuda(1)), None)
+        try:
+            wait_ready(rank0, pm)
+            yield Group(rank0, rank1, pm, token, tmp)
+        finally:
+            for p in (rank0, rank1):
+                if p.proc.poll() is None:
+                    p.proc.kill()
+                    p.proc.wait(30)
+
+
+def test_tp2_quantized_shards_greedy_equals_tp1_quantized(qgroup: Group, q8_model: Path) -> None:
+    with qgroup.rank0.client(qgroup.token) as c:
+        ready = c.get("/worker/ready").json()
+    assert ready["ready"] and ready["handles"][0]["total_shards"] == 2, ready
+    first = _greedy(qgroup)
+    assert first == _greedy(qgroup)
+    want, n, gaps = _tp1_reference(q8_model, "quantized")
+    assert first[:n] == want[:n], f"reliable prefix {n} of {len(want)} (gaps {[round(x, 3) for x in gaps]})"

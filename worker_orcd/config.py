@@ -230,8 +230,6 @@ class WorkerConfig(BaseModel):
         if members[self.tp_rank] != self.worker_id:
             raise ValueError(f"tp_members names {members[self.tp_rank]!r} as rank {self.tp_rank}, "
                              f"but this worker is {self.worker_id!r}")
-        if self.resident_weights != "dense":
-            raise ValueError("tensor parallel needs resident_weights dense (quantized blocks are not split yet)")
         if not self.model and self.tp_rank > 0:
             raise ValueError(f"tensor parallel rank {self.tp_rank} needs --model: a member serves no API, so no "
                              "POST /worker/commit can reach it (rank 0 may take its shard from one)")

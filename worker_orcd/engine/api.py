@@ -414,21 +414,20 @@ class Engine:
                 from . import tensor_parallel
 
                 mcfg = shard_config(cfg, self.tp.degree)  # refuses heads / FFN that do not split
-                if self.quantized:
-                    raise ModelLoadError("tensor parallel needs --resident-weights dense (quantized blocks are not split yet)")
                 group = tensor_parallel.join(self.tp, self.ctx.kind)
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
+                if group is not None:  # the GGUF blocks or dense values of this rank; the full arena is dropped
+                    arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)
+                    stats = dataclasses.replace(stats, resident_bytes=arena.numel())
                 if self.quantized:
                     make_planar(arena, lay)  # a fixed permutation of the verified bytes, before the seal
                 if group is None:
                     model = Model(cfg, bind(arena, lay, cfg))
                 else:
-                    arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)  # the full arena is dropped
-                    stats = dataclasses.replace(stats, resident_bytes=arena.numel())
                     model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg), group)
                 weights = model.w
                 kv = PagedKVCache.allocate(model.cfg, pool, dtype, dev)
