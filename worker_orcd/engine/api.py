@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
-from ..errors import ErrorCode, InvalidParams, ModelLoadError, WorkerError
+from ..errors import ErrorCode, InvalidParams, WorkerError
 from ..gguf import GGUFFile
 from . import attest as attest_mod
 from . import ops
