@@ -447,8 +447,8 @@ class LeaderRunner:
             self.group.send(OP_STEP, encode_step(batch))
             self.group.steps += 1
             out = self._runner.launch(batch)  # type: ignore[attr-defined]
-            if any(r.sample is not None for r in batch.rows):
-                self.group.share_draws(out.ids)
+            if any(r.sample is not None for r in batch.rows):  # members receive int64 (follow)
+                self.group.share_draws(out.ids.to(torch.int64).contiguous())
         return out
 
 
