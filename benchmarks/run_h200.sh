@@ -13,6 +13,7 @@
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
+#   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
@@ -121,6 +122,28 @@ tp)
     timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-F16.gguf --label 7b-F16-llama-sm-$sm \
       --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=$sm --concurrency ${LOAD_LEVELS:-1 64} \
       --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp_llama_$sm.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
+  ;;
+tpq)
+  # quantized shards (the GGUF blocks split per rank): the two-GPU tests, then 7B Q4_K_M (TP_72B=1: the 72B shape,
+  # 51 GB, written first) resident quantized at tp=1 and tp=2 against llama-server over both GPUs
+  sed -i "s/-j 14/-j $(nproc)/" .devdata/build-llama-cpp.sh
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  S=qwen2.5-7b; [ -n "${TP_72B:-}" ] && S=qwen2.5-72b
+  (synth $S Q4_K_M; touch $M/tpq.done) >$M/synth.log 2>&1 &
+  [ -n "${TP_72B:-}" ] || REQUIRE_MULTI_GPU=1 timeout ${TP_TESTS_TIMEOUT:-300} python3 -m pytest -q -m multi_gpu -rf --tb=short \
+    tests/test_tp_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  for i in $(seq 1 100); do [ -f $M/tpq.done ] && [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; ls -la $M
+  F=$M/$S-Q4_K_M.gguf; D="${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}}"
+  for tp in ${TP_DEGREES:-1 2}; do
+    timeout ${LOAD_TIMEOUT:-200} python3 benchmarks/bench_load.py --model $F --label $S-q-tp$tp --worker --tp $tp \
+      --resident-weights quantized --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 $D 2>&1 \
+      | tee "$OUT/tpq$tp.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
+  for sm in tensor layer; do
+    timeout ${LOAD_TIMEOUT:-200} python3 benchmarks/bench_load.py --model $F --label $S-llama-sm-$sm --llama /tmp/llama.cpp/build/bin/llama-server \
+      --llama-arg=-sm --llama-arg=$sm --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 $D 2>&1 \
+      | tee "$OUT/tpq_llama_$sm.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
   ;;
 probe)
