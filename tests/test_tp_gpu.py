@@ -29,8 +29,8 @@ def _cuda(rank: int) -> tuple[str, ...]:
     return ("--device", "cuda", "--gpu-device", str(rank))
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _synthetic(tmp_path_factory: pytest.TempPathFactory, wtype: str) -> Path:
+    """A Qwen2.5-0.5B-shaped model of ``wtype`` with the real tokenizer (the donor's)."""
     import torch
 
     from synthetic import synth
@@ -38,23 +38,24 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert torch.cuda.device_count() >= 2, "REQUIRE_MULTI_GPU=1 but fewer than two CUDA devices"
     donor = os.environ.get("WORKER_ORCD_TOKENIZER_DONOR")
     assert donor and Path(donor).is_file(), "set WORKER_ORCD_TOKENIZER_DONOR to the tokenizer donor GGUF"
-    path = tmp_path_factory.mktemp("tp-gpu") / "qwen05-f16.gguf"
-    return synth().write_synthetic_model(path, "qwen2.5-0.5b", "F16", tokenizer_from=donor)
+    path = tmp_path_factory.mktemp(f"tp-gpu-{wtype}") / f"qwen05-{wtype.lower()}.gguf"
+    return synth().write_synthetic_model(path, "qwen2.5-0.5b", wtype, tokenizer_from=donor)
 
 
-@pytest.fixture(scope="module")
-def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    tmp = tmp_path_factory.mktemp("tp-gpu-group")
+def _group(model: Path, tmp: Path, group_id: str, extra: list[str], intruder: bool) -> Iterator[Group]:
+    """Rank 0 on cuda:0 (serving), rank 1 on cuda:1; ``intruder``: first a rank 1 with another secret,
+    which must exit 1 without joining."""
     token_file, token, _ = write_tokens(tmp)
     port = _free_port()
-    secret = _secret(tmp, "g.secret", "group-secret-" + "7" * 24)
+    secret = _secret(tmp, f"{group_id}.secret", "group-secret-" + "7" * 24)
     with CallbackServer() as pm:
-        rank0 = start(tmp, _args(model, 0, port, secret, "g-nccl", ["--port", "0", "--callback-url", pm.url], _cuda(0)),
-                      token_file)
-        wrong = _secret(tmp, "wrong.secret", "not-the-secret-" + "3" * 24)
-        bad = start(tmp, _args(model, 1, port, wrong, "g-nccl", [], _cuda(1)), None)
-        assert bad.proc.wait(180) == 1, bad.log.read_text()[-3000:]
-        rank1 = start(tmp, _args(model, 1, port, secret, "g-nccl", [], _cuda(1)), None)
+        rank0 = start(tmp, _args(model, 0, port, secret, group_id, ["--port", "0", "--callback-url", pm.url, *extra],
+                                 _cuda(0)), token_file)
+        if intruder:
+            wrong = _secret(tmp, "wrong.secret", "not-the-secret-" + "3" * 24)
+            bad = start(tmp, _args(model, 1, port, wrong, group_id, list(extra), _cuda(1)), None)
+            assert bad.proc.wait(180) == 1, bad.log.read_text()[-3000:]
+        rank1 = start(tmp, _args(model, 1, port, secret, group_id, list(extra), _cuda(1)), None)
         try:
             wait_ready(rank0, pm)
             yield Group(rank0, rank1, pm, token, tmp)
@@ -63,6 +64,16 @@ def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gro
                 if p.proc.poll() is None:
                     p.proc.kill()
                     p.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synthetic(tmp_path_factory, "F16")
+
+
+@pytest.fixture(scope="module")
+def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    yield from _group(model, tmp_path_factory.mktemp("tp-gpu-group"), "g-nccl", [], intruder=True)
 
 
 def _greedy(g: Group) -> list[str]:
@@ -116,32 +127,14 @@ def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: 
 
 @pytest.fixture(scope="module")
 def q8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    donor = os.environ.get("WORKER_ORCD_TOKENIZER_DONOR")
-    assert donor and Path(donor).is_file(), "set WORKER_ORCD_TOKENIZER_DONOR to the tokenizer donor GGUF"
-    path = tmp_path_factory.mktemp("tp-gpu-q8") / "qwen05-q8_0.gguf"
-    return synth().write_synthetic_model(path, "qwen2.5-0.5b", "Q8_0", tokenizer_from=donor)
+    return _synthetic(tmp_path_factory, "Q8_0")
 
 
 @pytest.fixture(scope="module")
 def qgroup(q8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
     """Two ranks with the quantized residency: each keeps its share of the file's Q8_0 blocks."""
-    tmp = tmp_path_factory.mktemp("tp-gpu-qgroup")
-    token_file, token, _ = write_tokens(tmp)
-    port = _free_port()
-    secret = _secret(tmp, "q.secret", "group-secret-" + "5" * 24)
-    q = ("--resident-weights", "quantized")
-    with CallbackServer() as pm:
-        rank0 = start(tmp, _args(q8_model, 0, port, secret, "g-q8", ["--port", "0", "--callback-url", pm.url, *q],
-                                 _cuda(0)), token_file)
-        rank1 = start(tmp, _args(q8_model, 1, port, secret, "g-q8", list(q), _cuda(1)), None)
-        try:
-            wait_ready(rank0, pm)
-            yield Group(rank0, rank1, pm, token, tmp)
-        finally:
-            for p in (rank0, rank1):
-                if p.proc.poll() is None:
-                    p.proc.kill()
-                    p.proc.wait(30)
+    yield from _group(q8_model, tmp_path_factory.mktemp("tp-gpu-qgroup"), "g-q8", ["--resident-weights", "quantized"],
+                      intruder=False)
 
 
 def test_tp2_quantized_shards_greedy_equals_tp1_quantized(qgroup: Group, q8_model: Path) -> None:
