@@ -10,6 +10,7 @@
 #   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
+#   bash benchmarks/run_h200.sh qprefill   # branch q-prefill: dequantize-to-scratch prefill path: GPU tests, 7B Q4_K_M steps per residency
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
@@ -169,6 +170,18 @@ kprobe)
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
     | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
+  ;;
+qprefill)
+  # the quantized prefill path (kernels/qmatmul_prefill.py): bitwise vs the fused kernel and across the threshold, then speed
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul_prefill.py tests/test_qmatmul.py \
+    tests/test_quant_residency.py tests/test_engine_gpu.py -k "prefill or qmatmul or residency or agrees_with_dense" \
+    -p no:cacheprovider 2>&1 | tail -6
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for r in quantized dense; do
+    timeout 120 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 64 --resident-weights $r 2>&1 \
+      | tee "$OUT/profile_7b_$r.log" | grep -E "^\||prefill|Error"
+  done
   ;;
 bench13)
   # issue 13's table: worker-orcd and llama-bench on the same synthetic files, one row per shape x type
