@@ -106,6 +106,7 @@ class WorkerConfig(BaseModel):
     max_batch: int | None = Field(default=None, ge=1, le=1024)
     max_queue: int = Field(default=256, ge=0, le=100_000)  # admitted jobs waiting for a slot (ignored when max_batch=1)
     prefill_chunk: int | None = Field(default=None, ge=16, le=65_536)
+    mixed_step_tokens: int | None = Field(default=None, ge=1, le=65_536)  # tokens of a step that has decode rows
     # dense: quantized matrices dequantized once at load (fastest today); quantized: GGUF blocks stay
     # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels are exact but slower for now)
     resident_weights: Literal["dense", "quantized"] = "dense"  # tokens per engine step (None: engine default)
