@@ -11,6 +11,7 @@
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
 #   bash benchmarks/run_h200.sh qprefill   # branch q-prefill: dequantize-to-scratch prefill path: GPU tests, 7B Q4_K_M steps per residency
+#   bash benchmarks/run_h200.sh itl        # branch next: 7B Q4_K_M at 64 clients, steady state, --mixed-step-tokens 384 / 256 / 192 (p99 ITL vs tok/s, TTFT)
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
@@ -181,6 +182,16 @@ qprefill)
   for r in quantized dense; do
     timeout 120 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 64 --resident-weights $r 2>&1 \
       | tee "$OUT/profile_7b_$r.log" | grep -E "^\||prefill|Error"
+  done
+  ;;
+itl)
+  # the mixed-step cap against issue 8's p99 inter-token latency (7B: 3 x 4.5 ms single-stream step), worker-orcd alone
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for cap in ${ITL_CAPS:-384 256 192}; do
+    timeout ${LOAD_TIMEOUT:-120} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-q4km-mixed$cap --worker \
+      --worker-arg=--mixed-step-tokens --worker-arg=$cap --concurrency ${LOAD_LEVELS:-64} --duration ${LOAD_DURATION:-12} \
+      --warmup ${LOAD_WARMUP:-3} 2>&1 | tee "$OUT/itl_$cap.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
   ;;
 bench13)
