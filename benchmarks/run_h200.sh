@@ -133,6 +133,9 @@ tpq)
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   S=qwen2.5-7b; [ -n "${TP_72B:-}" ] && S=qwen2.5-72b
   (synth $S Q4_K_M; touch $M/tpq.done) >$M/synth.log 2>&1 &
+  # what the group's sums cost per decode step (7B: d 3584, 28 layers; 72B: d 8192, 80 layers)
+  timeout 120 python3 benchmarks/bench_allreduce.py --degree 2 --d-model 3584 --layers 28 2>&1 | tee "$OUT/allreduce_7b.log" | grep "^|"
+  timeout 120 python3 benchmarks/bench_allreduce.py --degree 2 --d-model 8192 --layers 80 2>&1 | tee "$OUT/allreduce_72b.log" | grep "^|"
   [ -n "${TP_72B:-}" ] || REQUIRE_MULTI_GPU=1 timeout ${TP_TESTS_TIMEOUT:-300} python3 -m pytest -q -m multi_gpu -rf --tb=short \
     tests/test_tp_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -6
   for i in $(seq 1 100); do [ -f $M/tpq.done ] && [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; ls -la $M
