@@ -10,8 +10,8 @@
 #   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
-#   bash benchmarks/run_h200.sh qprefill   # branch q-prefill: dequantize-to-scratch prefill path: GPU tests, 7B Q4_K_M steps per residency
-#   bash benchmarks/run_h200.sh itl        # branch next: 7B Q4_K_M at 64 clients, steady state, --mixed-step-tokens 384 / 256 / 192 (p99 ITL vs tok/s, TTFT)
+#   bash benchmarks/run_h200.sh qprefill   # dequantize-to-scratch prefill path: GPU tests, 7B Q4_K_M steps per residency
+#   bash benchmarks/run_h200.sh itl        # 7B Q4_K_M at 64 clients, steady state, --mixed-step-tokens 384 / 256 / 192 (p99 ITL vs tok/s, TTFT)
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
