@@ -178,7 +178,8 @@ kprobe)
 qprefill)
   # the quantized prefill path (kernels/qmatmul_prefill.py): bitwise vs the fused kernel and across the threshold, then speed
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
-  timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul_prefill.py tests/test_qmatmul.py \
+  # QP_SKIP_TESTS=1 after `tests` (the suite already ran them)
+  [ -n "${QP_SKIP_TESTS:-}" ] || timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul_prefill.py tests/test_qmatmul.py \
     tests/test_quant_residency.py tests/test_engine_gpu.py -k "prefill or qmatmul or residency or agrees_with_dense" \
     -p no:cacheprovider 2>&1 | tail -6
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
