@@ -20,7 +20,7 @@ import torch
 from ...gguf.constants import BLOCK_LAYOUT
 from ..dequant import dequantize
 from ..qweight import QWeight
-from .matmul_dense import dense_matmul
+from . import matmul_dense  # a module reference: matmul_dense imports qmatmul, which imports this
 from . import qmatmul_tiled  # the segments (a module reference: qmatmul_tiled imports qmatmul, which imports this)
 
 # Rows from which a quantized matmul takes this path on CUDA (decode and small mixed steps keep the
@@ -53,7 +53,7 @@ def qmatmul_dequant(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out:
     for s in range(nseg):
         lo, hi = s * ks, min(w.k, (s + 1) * ks)
         wd = segment_weight(w, lo, hi, x.dtype, g)
-        p = dense_matmul(x[:, lo:hi], wd, splits=1, out_dtype=torch.float32)
+        p = matmul_dense.dense_matmul(x[:, lo:hi], wd, splits=1, out_dtype=torch.float32)
         acc = p if acc is None else acc + p
     assert acc is not None
     if bias is not None:
