@@ -186,6 +186,7 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
         cmd += ["--kv-cache-size-mb", str(args.kv_cache_mb)]
     if args.resident_weights:
         cmd += ["--resident-weights", args.resident_weights]
+    cmd += args.worker_arg
     if args.tp > 1:  # a tensor-parallel group: rank r on GPU r; rank 0 serves, the others follow
         secret = work / "tp.secret"
         secret.write_text(os.urandom(24).hex() + "\n")
@@ -233,6 +234,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=0.0,
                     help="seconds per level of back-to-back requests; tok/s counts tokens arriving after --warmup")
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at the start of a --duration level not counted")
+    ap.add_argument("--worker-arg", action="append", default=[],
+                    help="extra worker-orcd serve argument (repeat; write --worker-arg=--mixed-step-tokens --worker-arg=192)")
     ap.add_argument("--resident-weights", choices=("dense", "quantized"), default=None, help="worker-orcd's (default: its own)")
     ap.add_argument("--tp", type=int, default=1, help="worker-orcd as a tensor-parallel group of this many GPUs")
     ap.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument (repeat; write --llama-arg=-sm --llama-arg=row)")

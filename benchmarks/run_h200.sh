@@ -10,9 +10,12 @@
 #   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
+#   bash benchmarks/run_h200.sh qprefill   # dequantize-to-scratch prefill path: GPU tests, 7B Q4_K_M steps per residency
+#   bash benchmarks/run_h200.sh itl        # 7B Q4_K_M at 64 clients, steady state, --mixed-step-tokens 384 / 256 / 192 (p99 ITL vs tok/s, TTFT)
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
+#   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
@@ -123,6 +126,31 @@ tp)
       --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/tp_llama_$sm.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   done
   ;;
+tpq)
+  # quantized shards (the GGUF blocks split per rank): the two-GPU tests, then 7B Q4_K_M (TP_72B=1: the 72B shape,
+  # 51 GB, written first) resident quantized at tp=1 and tp=2 against llama-server over both GPUs
+  sed -i "s/-j 14/-j $(nproc)/" .devdata/build-llama-cpp.sh
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  S=qwen2.5-7b; [ -n "${TP_72B:-}" ] && S=qwen2.5-72b
+  (synth $S Q4_K_M; touch $M/tpq.done) >$M/synth.log 2>&1 &
+  # what the group's sums cost per decode step (7B: d 3584, 28 layers; 72B: d 8192, 80 layers)
+  timeout 120 python3 benchmarks/bench_allreduce.py --degree 2 --d-model 3584 --layers 28 2>&1 | tee "$OUT/allreduce_7b.log" | grep "^|"
+  timeout 120 python3 benchmarks/bench_allreduce.py --degree 2 --d-model 8192 --layers 80 2>&1 | tee "$OUT/allreduce_72b.log" | grep "^|"
+  [ -n "${TP_72B:-}" ] || REQUIRE_MULTI_GPU=1 timeout ${TP_TESTS_TIMEOUT:-300} python3 -m pytest -q -m multi_gpu -rf --tb=short \
+    tests/test_tp_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  for i in $(seq 1 100); do [ -f $M/tpq.done ] && [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; ls -la $M
+  F=$M/$S-Q4_K_M.gguf; D="${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}}"
+  for tp in ${TP_DEGREES:-1 2}; do
+    timeout ${LOAD_TIMEOUT:-200} python3 benchmarks/bench_load.py --model $F --label $S-q-tp$tp --worker --tp $tp \
+      --resident-weights quantized --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 $D 2>&1 \
+      | tee "$OUT/tpq$tp.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
+  for sm in tensor layer; do
+    timeout ${LOAD_TIMEOUT:-200} python3 benchmarks/bench_load.py --model $F --label $S-llama-sm-$sm --llama /tmp/llama.cpp/build/bin/llama-server \
+      --llama-arg=-sm --llama-arg=$sm --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 $D 2>&1 \
+      | tee "$OUT/tpq_llama_$sm.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
+  ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
@@ -146,6 +174,29 @@ kprobe)
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
     | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
+  ;;
+qprefill)
+  # the quantized prefill path (kernels/qmatmul_prefill.py): bitwise vs the fused kernel and across the threshold, then speed
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  # QP_SKIP_TESTS=1 after `tests` (the suite already ran them)
+  [ -n "${QP_SKIP_TESTS:-}" ] || timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul_prefill.py tests/test_qmatmul.py \
+    tests/test_quant_residency.py tests/test_engine_gpu.py -k "prefill or qmatmul or residency or agrees_with_dense" \
+    -p no:cacheprovider 2>&1 | tail -6
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for r in quantized dense; do
+    timeout 120 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 64 --resident-weights $r 2>&1 \
+      | tee "$OUT/profile_7b_$r.log" | grep -E "^\||prefill|Error"
+  done
+  ;;
+itl)
+  # the mixed-step cap against issue 8's p99 inter-token latency (7B: 3 x 4.5 ms single-stream step), worker-orcd alone
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for cap in ${ITL_CAPS:-384 256 192}; do
+    timeout ${LOAD_TIMEOUT:-120} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-q4km-mixed$cap --worker \
+      --worker-arg=--mixed-step-tokens --worker-arg=$cap --concurrency ${LOAD_LEVELS:-64} --duration ${LOAD_DURATION:-12} \
+      --warmup ${LOAD_WARMUP:-3} 2>&1 | tee "$OUT/itl_$cap.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
   ;;
 bench13)
   # issue 13's table: worker-orcd and llama-bench on the same synthetic files, one row per shape x type

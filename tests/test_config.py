@@ -174,6 +174,9 @@ def test_worker_4983_config_file_errors(tmp_path: Path) -> None:
     assert error_of(None, file=f).startswith("config: max_batch (config file): Input should be greater than or equal to 1")
     f.write_text(json.dumps({"worker_id": "w", "max_queue": -1}))
     assert error_of(None, file=f).startswith("config: max_queue (config file): Input should be greater than or equal to 0")
+    f.write_text(json.dumps({"worker_id": "w", "mixed_step_tokens": 0}))
+    assert error_of(None, file=f).startswith("config: mixed_step_tokens (config file): Input should be greater than or equal to 1")
+    assert cfg({"mixed_step_tokens": "192"}).mixed_step_tokens == 192  # --mixed-step-tokens
     f.write_text(json.dumps({"worker_id": "w", "port": "8001"}))
     assert cfg(file=f).listen_port == 8001  # lax: a quoted number is still a number
 

@@ -131,6 +131,25 @@ def test_worker_4710_prompt_chunking_does_not_change_logits_or_stream(subject: S
 
 
 @pytest.mark.slow
+def test_worker_4720_mixed_step_tokens_caps_steps_with_decode_rows(subject: Subject, alone: list[list[int]]) -> None:
+    """--mixed-step-tokens: the cap of a step that has decode rows (never below the decode rows), the
+    streams unchanged by it; a bad value is refused before anything loads."""
+    from worker_orcd.errors import InvalidParams
+
+    for cap, want in ((24, 24), (2, 4)):  # 2 < max_batch 4: every running job still gets its row
+        rm = subject.load(kv_cache_mb=64, max_batch=4, prefill_chunk=64, mixed_step_tokens=cap)
+        try:
+            assert rm.batching.mixed_budget == want and rm.batching.token_budget == 64
+            if cap == 2:
+                jobs = [(_ids(subject.tok, p), q) for p, q in zip(PROMPTS, PARAMS, strict=True)]
+                assert run_concurrently(rm, jobs) == alone
+        finally:
+            rm.close()
+    with pytest.raises(InvalidParams, match="mixed_step_tokens must be a positive integer"):
+        subject.load(kv_cache_mb=64, mixed_step_tokens=0)
+
+
+@pytest.mark.slow
 def test_worker_4710_decode_logits_equal_recomputed_prefill(subject: Subject) -> None:
     """What preemption relies on: the logits a decode step produced equal a from-scratch prefill of the
     same tokens (same kernels, same per-row reduction order), bit for bit."""

@@ -244,8 +244,8 @@ class FakeEngine:
 
     def load(
         self, gguf: Any, model_file: BinaryIO, *, digest: str, name: str = "model", kv_cache_mb: int | None = None,
-        max_batch: int | None = None, prefill_chunk: int | None = None, before_admit: Any = None, observer: Any = None,
-        progress: Any = None, on_fatal: Any = None,
+        max_batch: int | None = None, prefill_chunk: int | None = None, mixed_step_tokens: int | None = None,
+        before_admit: Any = None, observer: Any = None, progress: Any = None, on_fatal: Any = None,
     ) -> FakeResident:
         k = self.knobs
         total = k.load_bytes

@@ -29,8 +29,8 @@ def _cuda(rank: int) -> tuple[str, ...]:
     return ("--device", "cuda", "--gpu-device", str(rank))
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _synthetic(tmp_path_factory: pytest.TempPathFactory, wtype: str) -> Path:
+    """A Qwen2.5-0.5B-shaped model of ``wtype`` with the real tokenizer (the donor's)."""
     import torch
 
     from synthetic import synth
@@ -38,23 +38,24 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert torch.cuda.device_count() >= 2, "REQUIRE_MULTI_GPU=1 but fewer than two CUDA devices"
     donor = os.environ.get("WORKER_ORCD_TOKENIZER_DONOR")
     assert donor and Path(donor).is_file(), "set WORKER_ORCD_TOKENIZER_DONOR to the tokenizer donor GGUF"
-    path = tmp_path_factory.mktemp("tp-gpu") / "qwen05-f16.gguf"
-    return synth().write_synthetic_model(path, "qwen2.5-0.5b", "F16", tokenizer_from=donor)
+    path = tmp_path_factory.mktemp(f"tp-gpu-{wtype}") / f"qwen05-{wtype.lower()}.gguf"
+    return synth().write_synthetic_model(path, "qwen2.5-0.5b", wtype, tokenizer_from=donor)
 
 
-@pytest.fixture(scope="module")
-def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    tmp = tmp_path_factory.mktemp("tp-gpu-group")
+def _group(model: Path, tmp: Path, group_id: str, extra: list[str], intruder: bool) -> Iterator[Group]:
+    """Rank 0 on cuda:0 (serving), rank 1 on cuda:1; ``intruder``: first a rank 1 with another secret,
+    which must exit 1 without joining."""
     token_file, token, _ = write_tokens(tmp)
     port = _free_port()
-    secret = _secret(tmp, "g.secret", "group-secret-" + "7" * 24)
+    secret = _secret(tmp, f"{group_id}.secret", "group-secret-" + "7" * 24)
     with CallbackServer() as pm:
-        rank0 = start(tmp, _args(model, 0, port, secret, "g-nccl", ["--port", "0", "--callback-url", pm.url], _cuda(0)),
-                      token_file)
-        wrong = _secret(tmp, "wrong.secret", "not-the-secret-" + "3" * 24)
-        bad = start(tmp, _args(model, 1, port, wrong, "g-nccl", [], _cuda(1)), None)
-        assert bad.proc.wait(180) == 1, bad.log.read_text()[-3000:]
-        rank1 = start(tmp, _args(model, 1, port, secret, "g-nccl", [], _cuda(1)), None)
+        rank0 = start(tmp, _args(model, 0, port, secret, group_id, ["--port", "0", "--callback-url", pm.url, *extra],
+                                 _cuda(0)), token_file)
+        if intruder:
+            wrong = _secret(tmp, "wrong.secret", "not-the-secret-" + "3" * 24)
+            bad = start(tmp, _args(model, 1, port, wrong, group_id, list(extra), _cuda(1)), None)
+            assert bad.proc.wait(180) == 1, bad.log.read_text()[-3000:]
+        rank1 = start(tmp, _args(model, 1, port, secret, group_id, list(extra), _cuda(1)), None)
         try:
             wait_ready(rank0, pm)
             yield Group(rank0, rank1, pm, token, tmp)
@@ -63,6 +64,16 @@ def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gro
                 if p.proc.poll() is None:
                     p.proc.kill()
                     p.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synthetic(tmp_path_factory, "F16")
+
+
+@pytest.fixture(scope="module")
+def group(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    yield from _group(model, tmp_path_factory.mktemp("tp-gpu-group"), "g-nccl", [], intruder=True)
 
 
 def _greedy(g: Group) -> list[str]:
@@ -82,7 +93,8 @@ def test_tp2_nccl_forms_refuses_a_wrong_secret_and_is_deterministic(group: Group
     assert len(first) == N_GREEDY and first == second
 
 
-def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: Path) -> None:
+def _tp1_reference(model: Path, resident_weights: str) -> tuple[list[str], int, list[float]]:
+    """tp=1 on cuda:0 in this process: greedy text pieces, the reliable prefix (before the first near-tie)."""
     import torch
 
     from worker_orcd.engine.api import Engine, SamplingParams, TokenEvent
@@ -92,7 +104,7 @@ def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: 
 
     v = validate_model(model.name, LoadOptions(model_root=model.parent))
     tok = GGUFTokenizer.from_gguf(v.gguf)
-    m = load_resident(Engine.open("cuda", 0), v, kv_cache_mb=256)
+    m = load_resident(Engine.open("cuda", 0, resident_weights=resident_weights), v, kv_cache_mb=256)
     try:
         ids = tok.encode(PROMPT)
         got = [e.token_id for e in m.generate(ids, SamplingParams(max_tokens=N_GREEDY)) if isinstance(e, TokenEvent)]
@@ -105,5 +117,31 @@ def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: 
         torch.cuda.empty_cache()
     n = next((i for i, gap in enumerate(gaps) if gap <= TIE_GAP), len(got))
     detok = tok.stream()
-    want = [detok.push(t) for t in got]
-    assert _greedy(group)[:n] == want[:n], f"reliable prefix {n} of {len(got)} (gaps {[round(x, 3) for x in gaps]})"
+    return [detok.push(t) for t in got], n, gaps
+
+
+def test_tp2_nccl_greedy_equals_tp1_on_the_reliable_prefix(group: Group, model: Path) -> None:
+    want, n, gaps = _tp1_reference(model, "dense")
+    assert _greedy(group)[:n] == want[:n], f"reliable prefix {n} of {len(want)} (gaps {[round(x, 3) for x in gaps]})"
+
+
+@pytest.fixture(scope="module")
+def q8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synthetic(tmp_path_factory, "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def qgroup(q8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    """Two ranks with the quantized residency: each keeps its share of the file's Q8_0 blocks."""
+    yield from _group(q8_model, tmp_path_factory.mktemp("tp-gpu-qgroup"), "g-q8", ["--resident-weights", "quantized"],
+                      intruder=False)
+
+
+def test_tp2_quantized_shards_greedy_equals_tp1_quantized(qgroup: Group, q8_model: Path) -> None:
+    with qgroup.rank0.client(qgroup.token) as c:
+        ready = c.get("/worker/ready").json()
+    assert ready["ready"] and ready["handles"][0]["total_shards"] == 2, ready
+    first = _greedy(qgroup)
+    assert first == _greedy(qgroup)
+    want, n, gaps = _tp1_reference(q8_model, "quantized")
+    assert first[:n] == want[:n], f"reliable prefix {n} of {len(want)} (gaps {[round(x, 3) for x in gaps]})"

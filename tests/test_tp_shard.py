@@ -136,3 +136,152 @@ def test_tp_spec_validates_its_members() -> None:
                        (dict(degree=1, members=("a",), rank=0), "degree")):
         with pytest.raises(ValueError, match=match):
             TPSpec(**{**ok, **bad})  # type: ignore[arg-type]
+
+
+# --- quantized residency: the GGUF blocks are split, then repacked ----------------------------
+
+
+def _quantized_full(path: Path):  # noqa: ANN202
+    from worker_orcd.engine.device import DeviceContext
+    from worker_orcd.engine.upload import upload
+    from worker_orcd.integrity import sha256_path
+
+    g = parse_file(path)
+    cfg = model_config(g)
+    lay = weight_layout(cfg, g, torch.float32, quantized=True)
+    arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
+    with open(path, "rb") as fh:
+        upload(fh, g, lay, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
+    return cfg, lay, arena
+
+
+def _bound_shard(cfg, lay, arena, rank: int, degree: int):  # noqa: ANN001, ANN202
+    from worker_orcd.engine.weights import bind, make_planar
+
+    sa, sl = shard_arena(arena, lay, cfg, rank, degree)
+    make_planar(sa, sl)  # as the engine does: the shard's blocks are repacked, then sealed
+    return sl, bind(sa, sl, shard_config(cfg, degree))
+
+
+@pytest.mark.parametrize("wtype", ["Q8_0", "Q4_0", "Q5_1", "Q6_K"])
+def test_tp_quantized_shards_dequantize_to_the_full_weights_slices(tmp_path: Path, wtype: str) -> None:
+    """Every rank's QWeights, dequantized, are exactly the full matrices' slices (Megatron layout),
+    planar types included; the shard arenas together hold the file's matrix bytes once."""
+    from worker_orcd.engine.qweight import QWeight, WeightGroup
+    from worker_orcd.engine.weights import bind, make_planar
+
+    shape = "tiny-llama" if wtype != "Q6_K" else "mid-llama"  # Q6_K rows split along K need K/2 % 256 == 0
+    path = synth.write_synthetic_model(tmp_path / "m.gguf", shape, wtype)
+    cfg, lay, arena = _quantized_full(path)
+    full_arena = arena.clone()
+    make_planar(full_arena, lay)
+    full = bind(full_arena, lay, cfg)
+    import copy
+
+    full_lay = copy.deepcopy(lay)
+    full_lay.planar = False
+    shards = [_bound_shard(cfg, full_lay, arena, r, 2) for r in range(2)]
+    for i in range(cfg.n_layers):
+        for attr, kind in (("wqkv", "column"), ("w_gate_up", "column"), ("wo", "row"), ("w_down", "row")):
+            want = getattr(full.layers[i], attr).dequantize()
+            pieces = [getattr(w.layers[i], attr) for _, w in shards]
+            assert all(isinstance(p, (QWeight, WeightGroup)) for p in pieces), attr
+            if kind == "row":
+                assert torch.equal(torch.cat([p.dequantize() for p in pieces], dim=1), want), (i, attr)
+            else:  # per fused part: rank 0's rows, then rank 1's
+                parts = fused_parts(cfg, f"{i}.{attr}")
+                got, at = [], 0
+                for n in parts:
+                    got += [p.dequantize()[at : at + n // 2] for p in pieces]
+                    at += n // 2
+                assert torch.equal(torch.cat(got), want), (i, attr)
+        assert torch.equal(shards[0][1].layers[i].attn_norm, full.layers[i].attn_norm)
+    for _, w in shards:  # replicated: the embedding (and output head) stay whole
+        assert torch.equal(w.embed.dequantize(), full.embed.dequantize())
+    split = sum(s.n_bytes for n, s in lay.slots.items() if n.startswith("blk.") and s.ggml_type is not None)
+    assert sum(sum(s.n_bytes for n, s in sl.slots.items() if n.startswith("blk.") and s.ggml_type is not None)
+               for sl, _ in shards) == split
+
+
+def test_tp_quantized_row_split_inside_a_block_is_refused(tmp_path: Path) -> None:
+    """tiny-llama's O has K = 256: Q4_K blocks of 256 cannot be halved; the load and the plan say why."""
+    path = synth.write_synthetic_model(tmp_path / "m.gguf", "tiny-llama", "Q4_K")
+    cfg, lay, _ = _quantized_full(path)
+    with pytest.raises(ModelLoadError, match="Q4_K matrix with K=256 cannot be split into 2 shards"):
+        shard_layout(lay, cfg, 2)  # type: ignore[arg-type]
+    from worker_orcd.engine.plan import plan_vram
+
+    with pytest.raises(ModelLoadError, match="256-element block"):
+        plan_vram(cfg, parse_file(path), torch.float16, None, 1 << 40, 0, 512, False, quantized=True, tp_degree=2)
+
+
+def test_tp_quantized_forward_summed_over_ranks_equals_tp1(tmp_path: Path) -> None:
+    """Two ranks' quantized shards run the real TPModel forward in lockstep (the all-reduce is a sum
+    across two threads): the logits equal the tp=1 quantized model's within fp32 rounding."""
+    import threading
+
+    from worker_orcd.engine.model import Model
+    from worker_orcd.engine.paged_kv import PagedKVCache
+    from worker_orcd.engine.runner import ModelRunner
+    from worker_orcd.engine.tensor_parallel import TPModel
+    from worker_orcd.engine.weights import bind, make_planar
+
+    path = synth.write_synthetic_model(tmp_path / "m.gguf", "tiny-llama", "Q8_0")
+    cfg, lay, arena = _quantized_full(path)
+    shards = [_bound_shard(cfg, lay, arena, r, 2) for r in range(2)]
+    make_planar(arena, lay)
+    cpu = torch.device("cpu")
+    one = ModelRunner(Model(cfg, bind(arena, lay, cfg)), PagedKVCache.allocate(cfg, 64, torch.float32, cpu), cpu, 64, 1)
+
+    barrier = threading.Barrier(2)
+    box: list[torch.Tensor | None] = [None, None]
+
+    class Pair:  # the collective only: both threads' partial sums, added in rank order
+        def __init__(self, rank: int) -> None:
+            self.rank = rank
+
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            box[self.rank] = x.clone()
+            barrier.wait()
+            total = box[0] + box[1]  # type: ignore[operator]
+            barrier.wait()
+            x.copy_(total)
+            return x
+
+    scfg = shard_config(cfg, 2)
+    runners = [ModelRunner(TPModel(scfg, w, Pair(r)), PagedKVCache.allocate(scfg, 64, torch.float32, cpu), cpu, 64, 1)
+               for r, (_, w) in enumerate(shards)]
+    tokens = [1, 5, 9, 200, 3, 77]
+    out: list[torch.Tensor | None] = [None, None]
+
+    def run(r: int) -> None:
+        with torch.no_grad():
+            out[r] = runners[r].prefill_logits(tokens)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    with torch.no_grad():
+        want = one.prefill_logits(tokens)
+    assert out[0] is not None and torch.equal(out[0], out[1])  # every rank computes the same logits
+    assert float((out[0] - want).norm() / want.norm()) < 1e-5
+
+
+def test_tp_quantized_plan_is_the_shard_layout(tmp_path: Path) -> None:
+    """/worker/plan's per-rank weights for the quantized residency are the engine's shard arena; the
+    load peak holds the whole block arena once."""
+    from worker_orcd.engine.plan import plan_vram
+
+    path = synth.write_synthetic_model(tmp_path / "m.gguf", "tiny-llama", "Q8_0")
+    g = parse_file(path)
+    cfg = model_config(g)
+    full = weight_layout(cfg, g, torch.float16, quantized=True)
+    one = plan_vram(cfg, g, torch.float16, 64, 1 << 40, 0, 512, False, quantized=True)
+    two = plan_vram(cfg, g, torch.float16, 64, 1 << 40, 0, 512, False, quantized=True, tp_degree=2)
+    assert one.weights_bytes == full.total_bytes
+    assert two.weights_bytes == shard_layout(full, cfg, 2).total_bytes < one.weights_bytes
+    assert two.weights_sharded_bytes + two.weights_replicated_bytes <= two.weights_bytes
+    assert two.weights_replicated_bytes > 0 and two.weights_sharded_bytes > 0
+    assert two.load_peak_bytes == two.resident_bytes - two.kv_cache_bytes + full.total_bytes  # the full arena while slicing

@@ -106,6 +106,7 @@ class WorkerConfig(BaseModel):
     max_batch: int | None = Field(default=None, ge=1, le=1024)
     max_queue: int = Field(default=256, ge=0, le=100_000)  # admitted jobs waiting for a slot (ignored when max_batch=1)
     prefill_chunk: int | None = Field(default=None, ge=16, le=65_536)
+    mixed_step_tokens: int | None = Field(default=None, ge=1, le=65_536)  # tokens of a step that has decode rows
     # dense: quantized matrices dequantized once at load (fastest today); quantized: GGUF blocks stay
     # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels are exact but slower for now)
     resident_weights: Literal["dense", "quantized"] = "dense"  # tokens per engine step (None: engine default)
@@ -230,8 +231,6 @@ class WorkerConfig(BaseModel):
         if members[self.tp_rank] != self.worker_id:
             raise ValueError(f"tp_members names {members[self.tp_rank]!r} as rank {self.tp_rank}, "
                              f"but this worker is {self.worker_id!r}")
-        if self.resident_weights != "dense":
-            raise ValueError("tensor parallel needs resident_weights dense (quantized blocks are not split yet)")
         if not self.model and self.tp_rank > 0:
             raise ValueError(f"tensor parallel rank {self.tp_rank} needs --model: a member serves no API, so no "
                              "POST /worker/commit can reach it (rank 0 may take its shard from one)")

@@ -357,6 +357,7 @@ class Worker:
                 model_ref=req.model_ref,  # the handle names the model as the caller does
                 kv_cache_mb=self.config.kv_cache_size_mb,
                 max_batch=self.config.max_batch, prefill_chunk=self.config.prefill_chunk,
+                mixed_step_tokens=self.config.mixed_step_tokens,
                 # M0 (--max-batch 1) keeps the per-request check before the stream opens (500 on mismatch)
                 before_admit=None if self.config.max_batch == 1 else self._seal_check_in_step, observer=self.metrics,
                 progress=self._on_upload, on_fatal=on_fatal,

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
-from ..errors import ErrorCode, InvalidParams, ModelLoadError, WorkerError
+from ..errors import ErrorCode, InvalidParams, WorkerError
 from ..gguf import GGUFFile
 from . import attest as attest_mod
 from . import ops
@@ -368,6 +368,7 @@ class Engine:
         capture_graph: bool = True,
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
+        mixed_step_tokens: int | None = None,
         before_admit: Callable[[int], Callable[[], None] | None] | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -378,7 +379,8 @@ class Engine:
         ``model_file`` is the open file ``gguf`` was parsed from; its bytes must hash to ``digest``
         (the SHA-256 the host verified), or nothing loads (SPEC 4113). ``name`` labels logs and errors.
         ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
-        jobs running at once; ``prefill_chunk`` the tokens of one step; ``before_admit`` is the
+        jobs running at once; ``prefill_chunk`` the tokens of one step, ``mixed_step_tokens`` those of a
+        step with decode rows (default: MIXED_STEP_TOKENS_CUDA on a GPU, ``prefill_chunk`` on the CPU); ``before_admit`` is the
         host's seal check, run once per step that admits jobs. ``progress(bytes_done, bytes_total)``
         is called after every uploaded chunk of tensor data (what ``/health`` shows while loading);
         once it reports all bytes, warm-up and graph capture follow. Its exceptions are ignored.
@@ -388,7 +390,8 @@ class Engine:
         """
         if not name:
             raise InvalidParams("name must be non-empty")
-        for key, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+        for key, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
+                           ("mixed_step_tokens", mixed_step_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParams(f"{key} must be a positive integer, got {value!r}")
         g = gguf
@@ -414,21 +417,20 @@ class Engine:
                 from . import tensor_parallel
 
                 mcfg = shard_config(cfg, self.tp.degree)  # refuses heads / FFN that do not split
-                if self.quantized:
-                    raise ModelLoadError("tensor parallel needs --resident-weights dense (quantized blocks are not split yet)")
                 group = tensor_parallel.join(self.tp, self.ctx.kind)
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
+                if group is not None:  # the GGUF blocks or dense values of this rank; the full arena is dropped
+                    arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)
+                    stats = dataclasses.replace(stats, resident_bytes=arena.numel())
                 if self.quantized:
                     make_planar(arena, lay)  # a fixed permutation of the verified bytes, before the seal
                 if group is None:
                     model = Model(cfg, bind(arena, lay, cfg))
                 else:
-                    arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)  # the full arena is dropped
-                    stats = dataclasses.replace(stats, resident_bytes=arena.numel())
                     model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg), group)
                 weights = model.w
                 kv = PagedKVCache.allocate(model.cfg, pool, dtype, dev)
@@ -454,7 +456,8 @@ class Engine:
             raise
         assert arena is not None and weights is not None and kv is not None and runner is not None and fp is not None
         vram = 0 if self.ctx.dev_mode else torch.cuda.memory_allocated(idx) - allocated_before
-        mixed = None if self.ctx.dev_mode else max(min(MIXED_STEP_TOKENS_CUDA, budget), batch)
+        cap = mixed_step_tokens if mixed_step_tokens is not None else None if self.ctx.dev_mode else MIXED_STEP_TOKENS_CUDA
+        mixed = None if cap is None else max(min(cap, budget), batch)  # never fewer than the decode rows
         options = BatchingOptions(max_batch=batch, token_budget=budget, mixed_budget=mixed,
                                   before_admit=before_admit, observer=observer)
         rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options, tp=group)

@@ -89,6 +89,7 @@ class EngineLike(Protocol):
         kv_cache_mb: int | None = None,
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
+        mixed_step_tokens: int | None = None,
         before_admit: Callable[[int], Callable[[], None] | None] | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,

@@ -7,8 +7,8 @@ staging, cuBLAS workspaces) and a stated margin, against free device memory.
 With tensor parallel (``tp_degree`` T > 1) the plan is one rank's (all ranks need the same): its
 1/T of the column/row-parallel weights plus the replicated ones (``vram_budget.tp_weight_bytes``),
 1/T of the KV cache (KV heads split; the pool holds as many tokens as at T=1), scratch computed
-with the shard's shapes, the same margin. Loading also holds the whole dense arena while it is
-sliced (``shard.py``): ``load_peak_bytes``, which ``required_bytes`` covers.
+with the shard's shapes, the same margin. Loading also holds the whole arena (dense, or the file's
+blocks) while it is sliced (``shard.py``): ``load_peak_bytes``, which ``required_bytes`` covers.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ErrorCode, ModelLoadError, WorkerError
+from ..errors import ErrorCode, WorkerError
 from ..gguf import GGUFFile
 from .config import ModelConfig
 from .paged_kv import SCRATCH_BLOCKS, BLOCK_SIZE, bytes_per_token, kv_tokens, max_seq_len
 from .tp_plan import shard_config
 from .upload import CHUNK_BYTES, RING
 from .vram_budget import tp_weight_bytes
-from .weights import weight_layout
+from .weights import WeightLayout, weight_layout
 
 CUBLAS_WORKSPACE_BYTES = 2 * 8 * (4 << 20)  # ":4096:8" per stream; main stream + graph-capture stream
 FIXED_MARGIN_BYTES = 256 << 20  # Triton/cuBLAS modules loaded lazily, allocator rounding
@@ -43,8 +43,8 @@ class VramPlan:
     free_bytes: int
     dev_mode: bool
     tp_degree: int = 1
-    weights_sharded_bytes: int = 0  # this rank's part of the split (column/row-parallel) tensors, unaligned, dense
-    weights_replicated_bytes: int = 0  # the tensors every rank holds whole, unaligned, dense (0: quantized)
+    weights_sharded_bytes: int = 0  # this rank's part of the split (column/row-parallel) tensors, unaligned
+    weights_replicated_bytes: int = 0  # the tensors every rank holds whole, unaligned
     load_weights_bytes: int = 0  # the full dense arena alive while a shard is sliced out of it (T > 1)
 
     @property
@@ -102,6 +102,32 @@ class VramPlan:
         }
 
 
+def quantized_tp_weight_bytes(full: WeightLayout, cfg: ModelConfig, degree: int) -> dict[str, int]:
+    """One rank's quantized-resident weights (``tp_weight_bytes``'s keys): the shard layout's arena,
+    its split slots' bytes and its replicated slots' bytes (unaligned)."""
+    from .shard import shard_layout, slot_kinds
+
+    lay = shard_layout(full, cfg, degree)
+    kinds = slot_kinds(full)
+    split = sum(s.n_bytes for s in lay.slots.values() if kinds[s.name] != "replicated")
+    return {"arena_bytes": lay.total_bytes, "sharded_bytes": split,
+            "replicated_bytes": sum(s.n_bytes for s in lay.slots.values()) - split}
+
+
+def prefill_dequant_bytes(lay: WeightLayout, rows: int, itemsize: int) -> int:
+    """The quantized residency's prefill scratch (``kernels/qmatmul_prefill.py``), for its largest
+    layer matrix: one K segment dequantized (bounded here by the whole matrix), the planar types'
+    file-order blocks, two fp32 [rows, N] partial sums. The output head never takes that path (it
+    sees only the sampled rows, fewer than PREFILL_MIN_M) and the embedding is a lookup."""
+    worst = 0
+    for s in lay.slots.values():
+        if s.ggml_type is None or s.name in ("token_embd.weight", "output.weight"):
+            continue
+        n, k = s.shape
+        worst = max(worst, n * k * itemsize + s.n_bytes + 2 * rows * n * 4)
+    return worst
+
+
 def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int, s_max: int, dev_mode: bool) -> int:
     """Upper bound of everything besides weights and KV: activations, logits, graph pool, staging."""
     e = dtype.itemsize
@@ -135,16 +161,16 @@ def plan_vram(
     """Pure arithmetic over the header: what loading would allocate, against ``free_bytes``.
 
     ``tp_degree`` > 1: one rank's plan; a model whose heads / KV heads / FFN width do not divide
-    by it, or the quantized residency, is refused (``ModelLoadError``) as a load would be."""
+    by it, or (quantized) whose row-parallel blocks would be cut, is refused (``ModelLoadError``) as
+    a load would be."""
     quantized = quantized and not dev_mode
     scfg = shard_config(cfg, tp_degree)  # refuses what does not split
-    if quantized and tp_degree > 1:
-        raise ModelLoadError("tensor parallel needs --resident-weights dense (quantized blocks are not split yet)")
     lay = weight_layout(cfg, g, dtype, quantized=quantized)
-    # the dense split (the quantized residency, tp=1 only, reports none)
-    split = {"arena_bytes": 0, "sharded_bytes": 0, "replicated_bytes": 0} if quantized else tp_weight_bytes(
-        g, tp_degree, dtype.itemsize
-    )
+    if quantized:  # the shard's GGUF blocks, exactly as ``shard.py`` lays them out (refuses a split inside a block)
+        split = quantized_tp_weight_bytes(lay, cfg, tp_degree) if tp_degree > 1 else {
+            "arena_bytes": lay.total_bytes, "sharded_bytes": 0, "replicated_bytes": 0}
+    else:
+        split = tp_weight_bytes(g, tp_degree, dtype.itemsize)
     weights = lay.total_bytes if tp_degree == 1 else split["arena_bytes"]
     s_max = max_seq_len(cfg, dtype, kv_cache_mb, dev_mode)  # the pool holds as many tokens on every rank
     kv = (kv_tokens(cfg, dtype, kv_cache_mb, dev_mode) + SCRATCH_BLOCKS * BLOCK_SIZE) * bytes_per_token(scfg, dtype)
@@ -155,7 +181,8 @@ def plan_vram(
         max_seq_len=s_max,
         weights_bytes=weights,
         kv_cache_bytes=kv,
-        scratch_bytes=scratch_bytes(scfg, dtype, prefill_chunk, s_max, dev_mode),
+        scratch_bytes=scratch_bytes(scfg, dtype, prefill_chunk, s_max, dev_mode)
+        + (prefill_dequant_bytes(lay, min(prefill_chunk, s_max), dtype.itemsize) if quantized else 0),
         margin_bytes=margin,
         free_bytes=free_bytes,
         dev_mode=dev_mode,

@@ -162,6 +162,17 @@ class ModelRunner:
         self._prev = ({r.seq_id: i for i, r in enumerate(r for r in batch.rows if r.sample is not None)}, out.ids)
         return out
 
+    def adopt_draws(self, batch: StepBatch, ids: torch.Tensor | None) -> None:
+        """A tensor-parallel member: ``ids`` [sampled rows] are what rank 0 drew for ``batch`` (received
+        on the device), so the next step's PENDING tokens resolve here as they do on rank 0."""
+        sampled = [r.seq_id for r in batch.rows if r.sample is not None]
+        if not sampled:
+            self._prev = None
+            return
+        if ids is None or ids.numel() != len(sampled):
+            raise RuntimeError(f"{len(sampled)} sampled rows but draws of {None if ids is None else ids.numel()}")
+        self._prev = ({sid: i for i, sid in enumerate(sampled)}, ids)
+
     def logits(self, batch: StepBatch, eager: bool = False) -> torch.Tensor:
         """fp32 logits of the step's sampled rows (the last row when none samples): a decode graph,
         a mixed-step graph or eager launches; the same kernels and per-row arithmetic on every path."""

@@ -1,13 +1,16 @@
 """One rank's slice of the resident weights (Megatron layout; the rules are in ``tp_plan.py``).
 
-The dense residency (CPU development mode, and the GPU's ``dense`` default) is sliced AFTER
-dequantization: the whole file is uploaded (and re-hashed) into a full arena as for tp=1, this
-rank's rows/columns are copied into a new, smaller arena, and the full one is dropped, so what
-stays resident, is fingerprinted and sealed is the shard alone. Slicing dense values has no
-block boundaries to respect. Quantized residency (GGUF blocks stay resident) would have to split
-row-parallel matrices along K, i.e. on block boundaries: ``check_block_split`` says when that
-is possible; the engine refuses ``quantized`` with tp > 1 for now (a K-quant's 256-element
-blocks do not divide e.g. Qwen2.5-0.5B's ffn 4864 / 2).
+Every rank uploads (and re-hashes) the whole file into a full arena as for tp=1, copies its
+rows/columns into a new, smaller arena and drops the full one, so what stays resident, is
+fingerprinted and sealed is the shard alone.
+
+* dense residency: sliced after dequantization; dense values have no block boundaries.
+* quantized residency: the GGUF blocks are sliced before ``make_planar`` (which then repacks the
+  shard). A column-parallel matrix keeps whole rows (each row is its own run of blocks), so any
+  type splits; a row-parallel one (O, down) keeps ``K/T`` inputs of every row, i.e. whole blocks
+  only if ``K/T`` is a multiple of the type's block size (``check_block_split``; a Q4_K/Q6_K
+  matrix needs ``K/T`` divisible by 256: Qwen2.5-7B's down, K = 18944, splits in two; 0.5B's,
+  K = 4864, does not, and the load says so).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from ..errors import ModelLoadError
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 from .config import ModelConfig
+from .qweight import row_bytes
 from .weights import Slot, WeightLayout, views
 
 # slot suffix -> how it splits; everything else (embed, lm_head, norms) is replicated
@@ -76,32 +80,70 @@ def check_block_split(ggml_type: GGMLType, k: int, degree: int) -> None:
         )
 
 
-def shard_tensor(t: torch.Tensor, slot_name: str, cfg: ModelConfig, rank: int, degree: int) -> torch.Tensor:
-    """Rank ``rank``'s slice of the full slot ``slot_name`` (replicated slots: the tensor itself)."""
-    kind = _kind(slot_name)
+def slot_kinds(full: WeightLayout) -> dict[str, str]:
+    """How each slot splits: dense slots by their name; a quantized layout's raw slots (named by
+    their GGUF tensor) by the matrix group that holds them ("0.wqkv" -> column)."""
+    kinds = {name: _kind(name) for name in full.slots}
+    for matrix, members in full.groups.items():
+        for m in members:
+            kinds[m] = _kind(matrix)
+    return kinds
+
+
+def shard_tensor(t: torch.Tensor, slot: Slot, kind: str, cfg: ModelConfig, rank: int, degree: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of the full slot (replicated slots: the tensor itself).
+
+    A raw (quantized) slot is uint8 [N * row_bytes]: column-parallel keeps whole rows, row-parallel
+    the same run of blocks of every row. A fused dense slot (wqkv, w_gate_up, bqkv) is split per part."""
+    if kind == "replicated":
+        return t
+    if slot.ggml_type is not None:
+        n, k = slot.shape
+        rows = t.view(n, row_bytes(slot.ggml_type, k))
+        if kind == "column":
+            if n % degree:
+                raise ModelLoadError(f"{slot.name}: {n} rows do not split into {degree} shards")
+            step = n // degree
+            return rows[rank * step : (rank + 1) * step].reshape(-1)
+        check_block_split(slot.ggml_type, k, degree)
+        step = rows.shape[1] // degree
+        return rows[:, rank * step : (rank + 1) * step].contiguous().reshape(-1)
     if kind == "column":
-        return column_shard(t, fused_parts(cfg, slot_name), rank, degree)
-    if kind == "row":
-        return row_shard(t, rank, degree)
-    return t
+        leaf = slot.name.rsplit(".", 1)[-1]
+        parts = fused_parts(cfg, slot.name) if leaf in COLUMN_PARALLEL else (t.shape[0],)
+        return column_shard(t, parts, rank, degree)
+    return row_shard(t, rank, degree)
 
 
 def shard_layout(full: WeightLayout, cfg: ModelConfig, degree: int) -> WeightLayout:
-    """The dense layout of one shard: the same slot names, 1/degree of the split dimension."""
-    if full.quantized or full.groups:
-        raise ModelLoadError("tensor parallel needs the dense residency (--resident-weights dense)")
-    lay = WeightLayout(full.dtype)
+    """The layout of one shard: the same slots (and matrix groups) with 1/degree of the split dimension.
+
+    Refuses (``ModelLoadError``) a split that would cut a row-parallel quantized matrix inside a block."""
+    if full.planar:
+        raise RuntimeError("shard the GGUF blocks before make_planar")
+    kinds = slot_kinds(full)
+    lay = WeightLayout(full.dtype, full.quantized, groups=dict(full.groups))
     for s in full.slots.values():
         shape = list(s.shape)
-        kind = _kind(s.name)
+        kind = kinds[s.name]
         if kind == "column":
+            if shape[0] % degree:
+                raise ModelLoadError(f"{s.name}: {shape[0]} rows do not split into {degree} shards")
             shape[0] //= degree
         elif kind == "row":
+            if s.ggml_type is not None:
+                check_block_split(s.ggml_type, shape[1], degree)
+            elif shape[1] % degree:
+                raise ModelLoadError(f"{s.name}: {shape[1]} input columns do not split into {degree} shards")
             shape[1] //= degree
-        n = 1
-        for d in shape:
-            n *= d
-        lay._reserve(Slot(s.name, tuple(shape), lay.total_bytes, n * full.dtype.itemsize))
+        if s.ggml_type is not None:
+            n_bytes = shape[0] * row_bytes(s.ggml_type, shape[1])
+        else:
+            n = 1
+            for d in shape:
+                n *= d
+            n_bytes = n * full.dtype.itemsize
+        lay._reserve(Slot(s.name, tuple(shape), lay.total_bytes, n_bytes, s.ggml_type))
     return lay
 
 
@@ -109,10 +151,12 @@ def shard_layout(full: WeightLayout, cfg: ModelConfig, degree: int) -> WeightLay
 def shard_arena(
     arena: torch.Tensor, full: WeightLayout, cfg: ModelConfig, rank: int, degree: int
 ) -> tuple[torch.Tensor, WeightLayout]:
-    """A new arena holding only rank ``rank``'s slices of the full ``arena``; the caller drops the full one."""
+    """A new arena holding only rank ``rank``'s slices of the full ``arena``; the caller drops the full one
+    (and, quantized, then calls ``make_planar`` on the shard)."""
     lay = shard_layout(full, cfg, degree)
+    kinds = slot_kinds(full)
     out = torch.empty(lay.total_bytes, dtype=torch.uint8, device=arena.device)
     src, dst = views(arena, full), views(out, lay)
     for name, view in dst.items():
-        view.copy_(shard_tensor(src[name], name, cfg, rank, degree))
+        view.copy_(shard_tensor(src[name], full.slots[name], kinds[name], cfg, rank, degree))
     return out, lay

@@ -16,9 +16,11 @@ port and the ranks' links must be on a private network (README, "Tensor parallel
 
 Steps. Rank 0's engine loop hands every scheduled ``StepBatch`` to ``LeaderRunner``, which
 broadcasts it (a header, then the rows as int64: token ids, positions, block tables, which rows
-are sampled) before running it; followers run the same step and compute the same logits but do
-not sample: rank 0 samples, and the ids it drew come back to every rank as the next step's tokens
-(sampling params never leave rank 0). Row-parallel O and down products are summed by
+are sampled; through gloo, on the host) and queues it, without waiting for the device: the loop
+overlaps the next step's host work with this one as at tp=1. Followers run the same step and
+compute the same logits but do not sample: rank 0 samples (sampling params never leave rank 0)
+and broadcasts the drawn ids on the device (NCCL on GPUs), where every rank's next step reads
+its PENDING tokens, as rank 0's own runner does. Row-parallel O and down products are summed by
 ``all_reduce``: its algorithm and order are fixed for a fixed group, size and backend (gloo's
 ring / halving-doubling, NCCL's ring or tree picked by size, which is why NCCL_ALGO/PROTO are left
 alone but must not change between runs), so a TP group's streams are identical run to run. A tp=2
@@ -34,7 +36,6 @@ collective raises ``TP_GROUP_FAILED`` (fatal): rank 0's jobs end with it, rank 0
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -50,7 +51,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..batching.step import PENDING, Sampled, SampleSpec, StepBatch, StepRow
+from ..batching.step import Sampled, SampleSpec, StepBatch, StepRow
 from ..errors import ErrorCode, WorkerError
 from .events import SamplingParams
 from .model import Attend, Model
@@ -293,6 +294,11 @@ class TPGroup:
         self._collective("a broadcast", lambda: dist.broadcast(payload, src=0))
         return op, payload
 
+    def share_draws(self, ids: torch.Tensor) -> None:
+        """Rank 0's draws of a step to every rank, queued on the device after the step (members pass
+        an empty tensor of the same size and device; int64, contiguous)."""
+        self._collective("a broadcast of the draws", lambda: dist.broadcast(ids, src=0))
+
     def start_heartbeat(self) -> None:
         """Rank 0: ping the idle group so a dead member is found without a job (and members find us)."""
         if self.rank != 0 or self._beat is not None:
@@ -423,7 +429,7 @@ def decode_step(payload: torch.Tensor) -> StepBatch:
 
 
 class LeaderRunner:
-    """Rank 0's runner as the engine loop sees it: every step goes to the members, then runs here."""
+    """Rank 0's runner as the engine loop sees it: every step goes to the members, then is queued here."""
 
     def __init__(self, runner: object, group: TPGroup) -> None:
         self._runner = runner
@@ -431,32 +437,19 @@ class LeaderRunner:
         for name in ("block_size", "num_blocks", "max_seq_len", "vocab_size"):
             setattr(self, name, getattr(runner, name))
 
-        self._drawn: dict[int, int] = {}  # seq_id -> token the previous step drew (the loop's PENDING tokens)
-
     def step(self, batch: StepBatch) -> list[Sampled]:
-        # members compute with the tokens themselves: PENDING ones are resolved here, on the host
-        rows = tuple(dataclasses.replace(r, tokens=r.tokens[:-1] + (self._drawn[r.seq_id],))
-                     if r.tokens and r.tokens[-1] == PENDING else r for r in batch.rows)
-        batch = StepBatch(rows)
+        return self.launch(batch).result()  # type: ignore[no-any-return]
+
+    def launch(self, batch: StepBatch) -> object:
+        """Send, queue and share the draws; the caller reads ``result()`` (the loop: one step later).
+        PENDING tokens travel as PENDING: every rank reads them on its device from the draws."""
         with self.group.lock:
             self.group.send(OP_STEP, encode_step(batch))
             self.group.steps += 1
-            out = self._runner.step(batch)  # type: ignore[attr-defined]
-        sampled = [r.seq_id for r in rows if r.sample is not None]
-        self._drawn = {sid: o.token_id for sid, o in zip(sampled, out, strict=True)}
-        return out  # type: ignore[no-any-return]
-
-    def launch(self, batch: StepBatch) -> _Done:
-        """Synchronous: the group's steps do not overlap (each one's tokens go to every rank)."""
-        return _Done(self.step(batch))
-
-
-@dataclasses.dataclass
-class _Done:
-    out: list[Sampled]
-
-    def result(self) -> list[Sampled]:
-        return self.out
+            out = self._runner.launch(batch)  # type: ignore[attr-defined]
+            if any(r.sample is not None for r in batch.rows):  # members receive int64 (follow)
+                self.group.share_draws(out.ids.to(torch.int64).contiguous())
+        return out
 
 
 def follow(runner: object, group: TPGroup, before_job: Callable[[], None] | None = None) -> str:
@@ -482,6 +475,12 @@ def follow(runner: object, group: TPGroup, before_job: Callable[[], None] | None
         if before_job is not None and any(r.start == 0 for r in batch.rows):
             before_job()
         with torch.no_grad():
-            runner.logits(batch)  # type: ignore[attr-defined]  # the same forward; rank 0 samples
+            logits = runner.logits(batch)  # type: ignore[attr-defined]  # the same forward; rank 0 samples
+            n = sum(1 for r in batch.rows if r.sample is not None)
+            ids = None
+            if n:
+                ids = torch.empty(n, dtype=torch.int64, device=logits.device)
+                group.share_draws(ids)
+            runner.adopt_draws(batch, ids)  # type: ignore[attr-defined]  # the next step's PENDING tokens
         group.steps += 1
         busy = True

@@ -267,6 +267,8 @@ def qmatmul(
         out = torch.empty(x.shape[0], getattr(w, "n", 0), dtype=out_dtype or x.dtype, device=x.device)
     _check(x, w, bias, out)
     if tiled.supports(w):
+        if x.device.type == "cuda" and x.shape[0] >= prefill.PREFILL_MIN_M:
+            return prefill.qmatmul_dequant(x, w, bias, out)  # the same rows, through the dense kernel
         return tiled.qmatmul_tiled(x, w, bias, out)
     v.check(not w.planar, KERNEL, "w", f"planar {w.ggml_type.name} runs only in qmatmul_tiled")
     M = x.shape[0]
@@ -324,3 +326,4 @@ def qmatmul_reference(x: torch.Tensor, w: QWeight | WeightGroup, bias: torch.Ten
 
 
 from . import qmatmul_tiled as tiled  # noqa: E402  (it imports this module's dot and epilogue)
+from . import qmatmul_prefill as prefill  # noqa: E402

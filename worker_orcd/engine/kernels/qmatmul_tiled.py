@@ -125,6 +125,17 @@ def _byte(word, i: tl.constexpr):
 
 
 @triton.jit
+def _k_head(w16_ptr, w32_ptr, base, nm):
+    """A Q4_K/Q5_K super-block's head: d, dmin (fp32) and the 12 scale bytes as three words."""
+    d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
+    dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
+    w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
+    w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
+    w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+    return d, dmin, w1, w2, w3
+
+
+@triton.jit
 def _k4_scale_min(w1, w2, w3, s: tl.constexpr):
     """get_scale_min_k4 for sub-block s from the 12 scale bytes as three words (q[0:4], q[4:8], q[8:12])."""
     a = (w1 >> (8 * (s % 4))) & 255
@@ -228,11 +239,7 @@ def qmatmul_tiled_kernel(
         elif WTYPE == 12:  # Q4_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}, RB bytes per row
             for sb in range(k_lo // 256, k_hi // 256):
                 base = n * RB + sb * 144
-                d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
-                dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
-                w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
-                w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
-                w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+                d, dmin, w1, w2, w3 = _k_head(w16_ptr, w32_ptr, base, nm)
                 for c in tl.static_range(4):  # 64 inputs: low nibbles are the first 32, high the next
                     if KD == 64:  # one dot: each byte read for both of its inputs (the second read hits L1)
                         qb = tl.load(w_ptr + base + 16 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
@@ -253,11 +260,7 @@ def qmatmul_tiled_kernel(
         elif WTYPE == 13:  # Q5_K blocks {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: Q4_K + a 5th bit
             for sb in range(k_lo // 256, k_hi // 256):
                 base = n * RB + sb * 176
-                d = tl.load(w16_ptr + base // 2, mask=nm, other=0.0).to(tl.float32)
-                dmin = tl.load(w16_ptr + base // 2 + 1, mask=nm, other=0.0).to(tl.float32)
-                w1 = tl.load(w32_ptr + base // 4 + 1, mask=nm, other=0)
-                w2 = tl.load(w32_ptr + base // 4 + 2, mask=nm, other=0)
-                w3 = tl.load(w32_ptr + base // 4 + 3, mask=nm, other=0)
+                d, dmin, w1, w2, w3 = _k_head(w16_ptr, w32_ptr, base, nm)
                 for c in tl.static_range(4):  # inputs 64c..64c+63: low nibbles + qh bit 2c, high + bit 2c+1
                     if KD == 64:
                         qb = tl.load(w_ptr + base + 48 + 32 * c + (l64 % 32), mask=nm, other=0).to(tl.int32)
