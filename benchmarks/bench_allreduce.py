@@ -108,8 +108,6 @@ def main() -> int:
     for p in procs:
         p.start()
     rows = q.get(timeout=600)
-    for p in procs:
-        p.join(60)
     print(f"all_reduce over {args.degree} ranks ({args.device}), [rows, {args.d_model}] {args.dtype}, "
           f"{2 * args.layers} calls per step")
     print("| rows | bytes | eager us | in a graph us | per step ms |")
@@ -117,8 +115,15 @@ def main() -> int:
     for r in rows:
         g = "-" if r["graph_us"] is None else f"{r['graph_us']:.1f}"
         print(f"| {r['rows']} | {r['bytes']:,} | {r['eager_us']:.1f} | {g} | {r['step_ms']:.3f} |")
-        print(json.dumps(r))
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+        print(json.dumps(r), flush=True)
+    # the results first: a rank may hang in NCCL's teardown (a graph holding the communicator), and the
+    # run_h200.sh timeout would then have killed the table with it (sixth session: nothing printed)
+    for p in procs:
+        p.join(20)
+        if p.exitcode is None:
+            print(f"# rank process {p.pid} did not exit in 20 s after its results; terminated", flush=True)
+            p.terminate()
+    return 0
 
 
 if __name__ == "__main__":
