@@ -16,7 +16,7 @@
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
-# SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows).
+# SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
 # Chain `tests` and `load` back to back: the machine is released after ~30 s idle, and `load` reuses
 # the llama.cpp build and the models `tests` started in the background.
@@ -40,7 +40,7 @@ tests)
   XD=""; python3 -c "import xdist" 2>/dev/null && XD="-n ${GPU_TESTS_WORKERS:-6} --dist loadfile"
   timeout ${GPU_TESTS_TIMEOUT:-450} python3 -m pytest -q -m gpu -rf --tb=short --durations=12 $XD tests/ -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25
-  timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 --cprofile 2>&1 \
+  [ -n "${SKIP_PROFILE:-}" ] || timeout 120 python3 benchmarks/profile_step.py --shape qwen2.5-0.5b --type F16 --batch 1 16 64 --cprofile 2>&1 \
     | grep -E "^\||tottime|^ +[0-9]+ " | head -30
   ;;
 tune)
@@ -183,7 +183,7 @@ qprefill)
     tests/test_quant_residency.py tests/test_engine_gpu.py -k "prefill or qmatmul or residency or agrees_with_dense" \
     -p no:cacheprovider 2>&1 | tail -6
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
-  for r in quantized dense; do
+  for r in ${QP_RESIDENCY:-quantized dense}; do
     timeout 120 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 64 --resident-weights $r 2>&1 \
       | tee "$OUT/profile_7b_$r.log" | grep -E "^\||prefill|Error"
   done
