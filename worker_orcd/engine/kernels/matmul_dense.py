@@ -127,9 +127,8 @@ def wide_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int] |
 
 @triton.jit(do_not_specialize=["M"])
 def dense_matmul_wide_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_SEG,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     HAS_BIAS: tl.constexpr, BMw: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-    SEGMENTED: tl.constexpr,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     # column-major program order over (row tile, column tile): a weight tile is reused by
@@ -146,35 +145,17 @@ def dense_matmul_wide_kernel(
     rmask = rows[:, None] < M
     cmask = cols[:, None] < N
     acc = tl.zeros((BMw, BN), dtype=tl.float32)
-    if SEGMENTED:
-        # the quantized weights' K segments (qmatmul_tiled.k_segments): a chain per segment from
-        # zero, the chains added in segment order -- the fused kernel's sum (K_SEG % BK == 0)
-        for lo in range(0, K, K_SEG):
-            hi = tl.minimum(K, lo + K_SEG)
-            part = tl.zeros((BMw, BN), dtype=tl.float32)
-            for k0 in range(lo, hi, BK):
-                km = (k0 + kk)[None, :] < hi
-                xt = tl.load(xp, mask=rmask & km, other=0.0)
-                w = tl.load(wp, mask=cmask & km, other=0.0)
-                part = _dot(xt, tl.trans(w), part, IEEE)
-                xp += BK
-                wp += BK
-            if lo == 0:
-                acc = part
-            else:
-                acc = acc + part
-    else:
-        for k0 in range(0, K, BK):
-            if EVEN_K:
-                xt = tl.load(xp, mask=rmask, other=0.0)
-                w = tl.load(wp, mask=cmask, other=0.0)
-            else:
-                km = (k0 + kk)[None, :] < K
-                xt = tl.load(xp, mask=rmask & km, other=0.0)
-                w = tl.load(wp, mask=cmask & km, other=0.0)
-            acc = _dot(xt, tl.trans(w), acc, IEEE)
-            xp += BK
-            wp += BK
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(xp, mask=rmask, other=0.0)
+            w = tl.load(wp, mask=cmask, other=0.0)
+        else:
+            km = (k0 + kk)[None, :] < K
+            xt = tl.load(xp, mask=rmask & km, other=0.0)
+            w = tl.load(wp, mask=cmask & km, other=0.0)
+        acc = _dot(xt, tl.trans(w), acc, IEEE)
+        xp += BK
+        wp += BK
     _store(y_ptr, b_ptr, acc, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
@@ -304,14 +285,11 @@ def dense_matmul(
     config: tuple[int, int, int, int, int] | None = None,
     splits: int | None = None,
     wide: tuple[int, int, int, int, int] | bool | None = None,
-    segment: int | None = None,
 ) -> torch.Tensor:
     """x[M, K] @ w[N, K].T (+ bias) -> [M, N]. ``locks``: zeroed int32 counters (``lock_slots(N)``),
     owned by the caller and left zeroed; only a split shape needs them (allocated here if absent).
     ``config``/``splits``/``wide`` override the tuned choice (benchmarks and tests; splits must stay
-    per shape; ``wide=False`` forces the 16-row kernel, a tuple a wide-tile configuration).
-    ``segment``: K inputs per chain (a multiple of 256, the wide-tile kernel only): each segment's
-    chain starts from zero and the chains are added in order, as the quantized kernels sum."""
+    per shape; ``wide=False`` forces the 16-row kernel, a tuple a wide-tile configuration)."""
     if out is None:
         v.tensor(KERNEL, "x", x)
         v.tensor(KERNEL, "w", w)
@@ -320,21 +298,14 @@ def dense_matmul(
     M, K = x.shape
     N = w.shape[0]
     s = split_k(N, K) if splits is None else splits
-    if segment is not None:
-        v.check(segment > 0 and segment % 256 == 0, KERNEL, "segment", f"must be a positive multiple of 256, got {segment}")
-        v.check(s == 1 and wide is not False and config is None, KERNEL, "segment", "needs the unsplit wide-tile kernel")
-        wide = True
     wcfg = None if wide is False or config is not None else wide if isinstance(wide, tuple) else (
         wide_config(M, N, s) if x.device.type == "cuda" else (16, 16, 64, 4, 1) if wide and s == 1 else None)
-    if segment is not None and wcfg is None:  # fewer rows than WIDE_MIN_M on the GPU
-        wcfg = wide_config(WIDE_MIN_M, N, 1)
     if wcfg is not None:
         bm, bn, bk, warps, stages = wcfg
-        seg = K if segment is None else min(segment, K)
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         dense_matmul_wide_kernel[grid](
-            x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0), seg,
-            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0, SEGMENTED=seg < K,
+            x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,
             num_warps=warps, num_stages=stages, enable_fp_fusion=False,
         )
         return out
