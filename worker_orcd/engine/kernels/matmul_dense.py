@@ -319,7 +319,9 @@ def dense_matmul(
     _check(x, w, bias, out, locks)
     M, K = x.shape
     N = w.shape[0]
-    s = split_k(N, K) if splits is None else splits
+    # a segmented product is one unsplit chain per segment (split_k's split of a narrow, deep matrix
+    # would be a second cut of K)
+    s = (1 if segment is not None else split_k(N, K)) if splits is None else splits
     if segment is not None:
         v.check(segment > 0 and segment % 256 == 0, KERNEL, "segment", f"must be a positive multiple of 256, got {segment}")
         v.check(s == 1 and wide is not False and config is None, KERNEL, "segment", "needs the unsplit wide-tile kernel")
