@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,21 +32,10 @@ def _free_port() -> int:
 
 
 def _time_us(fn, device: torch.device, iters: int) -> float:  # noqa: ANN001
-    """Median microseconds of ``fn`` over ``iters`` runs (CUDA events on a GPU, wall clock on the CPU)."""
-    out = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(out)
+    """Median microseconds of ``fn`` over ``iters`` runs (the dequant benchmark's timer: CUDA events on a GPU)."""
+    from worker_orcd.engine.dequant.bench import _time_ms
+
+    return _time_ms(fn, device, iters) * 1e3
 
 
 def _rank(rank: int, args: argparse.Namespace, port: int, q: mp.Queue) -> None:
