@@ -10,6 +10,7 @@
 #   bash benchmarks/run_h200.sh probe      # 7B decode-step kernels at B = 48/64, wide tiles below 64 rows, steady-state 7B load vs llama-server
 #   bash benchmarks/run_h200.sh kprobe     # swapped-operand Q4_K probe, dense wide tiles from 17 rows (tests, sweep, 7B steps)
 #   bash benchmarks/run_h200.sh qverify    # quantized residency (swapped form, K segments): GPU tests, tune_qtiled, 7B Q4_K_M steps
+#   bash benchmarks/run_h200.sh verify7    # branch next: suite (both GPUs), SHA-256 rate, quantized prefill, one-pass ready times, ITL at 256
 #   bash benchmarks/run_h200.sh qprefill   # dequantize-to-scratch prefill path: GPU tests, 7B Q4_K_M steps per residency
 #   bash benchmarks/run_h200.sh itl        # 7B Q4_K_M at 64 clients, steady state, --mixed-step-tokens 384 / 256 / 192 (p99 ITL vs tok/s, TTFT)
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
@@ -174,6 +175,19 @@ kprobe)
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout 100 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 32 48 64 --context 600 2>&1 \
     | tee "$OUT/profile_7b.log" | grep -E "^\||prefill|Error"
+  ;;
+verify7)
+  # branch next (seventh session): the whole suite on both GPUs, the device's SHA-256 rate, the segmented
+  # quantized prefill's speed, the one-pass load's ready times, issue 8 at 64 clients under the 256 cap
+  SKIP_LLAMA=1 SKIP_PROFILE=1 REQUIRE_MULTI_GPU=1 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-300} bash "$0" tests 2>&1 | tail -16
+  for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 3; done
+  timeout 60 python3 benchmarks/bench_validation.py $M/qwen2.5-7b-Q4_K_M.gguf --repeat 1 2>&1 | tail -3
+  QP_SKIP_TESTS=1 QP_RESIDENCY=quantized bash "$0" qprefill 2>&1 | tail -4
+  for m in qwen2.5-7b-Q4_K_M qwen2.5-7b-F16; do
+    timeout 120 python3 benchmarks/bench_load.py --model $M/$m.gguf --label $m-ready --worker --concurrency 1 \
+      --duration 3 --warmup 1 2>&1 | tee "$OUT/ready_$m.log" | sed -n '/ready in/p;/Error/p'
+  done
+  ITL_CAPS=${ITL_CAPS:-256} bash "$0" itl 2>&1 | tail -4
   ;;
 qprefill)
   # the quantized prefill path (kernels/qmatmul_prefill.py): bitwise vs the fused kernel and across the threshold, then speed

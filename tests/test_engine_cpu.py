@@ -7,6 +7,7 @@ keep these fast; the real-model numerics are in ``test_engine_hf_parity.py``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from pathlib import Path
 
@@ -419,6 +420,44 @@ def test_worker_4113_bytes_changed_after_verification_refused(engine: Engine, mo
         load_resident(engine, vm, kv_cache_mb=1)
     assert e.value.code is ErrorCode.MODEL_LOAD_FAILED and "changed after verification" in e.value.message
     assert all(m.name != vm.source.ref for m in engine._models)
+
+
+def test_worker_4113_one_pass_load_seals_the_streamed_digest(engine: Engine, model_dir: Path) -> None:
+    """No expected digest, no key: the upload is the only hash pass; the handle carries its digest,
+    and the model's tokens are those of the two-pass load."""
+    path = synth.write_synthetic_model(model_dir / "onepass.gguf", "tiny-qwen2", "Q8_0")
+    vm = validate_model(str(path), LoadOptions(model_root=path.parent), one_pass=True)
+    assert vm.digest is None
+    sealed = load_sealed(engine, vm, shard_id="one-pass", sealer=Sealer(), kv_cache_mb=1)
+    two = load_resident(engine, _validated(path), kv_cache_mb=1)
+    try:
+        assert sealed.handle.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sealed.verify_seal() >= 0
+        one_toks, _ = _run(sealed.resident, [1, 2, 3], max_tokens=6)  # type: ignore[arg-type]
+        assert one_toks == _run(two, [1, 2, 3], max_tokens=6)[0]  # type: ignore[arg-type]
+    finally:
+        sealed.close()
+        two.close()
+    with pytest.raises(InvalidParams, match="either the verified digest or an on_digest"):
+        with open(path, "rb") as fh:
+            engine.load(vm.gguf, fh, digest=hashlib.sha256(path.read_bytes()).hexdigest(), on_digest=print)
+
+
+def test_worker_4113_one_pass_refuses_a_header_rewritten_after_parsing(engine: Engine, model_dir: Path) -> None:
+    """The layout comes from the header parsed before the upload; the digest from the bytes streamed.
+    A header rewritten in between (same size) would pair one file's layout with another's digest."""
+    path = synth.write_synthetic_model(model_dir / "header-toctou.gguf", "tiny-qwen2", "Q8_0")
+    vm = validate_model(str(path), LoadOptions(model_root=path.parent), one_pass=True)
+    data = path.read_bytes()
+    at = data.index(b"general.architecture")
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(b"General")  # same length: only the bytes differ
+    heard: list[str] = []
+    with pytest.raises(ModelLoadError, match="header changed after it was parsed"):
+        with open(path, "rb") as fh:
+            engine.load(vm.gguf, fh, on_digest=heard.append, kv_cache_mb=1)
+    assert not heard and all(m.name != "model" for m in engine._models)
 
 
 def test_worker_4103_insufficient_vram_plan(engine: Engine, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ callbacks go to a real HTTP server. The integration test
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import random
@@ -28,7 +29,7 @@ import pytest
 
 from worker_orcd import logs
 from worker_orcd.config import load_config
-from worker_orcd.errors import ErrorCode, WorkerError
+from worker_orcd.errors import ErrorCode, ModelLoadError, WorkerError
 from worker_orcd.gguf import GGMLType
 from worker_orcd.gguf.writer import GGUFWriter, tensor_nbytes
 from worker_orcd.lifecycle import EngineBinding, State, Worker
@@ -243,11 +244,19 @@ class FakeEngine:
         return FakePlan(required_bytes=1 << 20, free_bytes=self.knobs.vram_total)
 
     def load(
-        self, gguf: Any, model_file: BinaryIO, *, digest: str, name: str = "model", kv_cache_mb: int | None = None,
+        self, gguf: Any, model_file: BinaryIO, *, digest: str | None = None, on_digest: Any = None,
+        name: str = "model", kv_cache_mb: int | None = None,
         max_batch: int | None = None, prefill_chunk: int | None = None, mixed_step_tokens: int | None = None,
         before_admit: Any = None, observer: Any = None, progress: Any = None, on_fatal: Any = None,
     ) -> FakeResident:
         k = self.knobs
+        # the device is faked, the file's digest is not: the real engine's contract (api.Engine.load)
+        assert (digest is None) != (on_digest is None), "load takes a digest or an on_digest check"
+        streamed = hashlib.sha256(model_file.read()).hexdigest()
+        if digest is not None and streamed != digest:
+            raise ModelLoadError(f"model bytes changed after verification: {streamed} vs {digest}")
+        if on_digest is not None:
+            on_digest(streamed)
         total = k.load_bytes
         if progress is not None:
             progress(0, total)

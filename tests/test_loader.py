@@ -270,3 +270,41 @@ def test_worker_4600_invalid_sidecar_refuses_load(root: Path) -> None:
     sidecar_path_for(path).write_text('{"context_max": 512, "trust_me": true}')
     with pytest.raises(ModelLoadError, match="trust_me: Extra inputs are not permitted"):
         validate_model("tiny.gguf", LoadOptions(model_root=root))
+
+
+# --- the one-pass load (nothing to verify against: the upload hashes) -----------------------------
+
+
+def test_worker_4113_one_pass_skips_the_hash_only_without_digest_or_key(
+    root: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_model(root / "tiny.gguf")
+    log = Recorder()
+    hashed: list[int] = []
+    import worker_orcd.loader as loader
+
+    real = loader.sha256_stream
+    monkeypatch.setattr(loader, "sha256_stream", lambda fh: hashed.append(1) or real(fh))
+    vm = validate_model("tiny.gguf", LoadOptions(model_root=root), log=log, one_pass=True)
+    assert vm.digest is None and vm.pending is not None and not hashed
+    assert log.names() == ["model_validated"] and log.events[0][1]["sha256"] == "pending (hashed while uploading)"
+    vm.pending(sha256(path))  # what the upload hands over: logged as every digest is (SPEC 4322)
+    assert log.events[-1] == ("model_digest", {"model_ref": "tiny.gguf", "path": str(path.resolve()),
+                                               "size": path.stat().st_size, "sha256": sha256(path),
+                                               "hashed": "while uploading (one pass)"})
+    # with something to verify against, the bytes are verified before they are parsed (two passes)
+    vm = validate_model("tiny.gguf", LoadOptions(model_root=root, expected_sha256=sha256(path)), one_pass=True)
+    assert vm.digest == sha256(path) and vm.pending is None and len(hashed) == 1
+    priv, pub = keys
+    sign_model(path, priv)
+    vm = validate_model("tiny.gguf", LoadOptions(model_root=root, public_key_path=pub), one_pass=True)
+    assert vm.digest == sha256(path) and vm.signature == "verified" and len(hashed) == 2
+    with pytest.raises(ModelLoadError, match="SHA-256 mismatch"):
+        validate_model("tiny.gguf", LoadOptions(model_root=root, expected_sha256="0" * 64), one_pass=True)
+
+
+def test_worker_4310_parsed_header_hash_is_of_the_parsed_bytes(root: Path) -> None:
+    path = write_model(root / "tiny.gguf")
+    vm = validate_model("tiny.gguf", LoadOptions(model_root=root))
+    g = vm.gguf
+    assert g.header_sha256 == hashlib.sha256(path.read_bytes()[: g.header_size]).hexdigest()

@@ -20,12 +20,13 @@ from worker_orcd.gguf.constants import GGMLType
 
 
 @pytest.mark.parametrize("t", TILED, ids=lambda t: t.name)
-@pytest.mark.parametrize(("n", "k"), [(48, 256), (24, 1536)])  # one segment; several (k_segments)
+# one segment; several (k_segments); a narrow deep shape that the dense kernel would split along K
+@pytest.mark.parametrize(("n", "k"), [(48, 256), (24, 1536), (24, 2304)])
 def test_worker_4711_prefill_path_equals_the_tiled_rows(t: GGMLType, n: int, k: int, gen: torch.Generator,
                                                         device: str) -> None:
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     w, wf = make_resident(t, n, k, rng, device)
-    assert (tiled.k_segments(n, k)[1] > 1) == (k == 1536)
+    assert (tiled.k_segments(n, k)[1] > 1) == (k > 256)
     x = torch.randn(40, k, generator=gen).to(device=device, dtype=torch.float16)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
     w16 = w.dequantize(torch.float32).to(device=device, dtype=torch.float16)

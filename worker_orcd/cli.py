@@ -185,7 +185,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = LoadOptions(model_root=root, expected_sha256=args.expected_sha256, public_key_path=args.model_public_key)
     engine = Engine.open(args.device, args.gpu_device)
     try:
-        validated = validate_model(ref, options, ecp=build_ecp("generate", 0))
+        validated = validate_model(ref, options, ecp=build_ecp("generate", 0), one_pass=True)
         tokenizer = GGUFTokenizer.from_gguf(validated.gguf)
         sealed = load_sealed(engine, validated, shard_id="generate-0", sealer=Sealer(), kv_cache_mb=args.kv_cache_size_mb)
         model = sealed.resident
@@ -211,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.write(stream.flush() + "\n")
                 rate = event.tokens_out / (event.decode_time_ms / 1e3) if event.decode_time_ms > 0 else 0.0
                 print(
-                    f"[{args.device}] sha256 {validated.digest[:16]}… ready in {ready_s:.1f} s, seal verified in "
+                    f"[{args.device}] sha256 {sealed.handle.digest[:16]}… ready in {ready_s:.1f} s, seal verified in "
                     f"{verify_ms:.2f} ms; {event.tokens_in} prompt tokens, {event.tokens_out} generated "
                     f"({event.stop_reason}), TTFT {event.ttft_ms:.0f} ms, {rate:.1f} tok/s decode",
                     file=sys.stderr,

@@ -337,11 +337,14 @@ class Worker:
         assert self.engine is not None
         engine = self.engine
         logs.event(
-            "model_load", "Loading {model_ref}: hash, signature, GGUF and capability checks come first.",
+            "model_load", "Loading {model_ref}: size, GGUF and capability checks come first; hash and signature "
+            "too when an expected digest or a key is set (else the upload hashes, one pass).",
             model_ref=req.model_ref,
         )
         options = self._load_options(req.model_root, req.expected_sha256)
-        validated = await asyncio.to_thread(validate_model, req.source, options, self.ecp, self._loader_log)
+        validated = await asyncio.to_thread(
+            partial(validate_model, req.source, options, self.ecp, self._loader_log, one_pass=True)
+        )
         tokenizer = await asyncio.to_thread(self.binding.tokenizer, validated.gguf)
         shard_id = req.shard_id or f"{self.config.worker_id}-shard{req.shard_index}"
         loop = asyncio.get_running_loop()

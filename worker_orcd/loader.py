@@ -12,6 +12,15 @@ The order is the security argument, so it is fixed here and tested:
 8. derive the MCD (+ sidecar) and match it against the ECP (4003, 4620).
 
 Unverified bytes are never parsed, and nothing is loaded when any step fails.
+
+The one-pass load (``validate_model(..., one_pass=True)``) applies when there
+is nothing to verify the file against: no expected digest and no public key.
+Then hashing before parsing proves nothing, and the second pass it costs
+(seconds per GB) is dropped: steps 4-6 move to the upload, which hashes every
+byte in order as it streams them (``ValidatedModel.pending`` is the check it
+runs, before anything executes on the weights and before the seal, SPEC
+4113), and checks that the header it hashed is the header parsed here. With an
+expected digest or a key the order above holds (two passes).
 The sidecar ``<model>.mcd.json`` is not covered by the digest or signature:
 it can only fill MCD fields the header lacks and must agree with every field
 the header states, so it cannot change what the signed bytes say.
@@ -58,13 +67,33 @@ class LoadOptions:
 
 
 @dataclass(frozen=True)
+class DigestCheck:
+    """Step 4 of a one-pass load, on the digest the upload computed (before the seal): always logged.
+    (One pass is taken only with no expected digest and no key, so there is nothing to compare.)"""
+
+    ref: str
+    path: str
+    size: int
+    emit: LogFn
+
+    def __call__(self, digest: str) -> None:
+        self.emit("model_digest", {"model_ref": self.ref, "path": self.path, "size": self.size, "sha256": digest,
+                                   "hashed": "while uploading (one pass)"})
+
+
+@dataclass(frozen=True)
 class ValidatedModel:
     source: ModelSource
-    digest: str  # lower-case hex SHA-256 of the whole file
+    digest: str | None  # lower-case hex SHA-256 of the whole file; None until a one-pass upload hashed it
     size: int
     gguf: GGUFFile
     mcd: MCD
     signature: Literal["verified", "unsigned"]
+    pending: DigestCheck | None = None  # one-pass load: what the upload's digest must pass
+
+    def __post_init__(self) -> None:
+        if (self.digest is None) != (self.pending is not None):
+            raise ValueError("a validated model has its digest or a pending digest check, exactly one")
 
 
 def _identity(fh: BinaryIO) -> tuple[int, int, int, int]:
@@ -77,10 +106,14 @@ def validate_model(
     options: LoadOptions,
     ecp: ECP | None = None,
     log: LogFn | None = None,
+    *,
+    one_pass: bool = False,
 ) -> ValidatedModel:
     """Resolve -> open -> size cap -> hash -> expected digest -> signature -> parse -> MCD -> match.
 
-    Raises ModelLoadError (MODEL_LOAD_FAILED) or CapabilityError (CAPABILITY_MISMATCH).
+    ``one_pass``: when no expected digest and no key are configured, skip the hash here (the upload
+    hashes, ``ValidatedModel.pending`` checks; module docstring). Raises ModelLoadError
+    (MODEL_LOAD_FAILED) or CapabilityError (CAPABILITY_MISMATCH).
     """
     emit = log or _default_log
     # Configuration is checked before the (possibly 100 GB) hash, not after it.
@@ -95,15 +128,19 @@ def validate_model(
         size = before[2]
         check_model_size(size, options.limits.max_file_size)
 
-        fh.seek(0)
-        digest = sha256_stream(fh)
-        emit("model_digest", {"model_ref": ref, "path": str(source.path), "size": size, "sha256": digest})
-        check_expected_digest(digest, expected)
-
+        digest: str | None = None
+        pending: DigestCheck | None = None
         signature: Literal["verified", "unsigned"] = "unsigned"
-        if key is not None:
-            verify_signature(digest, signature_path_for(source.path), key)
-            signature = "verified"
+        if one_pass and expected is None and key is None:
+            pending = DigestCheck(ref, str(source.path), size, emit)
+        else:
+            fh.seek(0)
+            digest = sha256_stream(fh)
+            emit("model_digest", {"model_ref": ref, "path": str(source.path), "size": size, "sha256": digest})
+            check_expected_digest(digest, expected)
+            if key is not None:
+                verify_signature(digest, signature_path_for(source.path), key)
+                signature = "verified"
 
         gguf = parse_file(fh, options.limits)
         if _identity(fh) != before or gguf.file_size != size:
@@ -122,10 +159,11 @@ def validate_model(
         "model_validated",
         {
             "model_ref": ref,
-            "sha256": digest,
+            "sha256": digest if digest is not None else "pending (hashed while uploading)",
             "signature": signature,
             "model_id": mcd.model_id,
             "architecture": mcd.architecture,
         },
     )
-    return ValidatedModel(source=source, digest=digest, size=size, gguf=gguf, mcd=mcd, signature=signature)
+    return ValidatedModel(source=source, digest=digest, size=size, gguf=gguf, mcd=mcd, signature=signature,
+                          pending=pending)

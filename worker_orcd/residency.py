@@ -1,7 +1,7 @@
 """The host's half of loading a model: one verified file in, a sealed handle out (SPEC 4110-4122).
 
-The engine streams the open file onto the device (re-hashing it against the
-verified digest) and computes a fingerprint of what is resident; it never sees
+The engine streams the open file onto the device (hashing it: against the
+verified digest, or for a one-pass load reporting it) and computes a fingerprint of what is resident; it never sees
 a handle or the seal key. Here the host builds the ``ModelShardHandle``, seals
 it over that fingerprint, checks residency, and later re-verifies the seal
 against a freshly computed fingerprint. A model refused at any of these steps
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .engine.interface import EngineLike, ResidentModelLike
-from .errors import InvalidParams
+from .errors import InvalidParams, ModelLoadError
 from .loader import ValidatedModel
 from .seal import ModelShardHandle, Sealer
 from .sources import open_model
@@ -52,10 +52,31 @@ class SealedModel:
 def load_resident(engine: EngineLike, model: ValidatedModel, *, name: str | None = None, **engine_kw: Any) -> ResidentModelLike:
     """Stream the validated file, through a fresh descriptor, onto the engine's device (nothing sealed).
 
-    The engine re-hashes every byte it reads against ``model.digest``, so a file changed since it
-    was validated is refused (SPEC 4113)."""
+    The engine hashes every byte it reads: against ``model.digest``, so a file changed since it was
+    validated is refused (SPEC 4113); or, in a one-pass load, handing the digest to
+    ``model.pending`` (logged) before anything runs on the weights."""
+    return _streamed(engine, model, name=name, **engine_kw)[0]
+
+
+def _streamed(
+    engine: EngineLike, model: ValidatedModel, *, name: str | None = None, **engine_kw: Any
+) -> tuple[ResidentModelLike, str]:
+    """``load_resident`` and the SHA-256 of the bytes streamed (what the handle and the seal carry)."""
+    seen: list[str] = []
+
+    def on_digest(digest: str) -> None:
+        assert model.pending is not None
+        model.pending(digest)
+        seen.append(digest)
+
     with open_model(model.source) as fh:
-        return engine.load(model.gguf, fh, digest=model.digest, name=name or model.source.ref, **engine_kw)
+        if model.digest is not None:
+            return engine.load(model.gguf, fh, digest=model.digest, name=name or model.source.ref, **engine_kw), model.digest
+        resident = engine.load(model.gguf, fh, on_digest=on_digest, name=name or model.source.ref, **engine_kw)
+    if len(seen) != 1:
+        resident.close()
+        raise ModelLoadError("the engine loaded the model without reporting the digest of what it streamed")
+    return resident, seen[0]
 
 
 def load_sealed(
@@ -76,13 +97,13 @@ def load_sealed(
     if not shard_id:
         raise InvalidParams("shard_id must be non-empty")
     ref = model.source.ref if model_ref is None else model_ref
-    resident = load_resident(engine, model, name=ref, **engine_kw)
+    resident, digest = _streamed(engine, model, name=ref, **engine_kw)
     try:
         handle = ModelShardHandle(
             shard_id=shard_id,
             gpu_device=resident.gpu_device,
             vram_bytes=resident.vram_bytes(),
-            digest=model.digest,
+            digest=digest,
             model_ref=ref,
             shard_index=shard_index,
             total_shards=total_shards,

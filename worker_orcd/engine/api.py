@@ -362,7 +362,8 @@ class Engine:
         gguf: GGUFFile,
         model_file: BinaryIO,
         *,
-        digest: str,
+        digest: str | None = None,
+        on_digest: Callable[[str], None] | None = None,
         name: str = "model",
         kv_cache_mb: int | None = None,
         capture_graph: bool = True,
@@ -377,7 +378,10 @@ class Engine:
         """Plan, stream + dequantize ``model_file`` into VRAM, re-hash, capture the decode graphs, fingerprint.
 
         ``model_file`` is the open file ``gguf`` was parsed from; its bytes must hash to ``digest``
-        (the SHA-256 the host verified), or nothing loads (SPEC 4113). ``name`` labels logs and errors.
+        (the SHA-256 the host verified), or nothing loads (SPEC 4113). Without ``digest`` (the
+        one-pass load) ``on_digest`` gets the SHA-256 computed while streaming, right after the
+        upload and before anything runs on the weights; it is the host's check and raises to refuse
+        the model. The header bytes streamed must be those ``gguf`` was parsed from. ``name`` labels logs and errors.
         ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
         jobs running at once; ``prefill_chunk`` the tokens of one step, ``mixed_step_tokens`` those of a
         step with decode rows (default: MIXED_STEP_TOKENS_CUDA on a GPU, ``prefill_chunk`` on the CPU); ``before_admit`` is the
@@ -390,6 +394,8 @@ class Engine:
         """
         if not name:
             raise InvalidParams("name must be non-empty")
+        if (digest is None) == (on_digest is None):
+            raise InvalidParams("load needs either the verified digest or an on_digest check (one-pass load), not both")
         for key, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                            ("mixed_step_tokens", mixed_step_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -423,6 +429,8 @@ class Engine:
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
                 arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
+                if on_digest is not None:
+                    on_digest(stats.digest)  # the host's verdict before anything runs on these bytes
                 if group is not None:  # the GGUF blocks or dense values of this rank; the full arena is dropped
                     arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)
                     stats = dataclasses.replace(stats, resident_bytes=arena.numel())
@@ -441,7 +449,7 @@ class Engine:
                 fp = ops.Fingerprint([arena])
                 self.ctx.synchronize()
             if group is not None:
-                group.agree({"digest": digest, "blocks": kv.num_blocks, "block_size": kv.block_size,
+                group.agree({"digest": stats.digest, "blocks": kv.num_blocks, "block_size": kv.block_size,
                              "max_seq_len": s_max, "max_batch": batch, "token_budget": budget})
                 if on_fatal is not None:
                     group.on_failure(on_fatal)

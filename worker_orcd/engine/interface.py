@@ -84,7 +84,8 @@ class EngineLike(Protocol):
         gguf: GGUFFile,
         model_file: BinaryIO,
         *,
-        digest: str,
+        digest: str | None = None,
+        on_digest: Callable[[str], None] | None = None,
         name: str = "model",
         kv_cache_mb: int | None = None,
         max_batch: int | None = None,
@@ -95,8 +96,10 @@ class EngineLike(Protocol):
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
     ) -> ResidentModelLike:
-        """Stream ``model_file`` (the open, verified file ``gguf`` was parsed from) onto the device,
-        re-hashing it against ``digest`` on the way; nothing is sealed here. ``progress(bytes_done,
+        """Stream ``model_file`` (the open file ``gguf`` was parsed from) onto the device, hashing it
+        on the way: against ``digest`` (the host hashed it first), or handing the SHA-256 to
+        ``on_digest`` (one-pass load: the host's check, which raises to refuse the model) before
+        anything runs on the weights; nothing is sealed here. ``progress(bytes_done,
         bytes_total)`` hears of each uploaded chunk of tensor data; what it raises is ignored.
         ``on_fatal`` hears (on an engine thread) of a failure outside any job (a lost TP peer)."""
         ...

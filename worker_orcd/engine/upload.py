@@ -9,9 +9,13 @@ straight into its arena slice. The host never holds the model. A reader
 thread keeps file I/O ahead of hashing and the GPU work.
 
 While streaming, the whole file (header, padding and unused tensors
-included) is hashed again in order; the bytes uploaded are exactly the bytes
-hashed, and they must match the digest verified before parsing (closes the
-window between verification and upload).
+included) is hashed in order; the bytes uploaded are exactly the bytes
+hashed. With ``expected_digest`` (the host hashed the file before parsing it)
+they must match it, which closes the window between verification and upload;
+without it (the one-pass load) the digest is returned and the host checks it
+before anything is sealed (SPEC 4113). The header bytes the host parsed are
+compared with the header bytes hashed here either way (``header``), so the
+layout used is the layout the digest covers.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class LoadStats:
     uploaded_bytes: int
     resident_bytes: int
     seconds: float
+    digest: str  # lower-case hex SHA-256 of every byte of the file, as streamed
 
     @property
     def gb_per_s(self) -> float:
@@ -136,12 +141,14 @@ def upload(
     g: GGUFFile,
     lay: WeightLayout,
     arena: torch.Tensor,
-    expected_digest: str,
+    expected_digest: str | None,
     ctx: DeviceContext,
     chunk_bytes: int = CHUNK_BYTES,
     progress: Progress | None = None,
 ) -> LoadStats:
-    """Stream the file into ``arena``; raise MODEL_LOAD_FAILED unless its SHA-256 is ``expected_digest``.
+    """Stream the file into ``arena`` and hash all of it; raise MODEL_LOAD_FAILED if its SHA-256 is
+    not ``expected_digest`` (None: the caller checks ``LoadStats.digest``) or if the header bytes are
+    not those ``g`` was parsed from.
 
     ``progress`` is told the tensor bytes uploaded so far after every chunk (only observation:
     whatever it raises is dropped, it never breaks a load).
@@ -156,6 +163,8 @@ def upload(
     events = [torch.cuda.Event() for _ in range(RING)] if cuda else None
     flat = {name: view.view(-1) for name, view in views(arena, lay).items()}
     sha = hashlib.sha256()
+    head = hashlib.sha256()  # the bytes before the first tensor: what the parser read
+    head_end = g.header_size
     uploaded = 0
     total = sum(t.n_bytes for t in g.tensors if t.name in lay.parts)
     _tell(progress, 0, total)
@@ -169,7 +178,10 @@ def upload(
             if isinstance(item, BaseException):
                 raise item
             k, chunk = item
-            sha.update(host[k].numpy().data[: chunk.n_bytes])
+            data = host[k].numpy().data[: chunk.n_bytes]
+            sha.update(data)
+            if chunk.file_offset < head_end:
+                head.update(data[: head_end - chunk.file_offset])
             if chunk.tensor is not None:
                 t = chunk.tensor
                 part = lay.parts[t.name]
@@ -196,11 +208,13 @@ def upload(
         reader.join()
     ctx.synchronize()
     digest = sha.hexdigest()
-    if not hmac.compare_digest(digest, expected_digest.lower()):
+    if g.header_sha256 is not None and not hmac.compare_digest(head.hexdigest(), g.header_sha256):
+        raise ModelLoadError("the model file's header changed after it was parsed; refusing it")
+    if expected_digest is not None and not hmac.compare_digest(digest, expected_digest.lower()):
         raise ModelLoadError(
             f"model bytes changed after verification: SHA-256 while uploading is {digest}, verified digest was {expected_digest}"
         )
-    return LoadStats(g.file_size, uploaded, arena.numel(), time.perf_counter() - t0)
+    return LoadStats(g.file_size, uploaded, arena.numel(), time.perf_counter() - t0, digest)
 
 
 def _tell(progress: Progress | None, done: int, total: int) -> None:

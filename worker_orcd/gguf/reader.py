@@ -11,6 +11,7 @@ and a file truncated under us is a typed error instead of a SIGBUS.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -84,6 +85,9 @@ class GGUFFile:
     value_types: dict[str, ValueType]  # the stored type of each value
     array_types: dict[str, ValueType]  # element type of each top-level array value
     tensors: tuple[TensorInfo, ...]  # in header order
+    # SHA-256 of the header_size bytes parsed: a later pass over the file (the one-pass upload) checks
+    # that the bytes it hashes are the ones this layout came from
+    header_sha256: str | None = None
     _by_name: dict[str, TensorInfo] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -400,6 +404,7 @@ def _parse(cur: _Cursor) -> GGUFFile:
         value_types=value_types,
         array_types=array_types,
         tensors=tuple(tensors),
+        header_sha256=hashlib.sha256(memoryview(cur.buf)[:header_size]).hexdigest(),
     )
 
 

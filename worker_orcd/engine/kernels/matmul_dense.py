@@ -125,6 +125,24 @@ def wide_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int] |
     return 64, 32, 128, 4, 3
 
 
+@triton.jit
+def _chain(xp, wp, rmask, cmask, kk, k_lo, k_hi, acc, EVEN: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr):
+    """``acc`` + the dot chain of x[:, k_lo:k_hi] · W[:, k_lo:k_hi]ᵀ in k order (BK at a time; EVEN: no
+    masks, k_hi - k_lo a multiple of BK); the pointers come back advanced past it."""
+    for k0 in range(k_lo, k_hi, BK):
+        if EVEN:
+            xt = tl.load(xp, mask=rmask, other=0.0)
+            w = tl.load(wp, mask=cmask, other=0.0)
+        else:
+            km = (k0 + kk)[None, :] < k_hi
+            xt = tl.load(xp, mask=rmask & km, other=0.0)
+            w = tl.load(wp, mask=cmask & km, other=0.0)
+        acc = _dot(xt, tl.trans(w), acc, IEEE)
+        xp += BK
+        wp += BK
+    return acc, xp, wp
+
+
 @triton.jit(do_not_specialize=["M"])
 def dense_matmul_wide_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
@@ -145,17 +163,19 @@ def dense_matmul_wide_kernel(
     rmask = rows[:, None] < M
     cmask = cols[:, None] < N
     acc = tl.zeros((BMw, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        if EVEN_K:
-            xt = tl.load(xp, mask=rmask, other=0.0)
-            w = tl.load(wp, mask=cmask, other=0.0)
-        else:
-            km = (k0 + kk)[None, :] < K
-            xt = tl.load(xp, mask=rmask & km, other=0.0)
-            w = tl.load(wp, mask=cmask & km, other=0.0)
-        acc = _dot(xt, tl.trans(w), acc, IEEE)
-        xp += BK
-        wp += BK
+    if SEGMENTED:
+        # the quantized weights' K segments (qmatmul_tiled.k_segments): a chain per segment from
+        # zero, the chains added in segment order -- the fused kernel's sum (K_SEG % BK == 0)
+        for lo in range(0, K, K_SEG):
+            hi = tl.minimum(K, lo + K_SEG)
+            part, xp, wp = _chain(xp, wp, rmask, cmask, kk, lo, hi, tl.zeros((BMw, BN), dtype=tl.float32),
+                                  False, IEEE, BK)
+            if lo == 0:
+                acc = part
+            else:
+                acc = acc + part
+    else:
+        acc, xp, wp = _chain(xp, wp, rmask, cmask, kk, 0, K, acc, EVEN_K, IEEE, BK)
     _store(y_ptr, b_ptr, acc, rows, cols, M, N, stride_ym, HAS_BIAS)
 
 
@@ -297,7 +317,13 @@ def dense_matmul(
     _check(x, w, bias, out, locks)
     M, K = x.shape
     N = w.shape[0]
-    s = split_k(N, K) if splits is None else splits
+    # a segmented product is one unsplit chain per segment (split_k's split of a narrow, deep matrix
+    # would be a second cut of K)
+    s = (1 if segment is not None else split_k(N, K)) if splits is None else splits
+    if segment is not None:
+        v.check(segment > 0 and segment % 256 == 0, KERNEL, "segment", f"must be a positive multiple of 256, got {segment}")
+        v.check(s == 1 and wide is not False and config is None, KERNEL, "segment", "needs the unsplit wide-tile kernel")
+        wide = True
     wcfg = None if wide is False or config is not None else wide if isinstance(wide, tuple) else (
         wide_config(M, N, s) if x.device.type == "cuda" else (16, 16, 64, 4, 1) if wide and s == 1 else None)
     if wcfg is not None:
