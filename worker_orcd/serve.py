@@ -84,7 +84,7 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--max-batch", "jobs batched at once (alias slots_total; default: what the KV pool holds for ~1k-token jobs, capped at 128 on a GPU, 8 on the CPU; 1 = one job at a time)"),
     ("--max-queue", "admitted jobs waiting for a batch slot before callers get WORKER_BUSY (default 256; none with --max-batch 1)"),
     ("--prefill-chunk", "tokens per engine step: decode rows plus prompt chunks (default 512 on a GPU, 256 on the CPU)"),
-    ("--mixed-step-tokens", "tokens of a step while streams decode (decode rows plus arriving prompt chunks; never fewer than the decode rows): smaller evens out inter-token latency, larger admits prompts faster (default 384 on a GPU; the CPU: --prefill-chunk)"),
+    ("--mixed-step-tokens", "tokens of a step while streams decode (decode rows plus arriving prompt chunks; never fewer than the decode rows): smaller evens out inter-token latency, larger admits prompts faster (default 256 on a GPU; the CPU: --prefill-chunk)"),
     ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels) or quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M, slower kernels for now)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),

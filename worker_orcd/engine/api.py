@@ -47,9 +47,10 @@ log = logging.getLogger("worker_orcd.engine")
 # Tokens per step (decode rows + prefill chunks): bounds activation memory (SPEC 4421) and how long a
 # prompt may hold the running streams back in one step (p99 inter-token latency under load).
 PREFILL_CHUNK_CUDA = 512
-# ... and while streams decode: a step of this many tokens costs <= ~2.5x a decode step on a 7B (H200,
-# benchmarks/profile_step.py), so prompt chunks arriving under load stretch no token gap further.
-MIXED_STEP_TOKENS_CUDA = 384
+# ... and while streams decode: prompt chunks arriving under load stretch a token gap less. 7B Q4_K_M,
+# 64 clients, H200 (run_h200.sh itl, seventh session): 384 -> 6,068 tok/s, p99 ITL 20.9 ms; 256 -> 6,044,
+# 17.6 ms; 192 -> 5,487, 17.2 ms (TTFT p50 85 / 103 / 141 ms).
+MIXED_STEP_TOKENS_CUDA = 256
 PREFILL_CHUNK_CPU = 256  # the CPU reference attention materialises [Hq, chunk, S] scores
 # Default batch: as many jobs of this many tokens as the KV pool holds, capped.
 TYPICAL_REQUEST_TOKENS = 1024

@@ -114,17 +114,17 @@ def quantized_tp_weight_bytes(full: WeightLayout, cfg: ModelConfig, degree: int)
             "replicated_bytes": sum(s.n_bytes for s in lay.slots.values()) - split}
 
 
-def prefill_dequant_bytes(lay: WeightLayout, rows: int, itemsize: int) -> int:
+def prefill_dequant_bytes(lay: WeightLayout, itemsize: int) -> int:
     """The quantized residency's prefill scratch (``kernels/qmatmul_prefill.py``), for its largest
-    layer matrix: one K segment dequantized (bounded here by the whole matrix), the planar types'
-    file-order blocks, two fp32 [rows, N] partial sums. The output head never takes that path (it
-    sees only the sampled rows, fewer than PREFILL_MIN_M) and the embedding is a lookup."""
+    layer matrix: the matrix dequantized to the activation dtype plus the planar types' file-order
+    blocks. The output head never takes that path (it sees only the sampled rows, fewer than
+    PREFILL_MIN_M) and the embedding is a lookup."""
     worst = 0
     for s in lay.slots.values():
         if s.ggml_type is None or s.name in ("token_embd.weight", "output.weight"):
             continue
         n, k = s.shape
-        worst = max(worst, n * k * itemsize + s.n_bytes + 2 * rows * n * 4)
+        worst = max(worst, n * k * itemsize + s.n_bytes)
     return worst
 
 
@@ -182,7 +182,7 @@ def plan_vram(
         weights_bytes=weights,
         kv_cache_bytes=kv,
         scratch_bytes=scratch_bytes(scfg, dtype, prefill_chunk, s_max, dev_mode)
-        + (prefill_dequant_bytes(lay, min(prefill_chunk, s_max), dtype.itemsize) if quantized else 0),
+        + (prefill_dequant_bytes(lay, dtype.itemsize) if quantized else 0),
         margin_bytes=margin,
         free_bytes=free_bytes,
         dev_mode=dev_mode,

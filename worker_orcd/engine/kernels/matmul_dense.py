@@ -145,8 +145,9 @@ def _chain(xp, wp, rmask, cmask, kk, k_lo, k_hi, acc, EVEN: tl.constexpr, IEEE: 
 
 @triton.jit(do_not_specialize=["M"])
 def dense_matmul_wide_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_SEG,
     HAS_BIAS: tl.constexpr, BMw: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     # column-major program order over (row tile, column tile): a weight tile is reused by
@@ -305,11 +306,14 @@ def dense_matmul(
     config: tuple[int, int, int, int, int] | None = None,
     splits: int | None = None,
     wide: tuple[int, int, int, int, int] | bool | None = None,
+    segment: int | None = None,
 ) -> torch.Tensor:
     """x[M, K] @ w[N, K].T (+ bias) -> [M, N]. ``locks``: zeroed int32 counters (``lock_slots(N)``),
     owned by the caller and left zeroed; only a split shape needs them (allocated here if absent).
     ``config``/``splits``/``wide`` override the tuned choice (benchmarks and tests; splits must stay
-    per shape; ``wide=False`` forces the 16-row kernel, a tuple a wide-tile configuration)."""
+    per shape; ``wide=False`` forces the 16-row kernel, a tuple a wide-tile configuration).
+    ``segment``: K inputs per chain (a multiple of 256, the wide-tile kernel only): each segment's
+    chain starts from zero and the chains are added in order, as the quantized kernels sum."""
     if out is None:
         v.tensor(KERNEL, "x", x)
         v.tensor(KERNEL, "w", w)
@@ -326,12 +330,15 @@ def dense_matmul(
         wide = True
     wcfg = None if wide is False or config is not None else wide if isinstance(wide, tuple) else (
         wide_config(M, N, s) if x.device.type == "cuda" else (16, 16, 64, 4, 1) if wide and s == 1 else None)
+    if segment is not None and wcfg is None:  # fewer rows than WIDE_MIN_M on the GPU
+        wcfg = wide_config(WIDE_MIN_M, N, 1)
     if wcfg is not None:
         bm, bn, bk, warps, stages = wcfg
+        seg = K if segment is None else min(segment, K)
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         dense_matmul_wide_kernel[grid](
-            x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,
+            x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0), seg,
+            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0, SEGMENTED=seg < K,
             num_warps=warps, num_stages=stages, enable_fp_fusion=False,
         )
         return out

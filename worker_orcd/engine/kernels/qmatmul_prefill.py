@@ -1,13 +1,15 @@
-"""Quantized weights at prefill sizes: dequantize each K segment into scratch, then the dense kernel.
+"""Quantized weights at prefill sizes: dequantize the matrix into scratch once, then the dense kernel.
 
 At M >= PREFILL_MIN_M the fused kernel (``qmatmul_tiled``) is instruction-bound (every row tile
 re-dequantizes the weight tile): a 512-token 7B Q4_K_M prefill step took 49 ms against the dense
-fp16 kernel's 17.6 (RESULTS, fifth session). Here each of the weight's fixed K segments
-(``qmatmul_tiled.k_segments``, a function of the shape only) is dequantized once into a contiguous fp16 scratch
-[N, segment] and multiplied by the dense kernel with one K split; the segments' fp32 chains are
-added in segment order, the bias after them, rounded once. That is ``segments_reference`` step by
-step, which the GPU tests hold bitwise equal to ``qmatmul_tiled`` at every M: a row's bits do not
-depend on which of the two computed it (batch invariance across the threshold).
+fp16 kernel's 17.6 (RESULTS, fifth session). Here the matrix is dequantized once into an fp16
+scratch [N, K] and multiplied by the dense wide-tile kernel in its segmented form: one fp32 chain per
+fixed K segment (``qmatmul_tiled.k_segments``, a function of the shape only), the chains added in
+segment order, the bias after them, rounded once. That is ``segments_reference``, which the GPU
+tests hold bitwise equal to ``qmatmul_tiled`` at every M: a row's bits do not depend on which of the
+two computed it (batch invariance across the threshold). (A first form ran one dense launch per
+segment into fp32 [M, N] partials and added them with torch: 58 ms per 512 tokens on the 7B, the
+partials' traffic; the segmented kernel keeps them in registers.)
 
 Dequantization (``dequant.dequantize``) computes the gguf values in fp32 and rounds them once to the
 activation dtype, as the fused kernels round their in-register values.
@@ -47,16 +49,6 @@ def segment_weight(w: QWeight, lo: int, hi: int, dtype: torch.dtype, gguf: torch
 def qmatmul_dequant(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias), the rows of ``qmatmul_tiled`` bit for bit (``out``
     may be a column slice; ``qmatmul`` checked the shapes)."""
-    ks, nseg = qmatmul_tiled.k_segments(w.n, w.k)
-    g = w.gguf_bytes()  # planar types: the file's block order again (a copy of the quantized bytes)
-    acc: torch.Tensor | None = None
-    for s in range(nseg):
-        lo, hi = s * ks, min(w.k, (s + 1) * ks)
-        wd = segment_weight(w, lo, hi, x.dtype, g)
-        p = matmul_dense.dense_matmul(x[:, lo:hi], wd, splits=1, out_dtype=torch.float32)
-        acc = p if acc is None else acc + p
-    assert acc is not None
-    if bias is not None:
-        acc = acc + bias.float()
-    out.copy_(acc)  # the one rounding to out's dtype
-    return out
+    ks, _ = qmatmul_tiled.k_segments(w.n, w.k)
+    wd = segment_weight(w, 0, w.k, x.dtype)  # the whole matrix, once (the VRAM plan's scratch)
+    return matmul_dense.dense_matmul(x, wd, bias, out=out, segment=ks)
