@@ -172,6 +172,15 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600
     raise RuntimeError("not ready in time")
 
 
+def log_tails(work: Path, lines: int = 25) -> None:
+    """The last lines of every server log of this run: why a server was not ready (or was killed)."""
+    for f in sorted(work.glob("*.log")):
+        tail = f.read_text(errors="replace").splitlines()[-lines:]
+        print(f"# --- {f.name} (last {len(tail)} lines)", flush=True)
+        for line in tail:
+            print(f"#   {line[:400]}", flush=True)
+
+
 def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, str, str]:
     token = "bench-" + os.urandom(8).hex()
     tok = work / "token"
@@ -180,7 +189,7 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
     port = free_port()
     cmd = [sys.executable, "-m", "worker_orcd", "serve", "--worker-id", "bench", "--device", args.device,
            "--model", model.name, "--model-root", str(model.parent), "--bind", f"127.0.0.1:{port}",
-           "--api-token-file", str(tok), "--log-level", "warning", "--max-batch", str(max(args.concurrency)),
+           "--api-token-file", str(tok), "--log-level", args.worker_log_level, "--max-batch", str(max(args.concurrency)),
            "--max-tokens-out", "4096", *(["--allow-root"] if os.geteuid() == 0 else [])]
     if args.kv_cache_mb:
         cmd += ["--kv-cache-size-mb", str(args.kv_cache_mb)]
@@ -202,7 +211,7 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
         cmd += tp_flags(0)
         for rank in range(1, args.tp):
             member = [sys.executable, "-m", "worker_orcd", "serve", "--worker-id", f"bench-r{rank}", "--device", args.device,
-                      "--model", model.name, "--model-root", str(model.parent), "--log-level", "warning",
+                      "--model", model.name, "--model-root", str(model.parent), "--log-level", args.worker_log_level,
                       "--max-batch", str(max(args.concurrency)), "--max-tokens-out", "4096", *tp_flags(rank),
                       *(["--allow-root"] if os.geteuid() == 0 else []),
                       *(["--kv-cache-size-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else [])]
@@ -245,10 +254,19 @@ def main() -> int:
     ap.add_argument("--out-max", type=int, default=256)
     ap.add_argument("--kv-cache-mb", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="worker-orcd device (cpu: a smoke run only)")
+    ap.add_argument("--ready-timeout", type=float, default=600.0,
+                    help="seconds a server may take to become ready; past it (or on SIGTERM) its log tails are printed")
+    ap.add_argument("--worker-log-level", default="warning", help="worker-orcd's --log-level (info: its load stages)")
     args = ap.parse_args()
     if args.duration and not 0 <= args.warmup < args.duration:
         ap.error("--warmup must be in [0, --duration)")
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+
+    def on_term(signum: int, frame: object) -> None:  # `timeout` ends this run: say where the servers were
+        log_tails(work)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     MODEL_ID[0] = args.model.name
     label = args.label or args.model.stem
     rows = []
@@ -258,7 +276,12 @@ def main() -> int:
     for name, start, levels in engines:
         proc, url, token = start(args.model, args, work)
         try:
-            ready = wait_ready(url, proc, "/health")
+            try:
+                ready = wait_ready(url, proc, "/health", args.ready_timeout)
+            except RuntimeError as e:
+                print(f"# {name} on {label}: {e}", flush=True)
+                log_tails(work)
+                continue
             print(f"# {name} on {label}: ready in {ready:.1f} s", flush=True)
             for n in levels:
                 r = asyncio.run(run_level(url, token, n, args, llama=name == "llama-server"))

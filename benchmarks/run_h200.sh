@@ -16,6 +16,7 @@
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
+#   bash benchmarks/run_h200.sh tp12       # kind nvidia-h200-x2: 7B Q4_K_M tp=1/2, 72B Q4_K_M tp=2, llama -sm layer/tensor (issue 12's rows)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -150,6 +151,28 @@ tpq)
     timeout ${LOAD_TIMEOUT:-200} python3 benchmarks/bench_load.py --model $F --label $S-llama-sm-$sm --llama /tmp/llama.cpp/build/bin/llama-server \
       --llama-arg=-sm --llama-arg=$sm --concurrency ${LOAD_LEVELS:-1 64} --requests-per-client 1 $D 2>&1 \
       | tee "$OUT/tpq_llama_$sm.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  done
+  ;;
+tp12)
+  # issue 12's runnable rows in one call: 7B Q4_K_M resident quantized at tp=1/2, the 72B shape at tp=2 (its tp=1 and
+  # llama -sm tensor came from the eighth session's first call), llama-server -sm layer/tensor on the same files;
+  # worker logs at info, their tails printed when a server is not ready in time
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; synth qwen2.5-72b Q4_K_M; touch $M/72b.done) >$M/synth.log 2>&1 &
+  D="--duration ${LOAD_DURATION:-8} --warmup ${LOAD_WARMUP:-2} --requests-per-client 1 --concurrency 1 64 --worker-log-level info"
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 2; done
+  for tp in 1 2; do
+    timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-q4km-q-tp$tp --worker --tp $tp \
+      --resident-weights quantized --ready-timeout 60 $D 2>&1 | tee "$OUT/tp12_7b_tp$tp.log" | grep -E "^#|^\| worker"
+  done
+  for i in $(seq 1 150); do [ -f $M/72b.done ] && break; sleep 2; done; ls -la $M; df -h /tmp | tail -1
+  timeout 330 python3 benchmarks/bench_load.py --model $M/qwen2.5-72b-Q4_K_M.gguf --label 72b-q4km-q-tp2 --worker --tp 2 \
+    --resident-weights quantized --ready-timeout 240 $D 2>&1 | tee "$OUT/tp12_72b_tp2.log" | grep -E "^#|^\| worker"
+  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 3; done
+  for f in 72b:layer 7b:tensor 7b:layer; do
+    timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-${f%%:*}-Q4_K_M.gguf --label ${f%%:*}-llama-sm-${f##*:} \
+      --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=${f##*:} --ready-timeout 80 $D 2>&1 \
+      | tee "$OUT/tp12_llama_${f%%:*}_${f##*:}.log" | grep -E "^#|^\| llama"
   done
   ;;
 probe)
