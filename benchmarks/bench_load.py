@@ -214,7 +214,9 @@ def start_worker(model: Path, args: argparse.Namespace, work: Path) -> tuple[sub
                       "--model", model.name, "--model-root", str(model.parent), "--log-level", args.worker_log_level,
                       "--max-batch", str(max(args.concurrency)), "--max-tokens-out", "4096", *tp_flags(rank),
                       *(["--allow-root"] if os.geteuid() == 0 else []),
-                      *(["--kv-cache-size-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else [])]
+                      *(["--kv-cache-size-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []),
+                      *(["--resident-weights", args.resident_weights] if args.resident_weights else []),
+                      *args.worker_arg]  # the same plan on every rank (the group refuses to form otherwise)
             TP_MEMBERS.append(subprocess.Popen(member, stdout=subprocess.DEVNULL,
                                                stderr=open(work / f"worker-r{rank}.log", "w")))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))

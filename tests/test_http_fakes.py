@@ -274,6 +274,10 @@ class FakeEngine:
     def memory(self) -> dict[str, int]:
         return {"free_bytes": self.knobs.vram_total, "total_bytes": self.knobs.vram_total}
 
+    def abandon_group(self, reason: str) -> bool:
+        self.abandoned = reason  # the fake is never in a group
+        return False
+
     def close(self) -> None:
         self.closed = True
 

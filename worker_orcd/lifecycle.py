@@ -541,6 +541,13 @@ class Worker:
         except WorkerError as e:
             self.fail(e)
 
+    async def abandon_group(self, error: WorkerError) -> None:
+        """A tensor-parallel rank that exits before its load joined the group tells the others why
+        (the engine posts it where they wait), so they stop now instead of after the join timeout."""
+        if self.config.tp_degree > 1 and self.engine is not None:
+            why = f"{self.config.worker_id}: {error.code.value}: {error.message}"
+            await asyncio.to_thread(self.engine.abandon_group, why)
+
     async def report_failure(self, error: WorkerError) -> None:
         """Status callback carrying the error code (SPEC 4961); best-effort, sent once per process.
 

@@ -320,6 +320,7 @@ class Engine:
             raise InvalidParams(f"resident_weights must be 'dense' or 'quantized', got {resident_weights!r}")
         self.ctx = ctx
         self.tp = tp  # this process's tensor-parallel membership; the group is joined at load
+        self._joined = False  # load tried to join the group (abandon_group has nothing to tell then)
         # quantized: matrices stay GGUF blocks in VRAM (smallest; the fused kernels are exact but not yet
         # as fast as the dense fp16 path); dense: dequantized once at load (fastest today). CPU: dense fp32.
         self.quantized = resident_weights == "quantized" and not ctx.dev_mode
@@ -405,7 +406,8 @@ class Engine:
         cfg = model_config(g)
         dtype = resident_dtype(cfg, self.ctx)
         plan = self.plan(g, kv_cache_mb, tp_degree=self.tp.degree if self.tp is not None else 1)
-        plan.require()
+        if self.tp is None:
+            plan.require()  # in a group: after joining, so the others hear of it (below)
         pool = kv_tokens(cfg, dtype, kv_cache_mb, self.ctx.dev_mode)
         s_max = paged_max_seq_len(cfg, dtype, kv_cache_mb, self.ctx.dev_mode)
         batch = max_batch or default_max_batch(pool, self.ctx.dev_mode)
@@ -423,8 +425,14 @@ class Engine:
             if self.tp is not None:
                 from . import tensor_parallel
 
-                mcfg = shard_config(cfg, self.tp.degree)  # refuses heads / FFN that do not split
+                self._joined = True  # joined or refused: either way no failure report before joining
                 group = tensor_parallel.join(self.tp, self.ctx.kind)
+                # what fails from here on is told to the others (group.abort below): before anyone uploads
+                mcfg = shard_config(cfg, self.tp.degree)  # refuses heads / FFN that do not split
+                plan.require()
+                group.agree({"kv_tokens": pool, "max_seq_len": s_max, "max_batch": batch, "token_budget": budget,
+                             "resident_weights": "quantized" if self.quantized else "dense", "dtype": str(dtype)},
+                            stage="planned")
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
@@ -485,6 +493,17 @@ class Engine:
             sorted(runner.graphs),
         )
         return rm
+
+    def abandon_group(self, reason: str) -> bool:
+        """This process fails before its load joined the tensor-parallel group (the host could not
+        validate or read its model, ...): tell the others now rather than let them wait out the join
+        timeout. Nothing to do without a group, or once joined (a failed load aborts the group itself)."""
+        if self.tp is None or self._joined:
+            return False
+        from . import tensor_parallel
+
+        self._joined = True  # once
+        return tensor_parallel.report_failure_before_join(self.tp, reason)
 
     def memory(self) -> dict[str, int]:
         free, total = self.ctx.mem_get_info()

@@ -36,6 +36,7 @@ collective raises ``TP_GROUP_FAILED`` (fatal): rank 0's jobs end with it, rank 0
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -125,6 +126,7 @@ def _admit(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str, deadline: 
             left = deadline - time.monotonic()
             raw = _wait_get(store, f"{prefix}hello/{r}/{n}", min(left, _POLL_S)) if left > 0 else None
             if raw is None:
+                _raise_if_failed(store, spec, prefix, nonce0, r)
                 if time.monotonic() < deadline:
                     continue
                 raise TPGroupError(
@@ -158,13 +160,84 @@ def _check_hello(raw: bytes, spec: TPSpec, rank: int, nonce0: str) -> tuple[str 
     return None, nonce
 
 
+def _failure_mac(spec: TPSpec, rank: int, nonce0: str, reason: str) -> str:
+    return _mac(spec.secret, "failed", spec.group_id, spec.members, rank, nonce0, reason)
+
+
+def _raise_if_failed(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str, rank: int) -> None:
+    """Raise the failure ``rank`` posted before joining (``report_failure_before_join``), if it proves the secret."""
+    key = f"{prefix}failed/{rank}"
+    if not store.check([key]):
+        return
+    try:
+        posted = json.loads(store.get(key)[:_MAX_HELLO])
+        reason, mac = str(posted["reason"]), str(posted["mac"])
+    except (ValueError, KeyError, TypeError):
+        return
+    if hmac.compare_digest(_failure_mac(spec, rank, nonce0, reason), mac):
+        raise TPGroupError(f"tensor-parallel group {spec.group_id}: rank {rank} ({spec.members[rank]}) failed before "
+                           f"the group formed: {reason}")
+    log.warning("tensor-parallel group %s: ignored a failure report for rank %d without the group secret",
+                spec.group_id, rank)
+
+
+def report_failure_before_join(spec: TPSpec, reason: str, timeout_s: float = 10.0) -> bool:
+    """This rank fails before it joined (its model did not validate, did not fit, ...): tell the group.
+
+    Without this the others wait for it for the whole join timeout (10 minutes by default; measured
+    on two H200s: a member refused for VRAM left rank 0 waiting). A member posts the reason, with an
+    HMAC that proves the secret, where rank 0 looks while it waits for hellos; rank 0 opens the store
+    and keeps it open up to ``timeout_s`` for the members to read its reason. Best effort: returns
+    whether it was posted (and, for rank 0, read by every member)."""
+    prefix = f"worker-orcd/tp/{spec.group_id}/"
+    reason = reason[:1000]
+    short = dataclasses.replace(spec, join_timeout_s=timeout_s)
+    try:
+        if spec.rank == 0:
+            store = _master_store(short)
+            nonce0 = secrets.token_hex(16)
+            store.set(prefix + "nonce", nonce0)
+            store.set(f"{prefix}failed/0", json.dumps({"reason": reason, "mac": _failure_mac(spec, 0, nonce0, reason)}))
+            keys = [f"{prefix}failure-seen/{r}" for r in range(1, spec.degree)]
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and not store.check(keys):
+                time.sleep(0.05)
+            return bool(store.check(keys))
+        store = _member_store(short)
+        raw = _wait_get(store, prefix + "nonce", timeout_s)
+        if raw is None:
+            return False
+        nonce0 = raw.decode()
+        store.set(f"{prefix}failed/{spec.rank}",
+                  json.dumps({"reason": reason, "mac": _failure_mac(spec, spec.rank, nonce0, reason)}))
+        return True
+    except (TPGroupError, RuntimeError, dist.DistError, OSError) as e:
+        log.warning("tensor-parallel group %s: could not tell the group that rank %d fails: %s", spec.group_id,
+                    spec.rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+
+
+def _rank0_failed(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str) -> None:
+    """A member: raise rank 0's failure before the group formed (acknowledged, so rank 0 may exit)."""
+    try:
+        _raise_if_failed(store, spec, prefix, nonce0, 0)
+    except TPGroupError:
+        store.set(f"{prefix}failure-seen/{spec.rank}", "1")
+        raise
+
+
 def _hello(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str) -> None:
     """A member: prove the secret to rank 0, and check that rank 0 holds it too."""
     n = store.add(f"{prefix}attempts/{spec.rank}", 1)
     nonce = secrets.token_hex(16)
     mac = _mac(spec.secret, "join", spec.group_id, spec.members, spec.rank, nonce0, nonce)
     store.set(f"{prefix}hello/{spec.rank}/{n}", json.dumps({"nonce": nonce, "mac": mac}))
-    raw = _wait_get(store, f"{prefix}verdict/{spec.rank}/{n}", spec.join_timeout_s)
+    raw = None
+    deadline = time.monotonic() + spec.join_timeout_s
+    while raw is None and time.monotonic() < deadline:
+        raw = _wait_get(store, f"{prefix}verdict/{spec.rank}/{n}", min(_POLL_S, deadline - time.monotonic()))
+        if raw is None:
+            _rank0_failed(store, spec, prefix, nonce0)
     if raw is None:
         raise TPGroupError(f"tensor-parallel group {spec.group_id}: rank 0 did not answer the join of rank "
                            f"{spec.rank} within {spec.join_timeout_s:g} s (is another process using this rank?)")
@@ -202,6 +275,7 @@ def join(spec: TPSpec, device: str) -> TPGroup:
             raise TPGroupError(f"tensor-parallel group {spec.group_id}: the store at {spec.master_host}:"
                                f"{spec.master_port} has no rank 0 of this group")
         nonce0 = raw.decode()
+        _rank0_failed(store, spec, prefix, nonce0)
         _hello(store, spec, prefix, nonce0)
     pg_prefix = prefix + _mac(spec.secret, "pg", spec.group_id, nonce0)[:32] + "/"
     try:
@@ -323,11 +397,12 @@ class TPGroup:
 
     # --- agreement after load, and the end ---------------------------------------------------------
 
-    def agree(self, summary: dict[str, object], timeout_s: float | None = None) -> None:
-        """Every rank loaded the same model with the same KV pool, or nobody serves (through the store:
-        loads take their own time, longer than a collective's timeout)."""
+    def agree(self, summary: dict[str, object], timeout_s: float | None = None, stage: str = "loaded") -> None:
+        """Every rank reports the same ``summary`` at ``stage``, or nobody serves (through the store:
+        loads take their own time, longer than a collective's timeout). Stages: ``planned`` (the
+        plan fits and is the same on every rank: checked before anyone uploads) and ``loaded``."""
         timeout_s = self.spec.join_timeout_s if timeout_s is None else timeout_s
-        key = f"{self._prefix}loaded/"
+        key = f"{self._prefix}{stage}/"
         self._store.set(f"{key}{self.rank}", json.dumps(summary, sort_keys=True))
         if self.rank == 0:
             verdict: dict[str, object] = {"ok": True}
@@ -343,15 +418,19 @@ class TPGroup:
             verdict = json.loads(raw) if raw is not None else {"ok": False, "reason": "rank 0 never reported its load"}
         if not verdict.get("ok"):
             self.close(notify=False)
+            what = "loaded shards" if stage == "loaded" else "plan (KV pool, batch, residency; VRAM)"
             raise TPGroupError(f"tensor-parallel group {self.spec.group_id}: the ranks do not agree on the "
-                               f"loaded shards: {verdict.get('reason')}")
+                               f"{what}: {verdict.get('reason')}")
 
     def abort(self, reason: str) -> None:
         """A load failed here: tell the others through the store (they are not in a collective yet)."""
         try:
-            self._store.set(f"{self._prefix}loaded/{self.rank}", json.dumps({"error": reason[:500]}))
-            if self.rank == 0:
-                self._store.set(f"{self._prefix}loaded/verdict", json.dumps({"ok": False, "reason": f"rank 0: {reason[:500]}"}))
+            for stage in ("planned", "loaded"):  # whichever the others wait on
+                if not self._store.check([f"{self._prefix}{stage}/verdict"]):
+                    self._store.set(f"{self._prefix}{stage}/{self.rank}", json.dumps({"error": reason[:500]}))
+                if self.rank == 0:
+                    self._store.set(f"{self._prefix}{stage}/verdict",
+                                    json.dumps({"ok": False, "reason": f"rank 0: {reason[:500]}"}))
         except (RuntimeError, dist.DistError):
             pass
         self.close(notify=False)

@@ -1,0 +1,123 @@
+"""A tensor-parallel rank that fails before the group can serve stops the whole group at once (issue 12).
+
+Measured on two H200s: a member refused for VRAM before it joined left rank 0 waiting for it for
+the whole join timeout (10 minutes), with nothing in rank 0's log but socket waits. Now a rank
+that fails before joining posts its reason (HMAC over the group secret) where the others wait,
+and what can fail after joining but before the upload (the plan: VRAM, KV pool, batch,
+residency) is agreed on first. Real `worker-orcd serve` processes on the real 0.5B, gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_serve_integration import start
+from test_tensor_parallel import ONE_THREAD, _args, _free_port, _secret
+
+from worker_orcd.engine.tp_plan import TPSpec
+
+pytestmark = pytest.mark.slow
+
+SECRET = "group-secret-" + "5" * 24
+
+
+def _spec(rank: int) -> TPSpec:
+    return TPSpec(degree=2, rank=rank, group_id="g-unit", members=("tp-w0", "tp-w1"), master_host="127.0.0.1",
+                  master_port=1, secret=SECRET.encode())
+
+
+def test_tp_failure_report_needs_the_group_secret() -> None:
+    """Rank 0 stops on a member's failure report only when it proves the secret: anyone else who
+    can reach the store must not be able to end the group with a made-up reason."""
+    import torch.distributed as dist
+
+    from worker_orcd.engine import tensor_parallel as tp
+
+    store = dist.HashStore()
+    prefix, nonce0 = "worker-orcd/tp/g-unit/", "n" * 32
+    tp._raise_if_failed(store, _spec(0), prefix, nonce0, 1)  # nothing posted: nothing raised
+    forged = TPSpec(**{**_spec(1).__dict__, "secret": b"not-the-secret-" + b"1" * 24})
+    store.set(f"{prefix}failed/1", json.dumps({"reason": "forged", "mac": tp._failure_mac(forged, 1, nonce0, "forged")}))
+    tp._raise_if_failed(store, _spec(0), prefix, nonce0, 1)  # ignored
+    store.set(f"{prefix}failed/1", "not json")
+    tp._raise_if_failed(store, _spec(0), prefix, nonce0, 1)  # ignored
+    reason = "tp-w1: MODEL_LOAD_FAILED: not a GGUF file"
+    store.set(f"{prefix}failed/1", json.dumps({"reason": reason, "mac": tp._failure_mac(_spec(1), 1, nonce0, reason)}))
+    with pytest.raises(tp.TPGroupError, match="rank 1 \\(tp-w1\\) failed before the group formed: tp-w1: MODEL"):
+        tp._raise_if_failed(store, _spec(0), prefix, nonce0, 1)
+    tp._raise_if_failed(store, _spec(0), prefix, "m" * 32, 1)  # a report made for another rank 0's nonce: ignored
+
+
+def _group(tmp: Path, model: Path, group: str, member_model_root: Path | None = None,
+           member_extra: tuple[str, ...] = ()) -> tuple[object, object]:
+    port = _free_port()
+    secret = _secret(tmp, f"{group}.secret", SECRET)
+    rank0 = start(tmp, _args(model, 0, port, secret, group, ["--port", "0"]), tmp / "token", env=ONE_THREAD)
+    args = _args(model, 1, port, secret, group, list(member_extra))
+    if member_model_root is not None:
+        args[args.index("--model-root") + 1] = str(member_model_root)
+    rank1 = start(tmp, args, None, env=ONE_THREAD)
+    return rank0, rank1
+
+
+def _events(log: Path) -> list[dict[str, object]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(os.urandom(24).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_tp_member_that_fails_validation_stops_rank0_at_once(serve_model_path: Path, tmp_path: Path,
+                                                             token_file: Path) -> None:
+    """Rank 1's copy of the model is not a GGUF: rank 1 exits 1 before joining, and rank 0, waiting
+    for it to join, exits 1 within seconds naming rank 1 and its reason (not after 10 minutes)."""
+    bad_root = tmp_path / "bad"
+    bad_root.mkdir()
+    (bad_root / serve_model_path.name).write_bytes(b"NOTGGUF!" + os.urandom(4096))
+    rank0, rank1 = _group(tmp_path, serve_model_path, "g-fail", member_model_root=bad_root)
+    try:
+        assert rank1.proc.wait(120) == 1, rank1.log.read_text()[-3000:]
+        assert rank0.proc.wait(60) == 1, rank0.log.read_text()[-3000:]
+    finally:
+        for p in (rank0, rank1):
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(30)
+    failed = [e for e in _events(rank0.log) if e.get("event") == "startup_failed"]
+    assert failed and failed[0]["code"] == "TP_GROUP_FAILED", rank0.log.read_text()[-3000:]
+    assert "rank 1 (tp-w1) failed before the group formed: tp-w1: MODEL" in str(failed[0]["error"]), failed
+    assert not any(e.get("event") == "model_digest" for e in _events(rank0.log))  # rank 0 never uploaded
+
+
+def test_tp_ranks_with_different_plans_fail_before_uploading(serve_model_path: Path, tmp_path: Path,
+                                                             token_file: Path) -> None:
+    """Rank 1 was started with another KV budget: both ranks refuse at the plan agreement, before
+    either uploads a byte of the model (the load agreement would find it only after the upload)."""
+    extra = ("--kv-cache-size-mb", "32")  # argparse: the last value wins over _args' 64
+    rank0, rank1 = _group(tmp_path, serve_model_path, "g-plan", member_extra=extra)
+    try:
+        assert rank0.proc.wait(120) == 1, rank0.log.read_text()[-3000:]
+        assert rank1.proc.wait(60) == 1, rank1.log.read_text()[-3000:]
+    finally:
+        for p in (rank0, rank1):
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(30)
+    for p in (rank0, rank1):
+        text = p.log.read_text(errors="replace")
+        assert "do not agree on the plan" in text, text[-3000:]
+        assert not any(e.get("event") == "model_digest" for e in _events(p.log)), text[-3000:]
