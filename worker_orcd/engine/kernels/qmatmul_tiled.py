@@ -186,12 +186,62 @@ def _zero_acc(BR: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
     return z
 
 
+# Q4_K in packed half2 (``half2=True``, a candidate for decode speed; not used by the engine yet):
+# both nibbles of 4 bytes become 8 fp16 values q*s - m with fp16 s = fp16(d*sc), m = fp16(dmin*mn)
+# and ONE rounding (fma.rn.f16x2), ~1.75 instructions per weight against ~12 for ggml's fp32
+# arithmetic plus the conversion (SASS of the swapped 64x16 form: 1,200 vs 1,608 instructions per
+# super-block and thread). The values differ from ggml's by the rounding of s and m to fp16;
+# ``q4k_half2_weight`` is the same arithmetic in torch (float64, rounded once), for references.
+_Q4K_HALF2_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1, a0, a1, h0, h1, km, kh, ke, k16, kn64;
+mov.b32 km, 0x000F000F;
+mov.b32 kh, 0x00F000F0;
+mov.b32 ke, 0x64006400;
+mov.b32 k16, 0x2C002C00;
+mov.b32 kn64, 0xD400D400;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 a0, t0, km, ke, 0xea;
+lop3.b32 a1, t1, km, ke, 0xea;
+lop3.b32 h0, t0, kh, ke, 0xea;
+lop3.b32 h1, t1, kh, ke, 0xea;
+sub.f16x2 a0, a0, ke;
+sub.f16x2 a1, a1, ke;
+fma.rn.f16x2 h0, h0, k16, kn64;
+fma.rn.f16x2 h1, h1, k16, kn64;
+fma.rn.f16x2 $0, a0, $5, $7;
+fma.rn.f16x2 $1, a1, $6, $8;
+fma.rn.f16x2 $2, h0, $9, $11;
+fma.rn.f16x2 $3, h1, $10, $12;
+}
+""")
+
+
+@triton.jit
+def _q4k_half2(qb, s0, m0, s1, m1, BN: tl.constexpr, INTERP: tl.constexpr):
+    """(low nibbles, high nibbles) of Q4_K bytes ``qb`` [BN, 32] as fp16 q*s - m, s/m per row (fp32 in,
+    rounded to fp16 first); one fp16 rounding. In the interpreter: float64, rounded once (the same values)."""
+    s0h = tl.broadcast_to(s0.to(tl.float16), (BN, 32))
+    s1h = tl.broadcast_to(s1.to(tl.float16), (BN, 32))
+    n0h = tl.broadcast_to(-(m0.to(tl.float16)), (BN, 32))
+    n1h = tl.broadcast_to(-(m1.to(tl.float16)), (BN, 32))
+    if INTERP:
+        lo = ((qb & 15).to(tl.float64) * s0h.to(tl.float64) + n0h.to(tl.float64)).to(tl.float16)
+        hi = ((qb >> 4).to(tl.float64) * s1h.to(tl.float64) + n1h.to(tl.float64)).to(tl.float16)
+    else:
+        lo, hi = tl.inline_asm_elementwise(_Q4K_HALF2_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [qb, s0h, n0h, s1h, n1h],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return lo, hi
+
+
 @triton.jit(do_not_specialize=["M"])
 def qmatmul_tiled_kernel(
     x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_ym, RB, P1, P2, P3, KS, NSEG,
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
+    HALF2: tl.constexpr = False, INTERP: tl.constexpr = False,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (column tiles, row tiles, K segments): one segment per program
@@ -248,6 +298,14 @@ def qmatmul_tiled_kernel(
                         q = _u2f(tl.where(first, qb & 15, qb >> 4), 8388608.0)
                         w = tl.where(first, d * sc0, d * sc1) * q - tl.where(first, dmin * mn0, dmin * mn1)
                         a0, a1, a2, a3 = _acc(w, x_ptr, rows0, sb * 256 + 64 * c, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+                    elif HALF2:  # fp16 activations only (qmatmul_tiled checks)
+                        qb8 = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0)
+                        sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
+                        sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+                        lo, hi = _q4k_half2(qb8, d * sc0, dmin * mn0, d * sc1, dmin * mn1, BN, INTERP)
+                        k0 = sb * 256 + 64 * c
+                        a0, a1, a2, a3 = _acc(lo, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        a0, a1, a2, a3 = _acc(hi, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
                     else:
                         qb = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0).to(tl.int32)
                         sc, mn = _k4_scale_min(w1, w2, w3, 2 * c)
@@ -415,11 +473,13 @@ def qmatmul_tiled(
     out: torch.Tensor,
     config: tuple[int, ...] | None = None,
     swap: bool | None = None,
+    half2: bool = False,
 ) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias); ``out`` may be a column slice (qmatmul checked the shapes).
     ``swap`` (default: M <= SWAP_MAX_M) runs the swapped form; ``config`` overrides ``launch_config``
     (benchmarks, tests): rows per dot (the swapped form: rows per program), GROUP_M, BN, warps,
-    stages [, inputs per dot: 32 (default) or 64]."""
+    stages [, inputs per dot: 32 (default) or 64]. ``half2``: Q4_K with fp16 activations dequantized in
+    packed half2 arithmetic (``q4k_half2_weight``'s values; benchmarks and tests only, 32-input dots)."""
     v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     M = x.shape[0]
@@ -435,6 +495,10 @@ def qmatmul_tiled(
     if kd == 64 and (w.k % 64 or w.ggml_type in _BLOCKS_32):
         kd = 32
     v.check(not swap or gm == 1, KERNEL, "config", "the swapped form takes GROUP_M = 1")
+    if half2:
+        v.check(w.ggml_type == GGMLType.Q4_K and x.dtype == torch.float16, KERNEL, "half2",
+                f"packed half2 dequantization is for Q4_K with fp16 activations, not {w.ggml_type.name}/{x.dtype}")
+        kd = 32
     raw = w.raw
     w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
     w32 = raw[: raw.numel() // 4 * 4].view(torch.int32)
@@ -450,7 +514,8 @@ def qmatmul_tiled(
         x, raw, w16, w32, bias if bias is not None else out, out, part,
         M, w.n, w.k, x.stride(0), out.stride(0), w.row_bytes, p1, p2, p3, ks, nseg,
         WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, GROUP=gm, BR=br, BN=bn, KD=kd,
-        SWAP=swap, PARTIAL=partial, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        SWAP=swap, PARTIAL=partial, HALF2=half2, INTERP=x.device.type == "cpu",
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
     if partial:
         _segments_sum_kernel[(triton.cdiv(M * w.n, SUM_BLOCK),)](
@@ -476,3 +541,27 @@ def segments_reference(x: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | N
     assert acc is not None
     return (acc if bias is None else acc + bias.float()).to(x.dtype)
 
+
+
+def q4k_half2_weight(w: QWeight) -> torch.Tensor:
+    """[n, k] fp16: what ``half2=True`` dequantizes a Q4_K weight to — q * fp16(d*sc) - fp16(dmin*mn),
+    computed in float64 (exact) and rounded once, as fma.rn.f16x2 does (references for tests, benchmarks)."""
+    v.check(w.ggml_type == GGMLType.Q4_K and not w.planar, KERNEL, "w", "a Q4_K weight as the file's blocks")
+    b = w.raw.reshape(-1, 144).to("cpu")
+    d = b[:, 0:2].contiguous().view(torch.float16).float()  # [nb, 1]
+    dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+    q = b[:, 4:16].to(torch.int32)  # the 12 scale bytes
+    sc = torch.empty(b.shape[0], 8, dtype=torch.int32)
+    mn = torch.empty_like(sc)
+    for j in range(8):  # get_scale_min_k4
+        if j < 4:
+            sc[:, j], mn[:, j] = q[:, j] & 63, q[:, j + 4] & 63
+        else:
+            sc[:, j] = (q[:, j + 4] & 15) | ((q[:, j - 4] >> 6) << 4)
+            mn[:, j] = (q[:, j + 4] >> 4) | ((q[:, j] >> 6) << 4)
+    s = (d * sc.float()).to(torch.float16).double()  # [nb, 8]: fp32 product rounded to fp16, as the kernel
+    m = (dmin * mn.float()).to(torch.float16).double()
+    qs = b[:, 16:].to(torch.int32).reshape(-1, 4, 32)  # 4 chunks of 32 bytes: low nibbles, then high
+    nib = torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 8, 32).double()  # sub-block 2c, 2c+1
+    out = (nib * s[:, :, None] - m[:, :, None]).to(torch.float16)
+    return out.reshape(w.n, w.k).to(w.raw.device)
