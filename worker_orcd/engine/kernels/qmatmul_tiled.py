@@ -187,33 +187,30 @@ def _zero_acc(BR: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
 
 
 # Q4_K in packed half2 (``half2=True``, a candidate for decode speed; not used by the engine yet):
-# both nibbles of 4 bytes become 8 fp16 values q*s - m with fp16 s = fp16(d*sc), m = fp16(dmin*mn)
-# and ONE rounding (fma.rn.f16x2), ~1.75 instructions per weight against ~12 for ggml's fp32
-# arithmetic plus the conversion (SASS of the swapped 64x16 form: 1,200 vs 1,608 instructions per
-# super-block and thread). The values differ from ggml's by the rounding of s and m to fp16;
+# both nibbles of 2 bytes (a pair of the wgmma A fragment) become 4 fp16 values q*s - m with fp16
+# s = fp16(d*sc), m = fp16(dmin*mn) and ONE rounding (fma.rn.f16x2): 8 instructions per 4 weights
+# against ~12 per weight for ggml's fp32 arithmetic plus the conversion (SASS of the swapped 64x16
+# form, Triton 3.9 for sm_90: 1,120 vs 1,608 instructions per super-block and thread; pack=4 needed
+# 1,200, its byte gathering costing 80 PRMT). The values differ from ggml's by the rounding of s and m to fp16;
 # ``q4k_half2_weight`` is the same arithmetic in torch (float64, rounded once), for references.
 _Q4K_HALF2_ASM = tl.constexpr("""
 {
-.reg .b32 t0, t1, a0, a1, h0, h1, km, kh, ke, k16, kn64;
+.reg .b32 t, lo, hi, km, kh, ke, k16, kn64;
+.reg .b16 zero;
+mov.b16 zero, 0;
 mov.b32 km, 0x000F000F;
 mov.b32 kh, 0x00F000F0;
 mov.b32 ke, 0x64006400;
 mov.b32 k16, 0x2C002C00;
 mov.b32 kn64, 0xD400D400;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 a0, t0, km, ke, 0xea;
-lop3.b32 a1, t1, km, ke, 0xea;
-lop3.b32 h0, t0, kh, ke, 0xea;
-lop3.b32 h1, t1, kh, ke, 0xea;
-sub.f16x2 a0, a0, ke;
-sub.f16x2 a1, a1, ke;
-fma.rn.f16x2 h0, h0, k16, kn64;
-fma.rn.f16x2 h1, h1, k16, kn64;
-fma.rn.f16x2 $0, a0, $5, $7;
-fma.rn.f16x2 $1, a1, $6, $8;
-fma.rn.f16x2 $2, h0, $9, $11;
-fma.rn.f16x2 $3, h1, $10, $12;
+mov.b32 t, {$2, zero};
+prmt.b32 t, t, 0, 0x4140;
+lop3.b32 lo, t, km, ke, 0xea;
+lop3.b32 hi, t, kh, ke, 0xea;
+sub.f16x2 lo, lo, ke;
+fma.rn.f16x2 hi, hi, k16, kn64;
+fma.rn.f16x2 $0, lo, $3, $4;
+fma.rn.f16x2 $1, hi, $5, $6;
 }
 """)
 
@@ -230,8 +227,8 @@ def _q4k_half2(qb, s0, m0, s1, m1, BN: tl.constexpr, INTERP: tl.constexpr):
         lo = ((qb & 15).to(tl.float64) * s0h.to(tl.float64) + n0h.to(tl.float64)).to(tl.float16)
         hi = ((qb >> 4).to(tl.float64) * s1h.to(tl.float64) + n1h.to(tl.float64)).to(tl.float16)
     else:
-        lo, hi = tl.inline_asm_elementwise(_Q4K_HALF2_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [qb, s0h, n0h, s1h, n1h],
-                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        lo, hi = tl.inline_asm_elementwise(_Q4K_HALF2_ASM, "=r,=r,h,r,r,r,r", [qb, s0h, n0h, s1h, n1h],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
     return lo, hi
 
 
