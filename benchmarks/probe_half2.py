@@ -29,7 +29,7 @@ from tune_qtiled import resident  # noqa: E402
 from worker_orcd.engine.kernels import qmatmul_tiled as T  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402
 
-CASES = [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)]  # 7B, Q4_K
+CASES = [("gate_up", 37888, 3584), ("down", 3584, 18944), ("qkv", 4608, 3584), ("o", 3584, 3584)]  # 7B, Q4_K
 
 
 def main() -> int:
