@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -172,6 +173,13 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600
     raise RuntimeError("not ready in time")
 
 
+def upload_seconds(work: Path) -> tuple[float, float] | None:
+    """(seconds, GB/s) of the engine's upload as rank 0 logged it (needs --worker-log-level info), else None."""
+    log = work / "worker.log"
+    found = re.findall(r"bytes in ([0-9.]+) s \(([0-9.]+) GB/s\)", log.read_text(errors="replace")) if log.exists() else []
+    return (float(found[-1][0]), float(found[-1][1])) if found else None
+
+
 def log_tails(work: Path, lines: int = 25) -> None:
     """The last lines of every server log of this run: why a server was not ready (or was killed)."""
     for f in sorted(work.glob("*.log")):
@@ -284,10 +292,13 @@ def main() -> int:
                 print(f"# {name} on {label}: {e}", flush=True)
                 log_tails(work)
                 continue
-            print(f"# {name} on {label}: ready in {ready:.1f} s", flush=True)
+            up = upload_seconds(work) if name == "worker-orcd" else None
+            print(f"# {name} on {label}: ready in {ready:.1f} s"
+                  + (f" (upload + SHA-256 {up[0]:.1f} s at {up[1]:.2f} GB/s; the rest: plan, warm-up, graphs, seal)"
+                     if up else ""), flush=True)
             for n in levels:
                 r = asyncio.run(run_level(url, token, n, args, llama=name == "llama-server"))
-                r.update(engine=name, model=label, ready_s=ready)
+                r.update(engine=name, model=label, ready_s=ready, upload_s=up[0] if up else None)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 print(f"| {name} | {label} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "

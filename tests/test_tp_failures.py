@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_serve_integration import start
 from test_tensor_parallel import ONE_THREAD, _args, _free_port, _secret
 
@@ -49,6 +51,33 @@ def test_tp_failure_report_needs_the_group_secret() -> None:
     with pytest.raises(tp.TPGroupError, match="rank 1 \\(tp-w1\\) failed before the group formed: tp-w1: MODEL"):
         tp._raise_if_failed(store, _spec(0), prefix, nonce0, 1)
     tp._raise_if_failed(store, _spec(0), prefix, "m" * 32, 1)  # a report made for another rank 0's nonce: ignored
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=6000) | st.builds(lambda r, m: json.dumps({"reason": r, "mac": m}).encode(),
+                                                st.text(max_size=200), st.text(max_size=80)))
+def test_tp_failure_reports_fuzzed_never_crash_and_never_stop_the_group(raw: bytes) -> None:
+    """Whatever bytes sit under a member's failure key, rank 0 either ignores them or (only with the
+    secret's MAC, which random input does not have) raises TPGroupError: never another exception."""
+    import torch.distributed as dist
+
+    from worker_orcd.engine import tensor_parallel as tp
+
+    store = dist.HashStore()
+    store.set("p/failed/1", raw)
+    tp._raise_if_failed(store, _spec(0), "p/", "n" * 32, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=6000) | st.builds(lambda n, m: json.dumps({"nonce": n, "mac": m}).encode(),
+                                                st.text(min_size=16, max_size=128), st.text(max_size=80) | st.integers()))
+def test_tp_join_requests_fuzzed_are_refused_with_a_reason(raw: bytes) -> None:
+    """A malformed or forged hello is refused with a reason (rank 0 logs it and keeps waiting):
+    it never raises (a non-ASCII MAC made ``hmac.compare_digest`` raise TypeError and end rank 0's load)."""
+    from worker_orcd.engine import tensor_parallel as tp
+
+    reason, nonce = tp._check_hello(raw, _spec(0), 1, "n" * 32)
+    assert reason and nonce == ""
 
 
 def _group(tmp: Path, model: Path, group: str, member_model_root: Path | None = None,

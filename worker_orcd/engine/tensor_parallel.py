@@ -76,6 +76,14 @@ def _mac(secret: bytes, *parts: object) -> str:
     return hmac.new(secret, json.dumps([str(p) for p in parts]).encode(), hashlib.sha256).hexdigest()
 
 
+def _same_mac(want: str, got: object) -> bool:
+    """Constant-time MAC comparison of what a peer sent, whatever it sent (``hmac.compare_digest``
+    raises TypeError on non-ASCII str: one malformed hello must not crash rank 0)."""
+    if not isinstance(got, str):
+        return False
+    return hmac.compare_digest(want.encode(), got.encode("utf-8", "surrogatepass"))
+
+
 def _wait_get(store: dist.Store, key: str, timeout_s: float) -> bytes | None:
     """The value of ``key`` once it exists, or None after ``timeout_s``."""
     try:
@@ -154,7 +162,7 @@ def _check_hello(raw: bytes, spec: TPSpec, rank: int, nonce0: str) -> tuple[str 
     except (ValueError, KeyError, TypeError):
         return "malformed join request", ""
     want = _mac(spec.secret, "join", spec.group_id, spec.members, rank, nonce0, nonce)
-    if not hmac.compare_digest(want, mac):
+    if not _same_mac(want, mac):
         return ("the join proof does not verify: wrong group secret, or another group id or member list "
                 f"than rank 0's ({spec.group_id}, {','.join(spec.members)})"), ""
     return None, nonce
@@ -174,7 +182,7 @@ def _raise_if_failed(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str, 
         reason, mac = str(posted["reason"]), str(posted["mac"])
     except (ValueError, KeyError, TypeError):
         return
-    if hmac.compare_digest(_failure_mac(spec, rank, nonce0, reason), mac):
+    if _same_mac(_failure_mac(spec, rank, nonce0, reason), mac):
         raise TPGroupError(f"tensor-parallel group {spec.group_id}: rank {rank} ({spec.members[rank]}) failed before "
                            f"the group formed: {reason}")
     log.warning("tensor-parallel group %s: ignored a failure report for rank %d without the group secret",
@@ -246,7 +254,7 @@ def _hello(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str) -> None:
         raise TPGroupError(f"tensor-parallel group {spec.group_id}: rank 0 refused rank {spec.rank}: "
                            f"{verdict.get('reason', 'no reason given')}")
     want = _mac(spec.secret, "accept", spec.group_id, spec.members, spec.rank, nonce0, nonce)
-    if not hmac.compare_digest(want, str(verdict.get("mac", ""))):
+    if not _same_mac(want, verdict.get("mac")):
         raise TPGroupError(f"tensor-parallel group {spec.group_id}: the rank 0 at {spec.master_host}:"
                            f"{spec.master_port} does not hold the group secret; not joining")
 
