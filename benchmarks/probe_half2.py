@@ -1,12 +1,13 @@
-"""Q4_K decode matmuls with packed-half2 dequantization (``qmatmul_tiled(..., half2=True)``) against today's.
+"""Q4_K/Q6_K decode matmuls with packed-half2 dequantization (``qmatmul_tiled(..., half2=True)``) against today's.
 
 The quantized residency's decode step is 6.6 ms on a 7B Q4_K_M where the weight bytes allow ~1.3
 (RESULTS.md); the swapped kernel's loop body spends ~12 instructions per weight on ggml's fp32
-dequantization. ``half2`` does it in fp16x2 (SASS: 1,200 instead of 1,608 instructions per
-super-block and thread). This measures whether that is the limiter: per 7B Q4_K matrix and M, ms per
+dequantization. ``half2`` does it in fp16x2 (SASS, swapped form, per super-block and thread: Q4_K
+1,120 instead of 1,608 instructions, Q6_K 1,496 instead of 1,880). This measures whether that is the
+limiter: per 7B Q4_K_M matrix and M, ms per
 launch (CUDA graph, weight copies past L2, as tune_qtiled.py) for both, and checks each form's rows
 bit for bit against its reference (the dense kernel's segment chains on ggml's weight, resp. on
-``q4k_half2_weight``). Markdown table; JSON to $OUT/probe_half2.json.
+``half2_weight``). Markdown table; JSON to $OUT/probe_half2.json.
 
     python benchmarks/probe_half2.py --m 1 16 64
 """
@@ -29,7 +30,9 @@ from tune_qtiled import resident  # noqa: E402
 from worker_orcd.engine.kernels import qmatmul_tiled as T  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402
 
-CASES = [("gate_up", 37888, 3584), ("down", 3584, 18944), ("qkv", 4608, 3584), ("o", 3584, 3584)]  # 7B, Q4_K
+Q4K, Q6K = GGMLType.Q4_K, GGMLType.Q6_K
+CASES = [("gate_up", 37888, 3584, Q4K), ("head", 152064, 3584, Q6K), ("down", 3584, 18944, Q6K),
+         ("down", 3584, 18944, Q4K), ("qkv", 4608, 3584, Q4K), ("o", 3584, 3584, Q4K)]  # a 7B Q4_K_M's matrices
 
 
 def main() -> int:
@@ -38,13 +41,13 @@ def main() -> int:
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    print("| 7B matrix (Q4_K) | M | ggml fp32 dequant ms | half2 ms | speed-up | half2 GB/s | rows bitwise (ggml / half2) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name, n, k in CASES:
-        w0 = resident(GGMLType.Q4_K, n, k, gen)
-        ws = [w0] + [resident(GGMLType.Q4_K, n, k, gen) for _ in range(max(0, min(8, L2_BYTES // w0.raw.numel()) - 1))]
+    print("| 7B matrix | type | M | ggml fp32 dequant ms | half2 ms | speed-up | half2 GB/s | rows bitwise (ggml / half2) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for name, n, k, t in CASES:
+        w0 = resident(t, n, k, gen)
+        ws = [w0] + [resident(t, n, k, gen) for _ in range(max(0, min(8, L2_BYTES // w0.raw.numel()) - 1))]
         wd = w0.dequantize(torch.float32).to(torch.float16)
-        wh = T.q4k_half2_weight(w0)
+        wh = T.half2_weight(w0)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.float16)
             out = torch.empty(m, n, dtype=torch.float16, device="cuda")
@@ -53,9 +56,9 @@ def main() -> int:
             base = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out) for w in ws])
             fast = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out, half2=True) for w in ws])
             gbs = w0.raw.numel() / fast / 1e6
-            r = dict(matrix=name, n=n, k=k, m=m, ggml_ms=base, half2_ms=fast, half2_gb_s=gbs, bitwise=same)
+            r = dict(matrix=name, type=t.name, n=n, k=k, m=m, ggml_ms=base, half2_ms=fast, half2_gb_s=gbs, bitwise=same)
             rows.append(r)
-            print(f"| {name} {n}x{k} | {m} | {base:.4f} | {fast:.4f} | {base / fast:.2f}x | {gbs:,.0f} | "
+            print(f"| {name} {n}x{k} | {t.name} | {m} | {base:.4f} | {fast:.4f} | {base / fast:.2f}x | {gbs:,.0f} | "
                   f"{'yes' if same[0] else 'NO'} / {'yes' if same[1] else 'NO'} |", flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "probe_half2.json").write_text(json.dumps(rows, indent=1))

@@ -287,16 +287,17 @@ def test_worker_4711_tiled_64_input_dots_same_rows(rowwise_dot: None, t: GGMLTyp
     assert torch.equal(y32, y64)
 
 
-def test_worker_4711_tiled_q4k_half2_rows_are_its_reference_and_invariant(
-    rowwise_dot: None, gen: torch.Generator, device: str
+@pytest.mark.parametrize("t", sorted(tiled.HALF2_TYPES), ids=lambda t: t.name)
+def test_worker_4711_tiled_half2_rows_are_its_reference_and_invariant(
+    rowwise_dot: None, t: GGMLType, gen: torch.Generator, device: str
 ) -> None:
-    """``half2=True`` (Q4_K in packed fp16 arithmetic): each row equals the dense chains over the same K
-    segments on ``q4k_half2_weight`` bit for bit, in both forms and at every M; those weights are
-    ggml's values up to the fp16 rounding of each sub-block's scale and min."""
+    """``half2=True`` (Q4_K/Q6_K in packed fp16 arithmetic): each row equals the dense chains over the
+    same K segments on ``half2_weight`` bit for bit, in both forms and at every M; those weights are
+    ggml's values up to the fp16 rounding of each sub-block's scale (and min)."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     n, k = 24, 512
-    w, _ = make_resident(GGMLType.Q4_K, n, k, rng, device)
-    wh = tiled.q4k_half2_weight(w)
+    w, _ = make_resident(t, n, k, rng, device)
+    wh = tiled.half2_weight(w)
     ggml = w.dequantize(torch.float32).to(device)
     err = (wh.float() - ggml).abs().max().item()
     assert 0 < err <= 2.0**-9 * ggml.abs().max().item(), err  # differs (the test can fail), by little
@@ -313,12 +314,13 @@ def test_worker_4711_tiled_q4k_half2_rows_are_its_reference_and_invariant(
 
 
 @pytest.mark.gpu
-def test_worker_4711_gpu_tiled_q4k_half2_equals_its_reference_every_m(gen: torch.Generator, device: str) -> None:
-    """Compiled (the inline fma.rn.f16x2 path, which the interpreter does not run): rows at M = 1..300
-    bitwise equal to the dense chains over the same K segments on ``q4k_half2_weight``, both forms."""
+@pytest.mark.parametrize("t", sorted(tiled.HALF2_TYPES), ids=lambda t: t.name)
+def test_worker_4711_gpu_tiled_half2_equals_its_reference_every_m(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """Compiled (the inline f16x2 PTX, which the interpreter does not run): rows at M = 1..300 bitwise
+    equal to the dense chains over the same K segments on ``half2_weight``, both forms."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    w, _ = make_resident(GGMLType.Q4_K, 1000, 3584, rng, device)
-    wh = tiled.q4k_half2_weight(w)
+    w, _ = make_resident(t, 1000, 3584, rng, device)
+    wh = tiled.half2_weight(w)
     pool = torch.randn(300, 3584, generator=gen).to(device=device, dtype=torch.float16)
     out = torch.empty(300, 1000, dtype=torch.float16, device=device)
     full = tiled.qmatmul_tiled(pool, w, None, out.clone(), swap=False, half2=True)

@@ -61,6 +61,7 @@ SEG_UNIT = 256  # K segment boundaries: multiples of a K-quant super-block (8 Q8
 MAX_SEGMENTS = 8
 TARGET_PROGRAMS = 1024  # segments are added until the swapped form has this many programs (or MAX_SEGMENTS)
 SUM_BLOCK = 1024
+HALF2_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K})  # ``half2=True`` (benchmarks, tests)
 
 
 def supports(w: QWeight) -> bool:
@@ -232,6 +233,63 @@ def _q4k_half2(qb, s0, m0, s1, m1, BN: tl.constexpr, INTERP: tl.constexpr):
     return lo, hi
 
 
+# Q6_K in packed half2 (``half2=True``): y = fp16(d*sc) * (q - 32), q from 4 bits of ql and 2 of qh,
+# one fp16 rounding (mul.rn.f16x2); one call turns a pair of positions l, l+1 into the four sub-tiles'
+# values (t = 0..3: ql0/ql1 low nibbles with qh bits 0-1/2-3, high nibbles with bits 4-5/6-7).
+_Q6K_HALF2_ASM = tl.constexpr("""
+{
+.reg .b32 a, b, h, q, x, m4, m2, ke, k1056;
+.reg .b16 zero;
+mov.b16 zero, 0;
+mov.b32 m4, 0x000F000F;
+mov.b32 m2, 0x00300030;
+mov.b32 ke, 0x64006400;
+mov.b32 k1056, 0x64206420;
+mov.b32 a, {$4, zero};
+prmt.b32 a, a, 0, 0x4140;
+mov.b32 b, {$5, zero};
+prmt.b32 b, b, 0, 0x4140;
+mov.b32 h, {$6, zero};
+prmt.b32 h, h, 0, 0x4140;
+shl.b32 x, h, 4;
+lop3.b32 q, x, m2, ke, 0xea;
+lop3.b32 q, a, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $0, q, $7;
+shl.b32 x, h, 2;
+lop3.b32 q, x, m2, ke, 0xea;
+lop3.b32 q, b, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $1, q, $8;
+lop3.b32 q, h, m2, ke, 0xea;
+shr.b32 x, a, 4;
+lop3.b32 q, x, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $2, q, $9;
+shr.b32 x, h, 2;
+lop3.b32 q, x, m2, ke, 0xea;
+shr.b32 x, b, 4;
+lop3.b32 q, x, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $3, q, $10;
+}
+""")
+
+
+@triton.jit
+def _q6k_half2(ql0, ql1, qh, s0, s1, s2, s3, INTERP: tl.constexpr):
+    """The four [BN, 32] sub-tiles of a Q6_K half super-block (ql0/ql1/qh bytes, fp16 scales per
+    element) as fp16 s * (q - 32), one rounding. In the interpreter: float64, rounded once (the same)."""
+    if INTERP:
+        y0 = (((ql0 & 15) | ((qh & 3) << 4)).to(tl.float64) - 32.0) * s0.to(tl.float64)
+        y1 = (((ql1 & 15) | (((qh >> 2) & 3) << 4)).to(tl.float64) - 32.0) * s1.to(tl.float64)
+        y2 = (((ql0 >> 4) | (((qh >> 4) & 3) << 4)).to(tl.float64) - 32.0) * s2.to(tl.float64)
+        y3 = (((ql1 >> 4) | (((qh >> 6) & 3) << 4)).to(tl.float64) - 32.0) * s3.to(tl.float64)
+        return y0.to(tl.float16), y1.to(tl.float16), y2.to(tl.float16), y3.to(tl.float16)
+    return tl.inline_asm_elementwise(_Q6K_HALF2_ASM, "=r,=r,=r,=r,h,h,h,r,r,r,r", [ql0, ql1, qh, s0, s1, s2, s3],
+                                     dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+
+
 @triton.jit(do_not_specialize=["M"])
 def qmatmul_tiled_kernel(
     x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr, part_ptr,
@@ -375,6 +433,21 @@ def qmatmul_tiled_kernel(
                             q = low | (((qh >> (4 * p + 2 * (l64 // 32))) & 3) << 4)
                             w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
                             a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 64 * p, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
+                    elif HALF2:  # fp16 activations only (qmatmul_tiled checks)
+                        qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
+                        ql0 = tl.load(qlp, mask=nm, other=0)
+                        ql1 = tl.load(qlp + 32, mask=nm, other=0)
+                        qh8 = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0)
+                        sc0 = tl.where(lo, d * _u2f(_byte(s0, 0) + 128, 8388736.0), d * _u2f(_byte(s0, 1) + 128, 8388736.0))
+                        sc1 = tl.where(lo, d * _u2f(_byte(s0, 2) + 128, 8388736.0), d * _u2f(_byte(s0, 3) + 128, 8388736.0))
+                        sc2 = tl.where(lo, d * _u2f(_byte(s1, 0) + 128, 8388736.0), d * _u2f(_byte(s1, 1) + 128, 8388736.0))
+                        sc3 = tl.where(lo, d * _u2f(_byte(s1, 2) + 128, 8388736.0), d * _u2f(_byte(s1, 3) + 128, 8388736.0))
+                        y0, y1, y2, y3 = _q6k_half2(ql0, ql1, qh8, sc0.to(tl.float16), sc1.to(tl.float16),
+                                                    sc2.to(tl.float16), sc3.to(tl.float16), INTERP)
+                        a0, a1, a2, a3 = _acc(y0, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        a0, a1, a2, a3 = _acc(y1, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        a0, a1, a2, a3 = _acc(y2, x_ptr, rows0, k0 + 64, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
+                        a0, a1, a2, a3 = _acc(y3, x_ptr, rows0, k0 + 96, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
                     else:
                         qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
                         ql0 = tl.load(qlp, mask=nm, other=0).to(tl.int32)
@@ -475,8 +548,8 @@ def qmatmul_tiled(
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias); ``out`` may be a column slice (qmatmul checked the shapes).
     ``swap`` (default: M <= SWAP_MAX_M) runs the swapped form; ``config`` overrides ``launch_config``
     (benchmarks, tests): rows per dot (the swapped form: rows per program), GROUP_M, BN, warps,
-    stages [, inputs per dot: 32 (default) or 64]. ``half2``: Q4_K with fp16 activations dequantized in
-    packed half2 arithmetic (``q4k_half2_weight``'s values; benchmarks and tests only, 32-input dots)."""
+    stages [, inputs per dot: 32 (default) or 64]. ``half2``: Q4_K/Q6_K with fp16 activations dequantized in
+    packed half2 arithmetic (``half2_weight``'s values; benchmarks and tests only, 32-input dots)."""
     v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     M = x.shape[0]
@@ -493,8 +566,8 @@ def qmatmul_tiled(
         kd = 32
     v.check(not swap or gm == 1, KERNEL, "config", "the swapped form takes GROUP_M = 1")
     if half2:
-        v.check(w.ggml_type == GGMLType.Q4_K and x.dtype == torch.float16, KERNEL, "half2",
-                f"packed half2 dequantization is for Q4_K with fp16 activations, not {w.ggml_type.name}/{x.dtype}")
+        v.check(w.ggml_type in HALF2_TYPES and x.dtype == torch.float16, KERNEL, "half2",
+                f"packed half2 dequantization is for Q4_K/Q6_K with fp16 activations, not {w.ggml_type.name}/{x.dtype}")
         kd = 32
     raw = w.raw
     w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
@@ -562,3 +635,28 @@ def q4k_half2_weight(w: QWeight) -> torch.Tensor:
     nib = torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 8, 32).double()  # sub-block 2c, 2c+1
     out = (nib * s[:, :, None] - m[:, :, None]).to(torch.float16)
     return out.reshape(w.n, w.k).to(w.raw.device)
+
+
+def q6k_half2_weight(w: QWeight) -> torch.Tensor:
+    """[n, k] fp16: what ``half2=True`` dequantizes a (planar) Q6_K weight to — fp16(d*sc) * (q - 32),
+    computed in float64 (exact) and rounded once, as mul.rn.f16x2 does."""
+    v.check(w.ggml_type == GGMLType.Q6_K and w.planar, KERNEL, "w", "a Q6_K weight in qlayout's planes")
+    n, k = w.n, w.k
+    raw = w.raw.to("cpu")
+    p1, p2, p3 = _planes(w)
+    ql = raw[:p1].reshape(n, k // 256, 2, 64).to(torch.int32)  # [row, super-block, half, 64 bytes]
+    qh = raw[p1:p2].reshape(n, k // 256, 2, 32).to(torch.int32)
+    sc = raw[p2:p3].view(torch.int8).reshape(n, k // 256, 2, 8).float()
+    d = raw[p3 : p3 + n * (k // 256) * 2].view(torch.float16).reshape(n, k // 256, 1, 1).float()
+    s = (d * sc).to(torch.float16).double()  # [n, sb, 2, 8]: fp32 product rounded to fp16, as the kernel
+    lo, hi = ql[..., :32], ql[..., 32:]
+    q = torch.stack([(lo & 15) | ((qh & 3) << 4), (hi & 15) | (((qh >> 2) & 3) << 4),
+                     (lo >> 4) | (((qh >> 4) & 3) << 4), (hi >> 4) | (((qh >> 6) & 3) << 4)], dim=3)  # [n, sb, 2, 4, 32]
+    scale = s.reshape(n, k // 256, 2, 4, 2).repeat_interleave(16, dim=4)  # sub-tile t, positions l < 16 / l >= 16
+    out = ((q.double() - 32.0) * scale).to(torch.float16)
+    return out.reshape(n, k).to(w.raw.device)
+
+
+def half2_weight(w: QWeight) -> torch.Tensor:
+    """The fp16 values ``half2=True`` multiplies by (``q4k_half2_weight`` / ``q6k_half2_weight``)."""
+    return q4k_half2_weight(w) if w.ggml_type == GGMLType.Q4_K else q6k_half2_weight(w)
