@@ -53,7 +53,7 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=512, help="tokens of the lone prompt-chunk step timed once")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="Python profile of 300 runner.step calls at the first B")
-    ap.add_argument("--resident-weights", choices=("dense", "quantized"), default="dense")
+    ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default="dense")
     args = ap.parse_args()
     path = args.model or Path("/tmp/profile-step") / f"{args.shape}-{args.type}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -454,3 +454,26 @@ def test_worker_4701_gpu_quantized_residency_agrees_with_dense(engine: Engine, s
     # shape: dense splits this shape's FFN down [2048, 8192] in 4, the quantized kernel in 8).
     assert_logits_agree(got["quantized"][0], got["dense"][0], REL_TOL[torch.float16], f"{wtype} quantized vs dense")
     assert len(got["quantized"][1]) == len(got["dense"][1]) == 12
+
+
+def test_worker_4701_gpu_quantized_half2_residency_agrees_with_dense(engine: Engine, synth_file: SynthFile) -> None:
+    """``quantized-half2``: the Q4_K/Q6_K matrices of an fp16 model are dequantized in packed half2
+    arithmetic by every kernel (QWeight.half2); end to end the logits agree with the dense residency."""
+    from worker_orcd.engine.qweight import QWeight, WeightGroup
+
+    vm = _validated(synth_file("mid-llama", "Q4_K_M"))
+    got = {}
+    for residency in ("dense", "quantized-half2"):
+        rm: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
+        try:
+            if residency != "dense":
+                parts = [p for lw in rm._weights.layers for w in (lw.wqkv, lw.w_down)
+                         for p in (w.parts if isinstance(w, WeightGroup) else (w,)) if isinstance(p, QWeight)]
+                q = [p for p in parts if p.ggml_type.name in ("Q4_K", "Q6_K")]
+                assert q and all(p.half2 for p in q), [(p.ggml_type.name, p.half2) for p in parts]
+            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
+            got[residency] = (prefill_logits(rm, prompts), _tokens(rm, prompts[0], max_tokens=12))
+        finally:
+            rm.close()
+    assert_logits_agree(got["quantized-half2"][0], got["dense"][0], REL_TOL[torch.float16], "Q4_K_M half2 vs dense")
+    assert len(got["quantized-half2"][1]) == 12

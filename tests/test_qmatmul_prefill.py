@@ -86,3 +86,55 @@ def test_worker_4711_gpu_qmatmul_dispatch_is_invariant_across_the_threshold(gen:
         big = qmatmul(pool, w)  # the dequantize-to-scratch path
         for m in (1, 17, 64, 200, prefill.PREFILL_MIN_M - 1):
             assert torch.equal(qmatmul(pool[:m], w), big[:m]), (t.name, m)
+
+
+@pytest.mark.parametrize("t", sorted(tiled.HALF2_TYPES), ids=lambda t: t.name)
+def test_worker_4711_half2_weight_takes_the_half2_values_on_both_paths(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """A QWeight with ``half2``: the prefill path's scratch is ``half2_dequant`` — the fused kernels' own
+    code, equal to the ``half2_weight`` reference bit for bit — and its rows are the segment chains on
+    those values (on the GPU the fused kernel's rows too, and qmatmul's at every M: the gpu test below)."""
+    import dataclasses
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    w, _ = make_resident(t, 24, 1536, rng, device)
+    wh = dataclasses.replace(w, half2=True)
+    ref = tiled.half2_weight(w)
+    assert torch.equal(tiled.half2_dequant(wh), ref)
+    assert not torch.equal(ref, w.dequantize(torch.float32).to(device=device, dtype=torch.float16))  # can fail
+    x = torch.randn(40, 1536, generator=gen).to(device=device, dtype=torch.float16)
+    got = torch.empty(40, 24, dtype=torch.float16, device=device)
+    prefill.qmatmul_dequant(x, wh, None, got)
+    assert torch.equal(got, tiled.segments_reference(x, ref))
+    if device == "cuda":
+        want = torch.empty_like(got)
+        tiled.qmatmul_tiled(x, wh, None, want, swap=False)  # half2 from the weight
+        assert torch.equal(got, want)
+
+
+def test_worker_4711_half2_is_refused_where_it_does_not_exist(gen: torch.Generator, device: str) -> None:
+    import dataclasses
+
+    from worker_orcd.engine.errors import KernelDimensionError
+
+    rng = np.random.default_rng(0)
+    q8, _ = make_resident(GGMLType.Q8_0, 8, 512, rng, device)
+    with pytest.raises(ValueError, match="half2 is for Q4_K blocks and Q6_K planes"):
+        dataclasses.replace(q8, half2=True)
+    with pytest.raises(KernelDimensionError, match="half2"):
+        tiled.half2_dequant(q8)
+
+
+@pytest.mark.gpu
+def test_worker_4711_gpu_half2_dispatch_is_invariant_across_the_threshold(gen: torch.Generator, device: str) -> None:
+    """The quantized-half2 residency's weights through qmatmul below and above PREFILL_MIN_M: the same bits."""
+    import dataclasses
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for t, (n, k) in ((GGMLType.Q4_K, (512, 4096)), (GGMLType.Q6_K, (3584, 18944 // 2 // 256 * 256))):
+        w, _ = make_resident(t, n, k, rng, device)
+        w = dataclasses.replace(w, half2=True)
+        pool = torch.randn(prefill.PREFILL_MIN_M + 40, k, generator=gen).to(device=device, dtype=torch.float16)
+        big = qmatmul(pool, w)  # the dequantize-to-scratch path, half2_dequant
+        assert torch.equal(big, tiled.segments_reference(pool, tiled.half2_weight(w))), t.name
+        for m in (1, 17, 64, 200, prefill.PREFILL_MIN_M - 1):
+            assert torch.equal(qmatmul(pool[:m], w), big[:m]), (t.name, m)

@@ -51,6 +51,7 @@ PREFILL_CHUNK_CUDA = 512
 # 64 clients, H200 (run_h200.sh itl, seventh session): 384 -> 6,068 tok/s, p99 ITL 20.9 ms; 256 -> 6,044,
 # 17.6 ms; 192 -> 5,487, 17.2 ms (TTFT p50 85 / 103 / 141 ms).
 MIXED_STEP_TOKENS_CUDA = 256
+RESIDENT_WEIGHTS = ("dense", "quantized", "quantized-half2")  # Engine(resident_weights=...)
 PREFILL_CHUNK_CPU = 256  # the CPU reference attention materialises [Hq, chunk, S] scores
 # Default batch: as many jobs of this many tokens as the KV pool holds, capped.
 TYPICAL_REQUEST_TOKENS = 1024
@@ -316,14 +317,19 @@ class Engine:
     """The process's GPU layer: one device, the models loaded on it."""
 
     def __init__(self, ctx: DeviceContext, resident_weights: str = "dense", tp: TPSpec | None = None) -> None:
-        if resident_weights not in ("dense", "quantized"):
-            raise InvalidParams(f"resident_weights must be 'dense' or 'quantized', got {resident_weights!r}")
+        if resident_weights not in RESIDENT_WEIGHTS:
+            raise InvalidParams(f"resident_weights must be one of {', '.join(RESIDENT_WEIGHTS)}, got {resident_weights!r}")
         self.ctx = ctx
         self.tp = tp  # this process's tensor-parallel membership; the group is joined at load
         self._joined = False  # load tried to join the group (abandon_group has nothing to tell then)
         # quantized: matrices stay GGUF blocks in VRAM (smallest; the fused kernels are exact but not yet
         # as fast as the dense fp16 path); dense: dequantized once at load (fastest today). CPU: dense fp32.
-        self.quantized = resident_weights == "quantized" and not ctx.dev_mode
+        self.quantized = resident_weights.startswith("quantized") and not ctx.dev_mode
+        # quantized-half2: Q4_K/Q6_K matrices dequantized in packed half2 arithmetic by every kernel (fp16
+        # models; values differ from ggml's by the fp16 rounding of the scales). Engine API and benchmarks
+        # only until a GPU run shows it faster (benchmarks/probe_half2.py).
+        self.half2 = self.quantized and resident_weights == "quantized-half2"
+        self.resident_weights = resident_weights if self.quantized else "dense"
         self._models: list[ResidentModel] = []
 
     @classmethod
@@ -431,7 +437,7 @@ class Engine:
                 mcfg = shard_config(cfg, self.tp.degree)  # refuses heads / FFN that do not split
                 plan.require()
                 group.agree({"kv_tokens": pool, "max_seq_len": s_max, "max_batch": batch, "token_budget": budget,
-                             "resident_weights": "quantized" if self.quantized else "dense", "dtype": str(dtype)},
+                             "resident_weights": self.resident_weights, "dtype": str(dtype)},
                             stage="planned")
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
@@ -446,9 +452,9 @@ class Engine:
                 if self.quantized:
                     make_planar(arena, lay)  # a fixed permutation of the verified bytes, before the seal
                 if group is None:
-                    model = Model(cfg, bind(arena, lay, cfg))
+                    model = Model(cfg, bind(arena, lay, cfg, half2=self.half2))
                 else:
-                    model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg), group)
+                    model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg, half2=self.half2), group)
                 weights = model.w
                 kv = PagedKVCache.allocate(model.cfg, pool, dtype, dev)
                 runner = ModelRunner(model, kv, dev, s_max, batch, max_tokens=budget)

@@ -40,6 +40,10 @@ class QWeight:
     n: int
     k: int
     planar: bool = False
+    # Q4_K/Q6_K (fp16 activations): dequantized in packed half2 arithmetic, fp16(d*sc) * q - fp16(dmin*m)
+    # with one fp16 rounding (kernels/qmatmul_tiled.py), by every kernel that multiplies by this weight;
+    # otherwise ggml's fp32 arithmetic rounded once (the dense residency's values)
+    half2: bool = False
 
     def __post_init__(self) -> None:
         want = self.n * row_bytes(self.ggml_type, self.k)
@@ -50,6 +54,9 @@ class QWeight:
             )
         if self.planar and self.ggml_type not in PLANAR_TYPES:
             raise ValueError(f"QWeight {self.ggml_type.name}: no planar layout for this type")
+        if self.half2 and not (self.ggml_type == GGMLType.Q4_K and not self.planar
+                               or self.ggml_type == GGMLType.Q6_K and self.planar):
+            raise ValueError(f"QWeight {self.ggml_type.name} (planar={self.planar}): half2 is for Q4_K blocks and Q6_K planes")
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -227,10 +227,11 @@ def views(arena: torch.Tensor, lay: WeightLayout) -> dict[str, torch.Tensor]:
     return out
 
 
+_HALF2_FORMS = {(GGMLType.Q4_K, False), (GGMLType.Q6_K, True)}  # what QWeight.half2 takes
 _FLOAT_TYPE = {torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16, torch.float32: GGMLType.F32}
 
 
-def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str) -> Weight:
+def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: bool = False) -> Weight:
     """A quantized-layout matrix: its raw slots as QWeights; a slot dequantized at load is a dense
     tensor alone (dense kernel, plain embedding lookup) and a float-type QWeight inside a group."""
     if name not in lay.groups:
@@ -245,7 +246,8 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str) -> Weight:
             parts.append(QWeight(raw, _FLOAT_TYPE[lay.dtype], s.shape[0], s.shape[1]))
         else:
             planar = lay.planar and s.ggml_type in PLANAR_TYPES
-            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar))
+            h2 = half2 and lay.dtype == torch.float16 and (s.ggml_type, planar) in _HALF2_FORMS
+            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
 
@@ -260,10 +262,12 @@ def make_planar(arena: torch.Tensor, lay: WeightLayout) -> None:
     lay.planar = True
 
 
-def bind(arena: torch.Tensor, lay: WeightLayout, cfg: ModelConfig) -> ModelWeights:
+def bind(arena: torch.Tensor, lay: WeightLayout, cfg: ModelConfig, half2: bool = False) -> ModelWeights:
+    """The model's tensors as views of the arena; ``half2``: Q4_K/Q6_K matrices of an fp16 model are
+    dequantized in packed half2 arithmetic by the kernels (QWeight.half2)."""
     v = views(arena, lay)
     for name in lay.groups:
-        v[name] = _matrix(v, lay, name)  # type: ignore[assignment]
+        v[name] = _matrix(v, lay, name, half2)  # type: ignore[assignment]
     layers = [
         LayerWeights(
             attn_norm=v[f"{i}.attn_norm"],

@@ -61,7 +61,7 @@ SEG_UNIT = 256  # K segment boundaries: multiples of a K-quant super-block (8 Q8
 MAX_SEGMENTS = 8
 TARGET_PROGRAMS = 1024  # segments are added until the swapped form has this many programs (or MAX_SEGMENTS)
 SUM_BLOCK = 1024
-HALF2_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K})  # ``half2=True`` (benchmarks, tests)
+HALF2_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K})  # ``half2`` dequantization (QWeight.half2)
 
 
 def supports(w: QWeight) -> bool:
@@ -187,7 +187,8 @@ def _zero_acc(BR: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
     return z
 
 
-# Q4_K in packed half2 (``half2=True``, a candidate for decode speed; not used by the engine yet):
+# Q4_K in packed half2 (``half2=True``; the engine's ``quantized-half2`` residency, a candidate for decode
+# speed not yet measured on a GPU):
 # both nibbles of 2 bytes (a pair of the wgmma A fragment) become 4 fp16 values q*s - m with fp16
 # s = fp16(d*sc), m = fp16(dmin*mn) and ONE rounding (fma.rn.f16x2): 8 instructions per 4 weights
 # against ~12 per weight for ggml's fp32 arithmetic plus the conversion (SASS of the swapped 64x16
@@ -290,6 +291,33 @@ def _q6k_half2(ql0, ql1, qh, s0, s1, s2, s3, INTERP: tl.constexpr):
                                      dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
 
 
+@triton.jit
+def _q4k_half2_chunk(w_ptr, base, c: tl.constexpr, d, dmin, w1, w2, w3, nm, l32, BN: tl.constexpr, INTERP: tl.constexpr):
+    """Inputs 64c .. 64c+63 of Q4_K super-blocks at byte ``base`` [BN, 1]: (the first 32, the next 32) in half2."""
+    qb8 = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0)
+    sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
+    sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
+    return _q4k_half2(qb8, d * sc0, dmin * mn0, d * sc1, dmin * mn1, BN, INTERP)
+
+
+@triton.jit
+def _q6k_half2_half(w_ptr, w32_ptr, n, nm, K, P1, P2, d, sb, h: tl.constexpr, l32, INTERP: tl.constexpr):
+    """Inputs 128h .. 128h+127 of super-block ``sb`` of Q6_K planes (rows ``n``): four [BN, 32] sub-tiles in half2."""
+    lo = l32 < 16
+    s0 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h, mask=nm, other=0)
+    s1 = tl.load(w32_ptr + P2 // 4 + n * (K // 64) + sb * 4 + 2 * h + 1, mask=nm, other=0)
+    qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
+    ql0 = tl.load(qlp, mask=nm, other=0)
+    ql1 = tl.load(qlp + 32, mask=nm, other=0)
+    qh8 = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0)
+    sc0 = tl.where(lo, d * _u2f(_byte(s0, 0) + 128, 8388736.0), d * _u2f(_byte(s0, 1) + 128, 8388736.0))
+    sc1 = tl.where(lo, d * _u2f(_byte(s0, 2) + 128, 8388736.0), d * _u2f(_byte(s0, 3) + 128, 8388736.0))
+    sc2 = tl.where(lo, d * _u2f(_byte(s1, 0) + 128, 8388736.0), d * _u2f(_byte(s1, 1) + 128, 8388736.0))
+    sc3 = tl.where(lo, d * _u2f(_byte(s1, 2) + 128, 8388736.0), d * _u2f(_byte(s1, 3) + 128, 8388736.0))
+    return _q6k_half2(ql0, ql1, qh8, sc0.to(tl.float16), sc1.to(tl.float16), sc2.to(tl.float16), sc3.to(tl.float16),
+                      INTERP)
+
+
 @triton.jit(do_not_specialize=["M"])
 def qmatmul_tiled_kernel(
     x_ptr, w_ptr, w16_ptr, w32_ptr, b_ptr, y_ptr, part_ptr,
@@ -354,10 +382,7 @@ def qmatmul_tiled_kernel(
                         w = tl.where(first, d * sc0, d * sc1) * q - tl.where(first, dmin * mn0, dmin * mn1)
                         a0, a1, a2, a3 = _acc(w, x_ptr, rows0, sb * 256 + 64 * c, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
                     elif HALF2:  # fp16 activations only (qmatmul_tiled checks)
-                        qb8 = tl.load(w_ptr + base + 16 + 32 * c + l32, mask=nm, other=0)
-                        sc0, mn0 = _k4_scale_min(w1, w2, w3, 2 * c)
-                        sc1, mn1 = _k4_scale_min(w1, w2, w3, 2 * c + 1)
-                        lo, hi = _q4k_half2(qb8, d * sc0, dmin * mn0, d * sc1, dmin * mn1, BN, INTERP)
+                        lo, hi = _q4k_half2_chunk(w_ptr, base, c, d, dmin, w1, w2, w3, nm, l32, BN, INTERP)
                         k0 = sb * 256 + 64 * c
                         a0, a1, a2, a3 = _acc(lo, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
                         a0, a1, a2, a3 = _acc(hi, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
@@ -434,16 +459,7 @@ def qmatmul_tiled_kernel(
                             w = scale * _u2f(q, 8388640.0)  # (d*sc) * (q - 32)
                             a0, a1, a2, a3 = _acc(w, x_ptr, rows0, k0 + 64 * p, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 64, SWAP)
                     elif HALF2:  # fp16 activations only (qmatmul_tiled checks)
-                        qlp = w_ptr + n * (K // 2) + sb * 128 + 64 * h + l32
-                        ql0 = tl.load(qlp, mask=nm, other=0)
-                        ql1 = tl.load(qlp + 32, mask=nm, other=0)
-                        qh8 = tl.load(w_ptr + P1 + n * (K // 4) + sb * 64 + 32 * h + l32, mask=nm, other=0)
-                        sc0 = tl.where(lo, d * _u2f(_byte(s0, 0) + 128, 8388736.0), d * _u2f(_byte(s0, 1) + 128, 8388736.0))
-                        sc1 = tl.where(lo, d * _u2f(_byte(s0, 2) + 128, 8388736.0), d * _u2f(_byte(s0, 3) + 128, 8388736.0))
-                        sc2 = tl.where(lo, d * _u2f(_byte(s1, 0) + 128, 8388736.0), d * _u2f(_byte(s1, 1) + 128, 8388736.0))
-                        sc3 = tl.where(lo, d * _u2f(_byte(s1, 2) + 128, 8388736.0), d * _u2f(_byte(s1, 3) + 128, 8388736.0))
-                        y0, y1, y2, y3 = _q6k_half2(ql0, ql1, qh8, sc0.to(tl.float16), sc1.to(tl.float16),
-                                                    sc2.to(tl.float16), sc3.to(tl.float16), INTERP)
+                        y0, y1, y2, y3 = _q6k_half2_half(w_ptr, w32_ptr, n, nm, K, P1, P2, d, sb, h, l32, INTERP)
                         a0, a1, a2, a3 = _acc(y0, x_ptr, rows0, k0, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
                         a0, a1, a2, a3 = _acc(y1, x_ptr, rows0, k0 + 32, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
                         a0, a1, a2, a3 = _acc(y2, x_ptr, rows0, k0 + 64, a0, a1, a2, a3, M, stride_xm, GROUP, BR, IEEE, 32, SWAP)
@@ -543,13 +559,13 @@ def qmatmul_tiled(
     out: torch.Tensor,
     config: tuple[int, ...] | None = None,
     swap: bool | None = None,
-    half2: bool = False,
+    half2: bool | None = None,
 ) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias); ``out`` may be a column slice (qmatmul checked the shapes).
     ``swap`` (default: M <= SWAP_MAX_M) runs the swapped form; ``config`` overrides ``launch_config``
     (benchmarks, tests): rows per dot (the swapped form: rows per program), GROUP_M, BN, warps,
-    stages [, inputs per dot: 32 (default) or 64]. ``half2``: Q4_K/Q6_K with fp16 activations dequantized in
-    packed half2 arithmetic (``half2_weight``'s values; benchmarks and tests only, 32-input dots)."""
+    stages [, inputs per dot: 32 (default) or 64]. ``half2`` (default: the weight's ``half2``): Q4_K/Q6_K with
+    fp16 activations dequantized in packed half2 arithmetic (``half2_weight``'s values, 32-input dots)."""
     v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     M = x.shape[0]
@@ -565,6 +581,7 @@ def qmatmul_tiled(
     if kd == 64 and (w.k % 64 or w.ggml_type in _BLOCKS_32):
         kd = 32
     v.check(not swap or gm == 1, KERNEL, "config", "the swapped form takes GROUP_M = 1")
+    half2 = w.half2 if half2 is None else half2
     if half2:
         v.check(w.ggml_type in HALF2_TYPES and x.dtype == torch.float16, KERNEL, "half2",
                 f"packed half2 dequantization is for Q4_K/Q6_K with fp16 activations, not {w.ggml_type.name}/{x.dtype}")
@@ -611,6 +628,53 @@ def segments_reference(x: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | N
     assert acc is not None
     return (acc if bias is None else acc + bias.float()).to(x.dtype)
 
+
+
+@triton.jit
+def _half2_dequant_kernel(w_ptr, w32_ptr, w16_ptr, y_ptr, N, K, RB, P1, P2, P3,
+                          WTYPE: tl.constexpr, BN: tl.constexpr, INTERP: tl.constexpr):
+    """y[N, K] fp16 = the weight as ``half2=True`` multiplies by: one program per (BN rows, super-block)."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    sb = tl.program_id(1)
+    n = cols.to(tl.int64)[:, None]
+    nm = n < N
+    l32 = tl.arange(0, 32)[None, :]
+    yp = y_ptr + n * K + sb * 256 + l32
+    if WTYPE == 12:
+        base = n * RB + sb * 144
+        d, dmin, w1, w2, w3 = _k_head(w16_ptr, w32_ptr, base, nm)
+        for c in tl.static_range(4):
+            lo, hi = _q4k_half2_chunk(w_ptr, base, c, d, dmin, w1, w2, w3, nm, l32, BN, INTERP)
+            tl.store(yp + 64 * c, lo, mask=nm)
+            tl.store(yp + 64 * c + 32, hi, mask=nm)
+    else:
+        d = tl.load(w16_ptr + P3 // 2 + n * (K // 256) + sb, mask=nm, other=0.0).to(tl.float32)
+        for h in tl.static_range(2):
+            y0, y1, y2, y3 = _q6k_half2_half(w_ptr, w32_ptr, n, nm, K, P1, P2, d, sb, h, l32, INTERP)
+            tl.store(yp + 128 * h, y0, mask=nm)
+            tl.store(yp + 128 * h + 32, y1, mask=nm)
+            tl.store(yp + 128 * h + 64, y2, mask=nm)
+            tl.store(yp + 128 * h + 96, y3, mask=nm)
+
+
+def half2_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] fp16 on w's device: ``half2_weight``'s values, computed by the fused kernels' own code
+    (the prefill path's scratch, so its rows equal the fused kernels' bit for bit)."""
+    v.check(w.ggml_type in HALF2_TYPES and w.planar == (w.ggml_type == GGMLType.Q6_K), KERNEL, "w",
+            f"half2 dequantization takes Q4_K blocks or Q6_K planes, not {w.ggml_type.name} (planar={w.planar})")
+    y = out if out is not None else torch.empty(w.n, w.k, dtype=torch.float16, device=w.raw.device)
+    v.check(y.shape == (w.n, w.k) and y.dtype == torch.float16 and y.is_contiguous(), KERNEL, "out",
+            f"must be a contiguous fp16 [{w.n}, {w.k}]")
+    raw = w.raw
+    w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
+    w32 = raw[: raw.numel() // 4 * 4].view(torch.int32)
+    p1, p2, p3 = _planes(w)
+    bn = 64 if raw.device.type == "cuda" else 16
+    _half2_dequant_kernel[(triton.cdiv(w.n, bn), w.k // 256)](
+        raw, w32, w16, y, w.n, w.k, w.row_bytes, p1, p2, p3, WTYPE=int(w.ggml_type), BN=bn,
+        INTERP=raw.device.type == "cpu", num_warps=4, enable_fp_fusion=False,
+    )
+    return y
 
 
 def q4k_half2_weight(w: QWeight) -> torch.Tensor:
