@@ -16,7 +16,7 @@
 #   bash benchmarks/run_h200.sh bench13    # issue 13: bench_engine + llama-bench on the same files (RESIDENCY=quantized|dense)
 #   bash benchmarks/run_h200.sh r72        # issue 13: a 72B-shape Q4_K_M (51 GB) resident quantized, 32k KV, against llama-bench
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
-#   bash benchmarks/run_h200.sh half2      # Q4_K packed-half2 dequant vs today's: GPU test + probe_half2.py (7B Q4_K matrices)
+#   bash benchmarks/run_h200.sh half2      # branch next: quantized-half2 residency: GPU tests, probe_half2.py, 7B Q4_K_M steps vs quantized
 #   bash benchmarks/run_h200.sh tp12       # kind nvidia-h200-x2: 7B Q4_K_M tp=1/2, 72B Q4_K_M tp=2, llama -sm layer/tensor (issue 12's rows)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
@@ -155,8 +155,16 @@ tpq)
   done
   ;;
 half2)
-  timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul.py -p no:cacheprovider 2>&1 | tail -4
-  timeout 200 python3 benchmarks/probe_half2.py --m 1 16 64 2>&1 | tee "$OUT/probe_half2.log" | grep -E "^\||Error"
+  # branch next: the quantized-half2 residency — its GPU tests, per-matrix speed against ggml arithmetic, 7B Q4_K_M steps
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_qmatmul.py tests/test_qmatmul_prefill.py \
+    tests/test_engine_gpu.py -k "half2 or tiled or prefill or quantized" -p no:cacheprovider 2>&1 | tail -5
+  timeout 150 python3 benchmarks/probe_half2.py --m 1 16 64 2>&1 | tee "$OUT/probe_half2.log" | grep -E "^\||Error"
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for r in quantized quantized-half2; do
+    timeout 120 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 1 64 --resident-weights $r 2>&1 \
+      | tee "$OUT/profile_7b_$r.log" | grep -E "^\||prefill|Error"
+  done
   ;;
 tp12)
   # issue 12's runnable rows in one call: 7B Q4_K_M resident quantized at tp=1/2, the 72B shape at tp=2 (its tp=1 and
