@@ -138,6 +138,24 @@ def test_tp_member_that_fails_validation_stops_rank0_at_once(serve_model_path: P
     assert not any(e.get("event") == "model_digest" for e in _events(rank0.log))  # rank 0 never uploaded
 
 
+def test_tp_rank0_that_fails_validation_stops_its_member_at_once(serve_model_path: Path, tmp_path: Path,
+                                                                  token_file: Path) -> None:
+    """Rank 0's copy is not a GGUF: it exits 1 after telling the member, which exits 1 naming rank 0's
+    reason instead of waiting out the join timeout for a rank 0 that never forms the group."""
+    bad_root = tmp_path / "bad"
+    bad_root.mkdir()
+    (bad_root / serve_model_path.name).write_bytes(b"NOTGGUF!" + os.urandom(4096))
+    port = _free_port()
+    secret = _secret(tmp_path, "g-r0.secret", SECRET)
+    args0 = _args(serve_model_path, 0, port, secret, "g-r0", ["--port", "0"])
+    args0[args0.index("--model-root") + 1] = str(bad_root)
+    rank0 = start(tmp_path, args0, token_file, env=ONE_THREAD)
+    rank1 = start(tmp_path, _args(serve_model_path, 1, port, secret, "g-r0", []), None, env=ONE_THREAD)
+    _both_exit_1(first=rank1, then=rank0)
+    text = rank1.log.read_text(errors="replace")
+    assert "rank 0 (tp-w0) failed before the group formed: tp-w0: MODEL" in text, text[-3000:]
+
+
 def test_tp_ranks_with_different_plans_fail_before_uploading(serve_model_path: Path, tmp_path: Path,
                                                              token_file: Path) -> None:
     """Rank 1 was started with another KV budget: both ranks refuse at the plan agreement, before
