@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -92,6 +93,18 @@ def _group(tmp: Path, model: Path, group: str, member_model_root: Path | None = 
     return rank0, rank1
 
 
+def _both_exit_1(first: Any, then: Any) -> None:
+    """``first`` exits 1 within 120 s, ``then`` within 60 s more (not after the 10-minute join timeout)."""
+    try:
+        assert first.proc.wait(120) == 1, first.log.read_text()[-3000:]
+        assert then.proc.wait(60) == 1, then.log.read_text()[-3000:]
+    finally:
+        for p in (first, then):
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(30)
+
+
 def _events(log: Path) -> list[dict[str, object]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
@@ -118,18 +131,29 @@ def test_tp_member_that_fails_validation_stops_rank0_at_once(serve_model_path: P
     bad_root.mkdir()
     (bad_root / serve_model_path.name).write_bytes(b"NOTGGUF!" + os.urandom(4096))
     rank0, rank1 = _group(tmp_path, serve_model_path, "g-fail", member_model_root=bad_root)
-    try:
-        assert rank1.proc.wait(120) == 1, rank1.log.read_text()[-3000:]
-        assert rank0.proc.wait(60) == 1, rank0.log.read_text()[-3000:]
-    finally:
-        for p in (rank0, rank1):
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait(30)
+    _both_exit_1(first=rank1, then=rank0)
     failed = [e for e in _events(rank0.log) if e.get("event") == "startup_failed"]
     assert failed and failed[0]["code"] == "TP_GROUP_FAILED", rank0.log.read_text()[-3000:]
     assert "rank 1 (tp-w1) failed before the group formed: tp-w1: MODEL" in str(failed[0]["error"]), failed
     assert not any(e.get("event") == "model_digest" for e in _events(rank0.log))  # rank 0 never uploaded
+
+
+def test_tp_rank0_that_fails_validation_stops_its_member_at_once(serve_model_path: Path, tmp_path: Path,
+                                                                  token_file: Path) -> None:
+    """Rank 0's copy is not a GGUF: it exits 1 after telling the member, which exits 1 naming rank 0's
+    reason instead of waiting out the join timeout for a rank 0 that never forms the group."""
+    bad_root = tmp_path / "bad"
+    bad_root.mkdir()
+    (bad_root / serve_model_path.name).write_bytes(b"NOTGGUF!" + os.urandom(4096))
+    port = _free_port()
+    secret = _secret(tmp_path, "g-r0.secret", SECRET)
+    args0 = _args(serve_model_path, 0, port, secret, "g-r0", ["--port", "0"])
+    args0[args0.index("--model-root") + 1] = str(bad_root)
+    rank0 = start(tmp_path, args0, token_file, env=ONE_THREAD)
+    rank1 = start(tmp_path, _args(serve_model_path, 1, port, secret, "g-r0", []), None, env=ONE_THREAD)
+    _both_exit_1(first=rank1, then=rank0)
+    text = rank1.log.read_text(errors="replace")
+    assert "rank 0 (tp-w0) failed before the group formed: tp-w0: MODEL" in text, text[-3000:]
 
 
 def test_tp_ranks_with_different_plans_fail_before_uploading(serve_model_path: Path, tmp_path: Path,
@@ -138,14 +162,7 @@ def test_tp_ranks_with_different_plans_fail_before_uploading(serve_model_path: P
     either uploads a byte of the model (the load agreement would find it only after the upload)."""
     extra = ("--kv-cache-size-mb", "32")  # argparse: the last value wins over _args' 64
     rank0, rank1 = _group(tmp_path, serve_model_path, "g-plan", member_extra=extra)
-    try:
-        assert rank0.proc.wait(120) == 1, rank0.log.read_text()[-3000:]
-        assert rank1.proc.wait(60) == 1, rank1.log.read_text()[-3000:]
-    finally:
-        for p in (rank0, rank1):
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait(30)
+    _both_exit_1(first=rank0, then=rank1)
     for p in (rank0, rank1):
         text = p.log.read_text(errors="replace")
         assert "do not agree on the plan" in text, text[-3000:]

@@ -189,14 +189,16 @@ def _raise_if_failed(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str, 
                 spec.group_id, rank)
 
 
-def report_failure_before_join(spec: TPSpec, reason: str, timeout_s: float = 10.0) -> bool:
+def report_failure_before_join(spec: TPSpec, reason: str, timeout_s: float | None = None) -> bool:
     """This rank fails before it joined (its model did not validate, did not fit, ...): tell the group.
 
     Without this the others wait for it for the whole join timeout (10 minutes by default; measured
     on two H200s: a member refused for VRAM left rank 0 waiting). A member posts the reason, with an
-    HMAC that proves the secret, where rank 0 looks while it waits for hellos; rank 0 opens the store
-    and keeps it open up to ``timeout_s`` for the members to read its reason. Best effort: returns
-    whether it was posted (and, for rank 0, read by every member)."""
+    HMAC that proves the secret, where rank 0 looks while it waits for hellos (trying to reach rank 0
+    for ``timeout_s``, default 10 s); rank 0 opens the store and keeps it open until every member has
+    read its reason or ``timeout_s`` (default 30 s: members still starting) passed. Best effort:
+    returns whether it was posted (and, for rank 0, read by every member)."""
+    timeout_s = timeout_s if timeout_s is not None else 30.0 if spec.rank == 0 else 10.0
     prefix = f"worker-orcd/tp/{spec.group_id}/"
     reason = reason[:1000]
     short = dataclasses.replace(spec, join_timeout_s=timeout_s)
