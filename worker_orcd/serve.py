@@ -537,8 +537,8 @@ async def _startup_failed(worker: Worker, error: WorkerError) -> int:
         code=error.code.value, error=error.message + (f" ({error.detail})" if error.detail else ""),
     )
     worker.set_state(State.STOPPED)
+    await worker.report_failure(error)  # the status callback first: telling the group may wait up to 30 s
     await worker.abandon_group(error)
-    await worker.report_failure(error)
     await worker.close()
     return EXIT_FAILURE
 

@@ -72,6 +72,6 @@ async def _failed(worker: Worker, config: WorkerConfig, error: WorkerError) -> i
         tp_rank=config.tp_rank, code=error.code.value, error=error.message, exit_code=EXIT_FAILURE,
     )
     worker.set_state(State.STOPPED)
+    await worker.report_failure(error)  # the status callback first: telling rank 0 may wait up to 10 s
     await worker.abandon_group(error)
-    await worker.report_failure(error)
     return EXIT_FAILURE
