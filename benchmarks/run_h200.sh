@@ -173,6 +173,9 @@ tp12)
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; synth qwen2.5-72b Q4_K_M; touch $M/72b.done) >$M/synth.log 2>&1 &
   D="--duration ${LOAD_DURATION:-8} --warmup ${LOAD_WARMUP:-2} --requests-per-client 1 --concurrency 1 64 --worker-log-level info"
+  # TP12_TESTS=1: first the two-GPU tests (the group's join, plan agreement and failure paths on NCCL)
+  [ -z "${TP12_TESTS:-}" ] || REQUIRE_MULTI_GPU=1 timeout 200 python3 -m pytest -q -m multi_gpu -rf --tb=short tests/test_tp_gpu.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -4
   for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 2; done
   for tp in 1 2; do
     timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-q4km-q-tp$tp --worker --tp $tp \
