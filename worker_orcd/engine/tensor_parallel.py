@@ -134,7 +134,8 @@ def _admit(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str, deadline: 
             left = deadline - time.monotonic()
             raw = _wait_get(store, f"{prefix}hello/{r}/{n}", min(left, _POLL_S)) if left > 0 else None
             if raw is None:
-                _raise_if_failed(store, spec, prefix, nonce0, r)
+                for other in range(r, spec.degree):  # any member not yet in, not only the one awaited
+                    _raise_if_failed(store, spec, prefix, nonce0, other)
                 if time.monotonic() < deadline:
                     continue
                 raise TPGroupError(
@@ -181,12 +182,13 @@ def _raise_if_failed(store: dist.Store, spec: TPSpec, prefix: str, nonce0: str, 
         posted = json.loads(store.get(key)[:_MAX_HELLO])
         reason, mac = str(posted["reason"]), str(posted["mac"])
     except (ValueError, KeyError, TypeError):
-        return
+        reason, mac = "", ""  # malformed: ignored like a forged one
     if _same_mac(_failure_mac(spec, rank, nonce0, reason), mac):
         raise TPGroupError(f"tensor-parallel group {spec.group_id}: rank {rank} ({spec.members[rank]}) failed before "
                            f"the group formed: {reason}")
-    log.warning("tensor-parallel group %s: ignored a failure report for rank %d without the group secret",
-                spec.group_id, rank)
+    log.warning("tensor-parallel group %s: ignored (and removed) a failure report for rank %d without the group "
+                "secret", spec.group_id, rank)
+    store.delete_key(key)  # once: the waits poll this key twice a second
 
 
 def report_failure_before_join(spec: TPSpec, reason: str, timeout_s: float | None = None) -> bool:
