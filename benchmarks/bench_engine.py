@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--kv-cache-mb", type=int, default=1024)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model files")
-    ap.add_argument("--resident-weights", choices=("dense", "quantized"), default="dense")
+    ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default="dense")
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary: run it on the same files")
     ap.add_argument("--tokenizer-from", type=Path, default=None, help="copy this GGUF's tokenizer into the models")
     ap.add_argument("--vocab", type=int, default=None, help="embedding rows (llama.cpp wants the tokenizer's count)")

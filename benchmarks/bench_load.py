@@ -255,7 +255,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at the start of a --duration level not counted")
     ap.add_argument("--worker-arg", action="append", default=[],
                     help="extra worker-orcd serve argument (repeat; write --worker-arg=--mixed-step-tokens --worker-arg=192)")
-    ap.add_argument("--resident-weights", choices=("dense", "quantized"), default=None, help="worker-orcd's (default: its own)")
+    ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default=None, help="worker-orcd's (default: its own)")
     ap.add_argument("--tp", type=int, default=1, help="worker-orcd as a tensor-parallel group of this many GPUs")
     ap.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument (repeat; write --llama-arg=-sm --llama-arg=row)")
     ap.add_argument("--prompt-min", type=int, default=64)

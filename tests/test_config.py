@@ -209,3 +209,19 @@ def test_worker_4983_cli_bad_value_exits_2_with_one_line(capsys: pytest.CaptureF
 def test_worker_4983_cli_missing_worker_id_exits_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     assert serve_main([]) == 2
     assert capsys.readouterr().err.strip() == "worker-orcd: error: config: worker_id: required (--worker-id)"
+
+
+@pytest.mark.parametrize("value", ["dense", "quantized", "quantized-half2"])
+def test_resident_weights_values(value: str) -> None:
+    """Every residency the engine has is a serve option; the CUDA plan counts both quantized ones alike."""
+    from worker_orcd.engine.api import RESIDENT_WEIGHTS
+    from worker_orcd.engine.vram_budget import RESIDENCIES
+
+    assert load_config({"worker_id": "w", "resident_weights": value}, env={}).resident_weights == value
+    assert value in RESIDENT_WEIGHTS and value in RESIDENCIES
+
+
+def test_resident_weights_unknown_value_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config({"worker_id": "w", "resident_weights": "half2"}, env={})
+    assert "resident_weights" in str(e.value)

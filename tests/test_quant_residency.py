@@ -124,6 +124,8 @@ def test_worker_4103_vram_budget_equals_cuda_plan(
     dense_plan = plan_vram(cfg, g, dtype, kv_mb, 1 << 40, 0, 512, dev_mode=False)
     assert dense["weights_bytes"] == dense_plan.weights_bytes == weight_layout(cfg, g, dtype).total_bytes
     assert dense["weights_bytes_quantized"] == summary["weights_bytes"]
+    half2 = vram_plan_summary(cfg, g, kv_mb, "quantized-half2")  # the same bytes, other arithmetic
+    assert {**half2, "resident_weights": "quantized"} == summary
     assert summary["max_context"] == plan.max_seq_len
     assert summary["kv_cache_bytes"] == plan.kv_cache_bytes
     at_load = sorted({t.type_name for t in g.tensors if t.type_name in ("Q2_K", "Q3_K")})

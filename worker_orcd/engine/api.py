@@ -326,8 +326,8 @@ class Engine:
         # as fast as the dense fp16 path); dense: dequantized once at load (fastest today). CPU: dense fp32.
         self.quantized = resident_weights.startswith("quantized") and not ctx.dev_mode
         # quantized-half2: Q4_K/Q6_K matrices dequantized in packed half2 arithmetic by every kernel (fp16
-        # models; values differ from ggml's by the fp16 rounding of the scales). Engine API and benchmarks
-        # only until a GPU run shows it faster (benchmarks/probe_half2.py).
+        # models; values differ from ggml's by the fp16 rounding of the scales): 7B Q4_K_M decode steps
+        # 6.71 -> 5.92 ms at B = 1 on the H200 (benchmarks/RESULTS.md, ninth session).
         self.half2 = self.quantized and resident_weights == "quantized-half2"
         self.resident_weights = resident_weights if self.quantized else "dense"
         self._models: list[ResidentModel] = []

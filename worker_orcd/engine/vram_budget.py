@@ -30,7 +30,7 @@ def _aligned(n: int) -> int:
     return -(-n // ARENA_ALIGN) * ARENA_ALIGN
 
 
-RESIDENCIES = ("dense", "quantized")  # --resident-weights
+RESIDENCIES = ("dense", "quantized", "quantized-half2")  # --resident-weights (both quantized: the same bytes)
 
 
 def _fused_key(name: str, matrices: bool) -> str:
@@ -96,7 +96,7 @@ def vram_plan_summary(
     cfg: ModelConfig, g: GGUFFile, kv_cache_mb: int | None, resident_weights: str = "dense"
 ) -> dict[str, Any]:
     """The ``vram_plan`` object of ``inspect --json`` (bytes; scratch and margin are the engine's)."""
-    weights = resident_weight_bytes(g, quantized=resident_weights == "quantized")
+    weights = resident_weight_bytes(g, quantized=resident_weights.startswith("quantized"))
     per_token = kv_bytes_per_token(cfg)
     ctx = max_context(cfg, kv_cache_mb)
     kv = kv_cache_bytes(cfg, kv_cache_mb)
