@@ -18,6 +18,7 @@
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
 #   bash benchmarks/run_h200.sh half2      # branch next: quantized-half2 residency: GPU tests, probe_half2.py, 7B Q4_K_M steps vs quantized
 #   bash benchmarks/run_h200.sh tp12       # kind nvidia-h200-x2: 7B Q4_K_M tp=1/2, 72B Q4_K_M tp=2, llama -sm layer/tensor (issue 12's rows)
+#   bash benchmarks/run_h200.sh verify9    # kind nvidia-h200-x2: the suite on both GPUs, then tp12's 7B half
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -30,12 +31,14 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 REQUIRE_REAL_GPU=1
 export WORKER_ORCD_TOKENIZER_DONOR=$PWD/.devdata/qwen05-tokenizer.gguf
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=/tmp/models; mkdir -p $M
-synth() { [ -f "$M/$1-$2.gguf" ] || python3 benchmarks/synth.py "$M/$1-$2.gguf" --shape "$1" --type "$2" --vocab 151936 --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" >/dev/null; }
+# written under a .part name and renamed: a call killed mid-write leaves no truncated model for the next stage
+synth() { [ -f "$M/$1-$2.gguf" ] || { python3 benchmarks/synth.py "$M/$1-$2.gguf.part" --shape "$1" --type "$2" --vocab 151936 \
+  --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" >/dev/null && mv "$M/$1-$2.gguf.part" "$M/$1-$2.gguf"; }; }
 case "${1:-tests}" in
 tests)
   [ -f /tmp/llama.cpp/done ] || [ -n "${SKIP_LLAMA:-}" ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   # the load stage's models, written while the GPU suite runs
-  (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; synth qwen2.5-7b F16; touch $M/done) >$M/synth.log 2>&1 &
+  [ -n "${SKIP_SYNTH:-}" ] || (synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; synth qwen2.5-7b F16; touch $M/done) >$M/synth.log 2>&1 &
   timeout 120 python3 benchmarks/determinism_streams.py record tests/fixtures/determinism_streams.json 2>&1 | tail -3
   cp tests/fixtures/determinism_streams.json "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -167,29 +170,47 @@ half2)
   done
   ;;
 tp12)
-  # issue 12's runnable rows in one call: 7B Q4_K_M resident quantized at tp=1/2, the 72B shape at tp=2 (its tp=1 and
-  # llama -sm tensor came from the eighth session's first call), llama-server -sm layer/tensor on the same files;
-  # worker logs at info, their tails printed when a server is not ready in time
+  # issue 12's runnable rows: 7B Q4_K_M at tp=1/2, the 72B shape at tp=2 (its tp=1 and llama -sm tensor came
+  # from the eighth session's first call), llama-server -sm layer/tensor on the same files; worker logs at
+  # info, their tails printed when a server is not ready in time. TP12_PART=7b|72b runs one half (default both);
+  # TP_RESIDENCY (default quantized-half2) is every rank's --resident-weights.
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
-  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; synth qwen2.5-72b Q4_K_M; touch $M/72b.done) >$M/synth.log 2>&1 &
+  P=${TP12_PART:-all}; RW=${TP_RESIDENCY:-quantized-half2}
+  if [ -n "${TP12_NO_SYNTH:-}" ]; then :
+  elif [ "$P" = 72b ]; then (synth qwen2.5-72b Q4_K_M; touch $M/72b.done) >$M/synth.log 2>&1 &
+  else (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; [ "$P" = 7b ] || { synth qwen2.5-72b Q4_K_M; touch $M/72b.done; }) >$M/synth.log 2>&1 & fi
   D="--duration ${LOAD_DURATION:-8} --warmup ${LOAD_WARMUP:-2} --requests-per-client 1 --concurrency 1 64 --worker-log-level info"
   # TP12_TESTS=1: first the two-GPU tests (the group's join, plan agreement and failure paths on NCCL)
   [ -z "${TP12_TESTS:-}" ] || REQUIRE_MULTI_GPU=1 timeout 200 python3 -m pytest -q -m multi_gpu -rf --tb=short tests/test_tp_gpu.py \
     -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -4
-  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 2; done
-  for tp in 1 2; do
-    timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-q4km-q-tp$tp --worker --tp $tp \
-      --resident-weights quantized --ready-timeout 60 $D 2>&1 | tee "$OUT/tp12_7b_tp$tp.log" | grep -E "^#|^\| worker"
-  done
-  for i in $(seq 1 150); do [ -f $M/72b.done ] && break; sleep 2; done; ls -la $M; df -h /tmp | tail -1
-  timeout 330 python3 benchmarks/bench_load.py --model $M/qwen2.5-72b-Q4_K_M.gguf --label 72b-q4km-q-tp2 --worker --tp 2 \
-    --resident-weights quantized --ready-timeout 240 $D 2>&1 | tee "$OUT/tp12_72b_tp2.log" | grep -E "^#|^\| worker"
+  if [ "$P" != 72b ]; then
+    for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 2; done
+    for tp in 1 2; do
+      timeout $(( ${TP_READY_TIMEOUT:-120} + 50 )) python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-q4km-$RW-tp$tp \
+        --worker --tp $tp --resident-weights $RW --ready-timeout ${TP_READY_TIMEOUT:-120} $D 2>&1 | tee "$OUT/tp12_7b_tp$tp.log" | grep -E "^#|^\| worker"
+    done
+  fi
+  if [ "$P" != 7b ]; then
+    for i in $(seq 1 150); do [ -f $M/72b.done ] && break; sleep 2; done; ls -la $M; df -h /tmp | tail -1
+    timeout 330 python3 benchmarks/bench_load.py --model $M/qwen2.5-72b-Q4_K_M.gguf --label 72b-q4km-$RW-tp2 --worker --tp 2 \
+      --resident-weights $RW --ready-timeout 240 $D 2>&1 | tee "$OUT/tp12_72b_tp2.log" | grep -E "^#|^\| worker"
+  fi
   for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 3; done
-  for f in 72b:layer 7b:tensor 7b:layer; do
+  case $P in 7b) L="7b:tensor 7b:layer";; 72b) L="72b:layer";; *) L="72b:layer 7b:tensor 7b:layer";; esac
+  for f in $L; do
     timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-${f%%:*}-Q4_K_M.gguf --label ${f%%:*}-llama-sm-${f##*:} \
       --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=${f##*:} --ready-timeout 80 $D 2>&1 \
       | tee "$OUT/tp12_llama_${f%%:*}_${f##*:}.log" | grep -E "^#|^\| llama"
   done
+  ;;
+verify9)
+  # kind nvidia-h200-x2 (ninth session): the whole suite on both GPUs at the submitted engine, then issue 12's 7B rows
+  # (the 72B half: TP12_PART=72b bash "$0" tp12, the next call)
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  # the 7B and (for a next call landing on this machine) the 72B written while the suite runs
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; synth qwen2.5-72b Q4_K_M; touch $M/72b.done) >$M/synth9.log 2>&1 &
+  SKIP_SYNTH=1 SKIP_LLAMA=1 SKIP_PROFILE=1 REQUIRE_MULTI_GPU=1 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-300} bash "$0" tests 2>&1 | tail -16
+  TP12_PART=7b TP12_NO_SYNTH=1 bash "$0" tp12
   ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines
