@@ -123,10 +123,26 @@ def test_tp_plan_degree_2_splits_weights_and_kv_exactly(real_plans: dict[int, An
         assert r["weights_bytes"] < 0.75 * one["plan"]["weights_bytes"]
         p = two["plan"]
         assert r["vram_bytes"] == p["weights_bytes"] + p["kv_cache_bytes"] + p["scratch_bytes"] + p["margin_bytes"]
-        # loading slices the full dense arena: it stands where the KV cache will be
-        assert r["load_peak_bytes"] == r["vram_bytes"] - r["kv_cache_bytes"] + one["plan"]["weights_bytes"]
+        # loading stages the split slots open in file order at full size where the KV cache will be:
+        # at least the largest split slot, at most one layer's split slots; never the full arena
+        staged = r["load_peak_bytes"] - (r["vram_bytes"] - r["kv_cache_bytes"])
+        assert staged == _staging_peak(qwen05_path)
+        assert 896 * 2 * 4864 * 4 <= staged <= 4 * (1152 + 2 * 4864 + 4864) * 896 + 4 * (2 << 20)
+        assert staged < 0.02 * one["plan"]["weights_bytes"]
     assert two["vram_required"] == max(ranks[0]["vram_bytes"], ranks[0]["load_peak_bytes"])
     assert two["plan"]["max_seq_len"] == one["plan"]["max_seq_len"]
+
+
+def _staging_peak(path: Path) -> int:
+    import torch
+
+    from worker_orcd.engine.config import model_config
+    from worker_orcd.engine.shard import staging_peak_bytes
+    from worker_orcd.engine.weights import weight_layout
+    from worker_orcd.gguf import parse_file
+
+    g = parse_file(path)
+    return staging_peak_bytes(weight_layout(model_config(g), g, torch.float32), g)
 
 
 def test_tp_plan_arena_equals_the_engines_shard_layout(qwen05_path: Path) -> None:

@@ -19,8 +19,10 @@ from worker_orcd.engine.shard import (
     column_shard,
     fused_parts,
     row_shard,
+    ShardSink,
     shard_arena,
     shard_layout,
+    staging_peak_bytes,
 )
 from worker_orcd.engine.tp_plan import TPSpec, check_shardable, shard_config
 from worker_orcd.engine.weights import views, weight_layout
@@ -271,7 +273,7 @@ def test_tp_quantized_forward_summed_over_ranks_equals_tp1(tmp_path: Path) -> No
 
 def test_tp_quantized_plan_is_the_shard_layout(tmp_path: Path) -> None:
     """/worker/plan's per-rank weights for the quantized residency are the engine's shard arena; the
-    load peak holds the whole block arena once."""
+    load peak holds the split slots staged in file order, not the whole block arena."""
     from worker_orcd.engine.plan import plan_vram
 
     path = synth.write_synthetic_model(tmp_path / "m.gguf", "tiny-llama", "Q8_0")
@@ -284,4 +286,88 @@ def test_tp_quantized_plan_is_the_shard_layout(tmp_path: Path) -> None:
     assert two.weights_bytes == shard_layout(full, cfg, 2).total_bytes < one.weights_bytes
     assert two.weights_sharded_bytes + two.weights_replicated_bytes <= two.weights_bytes
     assert two.weights_replicated_bytes > 0 and two.weights_sharded_bytes > 0
-    assert two.load_peak_bytes == two.resident_bytes - two.kv_cache_bytes + full.total_bytes  # the full arena while slicing
+    assert two.load_peak_bytes == two.resident_bytes - two.kv_cache_bytes + staging_peak_bytes(full, g)
+
+
+# --- slicing while streaming: ShardSink ------------------------------------------------------
+
+
+def _streamed_shard(path: Path, quantized: bool, rank: int, degree: int, chunk: int = 1 << 14):  # noqa: ANN202
+    """A rank's shard as the engine loads it: upload through ShardSink (never the full arena)."""
+    from worker_orcd.engine.device import DeviceContext
+    from worker_orcd.engine.upload import upload
+    from worker_orcd.integrity import sha256_path
+
+    g = parse_file(path)
+    cfg = model_config(g)
+    full = weight_layout(cfg, g, torch.float32, quantized=quantized)
+    out = torch.full((shard_layout(full, cfg, degree).total_bytes,), 0xAB, dtype=torch.uint8)  # poisoned
+    sink = ShardSink(out, full, cfg, rank, degree)
+    with open(path, "rb") as fh:
+        stats = upload(fh, g, full, out, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=chunk, sink=sink)
+    return g, cfg, full, out, sink, stats
+
+
+@pytest.mark.parametrize(("shape", "wtype", "quantized"), [
+    ("tiny-qwen2", "Q8_0", False),  # dense: dequantized chunk by chunk into the staged slot
+    ("tiny-qwen2", "Q4_K_M", False),
+    ("tiny-llama", "Q8_0", True),  # GGUF blocks: column rows / row-parallel block runs
+    ("mid-llama", "Q6_K", True),
+])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_tp_streamed_shard_equals_the_full_arenas_slice(
+    tmp_path_factory: pytest.TempPathFactory, shape: str, wtype: str, quantized: bool, rank: int
+) -> None:
+    """Slicing while streaming gives, byte for byte, what uploading everything and slicing after gives;
+    every byte of the shard arena is written (it started poisoned) and the staging held at most
+    what the plan says, far below the full arena."""
+    from worker_orcd.engine.device import DeviceContext
+    from worker_orcd.engine.upload import upload
+    from worker_orcd.integrity import sha256_path
+
+    path = tmp_path_factory.mktemp("stream") / f"{shape}-{wtype}.gguf"
+    if not path.exists():
+        synth.write_synthetic_model(path, shape, wtype)
+    g, cfg, full, out, sink, stats = _streamed_shard(path, quantized, rank, 2)
+    lay = sink.finish()
+    arena = torch.empty(full.total_bytes, dtype=torch.uint8)
+    with open(path, "rb") as fh:
+        upload(fh, g, full, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
+    want, want_lay = shard_arena(arena, full, cfg, rank, 2)
+    assert lay.slots == want_lay.slots
+    got_v, want_v = views(out, lay), views(want, want_lay)
+    for name in lay.slots:
+        assert torch.equal(got_v[name].view(torch.uint8), want_v[name].view(torch.uint8)), name
+    assert stats.resident_bytes == out.numel() < full.total_bytes
+    assert stats.digest == sha256_path(path)
+    assert 0 < sink.peak_staged_bytes <= staging_peak_bytes(full, g)
+    assert sink.staged_bytes == 0
+
+
+def test_tp_shard_sink_refuses_an_incomplete_or_overfull_stream(tiny: Path) -> None:
+    """A slot left short (a stream that stopped early) or written past its size is a load error."""
+    g = parse_file(tiny)
+    cfg = model_config(g)
+    full = weight_layout(cfg, g, torch.float32)
+    out = torch.empty(shard_layout(full, cfg, 2).total_bytes, dtype=torch.uint8)
+    sink = ShardSink(out, full, cfg, 0, 2)
+    sink.target("0.w_down")
+    sink.written("0.w_down", 5)
+    with pytest.raises(ModelLoadError, match="not fully streamed"):
+        sink.finish()
+    with pytest.raises(ModelLoadError, match="more values written"):
+        sink.written("0.w_down", full.slots["0.w_down"].n_bytes)
+    with pytest.raises(ValueError, match="shard arena is"):
+        ShardSink(torch.empty(3, dtype=torch.uint8), full, cfg, 0, 2)
+
+
+def test_tp_staging_peak_is_one_open_slot_set_not_the_model(tiny: Path) -> None:
+    """The staging peak follows file order: a slot opens at its first tensor and closes after its last,
+    so interleaving two split slots' tensors holds both at once."""
+    g = parse_file(tiny)
+    cfg = model_config(g)
+    full = weight_layout(cfg, g, torch.float32)
+    peak = staging_peak_bytes(full, g)
+    split = [s for n, s in full.slots.items() if not n.endswith(("norm", "embed", "lm_head"))]
+    biggest = max(-(-s.n_bytes // (2 << 20)) * (2 << 20) for s in split)
+    assert biggest <= peak < sum(-(-s.n_bytes // (2 << 20)) * (2 << 20) for s in split)

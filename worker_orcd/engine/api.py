@@ -11,7 +11,6 @@ the engine computes (``worker_orcd.residency``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +35,7 @@ from .paged_kv import max_seq_len as paged_max_seq_len
 from .runner import ModelRunner
 from .plan import VramPlan, plan_vram
 from .tp_plan import TPSpec, shard_config
-from .shard import shard_arena
+from .shard import ShardSink, shard_layout
 from .upload import LoadStats, upload
 from .weights import ModelWeights, bind, make_planar, resident_dtype, weight_layout
 
@@ -397,8 +396,8 @@ class Engine:
         is called after every uploaded chunk of tensor data (what ``/health`` shows while loading);
         once it reports all bytes, warm-up and graph capture follow. Its exceptions are ignored.
         ``on_fatal`` hears (on an engine thread) of a failure outside any job: a tensor-parallel
-        peer lost while idle. With a ``tp`` spec this process joins its group first, then keeps
-        only its shard (``shard.py``; the full upload and re-hash are as for tp=1).
+        peer lost while idle. With a ``tp`` spec this process joins its group first, then streams and
+        re-hashes the whole file as for tp=1 but keeps only its shard (``shard.ShardSink``).
         """
         if not name:
             raise InvalidParams("name must be non-empty")
@@ -442,13 +441,18 @@ class Engine:
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
-                arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
-                stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress)
+                sink = None
+                if group is not None:  # this rank's GGUF blocks or dense values only, sliced as they stream
+                    arena = torch.empty(shard_layout(lay, cfg, group.size).total_bytes, dtype=torch.uint8, device=dev)
+                    sink = ShardSink(arena, lay, cfg, group.rank, group.size)
+                else:
+                    arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
+                stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress, sink=sink)
+                if sink is not None:
+                    lay = sink.finish()
+                    self._release_cached()  # the staging blocks, before the KV pool is allocated
                 if on_digest is not None:
                     on_digest(stats.digest)  # the host's verdict before anything runs on these bytes
-                if group is not None:  # the GGUF blocks or dense values of this rank; the full arena is dropped
-                    arena, lay = shard_arena(arena, lay, cfg, group.rank, group.size)
-                    stats = dataclasses.replace(stats, resident_bytes=arena.numel())
                 if self.quantized:
                     make_planar(arena, lay)  # a fixed permutation of the verified bytes, before the seal
                 if group is None:

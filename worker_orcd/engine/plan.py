@@ -7,8 +7,9 @@ staging, cuBLAS workspaces) and a stated margin, against free device memory.
 With tensor parallel (``tp_degree`` T > 1) the plan is one rank's (all ranks need the same): its
 1/T of the column/row-parallel weights plus the replicated ones (``vram_budget.tp_weight_bytes``),
 1/T of the KV cache (KV heads split; the pool holds as many tokens as at T=1), scratch computed
-with the shard's shapes, the same margin. Loading also holds the whole arena (dense, or the file's
-blocks) while it is sliced (``shard.py``): ``load_peak_bytes``, which ``required_bytes`` covers.
+with the shard's shapes, the same margin. While loading, a rank also holds the split slots still open
+in file order at full size (``shard.staging_peak_bytes``: a layer's matrices, not the model), before
+the KV cache exists: ``load_peak_bytes``, which ``required_bytes`` covers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..errors import ErrorCode, WorkerError
 from ..gguf import GGUFFile
 from .config import ModelConfig
 from .paged_kv import SCRATCH_BLOCKS, BLOCK_SIZE, bytes_per_token, kv_tokens, max_seq_len
+from .shard import staging_peak_bytes
 from .tp_plan import shard_config
 from .upload import CHUNK_BYTES, RING
 from .vram_budget import tp_weight_bytes
@@ -45,7 +47,7 @@ class VramPlan:
     tp_degree: int = 1
     weights_sharded_bytes: int = 0  # this rank's part of the split (column/row-parallel) tensors, unaligned
     weights_replicated_bytes: int = 0  # the tensors every rank holds whole, unaligned
-    load_weights_bytes: int = 0  # the full dense arena alive while a shard is sliced out of it (T > 1)
+    load_weights_bytes: int = 0  # full-size split slots staged at once while a shard streams in (T > 1)
 
     @property
     def resident_bytes(self) -> int:
@@ -54,7 +56,7 @@ class VramPlan:
 
     @property
     def load_peak_bytes(self) -> int:
-        """While loading a shard: the full arena stands where the KV cache will be (T = 1: resident_bytes)."""
+        """While loading a shard: its staged slots stand where the KV cache will be (T = 1: resident_bytes)."""
         if self.tp_degree == 1:
             return self.resident_bytes
         return self.resident_bytes - self.kv_cache_bytes + self.load_weights_bytes
@@ -76,7 +78,7 @@ class VramPlan:
             f"model needs {self.required_bytes} bytes but {where} has {self.free_bytes} bytes free "
             f"(weights {self.weights_bytes} + KV cache {self.kv_cache_bytes} for {self.max_seq_len} tokens + "
             f"scratch {self.scratch_bytes} + margin {self.margin_bytes})"
-            + (f", or {self.load_peak_bytes} while loading shard 1 of {self.tp_degree} (the full arena is sliced)"
+            + (f", or {self.load_peak_bytes} while loading a shard of {self.tp_degree} (split tensors are staged whole)"
                if self.tp_degree > 1 else "")
             + f"; device id {self.gpu_device}",
             code=ErrorCode.INSUFFICIENT_VRAM,
@@ -189,5 +191,5 @@ def plan_vram(
         tp_degree=tp_degree,
         weights_sharded_bytes=split["sharded_bytes"],
         weights_replicated_bytes=split["replicated_bytes"],
-        load_weights_bytes=0 if tp_degree == 1 else lay.total_bytes,
+        load_weights_bytes=0 if tp_degree == 1 else staging_peak_bytes(lay, g),
     )

@@ -1,8 +1,11 @@
 """One rank's slice of the resident weights (Megatron layout; the rules are in ``tp_plan.py``).
 
-Every rank uploads (and re-hashes) the whole file into a full arena as for tp=1, copies its
-rows/columns into a new, smaller arena and drops the full one, so what stays resident, is
-fingerprinted and sealed is the shard alone.
+Every rank streams (and re-hashes) the whole file as for tp=1, but into its shard's arena only
+(``ShardSink``): a replicated slot is written in place, a split slot into a full-size staging
+tensor that is sliced into the shard as soon as its last part has arrived, then dropped. A rank
+so holds its shard plus the split slots still open in file order (a layer's, or the embedding;
+``staging_peak_bytes``), never the whole model (a 72B F16 file of 145 GB: ~75 GB of shard per rank at
+tp=2, by the plan). What stays resident, is fingerprinted and sealed is the shard alone.
 
 * dense residency: sliced after dequantization; dense values have no block boundaries.
 * quantized residency: the GGUF blocks are sliced before ``make_planar`` (which then repacks the
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelLoadError
+from ..gguf import GGUFFile
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 from .config import ModelConfig
 from .qweight import row_bytes
@@ -160,3 +164,84 @@ def shard_arena(
     for name, view in dst.items():
         view.copy_(shard_tensor(src[name], full.slots[name], kinds[name], cfg, rank, degree))
     return out, lay
+
+
+STAGING_ROUND = 2 << 20  # the caching allocator's granularity for large blocks
+
+
+def _staged_bytes(slot: Slot) -> int:
+    return -(-slot.n_bytes // STAGING_ROUND) * STAGING_ROUND
+
+
+def staging_peak_bytes(full: WeightLayout, g: GGUFFile) -> int:
+    """The most ``ShardSink`` holds in full-size staging at once: split slots open in file order
+    (opened by their first tensor, dropped after their last), from the header alone."""
+    kinds = slot_kinds(full)
+    left: dict[str, int] = {}
+    for part in full.parts.values():
+        left[part.slot] = left.get(part.slot, 0) + 1
+    held = peak = 0
+    opened: set[str] = set()
+    for t in sorted(g.tensors, key=lambda t: t.data_offset):
+        part = full.parts.get(t.name)
+        if part is None or kinds[part.slot] == "replicated":
+            continue
+        slot = full.slots[part.slot]
+        if slot.name not in opened:
+            opened.add(slot.name)
+            held += _staged_bytes(slot)
+            peak = max(peak, held)
+        left[slot.name] -= 1
+        if not left[slot.name]:
+            held -= _staged_bytes(slot)
+    return peak
+
+
+class ShardSink:
+    """``upload``'s sink for one rank: the shard arena's slots, split ones staged whole and sliced
+    when complete (see the module docstring). ``finish`` checks every slot was written in full."""
+
+    def __init__(self, shard: torch.Tensor, full: WeightLayout, cfg: ModelConfig, rank: int, degree: int) -> None:
+        self.full, self.cfg, self.rank, self.degree = full, cfg, rank, degree
+        self.lay = shard_layout(full, cfg, degree)
+        if shard.numel() != self.lay.total_bytes:
+            raise ValueError(f"shard arena is {shard.numel()} bytes, its layout {self.lay.total_bytes}")
+        self.kinds = slot_kinds(full)
+        self._dst = views(shard, self.lay)
+        self._staged: dict[str, torch.Tensor] = {}
+        self._left = {name: self._numel(s) for name, s in full.slots.items()}
+        self.staged_bytes = self.peak_staged_bytes = 0
+
+    def _numel(self, s: Slot) -> int:
+        return s.n_bytes if s.ggml_type is not None else s.n_bytes // self.full.dtype.itemsize
+
+    def target(self, slot: str) -> torch.Tensor:
+        if self.kinds[slot] == "replicated":
+            return self._dst[slot].view(-1)
+        buf = self._staged.get(slot)
+        if buf is None:
+            s = self.full.slots[slot]
+            dtype = torch.uint8 if s.ggml_type is not None else self.full.dtype
+            buf = self._staged[slot] = torch.empty(self._numel(s), dtype=dtype, device=self._dst[slot].device)
+            self.staged_bytes += _staged_bytes(s)
+            self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
+        return buf
+
+    def written(self, slot: str, n: int) -> None:
+        self._left[slot] -= n
+        if self._left[slot] < 0:
+            raise ModelLoadError(f"{slot}: more values written than the slot holds")
+        if self._left[slot] or self.kinds[slot] == "replicated":
+            return
+        s = self.full.slots[slot]
+        buf = self._staged.pop(slot)
+        whole = buf if s.ggml_type is not None else buf.view(s.shape)
+        self._dst[slot].copy_(shard_tensor(whole, s, self.kinds[slot], self.cfg, self.rank, self.degree))
+        self.staged_bytes -= _staged_bytes(s)
+
+    def finish(self) -> WeightLayout:
+        """The shard's layout, once every slot of the full layout has been written in full."""
+        short = [name for name, left in self._left.items() if left]
+        if short or self._staged:
+            raise ModelLoadError(f"{len(short)} weight slot(s) were not fully streamed, e.g. {short[:3]}")
+        return self.lay

@@ -45,6 +45,21 @@ RING = 3  # staging buffers in flight: one being read, one being hashed, one on 
 Progress = Callable[[int, int], None]  # (tensor bytes uploaded, tensor bytes in all): the host's /health
 
 
+class ArenaSink:
+    """Where upload writes each slot: the arena's own slices (tp=1). ``shard.ShardSink`` instead keeps
+    one rank's slice of every split slot, so a tensor-parallel rank never holds the whole model."""
+
+    def __init__(self, arena: torch.Tensor, lay: WeightLayout) -> None:
+        self._flat = {name: view.view(-1) for name, view in views(arena, lay).items()}
+
+    def target(self, slot: str) -> torch.Tensor:
+        """The whole slot, flat: uint8 for GGUF blocks, the layout's dtype for dense slots."""
+        return self._flat[slot]
+
+    def written(self, slot: str, n: int) -> None:
+        """``n`` more elements of ``target(slot)`` hold their final values (each element once)."""
+
+
 @dataclass(frozen=True)
 class LoadStats:
     file_bytes: int
@@ -145,10 +160,12 @@ def upload(
     ctx: DeviceContext,
     chunk_bytes: int = CHUNK_BYTES,
     progress: Progress | None = None,
+    sink: ArenaSink | None = None,
 ) -> LoadStats:
     """Stream the file into ``arena`` and hash all of it; raise MODEL_LOAD_FAILED if its SHA-256 is
     not ``expected_digest`` (None: the caller checks ``LoadStats.digest``) or if the header bytes are
-    not those ``g`` was parsed from.
+    not those ``g`` was parsed from. ``sink`` (default: ``lay``'s slices of ``arena``) says where each
+    slot's values go; ``arena`` is then only what ``resident_bytes`` reports.
 
     ``progress`` is told the tensor bytes uploaded so far after every chunk (only observation:
     whatever it raises is dropped, it never breaks a load).
@@ -161,7 +178,7 @@ def upload(
     host = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(RING)]
     staging = [torch.empty(chunk_bytes, dtype=torch.uint8, device=arena.device) for _ in range(RING)] if cuda else host
     events = [torch.cuda.Event() for _ in range(RING)] if cuda else None
-    flat = {name: view.view(-1) for name, view in views(arena, lay).items()}
+    sink = sink or ArenaSink(arena, lay)
     sha = hashlib.sha256()
     head = hashlib.sha256()  # the bytes before the first tensor: what the parser read
     head_end = g.header_size
@@ -186,9 +203,11 @@ def upload(
                 t = chunk.tensor
                 part = lay.parts[t.name]
                 slot = lay.slots[part.slot]
+                dst = sink.target(part.slot)
                 if slot.ggml_type is not None:  # quantized residency: the verified bytes, as they are
-                    at = slot.byte_offset + chunk.file_offset - t.data_offset
-                    arena[at : at + chunk.n_bytes].copy_(host[k][: chunk.n_bytes], non_blocking=cuda)
+                    at = chunk.file_offset - t.data_offset
+                    dst[at : at + chunk.n_bytes].copy_(host[k][: chunk.n_bytes], non_blocking=cuda)
+                    sink.written(part.slot, chunk.n_bytes)
                 else:
                     layout = BLOCK_LAYOUT[t.ggml_type]
                     n_el = chunk.n_bytes // layout.type_size * layout.block_size
@@ -196,7 +215,8 @@ def upload(
                     if cuda:
                         raw.copy_(host[k][: chunk.n_bytes], non_blocking=True)
                     start = part.elem_offset + chunk.elem_start
-                    dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=flat[part.slot][start : start + n_el])
+                    dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=dst[start : start + n_el])
+                    sink.written(part.slot, n_el)
                 uploaded += chunk.n_bytes
                 _tell(progress, uploaded, total)
             if events is not None:

@@ -164,7 +164,7 @@ class ShardPlan(BaseModel):
     shard_index: int
     gpu_device: int | None = Field(description="this worker's device for its own shard; null for the other ranks")
     vram_bytes: int = Field(description="resident once loaded: weights + KV cache + scratch + margin")
-    load_peak_bytes: int = Field(description="the most held while loading (tp > 1: the full arena is sliced)")
+    load_peak_bytes: int = Field(description="the most held while loading (tp > 1: the shard plus the split tensors staged whole)")
     weights_bytes: int | None = Field(default=None, description="this shard's weight arena (aligned slots)")
     weights_sharded_bytes: int | None = Field(default=None, description="its 1/T of the split tensors")
     weights_replicated_bytes: int | None = Field(default=None, description="the tensors every rank holds whole")
