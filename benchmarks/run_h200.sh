@@ -18,6 +18,7 @@
 #   bash benchmarks/run_h200.sh tp         # kind nvidia-h200-x2: NCCL tensor-parallel tests, 7B F16 load tp=1/2 vs llama -sm tensor/layer
 #   bash benchmarks/run_h200.sh half2      # branch next: quantized-half2 residency: GPU tests, probe_half2.py, 7B Q4_K_M steps vs quantized
 #   bash benchmarks/run_h200.sh tp12       # kind nvidia-h200-x2: 7B Q4_K_M tp=1/2, 72B Q4_K_M tp=2, llama -sm layer/tensor (issue 12's rows)
+#   bash benchmarks/run_h200.sh tp72q8     # kind nvidia-h200-x2: TP GPU tests, the 72B shape Q8_0 dense (145 GB fp16) at tp=2
 #   bash benchmarks/run_h200.sh verify9    # kind nvidia-h200-x2: the suite on both GPUs, then tp12's 7B half
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
@@ -202,6 +203,32 @@ tp12)
       --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=${f##*:} --ready-timeout 80 $D 2>&1 \
       | tee "$OUT/tp12_llama_${f%%:*}_${f##*:}.log" | grep -E "^#|^\| llama"
   done
+  ;;
+tp72q8)
+  # kind nvidia-h200-x2: the streamed shard slicing on the GPUs (tests/test_tp_gpu.py; TP72_TESTS adds files), then a
+  # model larger than one GPU: the 72B shape in Q8_0 (77 GB file) resident dense (fp16, ~145 GB) at tp=2
+  (synth qwen2.5-72b Q8_0; touch $M/72b-q8.done) >$M/synth.log 2>&1 &
+  XD=""; python3 -c "import xdist" 2>/dev/null && XD="-n 6 --dist loadfile"
+  REQUIRE_MULTI_GPU=1 timeout ${TP72_TESTS_TIMEOUT:-120} python3 -m pytest -q -m gpu -rf --tb=short $XD tests/test_tp_gpu.py \
+    ${TP72_TESTS:-} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests_tp72.log" | tail -4
+  for i in $(seq 1 90); do [ -f $M/72b-q8.done ] && break; sleep 2; done; ls -la $M
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/smi_tp72q8.csv" 2>&1 &
+  SMI=$!
+  timeout ${TP72_LOAD_TIMEOUT:-210} python3 benchmarks/bench_load.py --model $M/qwen2.5-72b-Q8_0.gguf --label 72b-q8-dense-tp2 --worker --tp 2 \
+    --resident-weights dense --kv-cache-mb 8192 --ready-timeout 170 --duration 6 --warmup 1 --requests-per-client 1 \
+    --concurrency 1 16 --worker-log-level info 2>&1 | tee "$OUT/tp72q8.log" | grep -E "^#|^\| worker|Error"
+  kill $SMI
+  python3 - "$OUT/smi_tp72q8.csv" <<'PY'
+import sys
+peak = {}
+for line in open(sys.argv[1]):
+    try:
+        i, mib = (int(x) for x in line.split(","))
+    except ValueError:
+        continue
+    peak[i] = max(peak.get(i, 0), mib)
+print("# peak memory.used MiB per GPU:", peak)
+PY
   ;;
 verify9)
   # kind nvidia-h200-x2 (ninth session): the whole suite on both GPUs at the submitted engine, then issue 12's 7B rows
