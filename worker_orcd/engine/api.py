@@ -426,6 +426,7 @@ class Engine:
         runner: ModelRunner | None = None
         fp: ops.Fingerprint | None = None
         group: Any = None
+        sink: ShardSink | None = None
         try:
             if self.tp is not None:
                 from . import tensor_parallel
@@ -441,7 +442,6 @@ class Engine:
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
-                sink = None
                 if group is not None:  # this rank's GGUF blocks or dense values only, sliced as they stream
                     arena = torch.empty(shard_layout(lay, cfg, group.size).total_bytes, dtype=torch.uint8, device=dev)
                     sink = ShardSink(arena, lay, cfg, group.rank, group.size)
@@ -478,7 +478,7 @@ class Engine:
                 group.abort(f"{type(e).__name__}: {e}")
             if runner is not None:
                 runner.close()
-            arena = kv = runner = weights = fp = None  # drop every device buffer of the failed load now
+            arena = kv = runner = weights = fp = sink = None  # drop every device buffer of the failed load now
             self._release_cached()
             raise
         assert arena is not None and weights is not None and kv is not None and runner is not None and fp is not None
