@@ -312,7 +312,7 @@ r72)
   rm -rf $M/* /tmp/worker-orcd-bench; df -h /tmp | tail -1
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
-  timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_engine.py --shapes qwen2.5-72b --types Q4_K_M --resident-weights quantized \
+  timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_engine.py --shapes qwen2.5-72b --types Q4_K_M --resident-weights ${RESIDENCY:-quantized} \
     --kv-cache-mb 10752 --llama-bench /tmp/llama.cpp/build/bin/llama-bench --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" \
     --vocab 151936 2>&1 | tee "$OUT/r72.log" | grep -vE '^\{'
   ;;
