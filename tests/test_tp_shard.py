@@ -313,6 +313,7 @@ def _streamed_shard(path: Path, quantized: bool, rank: int, degree: int, chunk: 
     ("tiny-qwen2", "Q4_K_M", False),
     ("tiny-llama", "Q8_0", True),  # GGUF blocks: column rows / row-parallel block runs
     ("mid-llama", "Q6_K", True),
+    ("tiny-llama", "Q3_K_M", True),  # Q3_K matrices dequantized at load: dense slots inside a quantized layout
 ])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_tp_streamed_shard_equals_the_full_arenas_slice(
