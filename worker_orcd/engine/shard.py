@@ -155,8 +155,8 @@ def shard_layout(full: WeightLayout, cfg: ModelConfig, degree: int) -> WeightLay
 def shard_arena(
     arena: torch.Tensor, full: WeightLayout, cfg: ModelConfig, rank: int, degree: int
 ) -> tuple[torch.Tensor, WeightLayout]:
-    """A new arena holding only rank ``rank``'s slices of the full ``arena``; the caller drops the full one
-    (and, quantized, then calls ``make_planar`` on the shard)."""
+    """A new arena holding only rank ``rank``'s slices of the full ``arena``: the slice-after-upload form,
+    kept as the reference ``ShardSink``'s streamed shard is tested against (the engine streams)."""
     lay = shard_layout(full, cfg, degree)
     kinds = slot_kinds(full)
     out = torch.empty(lay.total_bytes, dtype=torch.uint8, device=arena.device)
