@@ -3,9 +3,9 @@
 Every rank streams (and re-hashes) the whole file as for tp=1, but into its shard's arena only
 (``ShardSink``): a replicated slot is written in place, a split slot into a full-size staging
 tensor that is sliced into the shard as soon as its last part has arrived, then dropped. A rank
-so holds its shard plus the split slots still open in file order (a layer's, or the embedding;
-``staging_peak_bytes``), never the whole model (a 72B F16 file of 145 GB: ~75 GB of shard per rank at
-tp=2, by the plan). What stays resident, is fingerprinted and sealed is the shard alone.
+so holds its shard plus the split slots still open in file order (``staging_peak_bytes``: one layer's
+at most when the file lists its tensors layer by layer), never the whole model (a 72B in fp16, 145 GB:
+75.2 GB of shard per rank at tp=2, counted; 82 GB peak measured with the KV pool, RESULTS ninth session). What stays resident, is fingerprinted and sealed is the shard alone.
 
 * dense residency: sliced after dequantization; dense values have no block boundaries.
 * quantized residency: the GGUF blocks are sliced before ``make_planar`` (which then repacks the
