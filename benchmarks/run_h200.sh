@@ -20,6 +20,8 @@
 #   bash benchmarks/run_h200.sh tp12       # kind nvidia-h200-x2: 7B Q4_K_M tp=1/2, 72B Q4_K_M tp=2, llama -sm layer/tensor (issue 12's rows)
 #   bash benchmarks/run_h200.sh tp72q8     # kind nvidia-h200-x2: TP GPU tests, the 72B shape Q8_0 dense (145 GB fp16) at tp=2
 #   bash benchmarks/run_h200.sh verify9    # kind nvidia-h200-x2: the suite on both GPUs, then tp12's 7B half
+#   bash benchmarks/run_h200.sh verify10   # kind nvidia-h200-x2: the suite on both GPUs, then bench_engine 7B Q4_K_M quantized-half2 (seal verify ms)
+#   bash benchmarks/run_h200.sh sealov     # seal checks beside the steps: seal/batching GPU tests, p99 ITL at 64 (7B) vs .devdata/base (the tree before)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -238,6 +240,25 @@ verify9)
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; synth qwen2.5-72b Q4_K_M; touch $M/72b.done) >$M/synth9.log 2>&1 &
   SKIP_SYNTH=1 SKIP_LLAMA=1 SKIP_PROFILE=1 REQUIRE_MULTI_GPU=1 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-300} bash "$0" tests 2>&1 | tail -16
   TP12_PART=7b TP12_NO_SYNTH=1 bash "$0" tp12
+  ;;
+verify10)
+  # kind nvidia-h200-x2 (tenth session): the whole suite at main's head, then the quantized 7B's decode and fingerprint
+  SKIP_SYNTH=1 SKIP_LLAMA=1 SKIP_PROFILE=1 REQUIRE_MULTI_GPU=1 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-330} bash "$0" tests 2>&1 | tail -16
+  timeout 240 python3 benchmarks/bench_engine.py --shapes qwen2.5-7b --types Q4_K_M --resident-weights quantized-half2 \
+    --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 --workdir $M 2>&1 | tail -8
+  ;;
+sealov)
+  # issue 8's p99 ITL with the seal check beside the steps; .devdata/base holds the tree before it (git archive), same call
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  [ -n "${SEALOV_SKIP_TESTS:-}" ] || timeout 240 python3 -m pytest -q -m gpu -rf --tb=short -p no:cacheprovider tests/test_engine_batching.py \
+    tests/test_kernels_checksum.py tests/test_engine_gpu.py -k "seal or fingerprint or checksum or batch or jobs" 2>&1 | tail -6
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  for tree in ${SEALOV_TREES:-new base}; do
+    dir=$PWD; [ $tree = base ] && dir=$PWD/.devdata/base
+    (cd $dir && PYTHONPATH=/tmp/site:$dir timeout ${LOAD_TIMEOUT:-150} python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
+      --label 7b-$tree --worker --concurrency ${LOAD_LEVELS:-64} --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} 2>&1 \
+      | tee "$OUT/sealov_$tree.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p')
+  done
   ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines

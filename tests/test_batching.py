@@ -390,7 +390,7 @@ def test_loop_runner_failure_reaches_every_job_and_later_submits() -> None:
 
 
 def test_loop_seal_check_once_per_admitting_step() -> None:
-    """A burst of arrivals admitted in one step costs one seal check that covers all of them."""
+    """A burst of arrivals admitted together costs one seal check that covers all of them."""
     calls: list[int] = []
     loop = EngineLoop(HashRunner(), max_batch=8, token_budget=64, before_admit=calls.append)
     with loop._cv:  # hold the loop: all four are in its inbox before it looks (the lock is re-entrant)
@@ -402,40 +402,96 @@ def test_loop_seal_check_once_per_admitting_step() -> None:
     assert calls == [4, 1]
 
 
-def test_loop_deferred_seal_check_runs_before_the_step_releases_tokens() -> None:
-    """The hook may return the second half of the check (the engine's fingerprint queued on the
-    device): it runs once per admitting step, before any token of that step is handed out."""
-    events: list[str] = []
+class DeviceCheck:
+    """A seal check as the engine starts it: computed 'on the device' until ``finish`` is set."""
 
-    def start(n: int):  # noqa: ANN202
-        events.append(f"start {n}")
-        return lambda: events.append("check")
+    def __init__(self, log: list[str], name: str, fail: bool = False) -> None:
+        self.log, self.name, self.fail = log, name, fail
+        self.finish = threading.Event()
 
-    loop = EngineLoop(HashRunner(), max_batch=4, token_budget=64, before_admit=start)
-    stream = loop.submit([1, 2], SamplingParams(max_tokens=3))
-    first = next(stream)
-    events.append(f"token {first.index}")
-    rest = [e for e in stream if isinstance(e, TokenEvent)]
-    loop.close()
-    assert [e.index for e in rest] == [1, 2]
-    assert events[:3] == ["start 1", "check", "token 0"]
-    assert events.count("check") == 1
+    def ready(self) -> bool:
+        return self.finish.is_set()
 
-
-def test_loop_deferred_seal_failure_releases_nothing() -> None:
-    """A seal that no longer matches, found when the admitting step completes: the admitted job gets
-    SEAL_VERIFICATION_FAILED and no token of it; a job already running fails too (fatal, 4122)."""
-    checks = {"n": 0}
-
-    def start(n: int):  # noqa: ANN202
-        checks["n"] += 1
-        if checks["n"] == 1:
-            return None  # the first admission passes (checked synchronously)
-
-        def check() -> None:
+    def __call__(self) -> None:
+        self.finish.wait(5)
+        self.log.append(f"checked {self.name}")
+        if self.fail:
             raise WorkerError("seal mismatch", code=ErrorCode.SEAL_VERIFICATION_FAILED)
 
-        return check
+
+def test_loop_running_jobs_never_wait_for_a_seal_check() -> None:
+    """A check started for an arrival runs beside the running job's steps: that job keeps getting
+    tokens while the check is not ready, and the arrival is admitted only once it passed."""
+    log: list[str] = []
+    checks: list[DeviceCheck] = []
+
+    def start(n: int) -> DeviceCheck:
+        checks.append(DeviceCheck(log, f"#{len(checks)} of {n}"))
+        log.append(f"start {checks[-1].name}")
+        if len(checks) == 1:
+            checks[0].finish.set()  # the first job: nothing else runs, the loop waits for it
+        return checks[-1]
+
+    runner = HashRunner(delay=0.002)
+    loop = EngineLoop(runner, max_batch=4, token_budget=64, before_admit=start)
+    running = loop.submit([1, 2], SamplingParams(max_tokens=200))
+    next(running)
+    late = loop.submit([7, 8, 9], SamplingParams(max_tokens=3))
+    for _ in range(30):  # thirty more tokens of the running job while the late job's check is not ready
+        assert isinstance(next(running), TokenEvent)
+    assert len(checks) == 2 and not any(7 in r.tokens for b in runner.steps for r in b.rows)
+    checks[1].finish.set()
+    late_tokens = [e for e in late if isinstance(e, TokenEvent)]
+    loop.close()
+    assert len(late_tokens) == 3
+    assert log == ["start #0 of 1", "checked #0 of 1", "start #1 of 1", "checked #1 of 1"]
+    alone = EngineLoop(HashRunner(), max_batch=1, token_budget=64)
+    assert [e.token_id for e in late_tokens] == drain(alone.submit([7, 8, 9], SamplingParams(max_tokens=3)))[0]
+    alone.close()
+
+
+def test_loop_arrival_during_a_check_waits_for_its_own() -> None:
+    """A check covers only the jobs that arrived before it started: a job arriving while it runs is
+    not admitted by it, but by the next one."""
+    log: list[str] = []
+    checks: list[DeviceCheck] = []
+
+    def start(n: int) -> DeviceCheck:
+        checks.append(DeviceCheck(log, f"#{len(checks)} of {n}"))
+        if len(checks) == 1:
+            checks[0].finish.set()
+        return checks[-1]
+
+    loop = EngineLoop(HashRunner(delay=0.002), max_batch=4, token_budget=64, before_admit=start)
+    running = loop.submit([1], SamplingParams(max_tokens=200))
+    next(running)
+    a = loop.submit([3, 3], SamplingParams(max_tokens=2))
+    deadline = time.monotonic() + 5
+    while len(checks) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    b = loop.submit([4, 4], SamplingParams(max_tokens=2))  # arrives while check #1 (a's) is in flight
+    time.sleep(0.05)
+    assert len(checks) == 2
+    checks[1].finish.set()
+    assert len(drain(a)[0]) == 2
+    while len(checks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(checks) == 3, "b needs a check of its own"
+    checks[2].finish.set()
+    assert len(drain(b)[0]) == 2
+    loop.close()
+
+
+def test_loop_failed_seal_check_fails_what_it_covered_then_everything() -> None:
+    """A check that finds the weights changed: the jobs it covered get SEAL_VERIFICATION_FAILED and
+    no token; the running job fails too and the loop takes no more jobs (fatal, 4122)."""
+    log: list[str] = []
+    checks: list[DeviceCheck] = []
+
+    def start(n: int) -> DeviceCheck:
+        checks.append(DeviceCheck(log, str(len(checks)), fail=len(checks) == 1))
+        checks[-1].finish.set()
+        return checks[-1]
 
     loop = EngineLoop(HashRunner(delay=0.005), max_batch=4, token_budget=64, before_admit=start)
     running = loop.submit([1], SamplingParams(max_tokens=200))
@@ -450,6 +506,27 @@ def test_loop_deferred_seal_failure_releases_nothing() -> None:
     assert e2.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
     with pytest.raises(WorkerError):
         loop.submit([1], SamplingParams(max_tokens=1))
+
+
+def test_loop_plain_callable_check_runs_before_the_job_is_admitted() -> None:
+    """A hook that returns a plain callable (the check's second half, no ``ready``): it runs before
+    the job it covers is scheduled, once."""
+    events: list[str] = []
+
+    def start(n: int):  # noqa: ANN202
+        events.append(f"start {n}")
+        return lambda: events.append("check")
+
+    runner = HashRunner()
+    loop = EngineLoop(runner, max_batch=4, token_budget=64, before_admit=start)
+    stream = loop.submit([1, 2], SamplingParams(max_tokens=3))
+    first = next(stream)
+    events.append(f"token {first.index}")
+    rest = [e for e in stream if isinstance(e, TokenEvent)]
+    loop.close()
+    assert [e.index for e in rest] == [1, 2]
+    assert events[:3] == ["start 1", "check", "token 0"]
+    assert events.count("check") == 1
 
 
 def test_loop_seal_failure_fails_the_admitted_jobs() -> None:

@@ -108,6 +108,19 @@ class Knobs:
     params_seen: list[SamplingParams] = field(default_factory=list)  # what each generate() was given
 
 
+class _Computed:
+    """A fingerprint computed at once (the fake has no device to run it beside anything)."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def __call__(self) -> str:
+        return self.value
+
+
 class FakeResident:
     """A ResidentModelLike (engine/interface.py): one generation thread per job, no batching."""
 
@@ -208,9 +221,8 @@ class FakeResident:
     def fingerprint(self) -> str:
         return self.resident_fingerprint
 
-    def fingerprint_start(self) -> Callable[[], str]:
-        value = self.resident_fingerprint
-        return lambda: value
+    def fingerprint_start(self) -> "_Computed":
+        return _Computed(self.resident_fingerprint)
 
     def attest(self) -> dict[str, Any]:
         return {"resident": False, "status": "fake"}

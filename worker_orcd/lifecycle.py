@@ -37,13 +37,30 @@ from .gguf.constants import Limits
 from .gguf.reader import GGUFFile
 from .loader import LoadOptions, validate_model
 from .metrics import Metrics
-from .residency import SealedModel, load_sealed
+from .residency import PendingSealCheck, SealedModel, load_sealed
 from .scheduler import Scheduler
 from .seal import ModelShardHandle, Sealer
 
 # Errors after which this process cannot be trusted to serve: stopped, reported, exit non-zero (4032, 4122, 4960).
 FATAL_CODES = frozenset({ErrorCode.CUDA_ERROR, ErrorCode.SEAL_VERIFICATION_FAILED, ErrorCode.TP_GROUP_FAILED})
 MB = 1_000_000
+
+
+class _TimedSealCheck:
+    """A started seal check that reports the engine thread's time in it (both halves) when it finishes."""
+
+    def __init__(self, pending: PendingSealCheck, started_ms: float, report: Callable[[float], None]) -> None:
+        self._pending, self._started_ms, self._report = pending, started_ms, report
+
+    def ready(self) -> bool:
+        return self._pending.ready()
+
+    def __call__(self) -> None:
+        t1 = time.perf_counter()
+        try:
+            self._pending()
+        finally:
+            self._report(self._started_ms + (time.perf_counter() - t1) * 1000)
 
 
 class State(str, Enum):
@@ -455,29 +472,24 @@ class Worker:
             for rank in range(tp_degree)
         ]
 
-    def _seal_check_in_step(self, admitted: int) -> Callable[[], None]:
-        """The engine loop's hook: one seal verification per step that admits jobs (SPEC 4121, issue 8).
+    def _seal_check_in_step(self, admitted: int) -> _TimedSealCheck:
+        """The engine loop's hook: one seal verification for the jobs waiting to be admitted (SPEC 4121, issue 8).
 
-        Runs on the engine thread as the admitting step is queued: the fingerprint is queued on the
-        device ahead of that step, and the returned check (HMAC against the seal) runs before any
-        output of the step leaves the engine (loop.py ``_complete``). A failure fails the admitted
-        jobs with SEAL_VERIFICATION_FAILED and stops the worker (fatal, 4122); the metric is the
-        engine thread's time in both halves (the device runs the fingerprint meanwhile).
+        Runs on the engine thread: the fingerprint starts on the device beside the running jobs'
+        steps; the loop admits the jobs it covers once it passed (loop.py ``_seal_gate``). A failure
+        fails them with SEAL_VERIFICATION_FAILED and stops the worker (fatal, 4122); the metric is
+        the engine thread's time in both halves (the device computes the fingerprint meanwhile).
         """
         sealed = self.sealed
         if sealed is None:
             raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
         t0 = time.perf_counter()
-        finish = sealed.verify_seal_start()
-        started_ms = (time.perf_counter() - t0) * 1000
+        pending = sealed.verify_seal_start()
+        return _TimedSealCheck(pending, (time.perf_counter() - t0) * 1000, self._seal_checked)
 
-        def check() -> None:
-            t1 = time.perf_counter()
-            finish()
-            self.last_seal_ms = started_ms + (time.perf_counter() - t1) * 1000
-            self.metrics.seal_verify_ms.observe(self.last_seal_ms)
-
-        return check
+    def _seal_checked(self, ms: float) -> None:
+        self.last_seal_ms = ms
+        self.metrics.seal_verify_ms.observe(ms)
 
     async def verify_seal(self) -> float:
         """SPEC 4121/4245: re-verify before every execute; failure is fatal for the worker (4122)."""

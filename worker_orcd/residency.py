@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .engine.interface import EngineLike, ResidentModelLike
+from .engine.interface import EngineLike, PendingFingerprintLike, ResidentModelLike
 from .errors import InvalidParams, ModelLoadError
 from .loader import ValidatedModel
 from .seal import ModelShardHandle, Sealer
@@ -38,15 +38,29 @@ class SealedModel:
         self._sealer.verify(self.handle, self.resident.fingerprint())
         return (time.perf_counter() - t0) * 1e3
 
-    def verify_seal_start(self) -> Callable[[], None]:
-        """``verify_seal`` in two halves: the fingerprint is queued on the device now, the returned
-        callable waits for it and checks the HMAC (raises as ``verify_seal``). The engine loop uses
-        it so a seal check does not drain the device queue (loop.py)."""
-        fingerprint = self.resident.fingerprint_start()
-        return lambda: self._sealer.verify(self.handle, fingerprint())
+    def verify_seal_start(self) -> PendingSealCheck:
+        """``verify_seal`` in two halves: the fingerprint starts on the device now (beside the
+        engine's next steps); calling the result waits for it and checks the HMAC (raises as
+        ``verify_seal``), ``ready()`` asks whether it finished. The engine loop admits the jobs a
+        check covers once it passes, without making any step wait for it (loop.py)."""
+        return PendingSealCheck(self, self.resident.fingerprint_start())
 
     def close(self) -> None:
         self.resident.close()
+
+
+class PendingSealCheck:
+    """A seal check whose fingerprint runs on the device: ``ready()`` without waiting, ``()`` finishes it."""
+
+    def __init__(self, sealed: SealedModel, fingerprint: PendingFingerprintLike) -> None:
+        self._sealed = sealed
+        self._fingerprint = fingerprint
+
+    def ready(self) -> bool:
+        return self._fingerprint.ready()
+
+    def __call__(self) -> None:
+        self._sealed._sealer.verify(self._sealed.handle, self._fingerprint())
 
 
 def load_resident(engine: EngineLike, model: ValidatedModel, *, name: str | None = None, **engine_kw: Any) -> ResidentModelLike:

@@ -16,6 +16,12 @@ so scheduling, delivery and the HTTP side run while the GPU computes. A job
 that stops at step N (EOS, stop id, cancel) has one more row computed in
 N+1, whose token is dropped; a job at ``max_tokens`` is not scheduled again.
 Otherwise the loop waits for each step before it schedules the next.
+
+Seal checks (SPEC 4121): a job is admitted only after a seal check that started after it arrived
+has passed. The loop starts one check for every job waiting unchecked (a burst of arrivals costs
+one fingerprint), lets the running jobs' steps go on while the device computes it beside them, and
+admits the jobs it covers at the first step boundary after it passed: no step of a running job
+waits for a check, and a failed check fails the jobs it covered, then every job (fatal, 4122).
 """
 
 from __future__ import annotations
@@ -58,6 +64,22 @@ class LoopObserver(Protocol):
     def preempted(self) -> None: ...
 
 
+class SealCheck(Protocol):
+    """A seal check started on the device (``residency.PendingSealCheck``)."""
+
+    def ready(self) -> bool:
+        """Whether its fingerprint is computed, without waiting."""
+        ...
+
+    def __call__(self) -> None:
+        """Wait for it and compare; raises WorkerError (SEAL_VERIFICATION_FAILED) on a mismatch."""
+        ...
+
+
+# The host's hook, called with the number of jobs a check covers: None (it checked them already), a
+# SealCheck, or a plain callable (the check's second half, run when the loop next looks).
+BeforeAdmit = Callable[[int], "SealCheck | Callable[[], None] | None"]
+
 Sink = Callable[[Any], None]
 
 
@@ -93,8 +115,6 @@ class _InFlight:
     seqs: list[Sequence]
     handle: PendingStep
     preemptions_before: int
-    seal_check: Callable[[], None] | None = None  # the admitting step's deferred seal check
-    admitted: tuple[int, ...] = ()  # seq ids this step admitted
 
 
 def _host_free(seq: Sequence) -> bool:
@@ -111,7 +131,7 @@ class EngineLoop:
         max_batch: int,
         token_budget: int,
         mixed_budget: int | None = None,
-        before_admit: Callable[[int], Callable[[], None] | None] | None = None,
+        before_admit: BeforeAdmit | None = None,
         observer: LoopObserver | None = None,
         name: str = "engine-loop",
     ) -> None:
@@ -119,7 +139,8 @@ class EngineLoop:
         self.blocks = BlockManager(runner.num_blocks, runner.block_size)
         self.scheduler = Scheduler(self.blocks, max_batch, token_budget, mixed_budget)
         self.max_batch = max_batch
-        self._before_admit = before_admit  # seal check once per step that admits new jobs (SPEC 4121)
+        self._before_admit = before_admit  # the seal check that admits new jobs (SPEC 4121)
+        self._checking: tuple[SealCheck | Callable[[], None], tuple[Sequence, ...]] | None = None
         self._observer = observer
         self._cv = threading.Condition()
         self._inbox: deque[_Job] = deque()
@@ -225,8 +246,10 @@ class EngineLoop:
                     while self._inbox:
                         job = self._inbox.popleft()
                         self._jobs[job.seq.seq_id] = job
+                        job.seq.seal_checked = self._before_admit is None
                         self.scheduler.add(job.seq)
                 self._reap_cancelled()
+                self._seal_gate(idle=inflight is None and not self.scheduler.running)
                 if inflight is not None and not all(_host_free(q) for q in self.scheduler.running):
                     self._complete(inflight)
                     inflight = None
@@ -272,17 +295,8 @@ class EngineLoop:
         if not batch.rows:
             return None
         now = time.monotonic()
-        fresh = [s for s in seqs if s.first_scheduled is None]
-        seal_check = None
-        if fresh:
-            if self._before_admit is not None:
-                try:
-                    seal_check = self._before_admit(len(fresh))
-                except WorkerError as e:
-                    for s in fresh:
-                        self._fail(self._jobs[s.seq_id], e)
-                    raise
-            for s in fresh:
+        for s in seqs:
+            if s.first_scheduled is None:
                 s.first_scheduled = now
                 if self._observer is not None:
                     self._observer.admitted((now - self._jobs[s.seq_id].t_submit) * 1e3)
@@ -292,23 +306,56 @@ class EngineLoop:
             seq.num_computed += len(row.tokens)
             if row.sample is not None:
                 seq.output.append(PENDING)  # its token: read by the next step on the device, here later
-        return _InFlight(batch, seqs, handle, before, seal_check, tuple(s.seq_id for s in fresh))
+        return _InFlight(batch, seqs, handle, before)
+
+    def _seal_gate(self, idle: bool) -> None:
+        """Finish the seal check in flight if the device has computed it, clearing the jobs it
+        covers for admission, then start one for the jobs that arrived since; when nothing else can
+        run (``idle``: no step in flight, no running job, no cleared job waiting) wait for it. A
+        failure fails the covered jobs and, raised, every job (fatal, 4122)."""
+        if self._before_admit is None:
+            return
+        while True:
+            waiting = self.scheduler.waiting
+            blocked = idle and not any(s.seal_checked for s in waiting)
+            if self._checking is not None:
+                check, covered = self._checking
+                ready = getattr(check, "ready", None)
+                if not blocked and ready is not None and not ready():
+                    return
+                self._checking = None
+                try:
+                    check()
+                except WorkerError as e:
+                    self._fail_covered(covered, e)
+                    raise
+                for seq in covered:
+                    seq.seal_checked = True
+                continue
+            unchecked = tuple(s for s in waiting if not s.seal_checked)
+            if not unchecked:
+                return
+            try:
+                started = self._before_admit(len(unchecked))
+            except WorkerError as e:
+                self._fail_covered(unchecked, e)
+                raise
+            if started is None:
+                for seq in unchecked:
+                    seq.seal_checked = True
+                return
+            self._checking = (started, unchecked)
+            if not blocked:
+                return
+
+    def _fail_covered(self, covered: tuple[Sequence, ...], err: WorkerError) -> None:
+        for seq in covered:
+            job = self._jobs.get(seq.seq_id)
+            if job is not None:
+                self._fail(job, err)
 
     def _complete(self, step: _InFlight) -> None:
-        """Read a launched step's tokens and hand them out (in row order).
-
-        An admitting step's seal check finishes first: nothing this step computed leaves the
-        engine unless the weights it ran on still match the seal (SPEC 4121). A failure fails the
-        admitted jobs with it and then, raised, every job (fatal, 4122)."""
-        if step.seal_check is not None:
-            try:
-                step.seal_check()
-            except WorkerError as e:
-                for sid in step.admitted:
-                    job = self._jobs.get(sid)
-                    if job is not None:
-                        self._fail(job, e)
-                raise
+        """Read a launched step's tokens and hand them out (in row order)."""
         outs = step.handle.result()
         done = time.monotonic()
         k = 0

@@ -10,7 +10,8 @@ Policy (vLLM v1 / nano-vllm style, one unified queue):
   head of the wait queue, to be recomputed from its prompt plus the tokens it
   already produced (nothing is re-emitted: see loop.py).
 * Then waiting sequences, first come first served, while there are free
-  batch slots, budget and blocks. A waiting sequence never preempts a running
+  batch slots, budget and blocks, up to the first one whose seal check has
+  not passed yet (``seal_checked``, set by the loop). A waiting sequence never preempts a running
   one (no thrashing).
 
 The budget and the batch size bound the work of one step; every sequence's
@@ -109,6 +110,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             if seq.drawn_all:  # preempted with its last token in flight: the loop ends it next
+                break
+            if not seq.seal_checked:  # its seal check is still running (loop.py); FCFS: none behind it
                 break
             n = min(seq.remaining, budget)
             if not self.blocks.can_grow(seq, n):

@@ -31,6 +31,7 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     preemptions: int = 0
+    seal_checked: bool = True  # False until a seal check that started after it arrived passed (loop.py)
     stop_reason: str | None = None
     sink: Any = None  # where the engine loop delivers this sequence's events
 

@@ -25,7 +25,7 @@ from . import attest as attest_mod
 from . import ops
 from .config import ModelConfig, model_config
 from .device import DeviceContext, device_errors, open_device
-from ..batching.loop import Cancel, EngineLoop, LoopObserver
+from ..batching.loop import BeforeAdmit, Cancel, EngineLoop, LoopObserver
 from ..batching.step import PendingStep, Sampled, StepBatch
 from .events import GenerationEnd, SamplingParams, TokenEvent
 from .kv_cache import check_capacity
@@ -65,7 +65,7 @@ class BatchingOptions:
     max_batch: int
     token_budget: int
     mixed_budget: int | None = None  # tokens of a step that also carries decode rows (scheduler.py)
-    before_admit: Callable[[int], Callable[[], None] | None] | None = None  # the host's seal check (loop.py)
+    before_admit: BeforeAdmit | None = None  # the host's seal check (loop.py)
     observer: LoopObserver | None = None
 
 
@@ -219,19 +219,13 @@ class ResidentModel:
             self._engine.ctx.bind_thread()
             return self._fingerprint.hex()
 
-    def fingerprint_start(self) -> Callable[[], str]:
-        """``fingerprint`` queued on the device behind the steps already queued (no host wait now);
-        the returned callable waits for it and gives the hex. Called on the engine-loop thread."""
+    def fingerprint_start(self) -> _DevicePending:
+        """``fingerprint`` started behind the steps already queued, on the fingerprint's side stream
+        (beside the steps queued after it; no host wait now). Called on the engine-loop thread."""
         self._require_open()
         with device_errors("fingerprint", self._engine.ctx.index), torch.no_grad():
             self._engine.ctx.bind_thread()
-            wait = self._fingerprint.start()
-
-        def result() -> str:
-            with device_errors("fingerprint", self._engine.ctx.index):
-                return wait()
-
-        return result
+            return _DevicePending(self._fingerprint.start(), self._engine.ctx.index)
 
     def attest(self) -> dict[str, Any]:
         """Where every weight, KV-cache and scratch buffer lives, per the CUDA runtime (SPEC 4100-4101)."""
@@ -312,6 +306,22 @@ class _BoundPending:
             return self._pending.result()
 
 
+class _DevicePending:
+    """A started fingerprint whose device errors become typed WorkerErrors (CUDA_ERROR is fatal)."""
+
+    def __init__(self, pending: ops.PendingFingerprint, index: int) -> None:
+        self._pending = pending
+        self._index = index
+
+    def ready(self) -> bool:
+        with device_errors("fingerprint", self._index):
+            return self._pending.ready()
+
+    def __call__(self) -> str:
+        with device_errors("fingerprint", self._index):
+            return self._pending()
+
+
 class Engine:
     """The process's GPU layer: one device, the models loaded on it."""
 
@@ -377,7 +387,7 @@ class Engine:
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
         mixed_step_tokens: int | None = None,
-        before_admit: Callable[[int], Callable[[], None] | None] | None = None,
+        before_admit: BeforeAdmit | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,

@@ -12,12 +12,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, Protocol
 
-from ..batching.loop import Cancel, LoopObserver
+from ..batching.loop import BeforeAdmit, Cancel, LoopObserver
 from ..errors import WorkerError
 from ..gguf import GGUFFile
 from .events import GenerationEnd, SamplingParams, TokenEvent
 
-__all__ = ["EngineLike", "ResidentModelLike", "VramPlanLike"]
+__all__ = ["EngineLike", "PendingFingerprintLike", "ResidentModelLike", "VramPlanLike"]
+
+
+class PendingFingerprintLike(Protocol):
+    """A fingerprint started on the device (``fingerprint_start``)."""
+
+    def ready(self) -> bool:
+        """Whether it has finished, without waiting."""
+        ...
+
+    def __call__(self) -> str:
+        """Wait for it; the hex checksum (as ``fingerprint()``)."""
+        ...
 
 
 class VramPlanLike(Protocol):
@@ -60,8 +72,9 @@ class ResidentModelLike(Protocol):
         """Hex checksum of the resident weight bytes, computed where they live."""
         ...
 
-    def fingerprint_start(self) -> Callable[[], str]:
-        """``fingerprint`` started behind the device work already queued; the callable waits for it."""
+    def fingerprint_start(self) -> PendingFingerprintLike:
+        """``fingerprint`` started behind the device work already queued, computed beside what is
+        queued after it; the result is asked for without waiting (``ready``) or waited for."""
         ...
 
     def attest(self) -> dict[str, Any]: ...
@@ -91,7 +104,7 @@ class EngineLike(Protocol):
         max_batch: int | None = None,
         prefill_chunk: int | None = None,
         mixed_step_tokens: int | None = None,
-        before_admit: Callable[[int], Callable[[], None] | None] | None = None,
+        before_admit: BeforeAdmit | None = None,
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,

@@ -431,31 +431,49 @@ def checksum_hex(buffers: Sequence[torch.Tensor]) -> str:
 
 class Fingerprint:
     """A fingerprint bound to fixed buffers: on CUDA the tile plan is built once and owned here
-    (freed with the model), so each seal check is just the kernel launches."""
+    (freed with the model), so each seal check is just the kernel launches. Every digest runs on
+    one side stream the object owns: a check computed beside the engine's steps (``start``) and a
+    synchronous one (``hex``) never share the plan's scratch out of order."""
 
     def __init__(self, buffers: Sequence[torch.Tensor]) -> None:
         self.buffers = list(buffers)
-        self.plan = K.ChecksumPlan(self.buffers) if self.buffers[0].device.type == "cuda" else None
+        cuda = self.buffers[0].device.type == "cuda"
+        self.plan = K.ChecksumPlan(self.buffers) if cuda else None
+        self.stream = torch.cuda.Stream(self.buffers[0].device) if cuda else None
 
     def hex(self) -> str:
         if self.plan is not None:
-            return K.digest_hex(self.plan.digest())
+            return self.start()()
         return f"{checksum_cpu(self.buffers):016x}"
 
-    def start(self) -> Callable[[], str]:
-        """Queue the fingerprint on the current stream behind the work already queued there and
-        return what waits for it (``hex() == start()()``): the engine loop keeps the device busy
-        while it runs, instead of draining its queue to read 8 bytes."""
-        if self.plan is None:
-            value = self.hex()
-            return lambda: value
+    def start(self) -> PendingFingerprint:
+        """Start the fingerprint behind the work already queued on the current stream (a write to
+        the weights queued before it is seen) and return it without waiting: on CUDA it runs on
+        the side stream, beside whatever the current stream runs next (the engine's next step)."""
+        if self.plan is None or self.stream is None:
+            return PendingFingerprint(f"{checksum_cpu(self.buffers):016x}")
         host = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        host.copy_(self.plan.digest(), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(self.plan.digest(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return PendingFingerprint(None, host, done)
 
-        def wait() -> str:
-            done.synchronize()
-            return K.digest_hex(host)
 
-        return wait
+class PendingFingerprint:
+    """A fingerprint started on the device: ``ready()`` asks without waiting, calling it waits and
+    gives the 16 hex digits (a CPU fingerprint is ready at once)."""
+
+    def __init__(self, value: str | None, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None) -> None:
+        self._value, self._host, self._done = value, host, done
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def __call__(self) -> str:
+        if self._value is None:
+            assert self._host is not None and self._done is not None
+            self._done.synchronize()
+            self._value = K.digest_hex(self._host)
+        return self._value
