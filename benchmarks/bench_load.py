@@ -125,7 +125,10 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
         after = {} if llama else await engine_counters(c)
     eng = {k: after[k] - before.get(k, 0.0) for k in after}
     steps = eng.get("worker_batch_size_count", 0.0)
-    return {
+    gaps = {f"{key}_p{q}_ms": bucket_quantile(eng, metric, q / 100)
+            for key, metric in (("step_gap", "worker_step_interval_ms"), ("server_itl", "worker_inter_token_latency_ms"))
+            for q in (50, 99)}
+    return {**gaps,
         # worker-orcd's own view of the level (its /metrics): engine steps, mean rows per step, the time
         # spent verifying the seal (admitting steps) -- where the wall time went
         "engine_steps": steps, "engine_rows_per_step": eng.get("worker_batch_size_sum", 0.0) / steps if steps else None,
@@ -139,8 +142,12 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
     }
 
 
+GAP_HISTOGRAMS = ("worker_step_interval_ms", "worker_inter_token_latency_ms")
+
+
 async def engine_counters(c: httpx.AsyncClient) -> dict[str, float]:
-    """Sums and counts of worker-orcd's step and seal histograms (Prometheus text), 0 if absent."""
+    """Sums and counts of worker-orcd's step and seal histograms and the buckets of its two gap
+    histograms (Prometheus text; keys ``NAME_bucket:LE``), 0 if absent."""
     want = ("worker_batch_size_count", "worker_batch_size_sum", "worker_seal_verify_ms_count",
             "worker_seal_verify_ms_sum")
     out = dict.fromkeys(want, 0.0)
@@ -152,7 +159,27 @@ async def engine_counters(c: httpx.AsyncClient) -> dict[str, float]:
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in out:
             out[name] += float(line.rsplit(" ", 1)[1])
+        elif name.endswith("_bucket") and name[: -len("_bucket")] in GAP_HISTOGRAMS:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[f"{name}:{le}"] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def bucket_quantile(counters: dict[str, float], metric: str, q: float) -> float | None:
+    """The q-quantile of a histogram's observations in a window (its bucket counts' differences),
+    linear inside the bucket it falls in (Prometheus' histogram_quantile); None without data."""
+    edges = sorted((float(k.rsplit(":", 1)[1]), v) for k, v in counters.items() if k.startswith(f"{metric}_bucket:"))
+    if not edges or edges[-1][1] <= 0:
+        return None
+    rank = q * edges[-1][1]
+    lo_edge, lo_count = 0.0, 0.0
+    for le, count in edges:
+        if count >= rank:
+            if le == float("inf"):
+                return lo_edge
+            return lo_edge + (le - lo_edge) * ((rank - lo_count) / (count - lo_count) if count > lo_count else 1.0)
+        lo_edge, lo_count = le, count
+    return lo_edge
 
 
 def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600) -> float:
@@ -313,12 +340,17 @@ def main() -> int:
                     p.kill()
             TP_MEMBERS.clear()
     print("\n| engine | model | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | engine steps | rows/step "
-          "| seal checks (ms) |")
-    print("|---|---|---:|---:|---|---|---:|---:|---|")
+          "| seal checks (ms) | step gap p50 / p99 ms | server ITL p50 / p99 ms |")
+    print("|---|---|---:|---:|---|---|---:|---:|---|---|---|")
+
+    def gap(r: dict[str, Any], key: str) -> str:
+        p50, p99 = r.get(f"{key}_p50_ms"), r.get(f"{key}_p99_ms")
+        return "-" if p50 is None or p99 is None else f"{p50:.1f} / {p99:.1f}"
+
     for r in rows:
-        eng = ("| - | - | - |" if r["engine"] != "worker-orcd" else
+        eng = ("| - | - | - | - | - |" if r["engine"] != "worker-orcd" else
                f"| {r['engine_steps']:.0f} | {r['engine_rows_per_step'] or 0:.1f} | {r['seal_checks'] or 0:.0f} "
-               f"({r['seal_ms_total'] or 0:.0f}) |")
+               f"({r['seal_ms_total'] or 0:.0f}) | {gap(r, 'step_gap')} | {gap(r, 'server_itl')} |")
         print(f"| {r['engine']} | {r['model']} | {r['clients']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / "
               f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} {eng}")
     if os.environ.get("OUT"):

@@ -537,3 +537,35 @@ def test_loop_seal_failure_fails_the_admitted_jobs() -> None:
     with pytest.raises(WorkerError) as e:
         list(loop.submit([1, 2], SamplingParams(max_tokens=3)))
     assert e.value.code == ErrorCode.SEAL_VERIFICATION_FAILED
+
+
+def test_loop_reports_the_gap_between_consecutive_hand_outs() -> None:
+    """The observer hears the engine-side inter-token gap of each step after the first of a run of
+    steps (the step interval histogram), and none for the first step after the loop was idle."""
+    seen: list[float | None] = []
+
+    class Obs:
+        def step(self, rows, tokens, running, waiting, used, total, interval_ms=None) -> None:  # noqa: ANN001
+            seen.append(interval_ms)
+
+        def admitted(self, queue_ms: float) -> None:
+            pass
+
+        def preempted(self) -> None:
+            pass
+
+    loop = EngineLoop(HashRunner(delay=0.004), max_batch=4, token_budget=64, observer=Obs())
+    drain(loop.submit([1, 2], SamplingParams(max_tokens=6)))
+    first_run = list(seen)
+    deadline = time.monotonic() + 5
+    while loop.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.1)  # idle: the next job's first gap must not include this
+    drain(loop.submit([3], SamplingParams(max_tokens=3)))
+    loop.close()
+    assert first_run[0] is None and len(first_run) >= 6
+    gaps = [g for g in first_run[1:] if g is not None]
+    # the runner's 4 ms steps (an overlapped launch can make one gap short: its step ran inside launch)
+    assert sum(g >= 3.0 for g in gaps) >= 3 and all(g < 100 for g in gaps), gaps
+    second = seen[len(first_run):]
+    assert second[0] is None and all(g is None or g < 90 for g in second), second

@@ -59,7 +59,10 @@ def _is_set(cancel: Cancel) -> bool:
 class LoopObserver(Protocol):
     """Telemetry hooks (metrics.py implements them); called on the loop thread, must be cheap."""
 
-    def step(self, rows: int, tokens: int, running: int, waiting: int, blocks_used: int, blocks_total: int) -> None: ...
+    def step(self, rows: int, tokens: int, running: int, waiting: int, blocks_used: int, blocks_total: int,
+             interval_ms: float | None = None) -> None:
+        """After each step; ``interval_ms``: since the previous step's hand-out, when both handed out tokens."""
+        ...
     def admitted(self, queue_ms: float) -> None: ...
     def preempted(self) -> None: ...
 
@@ -149,6 +152,7 @@ class EngineLoop:
         self._failed: WorkerError | None = None
         self._tokens_out = 0
         self._rate_t0 = time.monotonic()
+        self._last_handout: float | None = None  # when the previous step handed out tokens (step gaps)
         self._to_flush: dict[int, Callable[[], None]] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -240,6 +244,7 @@ class EngineLoop:
                 with self._cv:
                     while (not self._stopping and not self._inbox and not self.scheduler.has_work
                            and inflight is None):
+                        self._last_handout = None  # idle: the next hand-out starts a new run of gaps
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -358,6 +363,8 @@ class EngineLoop:
         """Read a launched step's tokens and hand them out (in row order)."""
         outs = step.handle.result()
         done = time.monotonic()
+        interval_ms = None if self._last_handout is None or not outs else (done - self._last_handout) * 1e3
+        self._last_handout = done if outs else None
         k = 0
         for row, seq in zip(step.batch.rows, step.seqs, strict=True):
             if row.sample is None:
@@ -387,7 +394,7 @@ class EngineLoop:
             for _ in range(self.scheduler.preemptions - step.preemptions_before):
                 self._observer.preempted()
             self._observer.step(len(step.batch.rows), step.batch.num_tokens, st["running"], st["waiting"],
-                                st["kv_blocks_used"], st["kv_blocks_total"])
+                                st["kv_blocks_used"], st["kv_blocks_total"], interval_ms)
 
     # --- endings -----------------------------------------------------------------------------
 
