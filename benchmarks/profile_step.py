@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--model", type=Path, default=None, help="an existing GGUF instead of a synthesized one")
     ap.add_argument("--prefill", type=int, default=512, help="tokens of the lone prompt-chunk step timed once")
+    ap.add_argument("--mixed-chunk", type=int, default=200, help="prompt tokens in the mixed step (in place of the last decode row)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="Python profile of 300 runner.step calls at the first B")
     ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default="dense")
@@ -100,9 +101,9 @@ def main() -> int:
         h.result()
         overlapped = (time.perf_counter() - t0) / 50 * 1e3
         eager_rows = StepBatch(rows)
-        # a step with a 200-token prompt chunk in place of the last decode row (a mixed-step graph)
+        # a step with a prompt chunk in place of the last decode row (a mixed-step graph)
         last = rows[-1]
-        mixed = StepBatch(rows[:-1] + (StepRow(last.seq_id, (7,) * 200, 0, last.block_table, last.sample),))
+        mixed = StepBatch(rows[:-1] + (StepRow(last.seq_id, (7,) * args.mixed_chunk, 0, last.block_table, last.sample),))
         mixed_ms = med_ms(lambda: runner.step(mixed), 10)
         graphs, mixed_graphs = dict(runner.graphs), dict(runner.mixed_graphs)
         runner.graphs.clear()
@@ -133,6 +134,17 @@ def main() -> int:
                 torch.cuda.synchronize()
             runner.graphs.update(graphs)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            runner.mixed_graphs.clear()
+            runner.graphs.clear()
+            runner.step(mixed)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                runner.step(mixed)
+                torch.cuda.synchronize()
+            runner.graphs.update(graphs)
+            runner.mixed_graphs.update(mixed_graphs)
+            print(f"# mixed step, eager: {b - 1} decode rows + a {args.mixed_chunk}-token prompt chunk")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
     print("\n| B | bucket | graph replay ms | runner.step ms | host ms | overlapped step ms | eager step ms | tok/s | "
           "mixed step ms (graph / eager) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
