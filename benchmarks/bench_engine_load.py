@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from worker_orcd.engine import api  # noqa: E402
 from worker_orcd.engine.api import Engine, GenerationEnd, SamplingParams, TokenEvent  # noqa: E402
 from worker_orcd.loader import LoadOptions, validate_model  # noqa: E402
 from worker_orcd.residency import load_sealed  # noqa: E402
@@ -137,6 +138,9 @@ def main() -> int:
     ap.add_argument("--mixed-step-tokens", type=int, default=None)
     ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default="dense")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run only")
+    ap.add_argument("--variants", nargs="+", default=["0:0"],
+                    help="INTERVAL_MS:PROGRAMS per run of the levels: the loop's seal-check interval and the "
+                         "fingerprint's programs (0: one per tile), set on the loaded model between runs")
     args = ap.parse_args()
     engine = Engine.open(args.device, 0, resident_weights=args.resident_weights)
     vm = validate_model(str(args.model), LoadOptions(model_root=args.model.parent))
@@ -154,17 +158,23 @@ def main() -> int:
     print(f"# {args.model.name}: ready in {time.perf_counter() - t0:.1f} s, batch {rm.max_batch}", flush=True)
     rows = []
     try:
-        for n in args.concurrency:
-            r = run_level(rm, n, args, gaps, rm.config.vocab_size)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+        for variant in args.variants:
+            interval_ms, programs = (float(x) for x in variant.split(":"))
+            rm._loop._check_interval = interval_ms / 1e3  # noqa: SLF001 - a benchmark's knob
+            api.SEAL_CHECK_PROGRAMS = int(programs) or None
+            for n in args.concurrency:
+                r = run_level(rm, n, args, gaps, rm.config.vocab_size)
+                r.update(seal_interval_ms=interval_ms, seal_programs=int(programs) or "per tile")
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     finally:
         sealed.close()
         engine.close()
-    print("\n| clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | step gap p50 / p99 ms | steps | rows/step |")
-    print("|---:|---:|---|---|---|---:|---:|")
+    print("\n| seal interval ms | check programs | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+          "| step gap p50 / p99 ms | steps | rows/step |")
+    print("|---:|---|---:|---:|---|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+        print(f"| {r['seal_interval_ms']:g} | {r['seal_programs']} | {r['clients']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
               f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['step_gap_p50_ms']:.1f} / {r['step_gap_p99_ms']:.1f} | "
               f"{r['steps']} | {r['rows_per_step'] or 0:.1f} |")
     if os.environ.get("OUT"):

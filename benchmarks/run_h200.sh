@@ -23,6 +23,7 @@
 #   bash benchmarks/run_h200.sh verify10   # kind nvidia-h200-x2: the suite on both GPUs, then bench_engine 7B Q4_K_M quantized-half2 (seal verify ms)
 #   bash benchmarks/run_h200.sh sealov     # seal checks beside the steps: seal/batching GPU tests, p99 ITL at 64 (7B) vs .devdata/base (the tree before)
 #   bash benchmarks/run_h200.sh gapdiag    # issue 8's p99 gaps: the engine alone under load (no HTTP), a mixed step's kernels (7B Q4_K_M dense)
+#   bash benchmarks/run_h200.sh sealg      # seal checks beside steps per fingerprint program count and check interval (7B Q4_K_M dense, engine alone)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -268,6 +269,14 @@ gapdiag)
     ${GAP_ARGS:-} 2>&1 | tail -5
   timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --batch 64 --mixed-chunk ${MIXED_CHUNK:-192} \
     --profile 2>&1 | grep -v "^ *$" | tail -42
+  ;;
+sealg)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 150 python3 benchmarks/probe_seal_overlap.py --model $M/qwen2.5-7b-Q4_K_M.gguf --programs ${SEAL_PROGRAMS:-0 8 16 32 64} 2>&1 \
+    | grep -v "^{" | tail -10
+  timeout 300 python3 benchmarks/bench_engine_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --concurrency 64 \
+    --variants ${SEAL_VARIANTS:-0:0 100:0 100:16} 2>&1 | tail -6
   ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines

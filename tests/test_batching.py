@@ -569,3 +569,26 @@ def test_loop_reports_the_gap_between_consecutive_hand_outs() -> None:
     assert sum(g >= 3.0 for g in gaps) >= 3 and all(g < 100 for g in gaps), gaps
     second = seen[len(first_run):]
     assert second[0] is None and all(g is None or g < 90 for g in second), second
+
+
+def test_loop_seal_checks_start_at_most_once_per_interval_while_jobs_run() -> None:
+    """With an interval, arrivals while a job runs share one check that starts no sooner than the
+    interval after the previous one; a lone arrival with nothing running is checked at once."""
+    starts: list[float] = []
+
+    def start(n: int) -> None:
+        starts.append(time.monotonic())
+
+    loop = EngineLoop(HashRunner(delay=0.002), max_batch=8, token_budget=64, before_admit=start,
+                      seal_check_interval_s=0.15)
+    t0 = time.monotonic()
+    running = loop.submit([1], SamplingParams(max_tokens=200))
+    next(running)
+    assert starts[0] - t0 < 0.1, "nothing was running: the first check starts at once"
+    late = [loop.submit([i + 2, 5], SamplingParams(max_tokens=2)) for i in range(3)]
+    for s in late:
+        time.sleep(0.01)
+        assert len(drain(s)[0]) == 2
+    loop.close()
+    assert len(starts) == 2, starts  # the three arrivals: one check
+    assert starts[1] - starts[0] >= 0.15

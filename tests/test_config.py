@@ -177,6 +177,10 @@ def test_worker_4983_config_file_errors(tmp_path: Path) -> None:
     f.write_text(json.dumps({"worker_id": "w", "mixed_step_tokens": 0}))
     assert error_of(None, file=f).startswith("config: mixed_step_tokens (config file): Input should be greater than or equal to 1")
     assert cfg({"mixed_step_tokens": "192"}).mixed_step_tokens == 192  # --mixed-step-tokens
+    assert cfg({"seal_check_interval_ms": "0"}).seal_check_interval_ms == 0  # --seal-check-interval-ms
+    assert cfg({"seal_check_interval_ms": "12.5"}).seal_check_interval_ms == 12.5
+    f.write_text(json.dumps({"worker_id": "w", "seal_check_interval_ms": -1}))
+    assert error_of(None, file=f).startswith("config: seal_check_interval_ms (config file): Input should be greater than or equal to 0")
     f.write_text(json.dumps({"worker_id": "w", "port": "8001"}))
     assert cfg(file=f).listen_port == 8001  # lax: a quoted number is still a number
 

@@ -260,6 +260,7 @@ class FakeEngine:
         name: str = "model", kv_cache_mb: int | None = None,
         max_batch: int | None = None, prefill_chunk: int | None = None, mixed_step_tokens: int | None = None,
         before_admit: Any = None, observer: Any = None, progress: Any = None, on_fatal: Any = None,
+        seal_check_interval_ms: float = 0.0,
     ) -> FakeResident:
         k = self.knobs
         # the device is faked, the file's digest is not: the real engine's contract (api.Engine.load)

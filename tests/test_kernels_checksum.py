@@ -103,6 +103,25 @@ def test_worker_4711_checksum_deterministic_and_plan_cached(gen: torch.Generator
     assert plan.n_bytes == sum(b.numel() * b.element_size() for b in buffers)
 
 
+def test_worker_4121_strided_digest_is_the_same_digest(gen: torch.Generator, device: str) -> None:
+    """A seal check run in a bounded number of programs (beside the engine's steps) computes the
+    same digest for every program count, including counts that do not divide the tiles; a flip
+    is seen by each; zero programs is refused."""
+    buffers = model_like(gen, device)
+    buffers.insert(0, torch.randint(-(2**31), 2**31 - 1, (5 * TILE_WORDS + 77,), generator=gen, dtype=torch.int32).to(device))
+    plan = ChecksumPlan(buffers)
+    want = digest_hex(plan.digest())
+    assert want == f"{checksum_reference(buffers):016x}"
+    assert plan.n_word_tiles >= 8
+    for programs in (1, 2, 3, plan.n_word_tiles - 1, plan.n_word_tiles, plan.n_word_tiles + 5):
+        assert digest_hex(plan.digest(programs)) == want, programs
+    buffers[0].view(torch.uint8)[4 * TILE_WORDS * 3 + 5] ^= 0x01  # in the fourth tile
+    assert digest_hex(plan.digest(3)) != want
+    assert digest_hex(plan.digest(3)) == digest_hex(plan.digest())
+    with pytest.raises(KernelDimensionError):
+        plan.digest(0)
+
+
 def test_worker_4400_checksum_rejects_bad_input(device: str) -> None:
     good = torch.randn(8, device=device)
     cases = [

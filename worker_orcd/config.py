@@ -32,6 +32,7 @@ from .sources import DEFAULT_MODEL_ROOT
 DEFAULT_BIND = "127.0.0.1:8001"  # SPEC 4990: loopback by default (4922)
 DEFAULT_TOKEN_FILE = Path("/etc/llorch/worker-token")
 CREDENTIAL_NAME = "worker-token"  # systemd LoadCredential= name under $CREDENTIALS_DIRECTORY
+SEAL_CHECK_INTERVAL_MS = 100.0  # see seal_check_interval_ms (RESULTS, tenth session)
 TRITON_CACHE_SUBDIR = "triton-cache"  # under --state-dir: compiled kernels survive restarts (issue 13)
 # Defaults systemd hands over in the environment, beside the four SPEC 4990 variables: field -> variable.
 SYSTEMD_DIRS: dict[str, str] = {"api_token_file": "CREDENTIALS_DIRECTORY", "state_dir": "STATE_DIRECTORY"}
@@ -107,6 +108,9 @@ class WorkerConfig(BaseModel):
     max_queue: int = Field(default=256, ge=0, le=100_000)  # admitted jobs waiting for a slot (ignored when max_batch=1)
     prefill_chunk: int | None = Field(default=None, ge=16, le=65_536)
     mixed_step_tokens: int | None = Field(default=None, ge=1, le=65_536)  # tokens of a step that has decode rows
+    # while jobs run, seal checks (a read of every resident byte beside their steps) start at most this
+    # often; jobs arriving in between wait for the next one (issue 8's p99 inter-token latency)
+    seal_check_interval_ms: float = Field(default=SEAL_CHECK_INTERVAL_MS, ge=0, le=60_000)
     # dense: quantized matrices dequantized once at load (fastest today); quantized: GGUF blocks stay
     # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels use ggml's dequantized values);
     # quantized-half2: the same bytes, Q4_K/Q6_K dequantized in packed fp16 (~12% faster 7B decode steps)

@@ -380,7 +380,7 @@ class Worker:
                 mixed_step_tokens=self.config.mixed_step_tokens,
                 # M0 (--max-batch 1) keeps the per-request check before the stream opens (500 on mismatch)
                 before_admit=None if self.config.max_batch == 1 else self._seal_check_in_step, observer=self.metrics,
-                progress=self._on_upload, on_fatal=on_fatal,
+                progress=self._on_upload, on_fatal=on_fatal, seal_check_interval_ms=self.config.seal_check_interval_ms,
             )
         )
         done = self.load_progress or {}

@@ -35,7 +35,7 @@ import uvicorn
 
 from . import __version__, logs, privileges
 from .auth import BearerAuth, TokenFile, TokenFileError
-from .config import ConfigError, WorkerConfig, load_config, parse_bind, read_tp_secret
+from .config import SEAL_CHECK_INTERVAL_MS, ConfigError, WorkerConfig, load_config, parse_bind, read_tp_secret
 from .engine.tp_plan import TPSpec
 from .engine.interface import EngineLike
 from .errors import ErrorCode, WorkerError
@@ -85,6 +85,7 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--max-queue", "admitted jobs waiting for a batch slot before callers get WORKER_BUSY (default 256; none with --max-batch 1)"),
     ("--prefill-chunk", "tokens per engine step: decode rows plus prompt chunks (default 512 on a GPU, 256 on the CPU)"),
     ("--mixed-step-tokens", "tokens of a step while streams decode (decode rows plus arriving prompt chunks; never fewer than the decode rows): smaller evens out inter-token latency, larger admits prompts faster (default 256 on a GPU; the CPU: --prefill-chunk)"),
+    ("--seal-check-interval-ms", "while jobs run, a seal check (a read of every resident weight byte beside their steps) starts at most this often; arriving jobs wait for the next one (default %g; 0 = a check whenever jobs arrive and none runs; with nothing running a check starts at once)" % SEAL_CHECK_INTERVAL_MS),
     ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels), quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M; ggml's dequantized values) or quantized-half2 (the same bytes; Q4_K/Q6_K dequantized in packed fp16, ~12%% faster 7B Q4_K_M decode, values differ from ggml's by the fp16 rounding of the scales)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
@@ -114,7 +115,7 @@ _METAVARS: dict[str, str] = {
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
-    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--mixed-step-tokens": "TOKENS", "--resident-weights": "dense|quantized|quantized-half2", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--mixed-step-tokens": "TOKENS", "--seal-check-interval-ms": "MS", "--resident-weights": "dense|quantized|quantized-half2", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME", "--tp-degree": "T", "--tp-rank": "R", "--tp-group-id": "ID",
     "--tp-members": "ID,ID,...", "--tp-master": "HOST:PORT", "--tp-secret-file": "FILE", "--tp-timeout-sec": "SEC",

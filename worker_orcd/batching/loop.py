@@ -136,6 +136,7 @@ class EngineLoop:
         mixed_budget: int | None = None,
         before_admit: BeforeAdmit | None = None,
         observer: LoopObserver | None = None,
+        seal_check_interval_s: float = 0.0,
         name: str = "engine-loop",
     ) -> None:
         self.runner = runner
@@ -144,6 +145,10 @@ class EngineLoop:
         self.max_batch = max_batch
         self._before_admit = before_admit  # the seal check that admits new jobs (SPEC 4121)
         self._checking: tuple[SealCheck | Callable[[], None], tuple[Sequence, ...]] | None = None
+        # while jobs run, a check starts at most this often (each one reads every resident byte beside
+        # their steps); arrivals in between wait for the next one. Nothing running: at once.
+        self._check_interval = seal_check_interval_s
+        self._check_started = -float("inf")
         self._observer = observer
         self._cv = threading.Condition()
         self._inbox: deque[_Job] = deque()
@@ -315,8 +320,9 @@ class EngineLoop:
 
     def _seal_gate(self, idle: bool) -> None:
         """Finish the seal check in flight if the device has computed it, clearing the jobs it
-        covers for admission, then start one for the jobs that arrived since; when nothing else can
-        run (``idle``: no step in flight, no running job, no cleared job waiting) wait for it. A
+        covers for admission, then start one for the jobs that arrived since (at most one per
+        ``seal_check_interval_s`` while jobs run); when nothing else can run (``idle``: no step in
+        flight, no running job, no cleared job waiting) start it at once and wait for it. A
         failure fails the covered jobs and, raised, every job (fatal, 4122)."""
         if self._before_admit is None:
             return
@@ -338,8 +344,9 @@ class EngineLoop:
                     seq.seal_checked = True
                 continue
             unchecked = tuple(s for s in waiting if not s.seal_checked)
-            if not unchecked:
+            if not unchecked or (not blocked and time.monotonic() - self._check_started < self._check_interval):
                 return
+            self._check_started = time.monotonic()
             try:
                 started = self._before_admit(len(unchecked))
             except WorkerError as e:

@@ -50,6 +50,8 @@ PREFILL_CHUNK_CUDA = 512
 # 64 clients, H200 (run_h200.sh itl, seventh session): 384 -> 6,068 tok/s, p99 ITL 20.9 ms; 256 -> 6,044,
 # 17.6 ms; 192 -> 5,487, 17.2 ms (TTFT p50 85 / 103 / 141 ms).
 MIXED_STEP_TOKENS_CUDA = 256
+# programs of a seal check's fingerprint beside the steps (ChecksumPlan.digest): None = one per tile
+SEAL_CHECK_PROGRAMS: int | None = None
 RESIDENT_WEIGHTS = ("dense", "quantized", "quantized-half2")  # Engine(resident_weights=...)
 PREFILL_CHUNK_CPU = 256  # the CPU reference attention materialises [Hq, chunk, S] scores
 # Default batch: as many jobs of this many tokens as the KV pool holds, capped.
@@ -67,6 +69,7 @@ class BatchingOptions:
     mixed_budget: int | None = None  # tokens of a step that also carries decode rows (scheduler.py)
     before_admit: BeforeAdmit | None = None  # the host's seal check (loop.py)
     observer: LoopObserver | None = None
+    seal_check_interval_ms: float = 0.0  # while jobs run, seal checks start at most this often (loop.py)
 
 
 def default_max_batch(pool_tokens: int, dev_mode: bool) -> int:
@@ -144,6 +147,7 @@ class ResidentModel:
         self._loop = EngineLoop(
             _BoundRunner(step_runner, engine.ctx), max_batch=batching.max_batch, token_budget=batching.token_budget,
             mixed_budget=batching.mixed_budget, before_admit=batching.before_admit, observer=batching.observer,
+            seal_check_interval_s=batching.seal_check_interval_ms / 1e3,
         )
 
     @property
@@ -225,7 +229,7 @@ class ResidentModel:
         self._require_open()
         with device_errors("fingerprint", self._engine.ctx.index), torch.no_grad():
             self._engine.ctx.bind_thread()
-            return _DevicePending(self._fingerprint.start(), self._engine.ctx.index)
+            return _DevicePending(self._fingerprint.start(SEAL_CHECK_PROGRAMS), self._engine.ctx.index)
 
     def attest(self) -> dict[str, Any]:
         """Where every weight, KV-cache and scratch buffer lives, per the CUDA runtime (SPEC 4100-4101)."""
@@ -391,6 +395,7 @@ class Engine:
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
+        seal_check_interval_ms: float = 0.0,
     ) -> ResidentModel:
         """Plan, stream + dequantize ``model_file`` into VRAM, re-hash, capture the decode graphs, fingerprint.
 
@@ -402,7 +407,8 @@ class Engine:
         ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
         jobs running at once; ``prefill_chunk`` the tokens of one step, ``mixed_step_tokens`` those of a
         step with decode rows (default: MIXED_STEP_TOKENS_CUDA on a GPU, ``prefill_chunk`` on the CPU); ``before_admit`` is the
-        host's seal check, run once per step that admits jobs. ``progress(bytes_done, bytes_total)``
+        host's seal check, started for the jobs waiting unchecked (at most once per ``seal_check_interval_ms``
+        while jobs run; loop.py). ``progress(bytes_done, bytes_total)``
         is called after every uploaded chunk of tensor data (what ``/health`` shows while loading);
         once it reports all bytes, warm-up and graph capture follow. Its exceptions are ignored.
         ``on_fatal`` hears (on an engine thread) of a failure outside any job: a tensor-parallel
@@ -417,6 +423,9 @@ class Engine:
                            ("mixed_step_tokens", mixed_step_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParams(f"{key} must be a positive integer, got {value!r}")
+        if isinstance(seal_check_interval_ms, bool) or not isinstance(seal_check_interval_ms, (int, float)) \
+                or not 0 <= seal_check_interval_ms <= 60_000:
+            raise InvalidParams(f"seal_check_interval_ms must be a number in [0, 60000], got {seal_check_interval_ms!r}")
         g = gguf
         cfg = model_config(g)
         dtype = resident_dtype(cfg, self.ctx)
@@ -496,7 +505,8 @@ class Engine:
         cap = mixed_step_tokens if mixed_step_tokens is not None else None if self.ctx.dev_mode else MIXED_STEP_TOKENS_CUDA
         mixed = None if cap is None else max(min(cap, budget), batch)  # never fewer than the decode rows
         options = BatchingOptions(max_batch=batch, token_budget=budget, mixed_budget=mixed,
-                                  before_admit=before_admit, observer=observer)
+                                  before_admit=before_admit, observer=observer,
+                                  seal_check_interval_ms=float(seal_check_interval_ms))
         rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options, tp=group)
         self._models.append(rm)
         log.info(

@@ -108,6 +108,7 @@ class EngineLike(Protocol):
         observer: LoopObserver | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
+        seal_check_interval_ms: float = 0.0,
     ) -> ResidentModelLike:
         """Stream ``model_file`` (the open file ``gguf`` was parsed from) onto the device, hashing it
         on the way: against ``digest`` (the host hashed it first), or handing the SHA-256 to

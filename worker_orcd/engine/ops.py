@@ -446,16 +446,17 @@ class Fingerprint:
             return self.start()()
         return f"{checksum_cpu(self.buffers):016x}"
 
-    def start(self) -> PendingFingerprint:
+    def start(self, programs: int | None = None) -> PendingFingerprint:
         """Start the fingerprint behind the work already queued on the current stream (a write to
         the weights queued before it is seen) and return it without waiting: on CUDA it runs on
-        the side stream, beside whatever the current stream runs next (the engine's next step)."""
+        the side stream, beside whatever the current stream runs next (the engine's next step),
+        in at most ``programs`` programs (``ChecksumPlan.digest``; the same value)."""
         if self.plan is None or self.stream is None:
             return PendingFingerprint(f"{checksum_cpu(self.buffers):016x}")
         host = torch.empty(1, dtype=torch.int64, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
-            host.copy_(self.plan.digest(), non_blocking=True)
+            host.copy_(self.plan.digest(programs), non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         return PendingFingerprint(None, host, done)

@@ -81,8 +81,7 @@ def _term(w, j):
 
 
 @triton.jit
-def _words_kernel(tab_ptr, part_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    tile = tl.program_id(0)
+def _word_tile(tab_ptr, part_ptr, tile, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     row = tab_ptr + tile * 4
     base = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.int32)), 16)
     j0 = tl.load(row + 1).to(tl.uint32)
@@ -103,6 +102,19 @@ def _words_kernel(tab_ptr, part_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
             t = _term(w, (j0 + k.to(tl.uint32)) * 0x9E3779B1 + salt)
             acc += tl.where(mask, t, tl.zeros_like(t))
     tl.store(part_ptr + tile, tl.sum(acc, axis=0).to(tl.int64, bitcast=True))
+
+
+@triton.jit
+def _words_kernel(tab_ptr, part_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    _word_tile(tab_ptr, part_ptr, tl.program_id(0), BLOCK, ITERS)
+
+
+@triton.jit
+def _words_strided_kernel(tab_ptr, part_ptr, n_tiles, programs, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """The same tiles' sums, ``programs`` programs taking every programs-th tile: a check that
+    leaves most of the GPU to the steps it runs beside (the digest does not change)."""
+    for tile in range(tl.program_id(0), n_tiles, programs):
+        _word_tile(tab_ptr, part_ptr, tile, BLOCK, ITERS)
 
 
 @triton.jit
@@ -243,14 +255,21 @@ class ChecksumPlan:
         table = torch.cat(rows) if rows else torch.zeros((0, width), dtype=torch.int64)
         return table.to(self.device)
 
-    def digest(self) -> torch.Tensor:
-        """int64 [1] on the device (the uint64 digest's bit pattern)."""
+    def digest(self, programs: int | None = None) -> torch.Tensor:
+        """int64 [1] on the device (the uint64 digest's bit pattern). ``programs``: at most that many
+        programs read the word tiles (each a strided share; the same digest), so the check takes
+        a bounded share of the GPU; None: one program per tile (the fastest alone)."""
         dev = self.device
+        v.check(programs is None or programs >= 1, "checksum", "programs", f"must be >= 1, got {programs}")
         out = torch.empty(1, dtype=torch.int64, device=dev)
         part_w = torch.empty(max(1, self.n_word_tiles), dtype=torch.int64, device=dev)
         part_b = torch.empty(max(1, self.n_byte_tiles), dtype=torch.int64, device=dev)
         try:
-            if self.n_word_tiles:
+            if self.n_word_tiles and programs is not None and programs < self.n_word_tiles:
+                _words_strided_kernel[(programs,)](
+                    self.word_table, part_w, self.n_word_tiles, programs, BLOCK=_WORD_BLOCK, ITERS=_WORD_ITERS, num_warps=8,
+                )
+            elif self.n_word_tiles:
                 _words_kernel[(self.n_word_tiles,)](
                     self.word_table, part_w, BLOCK=_WORD_BLOCK, ITERS=_WORD_ITERS, num_warps=8,
                 )
