@@ -24,6 +24,7 @@
 #   bash benchmarks/run_h200.sh sealov     # seal checks beside the steps: seal/batching GPU tests, p99 ITL at 64 (7B) vs .devdata/base (the tree before)
 #   bash benchmarks/run_h200.sh gapdiag    # issue 8's p99 gaps: the engine alone under load (no HTTP), a mixed step's kernels (7B Q4_K_M dense)
 #   bash benchmarks/run_h200.sh sealg      # seal checks beside steps per fingerprint program count and check interval (7B Q4_K_M dense, engine alone)
+#   bash benchmarks/run_h200.sh sealfinal  # sealg's probe and engine variants (SEAL_PROGRAMS, SEAL_VARIANTS), then bench_load over HTTP at the defaults
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -277,6 +278,11 @@ sealg)
     | grep -v "^{" | tail -10
   timeout 300 python3 benchmarks/bench_engine_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --concurrency 64 \
     --variants ${SEAL_VARIANTS:-0:0 100:0 100:16} 2>&1 | tail -6
+  ;;
+sealfinal)
+  SEAL_PROGRAMS=${SEAL_PROGRAMS:-0 16 32} SEAL_VARIANTS=${SEAL_VARIANTS:-100:16 100:32 50:16} bash "$0" sealg
+  timeout 150 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-sealdefaults --worker \
+    --concurrency 1 64 --duration 12 --warmup 3 2>&1 | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   ;;
 probe)
   # where a 7B decode step at B = 48/64 goes (kernels), wide tiles below 64 rows, steady-state load of both engines

@@ -50,8 +50,10 @@ PREFILL_CHUNK_CUDA = 512
 # 64 clients, H200 (run_h200.sh itl, seventh session): 384 -> 6,068 tok/s, p99 ITL 20.9 ms; 256 -> 6,044,
 # 17.6 ms; 192 -> 5,487, 17.2 ms (TTFT p50 85 / 103 / 141 ms).
 MIXED_STEP_TOKENS_CUDA = 256
-# programs of a seal check's fingerprint beside the steps (ChecksumPlan.digest): None = one per tile
-SEAL_CHECK_PROGRAMS: int | None = None
+# programs of a seal check's fingerprint beside the steps (ChecksumPlan.digest; None = one per tile):
+# 16 read ~0.2 TB/s, so the steps beside it barely slow (7B dense on the H200, 64 clients: p99 gap
+# 15.1 -> 12.9 ms with checks at most every 100 ms; a check then takes ~71 ms: RESULTS tenth session)
+SEAL_CHECK_PROGRAMS: int | None = 16
 RESIDENT_WEIGHTS = ("dense", "quantized", "quantized-half2")  # Engine(resident_weights=...)
 PREFILL_CHUNK_CPU = 256  # the CPU reference attention materialises [Hq, chunk, S] scores
 # Default batch: as many jobs of this many tokens as the KV pool holds, capped.
