@@ -147,8 +147,8 @@ def main() -> int:
     gaps = Gaps()
     holder: dict[str, Any] = {}
 
-    def before_admit(n: int) -> Any:
-        return holder["sealed"].verify_seal_start()
+    def before_admit(n: int, *, beside_steps: bool) -> Any:
+        return holder["sealed"].verify_seal_start(beside_steps=beside_steps)
 
     t0 = time.perf_counter()
     sealed = load_sealed(engine, vm, shard_id="bench", sealer=Sealer(), max_batch=args.max_batch or max(args.concurrency),

@@ -392,7 +392,7 @@ def test_loop_runner_failure_reaches_every_job_and_later_submits() -> None:
 def test_loop_seal_check_once_per_admitting_step() -> None:
     """A burst of arrivals admitted together costs one seal check that covers all of them."""
     calls: list[int] = []
-    loop = EngineLoop(HashRunner(), max_batch=8, token_budget=64, before_admit=calls.append)
+    loop = EngineLoop(HashRunner(), max_batch=8, token_budget=64, before_admit=lambda n, beside_steps: calls.append(n))
     with loop._cv:  # hold the loop: all four are in its inbox before it looks (the lock is re-entrant)
         streams = [loop.submit([i + 1, 2], SamplingParams(max_tokens=3)) for i in range(4)]
     out = [drain(s)[0] for s in streams]
@@ -425,7 +425,7 @@ def test_loop_running_jobs_never_wait_for_a_seal_check() -> None:
     log: list[str] = []
     checks: list[DeviceCheck] = []
 
-    def start(n: int) -> DeviceCheck:
+    def start(n: int, *, beside_steps: bool) -> DeviceCheck:
         checks.append(DeviceCheck(log, f"#{len(checks)} of {n}"))
         log.append(f"start {checks[-1].name}")
         if len(checks) == 1:
@@ -456,7 +456,7 @@ def test_loop_arrival_during_a_check_waits_for_its_own() -> None:
     log: list[str] = []
     checks: list[DeviceCheck] = []
 
-    def start(n: int) -> DeviceCheck:
+    def start(n: int, *, beside_steps: bool) -> DeviceCheck:
         checks.append(DeviceCheck(log, f"#{len(checks)} of {n}"))
         if len(checks) == 1:
             checks[0].finish.set()
@@ -488,7 +488,7 @@ def test_loop_failed_seal_check_fails_what_it_covered_then_everything() -> None:
     log: list[str] = []
     checks: list[DeviceCheck] = []
 
-    def start(n: int) -> DeviceCheck:
+    def start(n: int, *, beside_steps: bool) -> DeviceCheck:
         checks.append(DeviceCheck(log, str(len(checks)), fail=len(checks) == 1))
         checks[-1].finish.set()
         return checks[-1]
@@ -513,7 +513,7 @@ def test_loop_plain_callable_check_runs_before_the_job_is_admitted() -> None:
     the job it covers is scheduled, once."""
     events: list[str] = []
 
-    def start(n: int):  # noqa: ANN202
+    def start(n: int, *, beside_steps: bool):  # noqa: ANN202
         events.append(f"start {n}")
         return lambda: events.append("check")
 
@@ -530,7 +530,7 @@ def test_loop_plain_callable_check_runs_before_the_job_is_admitted() -> None:
 
 
 def test_loop_seal_failure_fails_the_admitted_jobs() -> None:
-    def bad(n: int) -> None:
+    def bad(n: int, *, beside_steps: bool) -> None:
         raise WorkerError("seal mismatch", code=ErrorCode.SEAL_VERIFICATION_FAILED)
 
     loop = EngineLoop(HashRunner(), max_batch=2, token_budget=16, before_admit=bad)
@@ -575,9 +575,11 @@ def test_loop_seal_checks_start_at_most_once_per_interval_while_jobs_run() -> No
     """With an interval, arrivals while a job runs share one check that starts no sooner than the
     interval after the previous one; a lone arrival with nothing running is checked at once."""
     starts: list[float] = []
+    beside: list[bool] = []
 
-    def start(n: int) -> None:
+    def start(n: int, *, beside_steps: bool) -> None:
         starts.append(time.monotonic())
+        beside.append(beside_steps)
 
     loop = EngineLoop(HashRunner(delay=0.002), max_batch=8, token_budget=64, before_admit=start,
                       seal_check_interval_s=0.15)
@@ -592,3 +594,4 @@ def test_loop_seal_checks_start_at_most_once_per_interval_while_jobs_run() -> No
     loop.close()
     assert len(starts) == 2, starts  # the three arrivals: one check
     assert starts[1] - starts[0] >= 0.15
+    assert beside == [False, True]  # alone: full speed; beside the running job's steps: a bounded share

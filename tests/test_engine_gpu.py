@@ -239,6 +239,7 @@ def test_worker_4121_seal_detects_one_flipped_byte_in_vram(qwen: Subject) -> Non
     i = arena.numel() // 2 + 12345
     old = int(arena[i])
     assert rm.fingerprint_start()() == rm.fingerprint()  # the engine loop's queued form
+    assert rm.fingerprint_start(beside_steps=True)() == rm.fingerprint()  # beside steps: 16 programs, same value
     arena[i] = old ^ 0x80
     try:
         with pytest.raises(SealVerificationError) as e:
@@ -247,6 +248,9 @@ def test_worker_4121_seal_detects_one_flipped_byte_in_vram(qwen: Subject) -> Non
         check = sealed.verify_seal_start()  # queued behind the device's work, checked later
         with pytest.raises(SealVerificationError):
             check()
+        beside = sealed.verify_seal_start(beside_steps=True)  # the strided form sees the flip too
+        with pytest.raises(SealVerificationError):
+            beside()
     finally:
         arena[i] = old
     sealed.verify_seal()

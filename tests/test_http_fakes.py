@@ -221,7 +221,7 @@ class FakeResident:
     def fingerprint(self) -> str:
         return self.resident_fingerprint
 
-    def fingerprint_start(self) -> "_Computed":
+    def fingerprint_start(self, *, beside_steps: bool = False) -> "_Computed":
         return _Computed(self.resident_fingerprint)
 
     def attest(self) -> dict[str, Any]:

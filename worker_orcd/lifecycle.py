@@ -472,11 +472,12 @@ class Worker:
             for rank in range(tp_degree)
         ]
 
-    def _seal_check_in_step(self, admitted: int) -> _TimedSealCheck:
+    def _seal_check_in_step(self, admitted: int, *, beside_steps: bool) -> _TimedSealCheck:
         """The engine loop's hook: one seal verification for the jobs waiting to be admitted (SPEC 4121, issue 8).
 
         Runs on the engine thread: the fingerprint starts on the device beside the running jobs'
-        steps; the loop admits the jobs it covers once it passed (loop.py ``_seal_gate``). A failure
+        steps (``beside_steps``: in a bounded share of the GPU; else at full speed); the loop admits
+        the jobs it covers once it passed (loop.py ``_seal_gate``). A failure
         fails them with SEAL_VERIFICATION_FAILED and stops the worker (fatal, 4122); the metric is
         the engine thread's time in both halves (the device computes the fingerprint meanwhile).
         """
@@ -484,7 +485,7 @@ class Worker:
         if sealed is None:
             raise WorkerError("no sealed model", code=ErrorCode.WORKER_NOT_READY)
         t0 = time.perf_counter()
-        pending = sealed.verify_seal_start()
+        pending = sealed.verify_seal_start(beside_steps=beside_steps)
         return _TimedSealCheck(pending, (time.perf_counter() - t0) * 1000, self._seal_checked)
 
     def _seal_checked(self, ms: float) -> None:

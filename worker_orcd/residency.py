@@ -38,12 +38,13 @@ class SealedModel:
         self._sealer.verify(self.handle, self.resident.fingerprint())
         return (time.perf_counter() - t0) * 1e3
 
-    def verify_seal_start(self) -> PendingSealCheck:
+    def verify_seal_start(self, *, beside_steps: bool = False) -> PendingSealCheck:
         """``verify_seal`` in two halves: the fingerprint starts on the device now (beside the
         engine's next steps); calling the result waits for it and checks the HMAC (raises as
         ``verify_seal``), ``ready()`` asks whether it finished. The engine loop admits the jobs a
-        check covers once it passes, without making any step wait for it (loop.py)."""
-        return PendingSealCheck(self, self.resident.fingerprint_start())
+        check covers once it passes, without making any step wait for it (loop.py). ``beside_steps``:
+        other jobs' steps run meanwhile, so the fingerprint takes a bounded share of the GPU."""
+        return PendingSealCheck(self, self.resident.fingerprint_start(beside_steps=beside_steps))
 
     def close(self) -> None:
         self.resident.close()

@@ -79,9 +79,13 @@ class SealCheck(Protocol):
         ...
 
 
-# The host's hook, called with the number of jobs a check covers: None (it checked them already), a
-# SealCheck, or a plain callable (the check's second half, run when the loop next looks).
-BeforeAdmit = Callable[[int], "SealCheck | Callable[[], None] | None"]
+class BeforeAdmit(Protocol):
+    """The host's seal-check hook: called with the number of jobs a check covers and whether it runs
+    beside running jobs' steps (else nothing runs and the loop waits for it: check at full speed).
+    Returns None (it checked them already), a SealCheck, or a plain callable (the check's second
+    half, run when the loop next looks)."""
+
+    def __call__(self, jobs: int, *, beside_steps: bool) -> SealCheck | Callable[[], None] | None: ...
 
 Sink = Callable[[Any], None]
 
@@ -348,7 +352,7 @@ class EngineLoop:
                 return
             self._check_started = time.monotonic()
             try:
-                started = self._before_admit(len(unchecked))
+                started = self._before_admit(len(unchecked), beside_steps=not blocked)
             except WorkerError as e:
                 self._fail_covered(unchecked, e)
                 raise

@@ -50,7 +50,8 @@ PREFILL_CHUNK_CUDA = 512
 # 64 clients, H200 (run_h200.sh itl, seventh session): 384 -> 6,068 tok/s, p99 ITL 20.9 ms; 256 -> 6,044,
 # 17.6 ms; 192 -> 5,487, 17.2 ms (TTFT p50 85 / 103 / 141 ms).
 MIXED_STEP_TOKENS_CUDA = 256
-# programs of a seal check's fingerprint beside the steps (ChecksumPlan.digest; None = one per tile):
+# programs of a seal check's fingerprint beside running steps (ChecksumPlan.digest; None = one per
+# tile, as a check with nothing else running takes):
 # 16 read ~0.2 TB/s, so the steps beside it barely slow (7B dense on the H200, 64 clients: p99 gap
 # 15.1 -> 12.9 ms with checks at most every 100 ms; a check then takes ~71 ms: RESULTS tenth session)
 SEAL_CHECK_PROGRAMS: int | None = 16
@@ -225,13 +226,14 @@ class ResidentModel:
             self._engine.ctx.bind_thread()
             return self._fingerprint.hex()
 
-    def fingerprint_start(self) -> _DevicePending:
+    def fingerprint_start(self, *, beside_steps: bool = False) -> _DevicePending:
         """``fingerprint`` started behind the steps already queued, on the fingerprint's side stream
         (beside the steps queued after it; no host wait now). Called on the engine-loop thread."""
         self._require_open()
         with device_errors("fingerprint", self._engine.ctx.index), torch.no_grad():
             self._engine.ctx.bind_thread()
-            return _DevicePending(self._fingerprint.start(SEAL_CHECK_PROGRAMS), self._engine.ctx.index)
+            programs = SEAL_CHECK_PROGRAMS if beside_steps else None
+            return _DevicePending(self._fingerprint.start(programs), self._engine.ctx.index)
 
     def attest(self) -> dict[str, Any]:
         """Where every weight, KV-cache and scratch buffer lives, per the CUDA runtime (SPEC 4100-4101)."""

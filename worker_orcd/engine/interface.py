@@ -72,9 +72,10 @@ class ResidentModelLike(Protocol):
         """Hex checksum of the resident weight bytes, computed where they live."""
         ...
 
-    def fingerprint_start(self) -> PendingFingerprintLike:
+    def fingerprint_start(self, *, beside_steps: bool = False) -> PendingFingerprintLike:
         """``fingerprint`` started behind the device work already queued, computed beside what is
-        queued after it; the result is asked for without waiting (``ready``) or waited for."""
+        queued after it (``beside_steps``: in a bounded share of the GPU, leaving the rest to the
+        steps; else as fast as it goes); the result is asked for without waiting (``ready``) or waited for."""
         ...
 
     def attest(self) -> dict[str, Any]: ...
