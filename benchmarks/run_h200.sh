@@ -25,6 +25,7 @@
 #   bash benchmarks/run_h200.sh gapdiag    # issue 8's p99 gaps: the engine alone under load (no HTTP), a mixed step's kernels (7B Q4_K_M dense)
 #   bash benchmarks/run_h200.sh sealg      # seal checks beside steps per fingerprint program count and check interval (7B Q4_K_M dense, engine alone)
 #   bash benchmarks/run_h200.sh sealfinal  # sealg's probe and engine variants (SEAL_PROGRAMS, SEAL_VARIANTS), then bench_load over HTTP at the defaults
+#   bash benchmarks/run_h200.sh verify10b  # kind nvidia-h200-x2: the suite on both GPUs, then bench_load 7B Q4_K_M at 1 and 64 clients (defaults)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -282,6 +283,13 @@ sealg)
 sealfinal)
   SEAL_PROGRAMS=${SEAL_PROGRAMS:-0 16 32} SEAL_VARIANTS=${SEAL_VARIANTS:-100:16 100:32 50:16} bash "$0" sealg
   timeout 150 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-sealdefaults --worker \
+    --concurrency 1 64 --duration 12 --warmup 3 2>&1 | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+  ;;
+verify10b)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  SKIP_SYNTH=1 SKIP_LLAMA=1 SKIP_PROFILE=1 REQUIRE_MULTI_GPU=1 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-300} bash "$0" tests 2>&1 | tail -6
+  for i in $(seq 1 60); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 150 python3 benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-final --worker \
     --concurrency 1 64 --duration 12 --warmup 3 2>&1 | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
   ;;
 probe)
