@@ -171,7 +171,7 @@ class ResidentModel:
 
     @property
     def seals_per_step(self) -> bool:
-        """True: the engine loop runs the host's seal check once per step that admits jobs (SPEC 4121)."""
+        """True: the engine loop runs the host's seal check before it admits jobs (SPEC 4121)."""
         return self.batching.before_admit is not None
 
     def stats(self) -> dict[str, int]:

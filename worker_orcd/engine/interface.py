@@ -53,7 +53,7 @@ class ResidentModelLike(Protocol):
     def gpu_device(self) -> int: ...
     @property
     def seals_per_step(self) -> bool:
-        """True: the engine loop calls the host's ``before_admit`` once per admitting step (SPEC 4121)."""
+        """True: the engine loop runs the host's ``before_admit`` seal check before it admits jobs (SPEC 4121)."""
         ...
 
     def generate(

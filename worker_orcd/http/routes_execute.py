@@ -122,7 +122,7 @@ async def start_job(
     try:
         model, _ = _ready_model(worker)
         if model.seals_per_step:
-            seal_ms = worker.last_seal_ms  # the engine loop verifies once per step that admits jobs
+            seal_ms = worker.last_seal_ms  # the engine loop verifies before it admits jobs (one check per burst)
         else:
             seal_ms = await worker.verify_seal()
         model, tokenizer = _ready_model(worker)  # a drain or a fatal error may have begun meanwhile
