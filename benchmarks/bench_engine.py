@@ -178,6 +178,7 @@ def bench_one(
             "roofline_pct": 100.0 * roofline_s / per_token_s,
             "seal_verify_ms": seal_ms,
             "graph": rm.graph_captured,
+            "load_stages_s": rm.load_stages,
             "tokens_head": toks[:8],
         }
     finally:

@@ -207,6 +207,13 @@ def upload_seconds(work: Path) -> tuple[float, float] | None:
     return (float(found[-1][0]), float(found[-1][1])) if found else None
 
 
+def load_stages(work: Path) -> str | None:
+    """The engine's "load stages (s): ..." log line (needs --worker-log-level info), else None."""
+    log = work / "worker.log"
+    found = re.findall(r"load stages \(s\): (.*)", log.read_text(errors="replace")) if log.exists() else []
+    return found[-1].strip() if found else None
+
+
 def log_tails(work: Path, lines: int = 25) -> None:
     """The last lines of every server log of this run: why a server was not ready (or was killed)."""
     for f in sorted(work.glob("*.log")):
@@ -323,6 +330,8 @@ def main() -> int:
             print(f"# {name} on {label}: ready in {ready:.1f} s"
                   + (f" (upload + SHA-256 {up[0]:.1f} s at {up[1]:.2f} GB/s; the rest: plan, warm-up, graphs, seal)"
                      if up else ""), flush=True)
+            if name == "worker-orcd" and (st := load_stages(work)):
+                print(f"# worker-orcd load stages (s): {st}", flush=True)
             for n in levels:
                 r = asyncio.run(run_level(url, token, n, args, llama=name == "llama-server"))
                 r.update(engine=name, model=label, ready_s=ready, upload_s=up[0] if up else None)

@@ -399,9 +399,16 @@ def test_worker_4100_cpu_mode_load_log_never_says_resident(
 ) -> None:
     path = synth.write_synthetic_model(model_dir / "log-tiny.gguf", "tiny-llama", "F16")
     with caplog.at_level("INFO", logger="worker_orcd.engine"):
-        _load(engine, path).close()
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "worker_orcd.engine" and "log-tiny" in r.getMessage()]
+        rm = _load(engine, path)
+        stages = rm.load_stages
+        rm.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker_orcd.engine" and "log-tiny" in r.getMessage()]
+    (line,) = [m for m in lines if "load stages" not in m]
     assert "CPU development mode" in line and "resident" not in line
+    # where the time to ready goes (issue 13): one line, the same seconds the model keeps
+    (stage_line,) = [m for m in lines if "load stages" in m]
+    assert list(stages) == ["upload", "bind+kv", "warmup", "graphs", "fingerprint-plan"]
+    assert all(v >= 0 for v in stages.values()) and f"upload {stages['upload']:.2f}" in stage_line
 
 
 # --- loading ---------------------------------------------------------------------------------------

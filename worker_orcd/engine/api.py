@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
@@ -139,6 +140,7 @@ class ResidentModel:
         self._fingerprint = fingerprint
         self.name = name
         self.load_stats = stats
+        self.load_stages: dict[str, float] = {}  # seconds per load stage (Engine.load)
         self._vram_bytes = vram_bytes
         self.batching = batching
         self._closed = False
@@ -450,6 +452,15 @@ class Engine:
         fp: ops.Fingerprint | None = None
         group: Any = None
         sink: ShardSink | None = None
+        stages: dict[str, float] = {}  # seconds per load stage (the log line below; ResidentModel.load_stages)
+        mark = time.perf_counter()
+
+        def stage(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            stages[name] = now - mark
+            mark = now
+
         try:
             if self.tp is not None:
                 from . import tensor_parallel
@@ -462,6 +473,7 @@ class Engine:
                 group.agree({"kv_tokens": pool, "max_seq_len": s_max, "max_batch": batch, "token_budget": budget,
                              "resident_weights": self.resident_weights, "dtype": str(dtype)},
                             stage="planned")
+                stage("join")
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
@@ -471,6 +483,7 @@ class Engine:
                 else:
                     arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
                 stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress, sink=sink)
+                stage("upload")
                 if sink is not None:
                     lay = sink.finish()
                     self._release_cached()  # the staging blocks, before the KV pool is allocated
@@ -485,11 +498,17 @@ class Engine:
                 weights = model.w
                 kv = PagedKVCache.allocate(model.cfg, pool, dtype, dev)
                 runner = ModelRunner(model, kv, dev, s_max, batch, max_tokens=budget)
+                self.ctx.synchronize()
+                stage("bind+kv")
                 runner.warmup()
+                self.ctx.synchronize()
+                stage("warmup")
                 if capture_graph:
                     runner.capture()
+                stage("graphs")
                 fp = ops.Fingerprint([arena])
                 self.ctx.synchronize()
+                stage("fingerprint-plan")
             if group is not None:
                 group.agree({"digest": stats.digest, "blocks": kv.num_blocks, "block_size": kv.block_size,
                              "max_seq_len": s_max, "max_batch": batch, "token_budget": budget})
@@ -512,7 +531,9 @@ class Engine:
                                   before_admit=before_admit, observer=observer,
                                   seal_check_interval_ms=float(seal_check_interval_ms))
         rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options, tp=group)
+        rm.load_stages = stages
         self._models.append(rm)
+        log.info("model %s load stages (s): %s", name, ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
         log.info(
             "model %s %s: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",
             name,
