@@ -66,7 +66,7 @@ async def one_request(c: httpx.AsyncClient, prompt: str, max_tokens: int, llama:
                             "stream": True}
     if llama:
         body["ignore_eos"] = True
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     last = None
     n = 0
     async with c.stream("POST", "/v1/completions", json=body) as r:
@@ -82,7 +82,7 @@ async def one_request(c: httpx.AsyncClient, prompt: str, max_tokens: int, llama:
             choices = chunk.get("choices") or []
             if not choices or not choices[0].get("text"):
                 continue
-            now = time.perf_counter()
+            now = time.monotonic()  # one clock for every client process (the window below)
             if last is None:
                 stats["ttft"].append(now - t0)
             else:
@@ -95,34 +95,70 @@ async def one_request(c: httpx.AsyncClient, prompt: str, max_tokens: int, llama:
     stats["tokens"] += n
 
 
-async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llama: bool) -> dict[str, Any]:
-    stats: dict[str, Any] = {"ttft": [], "itl": [], "tokens": 0}
-    plan = prompts(n * args.requests_per_client, args, seed=n)
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+async def run_clients(url: str, token: str, ids: list[int], plan: list[tuple[str, int]], per_client: int,
+                      duration: bool, window: tuple[float, float] | None, start_at: float, llama: bool) -> dict[str, Any]:
+    """Clients ``ids`` of a level in this process: requests back to back until the window closes
+    (steady state), else ``per_client`` each; from ``start_at`` (the monotonic clock)."""
+    stats: dict[str, Any] = {"ttft": [], "itl": [], "tokens": 0, "window": window, "window_tokens": 0}
+    limits = httpx.Limits(max_connections=len(ids) + 4, max_keepalive_connections=len(ids) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
                                  headers={"Authorization": f"Bearer {token}"}) as c:
-        await one_request(c, "warm up", 8, llama, {"ttft": [], "itl": [], "tokens": 0})
 
         async def client(i: int) -> None:
-            if args.duration:  # steady state: requests back to back until the window closes
+            if duration:
+                assert window is not None
                 j = 0
-                while time.perf_counter() < stats["window"][1]:
-                    p, m = plan[(i * args.requests_per_client + j) % len(plan)]
+                while time.monotonic() < window[1]:
+                    p, m = plan[(i * per_client + j) % len(plan)]
                     await one_request(c, p, m, llama, stats)
                     j += 1
                 return
-            for j in range(args.requests_per_client):
-                p, m = plan[i * args.requests_per_client + j]
+            for j in range(per_client):
+                p, m = plan[i * per_client + j]
                 await one_request(c, p, m, llama, stats)
 
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        await asyncio.gather(*(client(i) for i in ids))
+    return stats
+
+
+def client_process(url: str, token: str, ids: list[int], plan: list[tuple[str, int]], per_client: int,
+                   duration: bool, window: tuple[float, float] | None, start_at: float, llama: bool,
+                   model_id: str) -> dict[str, Any]:
+    """One of --client-procs processes (spawned): its share of the clients, its own event loop."""
+    MODEL_ID[0] = model_id
+    return asyncio.run(run_clients(url, token, ids, plan, per_client, duration, window, start_at, llama))
+
+
+async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llama: bool) -> dict[str, Any]:
+    plan = prompts(n * args.requests_per_client, args, seed=n)
+    procs = max(1, min(args.client_procs, n))
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers={"Authorization": f"Bearer {token}"}) as c:
+        await one_request(c, "warm up", 8, llama, {"ttft": [], "itl": [], "tokens": 0})
         before = {} if llama else await engine_counters(c)
-        t0 = time.perf_counter()
-        if args.duration:
-            stats["window"] = (t0 + args.warmup, t0 + args.duration)
-            stats["window_tokens"] = 0
-        await asyncio.gather(*(client(i) for i in range(n)))
-        wall = time.perf_counter() - t0
+        # client processes need ~1 s to start: every client (all processes) starts at t0
+        t0 = time.monotonic() + (1.5 if procs > 1 else 0.0)
+        window = (t0 + args.warmup, t0 + args.duration) if args.duration else None
+        shares = [list(range(k, n, procs)) for k in range(procs)]
+        common = (plan, args.requests_per_client, bool(args.duration), window, t0, llama)
+        if procs == 1:
+            parts = [await run_clients(url, token, shares[0], *common)]
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
+                futs = [asyncio.wrap_future(ex.submit(client_process, url, token, ids, *common, MODEL_ID[0]))
+                        for ids in shares]
+                parts = await asyncio.gather(*futs)
+        wall = time.monotonic() - t0
         after = {} if llama else await engine_counters(c)
+    stats: dict[str, Any] = {"ttft": [], "itl": [], "tokens": 0, "window_tokens": 0}
+    for part in parts:
+        for key in ("ttft", "itl"):
+            stats[key] += part[key]
+        stats["tokens"] += part["tokens"]
+        stats["window_tokens"] += part["window_tokens"]
     eng = {k: after[k] - before.get(k, 0.0) for k in after}
     steps = eng.get("worker_batch_size_count", 0.0)
     gaps = {f"{key}_p{q}_ms": bucket_quantile(eng, metric, q / 100)
@@ -298,12 +334,17 @@ def main() -> int:
     ap.add_argument("--out-max", type=int, default=256)
     ap.add_argument("--kv-cache-mb", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="worker-orcd device (cpu: a smoke run only)")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="spread each level's clients over this many processes (steady state only): one "
+                         "Python event loop parsing 6,000+ SSE events/s delays what it measures")
     ap.add_argument("--ready-timeout", type=float, default=600.0,
                     help="seconds a server may take to become ready; past it (or on SIGTERM) its log tails are printed")
     ap.add_argument("--worker-log-level", default="warning", help="worker-orcd's --log-level (info: its load stages)")
     args = ap.parse_args()
     if args.duration and not 0 <= args.warmup < args.duration:
         ap.error("--warmup must be in [0, --duration)")
+    if args.client_procs < 1 or (args.client_procs > 1 and not args.duration):
+        ap.error("--client-procs must be >= 1, and above 1 only with --duration (steady state)")
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
 
     def on_term(signum: int, frame: object) -> None:  # `timeout` ends this run: say where the servers were
