@@ -26,6 +26,7 @@
 #   bash benchmarks/run_h200.sh sealg      # seal checks beside steps per fingerprint program count and check interval (7B Q4_K_M dense, engine alone)
 #   bash benchmarks/run_h200.sh sealfinal  # sealg's probe and engine variants (SEAL_PROGRAMS, SEAL_VARIANTS), then bench_load over HTTP at the defaults
 #   bash benchmarks/run_h200.sh verify10b  # kind nvidia-h200-x2: the suite on both GPUs, then bench_load 7B Q4_K_M at 1 and 64 clients (defaults)
+#   bash benchmarks/run_h200.sh diag11     # issue 8: 192-token mixed bucket tests; engine alone at 1/64 clients, caps 256/192, traced device timelines
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -392,5 +393,15 @@ verify)
       --concurrency ${LOAD_LEVELS:-1 8 32 64 128} --requests-per-client 1 2>&1 | tee "$OUT/load_$m.log" \
       | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
   done
+  ;;
+diag11)
+  # issue 8, eleventh session: the 192-token mixed bucket (GPU tests), then the engine alone at 1 / 64 clients, cap 256
+  # and 192, each level followed by a traced run (gpu_timeline.py: device busy/idle per step, the kernels)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_engine_batching.py tests/test_runner_mixed_graphs.py \
+    -p no:cacheprovider 2>&1 | tail -4
+  for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout ${LOAD_TIMEOUT:-300} python3 benchmarks/bench_engine_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --concurrency ${LOAD_LEVELS:-1 64} \
+    --variants ${DIAG_VARIANTS:-100:16 100:16:192} --trace-s ${TRACE_S:-1} 2>&1 | tee "$OUT/diag11.log" | grep -vE '^\{|USDT'
   ;;
 esac

@@ -27,6 +27,9 @@ from .sampler import ReadStaging, SampledOnDevice, sample_launch
 
 # Decode batch sizes with a captured graph: a decode step runs in the smallest bucket that holds it.
 DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# token counts of the graphs for steps with prompt chunks: a step replays the smallest that holds it, so a
+# 129-192-token step (63 decode rows + a 129-token chunk under a 192 cap) costs ~3/4 of a 256 one (RESULTS)
+MIXED_TOKEN_BUCKETS = (64, 128, 192, 256, 384, 512, 1024, 2048)
 
 
 @dataclass
@@ -296,7 +299,7 @@ class ModelRunner:
     # Rows never mix in any kernel, so a row's numbers equal the eager path's (test_engine_batching).
 
     def _mixed_sizes(self) -> tuple[list[int], list[int]]:
-        tok = [t for t in (64, 128, 256, 384, 512, 1024, 2048) if t < self.max_tokens] + [self.max_tokens]
+        tok = [t for t in MIXED_TOKEN_BUCKETS if t < self.max_tokens] + [self.max_tokens]
         rows = [r for r in (4, 16, 64) if r < self.max_batch] + [self.max_batch]
         return tok, rows
 
