@@ -27,6 +27,7 @@
 #   bash benchmarks/run_h200.sh sealfinal  # sealg's probe and engine variants (SEAL_PROGRAMS, SEAL_VARIANTS), then bench_load over HTTP at the defaults
 #   bash benchmarks/run_h200.sh verify10b  # kind nvidia-h200-x2: the suite on both GPUs, then bench_load 7B Q4_K_M at 1 and 64 clients (defaults)
 #   bash benchmarks/run_h200.sh diag11     # issue 8: 192-token mixed bucket tests; engine alone at 1/64 clients, caps 256/192, traced device timelines
+#   bash benchmarks/run_h200.sh split11    # split attention passes: GPU tests, engine alone 1/64 clients traced, 8k-context lone stream vs .devdata/base
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -403,5 +404,20 @@ diag11)
   for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout ${LOAD_TIMEOUT:-300} python3 benchmarks/bench_engine_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --concurrency ${LOAD_LEVELS:-1 64} \
     --variants ${DIAG_VARIANTS:-100:16 100:16:192} --trace-s ${TRACE_S:-1} 2>&1 | tee "$OUT/diag11.log" | grep -vE '^\{|USDT'
+  ;;
+split11)
+  # split attention passes (decode graphs): GPU kernel + engine tests, the engine alone at 1 / 64 clients (traced), and a
+  # long-context lone stream (8k-token prompt) against .devdata/base (the tree before: one pass only), same call
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_kernels_paged_attention.py tests/test_engine_batching.py \
+    tests/test_runner_mixed_graphs.py -p no:cacheprovider 2>&1 | tail -4
+  for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
+  E="benchmarks/bench_engine_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --variants 100:16"
+  timeout 200 python3 $E --concurrency ${LOAD_LEVELS:-1 64} --trace-s ${TRACE_S:-1} 2>&1 | tee "$OUT/split11.log" | grep -vE '^\{|USDT|Warn|warn'
+  for tree in . .devdata/base; do
+    echo "== long context, tree $tree"
+    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 $E --concurrency 1 --prompt-min 8000 --prompt-max 8000 --out-min 256 \
+      --out-max 256 --duration 10 --warmup 4 2>&1 | grep -E '^\||ready|Error')
+  done
   ;;
 esac

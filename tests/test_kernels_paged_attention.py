@@ -98,7 +98,7 @@ def test_worker_4710_paged_attention_batch_invariant(gen: torch.Generator, devic
     n = 300
     q_all = randn(gen, n, hq, d, dtype=dtype, device=device)
 
-    def run(layout: list[tuple[int, int]], extra: int) -> torch.Tensor:
+    def run(layout: list[tuple[int, int]], extra: int, split: bool = False) -> torch.Tensor:
         """layout: chunks (start, qlen) of the same sequence, plus ``extra`` unrelated decode rows first."""
         rows = [(int(torch.randint(0, 200, (1,), generator=gen)), 1) for _ in range(extra)] + layout
         meta, T = build(rows, hq, hk, n_blocks, gen, device)
@@ -109,11 +109,78 @@ def test_worker_4710_paged_attention_batch_invariant(gen: torch.Generator, devic
         qs = [randn(gen, 1, hq, d, dtype=dtype, device=device) for _ in range(extra)]
         qs += [q_all[s : s + ln] for s, ln in layout]
         q = torch.cat(qs)
+        sp = _split_scratch(meta, hq, hk, d, dtype, device) if split else None
         out = paged_attention(q, kc, vc, tables, meta.tile_row, meta.tile_q0, meta.row_qstart, meta.row_qlen,
-                              meta.row_start, d**-0.5)
+                              meta.row_start, d**-0.5, split=sp)
         return out[extra:]
 
     whole = run([(0, n)], 0)
     assert torch.equal(run([(0, 100), (100, 77), (177, 123)], 5), whole)
     assert torch.equal(run([(s, 1) for s in range(250, 300)], 30)[-50:], whole[250:])
     assert torch.equal(run([(0, 299), (299, 1)], 63)[-1:], whole[-1:])
+    # the split + merge passes (decode steps of few rows): the same bits
+    assert torch.equal(run([(s, 1) for s in range(250, 300)], 3, split=True)[-50:], whole[250:])
+    assert torch.equal(run([(299, 1)], 0, split=True), whole[-1:])
+    assert torch.equal(run([(0, 100), (100, 77), (177, 123)], 2, split=True), whole)
+
+
+def _split_scratch(meta: AttentionMeta, hq: int, hk: int, d: int, dtype: torch.dtype, device: str):  # noqa: ANN202
+    """(slot0, ml, acc) for ``meta``'s tiles: each tile gets the splits up to its last position."""
+    from worker_orcd.engine.kernels.paged_layout import split_keys
+
+    s = split_keys(d, dtype.itemsize)
+    g_pad, block_t = tile_shape(hq, hk)
+    slot0, n = [], 0
+    for r, q0 in zip(meta.tile_row.tolist(), meta.tile_q0.tolist(), strict=True):
+        _, qlen, start = meta.host_rows[r]
+        last = start + min(q0 + block_t, qlen) - 1
+        slot0.append(n)
+        n += last // s + 1
+    bm, bd = g_pad * block_t, max(16, 1 << (d - 1).bit_length())
+    ml = torch.full((n + 3, hk, 2, bm), float("nan"), device=device)
+    acc = torch.full((n + 3, hk, bm, bd), float("nan"), device=device)
+    return torch.tensor(slot0, dtype=torch.int32, device=device), ml, acc
+
+
+SPLIT_CASES = [
+    # rows (start, qlen), Hq, Hk, D, window, dtype: rows reaching several splits (S = 32 keys in fp32, 128 in 16-bit)
+    ([(0, 1), (40, 1), (97, 1), (3, 1)], 14, 2, 64, None, torch.float32),  # decode rows, GQA 7
+    ([(0, 20), (35, 1), (16, 9), (100, 3)], 4, 4, 128, None, torch.float32),  # mixed prefill + decode
+    ([(0, 30), (70, 1), (5, 40)], 2, 1, 256, 8, torch.float32),  # sliding window: early splits fully masked
+    ([(0, 33), (300, 1), (140, 2)], 14, 2, 64, None, torch.float16),
+    ([(5, 12), (260, 1)], 4, 1, 128, 40, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{len(c[0])}rows-{c[1]}x{c[2]}-D{c[3]}-w{c[4]}-{str(c[5])[6:]}")
+def test_worker_4710_split_pass_equals_one_pass(gen: torch.Generator, device: str, case: tuple) -> None:
+    """The split + merge passes give bitwise the one-pass kernel's output (the same reduction order),
+    and both match float64."""
+    rows, hq, hk, d, window, dtype = case
+    n_blocks = sum(-(-(s + n) // BS) for s, n in rows) + 5
+    meta, T = build(rows, hq, hk, n_blocks, gen, device)
+    kc = randn(gen, n_blocks, BS, hk, d, dtype=dtype, device=device)
+    vc = randn(gen, n_blocks, BS, hk, d, dtype=dtype, device=device)
+    q = randn(gen, T, hq, d, dtype=dtype, device=device)
+    args = (q, kc, vc, meta.block_tables, meta.tile_row, meta.tile_q0, meta.row_qstart, meta.row_qlen, meta.row_start,
+            d**-0.5)
+    one = paged_attention(*args, sliding_window=window)
+    split = _split_scratch(meta, hq, hk, d, dtype, device)
+    two = paged_attention(*args, sliding_window=window, split=split)
+    assert torch.equal(one, two)
+    ref = ops.paged_attention(q.cpu().double(), kc.cpu().double(), vc.cpu().double(), meta, d**-0.5, sliding_window=window)
+    assert rel(two.cpu(), ref) < TOL[dtype], rel(two.cpu(), ref)
+
+
+def test_worker_4700_split_scratch_rejects_bad_shapes(gen: torch.Generator, device: str) -> None:
+    meta, T = build([(0, 1)], 4, 2, 4, gen, device)
+    kc = torch.zeros(4, BS, 2, 64, device=device)
+    q = torch.zeros(T, 4, 64, device=device)
+    slot0, ml, acc = _split_scratch(meta, 4, 2, 64, torch.float32, device)
+    args = (q, kc, kc, meta.block_tables, meta.tile_row, meta.tile_q0, meta.row_qstart, meta.row_qlen, meta.row_start, 0.1)
+    with pytest.raises(EngineError, match="split acc"):
+        paged_attention(*args, split=(slot0, ml, acc[:, :, :, :32]))
+    with pytest.raises(EngineError, match="int32"):
+        paged_attention(*args, split=(slot0.long(), ml, acc))
+    with pytest.raises(EngineError, match="as many slots"):
+        paged_attention(*args, split=(slot0, ml, acc[:1]))

@@ -178,7 +178,7 @@ def paged_attention(
     if _kernel(q):
         return K.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.tile_row, meta.tile_q0, meta.row_qstart,
-            meta.row_qlen, meta.row_start, scale, sliding_window=sliding_window,
+            meta.row_qlen, meta.row_start, scale, sliding_window=sliding_window, split=meta.split,
         )
     out = torch.empty_like(q)
     BS = k_cache.shape[1]

@@ -21,6 +21,7 @@ import torch
 from ..errors import ErrorCode, WorkerError
 from ..gguf import GGUFFile
 from .config import ModelConfig
+from .kernels.paged_layout import split_keys, split_partial_bytes, split_scratch_slots
 from .paged_kv import SCRATCH_BLOCKS, BLOCK_SIZE, bytes_per_token, kv_tokens, max_seq_len
 from .shard import staging_peak_bytes
 from .tp_plan import shard_config
@@ -145,6 +146,9 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int, s_ma
         # captured decode graphs (runner.DECODE_BUCKETS, up to 256 rows): one shared pool holding
         # the largest bucket's activations, plus each bucket's static fp32 logits
         graph_pool += 256 * per_token + 2 * 256 * cfg.vocab_size * 4 * 2
+        # the split attention passes' partials (runner._alloc_split)
+        s = split_keys(cfg.head_dim, e)
+        graph_pool += split_scratch_slots(s_max, s) * split_partial_bytes(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     return prefill + logits + graph_pool + staging + history + (0 if dev_mode else CUBLAS_WORKSPACE_BYTES)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..batching.step import PENDING, Sampled, SampleSpec, StepBatch, StepRow
 from ..engine.events import SamplingParams
-from .kernels.paged_layout import tile_shape
+from .kernels.paged_layout import split_keys, split_partial_bytes, split_scratch_slots, tile_shape
 from .model import Model
 from .paged_kv import SCRATCH_BLOCKS, PagedKVCache
 from .sampler import ReadStaging, SampledOnDevice, sample_launch
@@ -44,6 +44,8 @@ class AttentionMeta:
     row_start: torch.Tensor
     host_rows: list[tuple[int, int, int]]  # (qstart, qlen, start) per row
     host_tables: list[list[int]]
+    # (slot0 per tile, partial max/sum, partial acc): the split + merge passes (decode graphs), else one pass
+    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _upload(dst: torch.Tensor, host: torch.Tensor, stage: torch.Tensor) -> None:
@@ -130,6 +132,11 @@ class ModelRunner:
         self._pend_dev = torch.zeros((2, max_batch), dtype=torch.int64, device=device)
         self._pend_staged: torch.cuda.Event | None = None
         self._reads = ReadStaging() if self.cuda else None
+        # the split attention passes' partials (decode graphs: a lone long row on many SMs, kernels/attention_paged.py)
+        self.split_s = split_keys(cfg.head_dim, kv.k.dtype.itemsize)
+        self.split_slots = split_scratch_slots(max_seq_len, self.split_s)
+        self._split: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.split_fallbacks = 0  # decode steps whose rows needed more partial slots: one pass (same numbers)
 
     # --- StepRunner ----------------------------------------------------------------------------
 
@@ -181,7 +188,10 @@ class ModelRunner:
         a mixed-step graph or eager launches; the same kernels and per-row arithmetic on every path."""
         n = len(batch.rows)
         if not eager and batch.is_decode and self.graphs and n <= max(self.graphs):
-            return self._replay(batch)[:n]
+            out = self._replay(batch)
+            if out is not None:
+                return out[:n]
+            self.split_fallbacks += 1  # more partial slots than the scratch holds: a mixed graph (one pass)
         if not eager and self.mixed_graphs:
             key = self._mixed_bucket(batch)
             if key is not None:
@@ -426,27 +436,40 @@ class ModelRunner:
         dev = self.device
         ar = torch.arange(b_max, dtype=torch.int32, device=dev)
         self._static = {
-            "i64": torch.zeros((3, b_max), dtype=torch.int64, device=dev),  # tokens, positions, slots
+            "i64": torch.zeros((4, b_max), dtype=torch.int64, device=dev),  # tokens, positions, slots, split slot0
+            "slot0": ar.clone(),  # each row's first partial slot (the split attention passes)
             "bt": torch.zeros((b_max, self.max_blocks), dtype=torch.int32, device=dev),
             "row_start": torch.zeros(b_max, dtype=torch.int32, device=dev),
             "arange": ar,
             "zeros": torch.zeros(b_max, dtype=torch.int32, device=dev),
             "ones": torch.ones(b_max, dtype=torch.int32, device=dev),
             "sidx": torch.arange(b_max, dtype=torch.int64, device=dev),
-            "stage64": torch.zeros(3 * b_max, dtype=torch.int64, device=dev),
+            "stage64": torch.zeros(4 * b_max, dtype=torch.int64, device=dev),
             "stage32": torch.zeros(b_max * self.max_blocks, dtype=torch.int32, device=dev),
         }
         # host staging for one step's inputs (pinned: the copies do not block the host)
         self._pinned = {
-            "i64": torch.zeros((3, b_max), dtype=torch.int64, pin_memory=True),
+            "i64": torch.zeros((4, b_max), dtype=torch.int64, pin_memory=True),
             "bt": torch.zeros((b_max, self.max_blocks), dtype=torch.int32, pin_memory=True),
         }
 
+    def _alloc_split(self) -> None:
+        cfg = self.model.cfg
+        g_pad, block_t = tile_shape(cfg.n_heads, cfg.n_kv_heads)
+        bm, bd = g_pad * block_t, max(16, 1 << max(0, (cfg.head_dim - 1).bit_length()))
+        n, hk = self.split_slots, cfg.n_kv_heads
+        self._split = (torch.empty((n, hk, 2, bm), dtype=torch.float32, device=self.device),
+                       torch.empty((n, hk, bm, bd), dtype=torch.float32, device=self.device))
+        assert self._split[0][0].numel() * 4 + self._split[1][0].numel() * 4 == split_partial_bytes(
+            cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)  # what plan.scratch_bytes counts
+
     def _bucket_meta(self, b: int) -> AttentionMeta:
         s = self._static
+        assert self._split is not None
         return AttentionMeta(
             block_tables=s["bt"][:b], tile_row=s["arange"][:b], tile_q0=s["zeros"][:b], row_qstart=s["arange"][:b],
             row_qlen=s["ones"][:b], row_start=s["row_start"][:b], host_rows=[], host_tables=[],
+            split=(s["slot0"][:b], *self._split),
         )
 
     def _run_bucket(self, b: int) -> torch.Tensor:
@@ -467,6 +490,7 @@ class ModelRunner:
         if max(sizes) < self.max_batch:
             sizes.append(self.max_batch)
         self._alloc_static(max(sizes))
+        self._alloc_split()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         for b in sorted(sizes):
@@ -484,16 +508,28 @@ class ModelRunner:
             self._capture_mixed(pool, side)
         torch.cuda.synchronize(self.device)
 
-    def _replay(self, batch: StepBatch) -> torch.Tensor:
+    def _replay(self, batch: StepBatch) -> torch.Tensor | None:
+        """Replay the decode graph of ``batch``'s bucket; None when its rows need more split partial
+        slots than the scratch holds (then the caller runs the step in one pass: the same numbers)."""
         n = len(batch.rows)
         b = min(x for x in self.graphs if x >= n)
+        S = self.split_s
+        splits = np.fromiter((r.start // S + 1 for r in batch.rows), dtype=np.int64, count=n)
+        if int(splits.sum()) + (b - n) > self.split_slots:  # + one split per padding row (position 0)
+            return None
         s, h = self._static, self._pinned
         bs = self.kv.block_size
         width = max(len(r.block_table) for r in batch.rows)
         self._wait_staging()
-        decode_inputs(batch.rows, bs, _rows(h["i64"], 3, b), _rows(h["bt"], b, width))
+        i64 = _rows(h["i64"], 4, b)
+        decode_inputs(batch.rows, bs, i64[:3], _rows(h["bt"], b, width))
+        i64[3, 0] = 0
+        np.cumsum(splits[:-1], out=i64[3, 1:n])
+        if b > n:
+            i64[3, n:] = int(splits.sum()) + np.arange(b - n)
         _upload(s["i64"][:, :b], h["i64"], s["stage64"])
         s["row_start"][:b].copy_(s["i64"][1, :b])
+        s["slot0"][:b].copy_(s["i64"][3, :b])
         _upload(s["bt"][:b, :width], h["bt"], s["stage32"])
         self._staging_done()
         self._fill_pending(s["i64"][0, :n], self._pending_tokens(batch))
@@ -561,7 +597,7 @@ class ModelRunner:
 
     def buffers(self) -> list[torch.Tensor]:
         """Device scratch owned here (attested with the weights)."""
-        out = list(self._static.values()) + [self._pend_dev]
+        out = list(self._static.values()) + [self._pend_dev] + list(self._split or ())
         out += [logits for _, logits in self.graphs.values()]
         out += list(self._mixed.values()) + [logits for _, logits in self.mixed_graphs.values()]
         if self.model.locks is not None:
@@ -578,6 +614,7 @@ class ModelRunner:
         self._mixed_meta.clear()
         self._static.clear()
         self._static_meta.clear()
+        self._split = None
         self._pinned.clear()
         self._prev = None
         self._pend_dev = self._pend_host = self._reads = None  # type: ignore[assignment]

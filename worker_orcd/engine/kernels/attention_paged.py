@@ -1,4 +1,4 @@
-"""Causal GQA attention over the paged KV cache: ONE kernel for prefill chunks and decode rows.
+"""Causal GQA attention over the paged KV cache: prefill chunks and decode rows in one launch.
 
 Batch invariance (the engine's determinism rule): the output of a query row
 must not depend on the batch it runs in, its place there, or how its prompt
@@ -9,18 +9,24 @@ was chunked. So:
   same instructions compute every row whether it is a decode token or the
   i-th token of a prefill chunk, so a token recomputed after preemption gets
   the very K/V it had;
-* keys are visited in blocks aligned at absolute positions (0, BLOCK_N, ...),
-  always in increasing order, with no split-K: a row's reduction order is a
-  function of its own position only;
+* a row's keys are reduced in splits of S = SPLIT_BLOCKS x BLOCK_N keys at
+  absolute positions (0, S, 2S, ...): an online softmax over each split's
+  blocks in increasing order, from scratch, then the splits' (max, sum, acc)
+  folded in split order (``_merge``, explicit fma). The reduction order is a
+  function of the row's own position only;
+* that fixed order can be computed two ways with bitwise the same result: one
+  pass (``_paged_kernel``: a program per tile walks its splits) or a split
+  pass with a program per split plus a merge pass (``_paged_split_kernel``,
+  ``_paged_merge_kernel``: many programs for few long rows, e.g. a lone
+  decode row, which one pass would walk on 4 of 132 SMs);
 * the online softmax is the "safe" form (max floored at 0 while nothing is
-  visible, exp(-inf) = 0), so a key block that is fully masked for a row is
-  an exact no-op: a tile may visit more blocks than one of its rows needs.
+  visible, exp(-inf) = 0), so a key block or split that is fully masked for a
+  row is an exact no-op: a tile may visit more blocks than one of its rows needs.
 
 A tile is (row, first token of the row's chunk, kv head); the G query heads
 sharing that kv head are packed into the tile's rows. Every index comes from
 device tensors, so a decode batch replays from a CUDA graph.
 """
-
 from __future__ import annotations
 
 import torch
@@ -28,31 +34,22 @@ import triton
 import triton.language as tl
 
 from . import validate as val
-from .paged_layout import tile_shape
+from .paged_layout import block_n as _block_n, split_keys, tile_shape
 
 _LOG2E = 1.4426950408889634
 
 
-# The block-table row stride is the step's widest table: not specialised on, or every new width class
-# (1, multiple of 16, other) would be a JIT compile in the middle of serving.
-@triton.jit(do_not_specialize=["stride_bt"])
-def _paged_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr,
-    tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_bt,
-    scale_log2, window,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+@triton.jit
+def _tile_rows(q_ptr, tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr, stride_qt, stride_qh,
+               tile, kvh, window, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+               S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """The tile's query rows and the key range its splits cover: (q, pos, valid, t, head, r, qstart,
+    last key, lowest key, first split, end split)."""
     r = tl.load(tile_row_ptr + tile)
     q0 = tl.load(tile_q0_ptr + tile)
     qstart = tl.load(row_qstart_ptr + r)
     qlen = tl.load(row_qlen_ptr + r)
     start = tl.load(row_start_ptr + r)
-
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
     m = tl.arange(0, BLOCK_M)
     t = q0 + m // G_PAD
@@ -61,23 +58,32 @@ def _paged_kernel(
     pos = tl.where(valid, start + t, start + q0)  # padding rows: any visible position, never stored
     head = kvh * G + g
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
     q = tl.load(
         q_ptr + (qstart + t)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-        mask=valid[:, None] & d_mask[None, :], other=0.0,
+        mask=valid[:, None] & (d < D)[None, :], other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
-
     last = start + tl.minimum(q0 + BLOCK_T, qlen) - 1  # the tile's highest real position
     lo = 0
     if HAS_WINDOW:
         first = start + q0 - window + 1  # lowest key any row of the tile can see
         lo = tl.maximum(first, 0) // BLOCK_N * BLOCK_N
+    return q, pos, valid, t, head, r, qstart, last, lo, lo // S, last // S + 1
+
+
+@triton.jit
+def _split(q, pos, r, kvh, k_ptr, v_ptr, bt_ptr, n_from, n_to, last,
+           stride_kb, stride_ks, stride_kh, stride_bt, scale_log2, window,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+           HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax over the keys [n_from, n_to) of one split, from scratch: (max, sum, acc)."""
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for n0 in range(lo, last + 1, BLOCK_N):
+    for n0 in range(n_from, n_to, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n <= last
         page = tl.load(bt_ptr + r * stride_bt + n // BS, mask=n_ok, other=0)
@@ -107,18 +113,126 @@ def _paged_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = acc / l_i[:, None]
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _merge(m, l, acc, m_s, l_s, acc_s):
+    """Fold one split's (max, sum, acc) into the running ones. Explicit fma: the same rounding in the
+    one-pass kernel and in the merge kernel. A split no key of which a row sees is an exact no-op."""
+    m_new = tl.maximum(m, m_s)
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    a = tl.exp2(m - m_safe)
+    b = tl.exp2(m_s - m_safe)
+    l = tl.fma(l, a, l_s * b)
+    acc = tl.fma(acc, a[:, None], acc_s * b[:, None])
+    return m_new, l, acc
+
+
+# The block-table row stride is the step's widest table: not specialised on, or every new width class
+# (1, multiple of 16, other) would be a JIT compile in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr,
+    tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_bt,
+    scale_log2, window,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One pass: a program per (tile, kv head) walks the tile's splits in order, merging each."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    q, pos, valid, t, head, r, qstart, last, lo, j_lo, j_hi = _tile_rows(
+        q_ptr, tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr, stride_qt, stride_qh,
+        tile, kvh, window, G, G_PAD, BLOCK_T, BLOCK_N, S, D, BLOCK_D, HAS_WINDOW, UPCAST)
+    m_t = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(j_lo, j_hi):
+        m_s, l_s, acc_s = _split(q, pos, r, kvh, k_ptr, v_ptr, bt_ptr, tl.maximum(j * S, lo),
+                                 tl.minimum(j * S + S, last + 1), last, stride_kb, stride_ks, stride_kh, stride_bt,
+                                 scale_log2, window, BLOCK_M, BLOCK_N, BS, D, BLOCK_D, HAS_WINDOW, UPCAST, IEEE)
+        m_t, l_t, acc_t = _merge(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    out = acc_t / l_t[:, None]
+    d = tl.arange(0, BLOCK_D)
     tl.store(
         o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-        out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & d_mask[None, :],
+        out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_split_kernel(
+    q_ptr, k_ptr, v_ptr, ml_ptr, acc_ptr, bt_ptr, slot0_ptr,
+    tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    scale_log2, window, H_KV, P,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Split pass: program (tile, kv head, p) computes splits p, p + P, ... of the tile, each on its
+    own, into its slot (the tile's first slot + split index) of the partials scratch."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    p = tl.program_id(2)
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    q, pos, valid, t, head, r, qstart, last, lo, j_lo, j_hi = _tile_rows(
+        q_ptr, tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr, stride_qt, stride_qh,
+        tile, kvh, window, G, G_PAD, BLOCK_T, BLOCK_N, S, D, BLOCK_D, HAS_WINDOW, UPCAST)
+    slot0 = tl.load(slot0_ptr + tile)
+    mm = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    for j in range(j_lo + p, j_hi, P):
+        m_s, l_s, acc_s = _split(q, pos, r, kvh, k_ptr, v_ptr, bt_ptr, tl.maximum(j * S, lo),
+                                 tl.minimum(j * S + S, last + 1), last, stride_kb, stride_ks, stride_kh, stride_bt,
+                                 scale_log2, window, BLOCK_M, BLOCK_N, BS, D, BLOCK_D, HAS_WINDOW, UPCAST, IEEE)
+        at = (slot0 + j).to(tl.int64) * H_KV + kvh
+        tl.store(ml_ptr + at * (2 * BLOCK_M) + mm, m_s)
+        tl.store(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, l_s)
+        tl.store(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], acc_s)
+
+
+@triton.jit
+def _paged_merge_kernel(
+    q_ptr, o_ptr, ml_ptr, acc_ptr, slot0_ptr,
+    tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, window, H_KV,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Merge pass: program (tile, kv head) folds the tile's split partials in split order, as the
+    one-pass kernel does, and writes the output."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    q, pos, valid, t, head, r, qstart, last, lo, j_lo, j_hi = _tile_rows(
+        q_ptr, tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr, stride_qt, stride_qh,
+        tile, kvh, window, G, G_PAD, BLOCK_T, BLOCK_N, S, D, BLOCK_D, HAS_WINDOW, UPCAST)
+    slot0 = tl.load(slot0_ptr + tile)
+    mm = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_t = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(j_lo, j_hi):
+        at = (slot0 + j).to(tl.int64) * H_KV + kvh
+        m_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + mm)
+        l_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm)
+        acc_s = tl.load(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :])
+        m_t, l_t, acc_t = _merge(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    out = acc_t / l_t[:, None]
+    tl.store(
+        o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :],
     )
 
 
 def block_n(d: int, dtype: torch.dtype) -> int:
     """Keys per block: fixed per (head_dim, dtype), i.e. per model."""
-    if dtype == torch.float32:
-        return 16
-    return 64 if d <= 128 else 32
+    return _block_n(d, dtype.itemsize)
 
 
 def paged_attention(
@@ -135,12 +249,19 @@ def paged_attention(
     *,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] (rows' tokens back to back) over the paged cache [NB, BS, Hk, D] -> [T, Hq, D].
 
     Row r's tokens are q[row_qstart[r] : row_qstart[r] + row_qlen[r]] at positions
     row_start[r].., its keys are positions 0..row_start[r]+row_qlen[r]-1 found through
     block_tables[r]; tile i covers row tile_row[i]'s tokens tile_q0[i] .. + BLOCK_T.
+
+    ``split`` = (slot0 [tiles] int32, ml [slots, Hk, 2, BLOCK_M] fp32, acc [slots, Hk, BLOCK_M, BLOCK_D]
+    fp32): run the splits in parallel (a split pass, then a merge pass) — bitwise the one-pass result, more
+    programs for few long rows. Tile i's split j goes to slot slot0[i] + j: the caller makes the slots of
+    different tiles disjoint and inside the scratch (tile i needs one per split up to its last position:
+    ``last // S + 1``; ``runner.ModelRunner._replay``).
     """
     kernel = "paged_attention"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -169,15 +290,44 @@ def paged_attention(
     grid = (tile_row.shape[0], Hk)
     if grid[0] == 0:
         return out
+    consts = dict(G=Hq // Hk, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n(D, q.dtype), S=split_keys(D, q.dtype.itemsize),
+                  D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_WINDOW=window > 0, UPCAST=upcast)
+    if split is not None:
+        slot0, ml, acc = split
+        bm, bd = g_pad * block_t, consts["BLOCK_D"]
+        val.tensor(kernel, "split slot0", slot0)
+        val.dtype(kernel, "split slot0", slot0, (torch.int32,))
+        val.check(slot0.shape[0] >= grid[0], kernel, "split slot0", f"{slot0.shape[0]} slots for {grid[0]} tiles")
+        for name, t, shape in (("split ml", ml, (Hk, 2, bm)), ("split acc", acc, (Hk, bm, bd))):
+            val.tensor(kernel, name, t)
+            val.dtype(kernel, name, t, (torch.float32,))
+            val.check(t.dim() == 4 and tuple(t.shape[1:]) == shape and t.is_contiguous(), kernel, name,
+                      f"must be a contiguous [slots, {', '.join(map(str, shape))}] tensor, not {list(t.shape)}")
+        val.check(ml.shape[0] == acc.shape[0], kernel, "split acc", "ml and acc must have as many slots")
+        progs = max(1, min(64, 1024 // (grid[0] * Hk)))  # programs per (tile, kv head): work split, not numerics
+        try:
+            _paged_split_kernel[(grid[0], Hk, progs)](
+                q, k_cache, v_cache, ml, acc, block_tables, slot0,
+                tile_row, tile_q0, row_qstart, row_qlen, row_start,
+                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+                scale * _LOG2E, window, Hk, progs, BS=BS, IEEE=q.dtype == torch.float32, **consts,
+                num_warps=4, num_stages=2,
+            )
+            _paged_merge_kernel[grid](
+                q, out, ml, acc, slot0, tile_row, tile_q0, row_qstart, row_qlen, row_start,
+                q.stride(0), q.stride(1), out.stride(0), out.stride(1), window, Hk, **consts,
+                num_warps=4, num_stages=3,
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise val.launch_error(kernel, q.device, exc) from exc
+        return out
     try:
         _paged_kernel[grid](
             q, k_cache, v_cache, out, block_tables,
             tile_row, tile_q0, row_qstart, row_qlen, row_start,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            scale * _LOG2E, window,
-            G=Hq // Hk, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n(D, q.dtype), BS=BS, D=D,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_WINDOW=window > 0, UPCAST=upcast, IEEE=q.dtype == torch.float32,
+            scale * _LOG2E, window, BS=BS, IEEE=q.dtype == torch.float32, **consts,
             num_warps=4, num_stages=2,
         )
     except Exception as exc:  # noqa: BLE001
