@@ -28,6 +28,7 @@
 #   bash benchmarks/run_h200.sh verify10b  # kind nvidia-h200-x2: the suite on both GPUs, then bench_load 7B Q4_K_M at 1 and 64 clients (defaults)
 #   bash benchmarks/run_h200.sh diag11     # issue 8: 192-token mixed bucket tests; engine alone at 1/64 clients, caps 256/192, traced device timelines
 #   bash benchmarks/run_h200.sh split11    # split attention passes: GPU tests, engine alone 1/64 clients traced, 8k-context lone stream vs .devdata/base
+#   bash benchmarks/run_h200.sh http11     # issue 8 over HTTP: 1 client, 64 clients per mixed-step cap (HTTP_CAPS), client processes
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -418,6 +419,19 @@ split11)
     echo "== long context, tree $tree"
     (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 $E --concurrency 1 --prompt-min 8000 --prompt-max 8000 --out-min 256 \
       --out-max 256 --duration 10 --warmup 4 2>&1 | grep -E '^\||ready|Error')
+  done
+  ;;
+http11)
+  # issue 8 over HTTP (bench_load, 7B Q4_K_M): 1 client, then 64 clients per mixed-step cap (HTTP_CAPS), each its own server;
+  # the load generator in CLIENT_PROCS processes (its event loop out of what it measures)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
+  B="benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
+  timeout 100 python3 $B --label 7b-1 --concurrency 1 --worker-log-level info 2>&1 | tee "$OUT/http11_1.log" \
+    | sed -n '/ready in/p;/load stages/p;/^| engine |/,$p;/Error/p'
+  for cap in ${HTTP_CAPS:-256 224 192}; do
+    timeout 100 python3 $B --label 7b-64-cap$cap --concurrency 64 --client-procs ${CLIENT_PROCS:-4} --worker-arg=--mixed-step-tokens \
+      --worker-arg=$cap 2>&1 | tee "$OUT/http11_$cap.log" | sed -n '/^| engine |/,$p;/Error/p'
   done
   ;;
 esac

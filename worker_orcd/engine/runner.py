@@ -28,8 +28,9 @@ from .sampler import ReadStaging, SampledOnDevice, sample_launch
 # Decode batch sizes with a captured graph: a decode step runs in the smallest bucket that holds it.
 DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # token counts of the graphs for steps with prompt chunks: a step replays the smallest that holds it, so a
-# 129-192-token step (63 decode rows + a 129-token chunk under a 192 cap) costs ~3/4 of a 256 one (RESULTS)
-MIXED_TOKEN_BUCKETS = (64, 128, 192, 256, 384, 512, 1024, 2048)
+# 129-192-token step (63 decode rows + a 129-token chunk under a 192 cap) costs ~3/4 of a 256 one (RESULTS;
+# the mixed-step cap, api.MIXED_STEP_TOKENS_CUDA, trades p99 inter-token latency for throughput)
+MIXED_TOKEN_BUCKETS = (64, 128, 192, 224, 256, 384, 512, 1024, 2048)
 
 
 @dataclass
