@@ -81,7 +81,8 @@ load)
   C="${LOAD_LEVELS:-1 8 32 64 128}"
   for m in ${LOAD_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M qwen2.5-7b-F16}; do
     timeout ${LOAD_TIMEOUT:-170} python3 benchmarks/bench_load.py --model $M/$m.gguf --worker --llama $L \
-      --concurrency $C --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
+      --concurrency $C --requests-per-client 1 ${LOAD_DURATION:+--duration $LOAD_DURATION --warmup ${LOAD_WARMUP:-2}} \
+      ${CLIENT_PROCS:+--client-procs $CLIENT_PROCS} 2>&1 | tee "$OUT/load_$m.log" | grep -E '^(\| (worker|llama)|#|Trace|[A-Za-z]*Error)' | head -16
   done
   ;;
 qtiled)
