@@ -68,6 +68,8 @@ def serve_main(port_file: Path, step_ms: float, max_batch: int) -> int:
 
     class Engine(F.FakeEngine):
         def load(self, *a, **k):  # type: ignore[no-untyped-def]
+            super().load(*a, **k).close()  # the fake's load contract (hash the file, report its digest)
+            self.models.clear()
             r = Resident(self.knobs)
             self.models.append(r)
             return r
