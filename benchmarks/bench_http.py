@@ -97,6 +97,8 @@ def serve_main(port_file: Path, step_ms: float, max_batch: int) -> int:
             port_file.write_text(worker.uri)
         asyncio.get_running_loop().create_task(wait_uri())
 
+    if os.environ.get("BENCH_SWITCH_MS"):  # the GIL's switch interval in the server (CPython's default: 5 ms)
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_MS"]) / 1e3)
     prof_out = os.environ.get("BENCH_HTTP_PROFILE")  # cProfile of the event-loop thread (the HTTP side)
     if not prof_out:
         return asyncio.run(serve(config, binding, on_worker=announce))

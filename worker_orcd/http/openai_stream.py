@@ -48,6 +48,11 @@ def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n\n"
 
 
+def _sse_text(text: str) -> bytes:
+    """A string as ``_sse`` encodes it inside a chunk."""
+    return json.dumps(text, ensure_ascii=False).encode()
+
+
 class OpenAIStream(JobStream):
     def __init__(self, *args: Any, opts: OpenAIOptions) -> None:
         super().__init__(*args)
@@ -62,6 +67,7 @@ class OpenAIStream(JobStream):
         self._first_at: float | None = None
         self._engine_exited = asyncio.Event()
         self.id = ("chatcmpl-" if opts.kind == "chat" else "cmpl-") + self.job.job_id
+        self._chunk_frame: tuple[bytes, bytes] | None = None  # _text_chunk's prefix and suffix
 
     # --- lifecycle hooks --------------------------------------------------------------------
 
@@ -91,6 +97,16 @@ class OpenAIStream(JobStream):
                 pass
 
     # --- rendering --------------------------------------------------------------------------
+
+    def _text_chunk(self, text: str) -> bytes:
+        """``_chunk(text)`` from a prefix and suffix rendered once per stream: the per-token case
+        (no logprobs, no finish reason) is then one string encode, not a dict's."""
+        if self._chunk_frame is None:
+            mark = "\x00mark\x00"
+            head, tail = self._chunk(mark).split(_sse_text(mark))
+            self._chunk_frame = (head, tail)
+        head, tail = self._chunk_frame
+        return head + _sse_text(text) + tail
 
     def _chunk(self, text: str | None, *, finish: str | None = None, logprobs: list[dict[str, Any]] | None = None,
                role: bool = False) -> bytes:
@@ -150,7 +166,9 @@ class OpenAIStream(JobStream):
             self.lp_tokens.append(lp)
         out = self.stop.push(text)
         chunk = b""
-        if self.opts.stream and (out or lp is not None):
+        if self.opts.stream and lp is None and out:
+            chunk = self._text_chunk(out)
+        elif self.opts.stream and (out or lp is not None):
             chunk = self._chunk(out, logprobs=[lp] if lp is not None else None)
         if out:
             self.text.append(out)
