@@ -29,6 +29,7 @@
 #   bash benchmarks/run_h200.sh diag11     # issue 8: 192-token mixed bucket tests; engine alone at 1/64 clients, caps 256/192, traced device timelines
 #   bash benchmarks/run_h200.sh split11    # split attention passes: GPU tests, engine alone 1/64 clients traced, 8k-context lone stream vs .devdata/base
 #   bash benchmarks/run_h200.sh http11     # issue 8 over HTTP: 1 client, 64 clients per mixed-step cap (HTTP_CAPS), client processes
+#   bash benchmarks/run_h200.sh httpab     # the 0.5B at 64 clients over HTTP: this tree vs .devdata/base, alternating
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -433,6 +434,17 @@ http11)
   for cap in ${HTTP_CAPS:-256 224 192}; do
     timeout 100 python3 $B --label 7b-64-cap$cap --concurrency 64 --client-procs ${CLIENT_PROCS:-4} --worker-arg=--mixed-step-tokens \
       --worker-arg=$cap 2>&1 | tee "$OUT/http11_$cap.log" | sed -n '/^| engine |/,$p;/Error/p'
+  done
+  ;;
+httpab)
+  # the 0.5B at 64 clients over HTTP, this tree against .devdata/base, alternating (AB_ROUNDS rounds): the server's per-token cost
+  synth qwen2.5-0.5b F16
+  for r in $(seq 1 ${AB_ROUNDS:-2}); do
+    for tree in . .devdata/base; do
+      echo "== tree $tree, round $r"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker \
+        --label ab --concurrency ${LOAD_LEVELS:-64} --client-procs 4 --duration 12 --warmup 3 2>&1 | grep -E '^\| worker-orcd \| ab \|.*\|.*\|.*\|.*\|.*\|.*\||Error' | tail -1)
+    done
   done
   ;;
 esac
