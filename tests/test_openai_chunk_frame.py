@@ -38,3 +38,11 @@ def test_text_chunk_equals_dict_chunk(kind: str, texts: list[str], model_id: str
         body = json.loads(fast.removeprefix(b"data: "))
         got = body["choices"][0]["delta"]["content"] if kind == "chat" else body["choices"][0]["text"]
         assert got == t
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=16))
+def test_sse_text_equals_json_dumps(text: str) -> None:
+    from worker_orcd.http.openai_stream import _sse_text
+
+    assert _sse_text(text) == json.dumps(text, ensure_ascii=False).encode()

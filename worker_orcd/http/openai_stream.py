@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -48,8 +49,13 @@ def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n\n"
 
 
+_PLAIN = re.compile(r'[^"\\\x00-\x1f]*\Z')  # nothing json.dumps(ensure_ascii=False) would escape
+
+
 def _sse_text(text: str) -> bytes:
-    """A string as ``_sse`` encodes it inside a chunk."""
+    """A string as ``_sse`` encodes it inside a chunk (most tokens' text needs no escape: no json.dumps)."""
+    if _PLAIN.match(text):
+        return b'"' + text.encode() + b'"'
     return json.dumps(text, ensure_ascii=False).encode()
 
 

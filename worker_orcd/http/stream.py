@@ -140,6 +140,7 @@ class JobStream:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.outcome: str | None = None  # "end" | error code | "disconnected"
         self._loop = asyncio.get_running_loop()
+        self._handoff = _handoff(self._loop)  # looked up once, not per token on the engine thread
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
         self._last_token: float | None = None
@@ -170,7 +171,7 @@ class JobStream:
         into = getattr(self.model, "generate_into", None)
         if callable(into):  # the batching engine hands events over on its own thread: no thread per job
             try:
-                into(self.prompt_ids, self.params, self.job.cancel, _EngineSink(self, _handoff(self._loop)))
+                into(self.prompt_ids, self.params, self.job.cancel, _EngineSink(self, self._handoff))
             except BaseException as e:  # noqa: BLE001 - refused at submission: the same path as an engine error
                 self._on_engine_event(e)
             return
@@ -179,7 +180,7 @@ class JobStream:
         threading.Thread(target=context.run, args=(self._produce,), name=f"job-{job.job_id[:16]}", daemon=True).start()
 
     def _post(self, item: Any, wake: bool = True) -> None:
-        _handoff(self._loop).post(self.queue, item, wake)
+        self._handoff.post(self.queue, item, wake)
 
     def _produce(self) -> None:
         try:
@@ -269,6 +270,7 @@ class JobStream:
                     return
                 if hasattr(item, "token_id"):
                     chunk = self._token(item) or b""
+                    n = 1
                     # tokens already queued (a stream that fell behind) go out in one write, each
                     # rendered only while no stop is set, as if yielded one by one
                     while self.outcome is None and job.stop_code is None and not self.queue.empty():
@@ -277,6 +279,8 @@ class JobStream:
                             held = nxt
                             break
                         chunk += self._token(nxt) or b""
+                        n += 1
+                    self.worker.metrics.tokens_generated.inc(n)  # once per write, not per token
                     if chunk:
                         yield chunk
                     if self.outcome is not None:  # the rendering ended the stream (e.g. a stop string)
@@ -328,7 +332,6 @@ class JobStream:
         else:
             self.worker.metrics.inter_token_ms.observe((now - self._last_token) * 1000)
         self._last_token = now
-        self.worker.metrics.tokens_generated.inc()
         self.job.tokens_sent += 1
         return self.render_token(event, self.detok.push(event.token_id))
 
