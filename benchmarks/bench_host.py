@@ -125,21 +125,24 @@ def run(batch: int, tokens: int, prompt: int, profile: bool, step_ms: float = 0.
         queues.append(q)
         asyncio.run_coroutine_threadsafe(consume(q), aloop)
     prof = cProfile.Profile() if profile else None
-    if prof is not None:
-        threading.setprofile(lambda *a: None)
+    if prof is not None:  # profile the engine thread: enabled from inside it, at its first launch
+        inner, started = runner.launch, [False]
+
+        def launch(b: StepBatch) -> _Done:
+            if not started[0]:
+                started[0] = True
+                prof.enable()
+            return inner(b)
+
+        runner.launch = launch  # type: ignore[method-assign]
     t0 = time.perf_counter()
     h = _handoff(aloop)
     for q in queues:
         sink = _WakingSink(h, q) if per_token else _Sink(h, q)
         loop.submit_to(list(range(1, prompt + 1)), SamplingParams(max_tokens=tokens), None, sink)
-    if prof is not None:
-        # profile the engine thread: enable from inside it at its next step
-        prof.enable()
     done.wait(120)
     wall = time.perf_counter() - t0
-    if prof is not None:
-        prof.disable()
-    loop.close()
+    loop.close()  # joins the engine thread: its profile is complete
     aloop.call_soon_threadsafe(aloop.stop)
     steps = runner.steps
     gaps.sort()
