@@ -61,6 +61,7 @@ def test_worker_4122_flipped_resident_byte_stops_reports_and_exits_nonzero(
             {
                 "worker_id": "w-seal", "device": device, "model_root": str(tmp_path), "callback_url": pm.url,
                 "api_token_file": str(tmp_path / "unused-token"), "shutdown_timeout_sec": 1, "max_tokens_out": 8,
+                "engine_process": "off",  # the test flips a byte of the weights: they must live in this process
             },
             env={},
         )

@@ -115,6 +115,9 @@ class WorkerConfig(BaseModel):
     # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels use ggml's dequantized values);
     # quantized-half2: the same bytes, Q4_K/Q6_K dequantized in packed fp16 (~12% faster 7B decode steps)
     resident_weights: Literal["dense", "quantized", "quantized-half2"] = "dense"
+    # on: the engine (device, batching loop) runs in a child process, so its Python never waits for the
+    # GIL behind the HTTP side's (issue 8); off: in this process. Tensor-parallel workers: always off.
+    engine_process: Literal["on", "off"] = "on"
     user: str | None = None  # SPEC 4901: started as root, drop to this user after device open + bind
     # Tensor parallel (SPEC 4500-4522; README "Tensor parallel"): one process per device, rank 0 serves.
     tp_degree: int = Field(default=1, ge=1, le=MAX_TP_DEGREE)

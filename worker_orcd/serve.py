@@ -37,6 +37,7 @@ from . import __version__, logs, privileges
 from .auth import BearerAuth, TokenFile, TokenFileError
 from .config import SEAL_CHECK_INTERVAL_MS, ConfigError, WorkerConfig, load_config, parse_bind, read_tp_secret
 from .engine.tp_plan import TPSpec
+from .engine.events import SamplingParams
 from .engine.interface import EngineLike
 from .errors import ErrorCode, WorkerError
 from .gguf.reader import GGUFFile
@@ -87,6 +88,7 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--mixed-step-tokens", "tokens of a step while streams decode (decode rows plus arriving prompt chunks; never fewer than the decode rows): smaller evens out inter-token latency, larger admits prompts faster (default 256 on a GPU; the CPU: --prefill-chunk)"),
     ("--seal-check-interval-ms", "while jobs run, a seal check (a read of every resident weight byte beside their steps) starts at most this often; arriving jobs wait for the next one (default %g; 0 = a check whenever jobs arrive and none runs; with nothing running a check starts at once)" % SEAL_CHECK_INTERVAL_MS),
     ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels), quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M; ggml's dequantized values) or quantized-half2 (the same bytes; Q4_K/Q6_K dequantized in packed fp16, ~12%% faster 7B Q4_K_M decode, values differ from ggml's by the fp16 rounding of the scales)"),
+    ("--engine-process", "on (default): the engine runs in a child process of the worker, so its loop never waits for the HTTP side's Python; off: in the worker's process (tensor-parallel workers always)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
     ("--state-dir", (
@@ -115,7 +117,7 @@ _METAVARS: dict[str, str] = {
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
-    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--mixed-step-tokens": "TOKENS", "--seal-check-interval-ms": "MS", "--resident-weights": "dense|quantized|quantized-half2", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--mixed-step-tokens": "TOKENS", "--seal-check-interval-ms": "MS", "--resident-weights": "dense|quantized|quantized-half2", "--engine-process": "on|off", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME", "--tp-degree": "T", "--tp-rank": "R", "--tp-group-id": "ID",
     "--tp-members": "ID,ID,...", "--tp-master": "HOST:PORT", "--tp-secret-file": "FILE", "--tp-timeout-sec": "SEC",
@@ -234,16 +236,19 @@ def exit_process(code: int, exit_now: Callable[[int], None] = os._exit) -> int:
 
 
 def real_binding(config: WorkerConfig) -> EngineBinding:
-    """The engine, reached lazily: torch is imported only when the device is opened."""
+    """The engine, reached lazily: torch is imported only when the device is opened (in the engine
+    process, by default: then never in this one)."""
 
     def open_engine() -> EngineLike:
+        if config.engine_process == "on" and config.tp_degree == 1:
+            from .engine_process.proxy import ProcessEngine
+
+            return ProcessEngine.open(config.device, config.gpu_device, config.resident_weights)
         from .engine.api import Engine
 
         return Engine.open(config.device, config.gpu_device, config.resident_weights, tp=tp_spec(config))
 
     def sampling_params(**kw: Any) -> Any:
-        from .engine.api import SamplingParams
-
         return SamplingParams(**kw)
 
     def tokenizer(gguf: GGUFFile) -> TokenizerLike:
@@ -407,6 +412,9 @@ async def _start(
         server = _http_server(worker, config, auth)
         if plan is not None:
             _drop_privileges(plan, config, tokens)
+            drop = getattr(worker.engine, "drop_privileges", None)
+            if drop is not None:  # the engine process (engine_process/proxy.py) drops to the same account
+                drop(plan)
     except BaseException:
         sock.close()
         raise

@@ -52,8 +52,9 @@ class _Pieces:
 class GrammarConstraint:
     """One request's matcher (engine/events.py TokenConstraint): ``allowed()`` then ``accept()`` per token."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int, eos_ids: frozenset[int]) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int, eos_ids: frozenset[int], grammar: str) -> None:
         self._matcher = matcher
+        self.grammar = grammar  # what rebuilds it in the engine process (engine_process/child.py)
         self._mask = llg_np.allocate_token_bitmask(1, n_vocab)
         self._eos_only = np.zeros_like(self._mask[0])
         for t in eos_ids:
@@ -121,6 +122,10 @@ class StructuredOutput:
         grammar = self.grammar_for(response_format)
         if grammar is None:
             return None
+        return self.compile(grammar)
+
+    def compile(self, grammar: str) -> GrammarConstraint:
+        """A matcher for an llguidance grammar (``grammar_for``); 400 when it cannot run."""
         ll = self._lltokenizer()
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
         if is_error:
@@ -128,4 +133,4 @@ class StructuredOutput:
         matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidParams(f"response_format.json_schema.schema: unsupported: {matcher.get_error()}")
-        return GrammarConstraint(matcher, self.n_vocab, frozenset(self._tokenizer.eos_ids))
+        return GrammarConstraint(matcher, self.n_vocab, frozenset(self._tokenizer.eos_ids), grammar)
