@@ -30,6 +30,8 @@
 #   bash benchmarks/run_h200.sh split11    # split attention passes: GPU tests, engine alone 1/64 clients traced, 8k-context lone stream vs .devdata/base
 #   bash benchmarks/run_h200.sh http11     # issue 8 over HTTP: 1 client, 64 clients per mixed-step cap (HTTP_CAPS), client processes
 #   bash benchmarks/run_h200.sh httpab     # the 0.5B at 64 clients over HTTP: this tree vs .devdata/base, alternating
+#   bash benchmarks/run_h200.sh proc12     # issue 8: the engine in its own process (--engine-process on) vs in the worker's (off), HTTP 0.5B/7B, 1 and 64 clients
+#   bash benchmarks/run_h200.sh caps12     # the split-slot fallback GPU test; 7B Q4_K_M over HTTP (engine process on), 64 clients per mixed-step cap, then 128 clients
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -208,7 +210,34 @@ tp12)
       --resident-weights $RW --ready-timeout 240 $D 2>&1 | tee "$OUT/tp12_72b_tp2.log" | grep -E "^#|^\| worker"
   fi
   for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 3; done
-  case $P in 7b) L="7b:tensor 7b:layer";; 72b) L="72b:layer";; *) L="72b:layer 7b:tensor 7b:layer";; esac
+  case $P in 7b) L="7b:tensor 7b:layer";; 72b) L="72b:layer";; *) L="72b:layer 7b:tensor 7b:layer";; caps12)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 200 python3 -m pytest -q -m gpu tests/test_split_fallback_gpu.py -p no:cacheprovider -rf --tb=short 2>&1 | tail -15
+  for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
+  B="benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} --client-procs 4"
+  for cap in ${HTTP_CAPS:-256 224 192}; do
+    timeout 100 python3 $B --label 7b-64-cap$cap --concurrency 64 --worker-arg=--mixed-step-tokens --worker-arg=$cap 2>&1 \
+      | tee "$OUT/caps12_$cap.log" | sed -n '/^| engine |/,$p;/Error/p'
+  done
+  timeout 120 python3 $B --label 7b-128 --concurrency 128 ${CAP128:+--worker-arg=--mixed-step-tokens --worker-arg=$CAP128} 2>&1 \
+    | tee "$OUT/caps12_128.log" | sed -n '/^| engine |/,$p;/Error/p'
+  ;;
+proc12)
+  # --engine-process on (default) against off, same call, alternating per model; 1 then 64 clients from 4 client processes
+  synth qwen2.5-0.5b F16
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  for model in ${PROC_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
+    for i in $(seq 1 80); do [ -f $M/$model.gguf ] && break; sleep 3; done
+    for r in $(seq 1 ${AB_ROUNDS:-1}); do
+      for mode in ${PROC_MODES:-on off}; do
+        timeout 150 python3 benchmarks/bench_load.py --model $M/$model.gguf --worker --label $model-$mode --concurrency ${LOAD_LEVELS:-1 64} \
+          --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} --worker-arg=--engine-process --worker-arg=$mode \
+          --worker-log-level info 2>&1 | tee "$OUT/proc12_${model}_${mode}_$r.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+      done
+    done
+  done
+  ;;
+esac
   for f in $L; do
     timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-${f%%:*}-Q4_K_M.gguf --label ${f%%:*}-llama-sm-${f##*:} \
       --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=${f##*:} --ready-timeout 80 $D 2>&1 \
@@ -444,6 +473,33 @@ httpab)
       echo "== tree $tree, round $r"
       (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker \
         --label ab --concurrency ${LOAD_LEVELS:-64} --client-procs 4 --duration 12 --warmup 3 2>&1 | grep -E '^\| worker-orcd \| ab \|.*\|.*\|.*\|.*\|.*\|.*\||Error' | tail -1)
+    done
+  done
+  ;;
+caps12)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 200 python3 -m pytest -q -m gpu tests/test_split_fallback_gpu.py -p no:cacheprovider -rf --tb=short 2>&1 | tail -15
+  for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
+  B="benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} --client-procs 4"
+  for cap in ${HTTP_CAPS:-256 224 192}; do
+    timeout 100 python3 $B --label 7b-64-cap$cap --concurrency 64 --worker-arg=--mixed-step-tokens --worker-arg=$cap 2>&1 \
+      | tee "$OUT/caps12_$cap.log" | sed -n '/^| engine |/,$p;/Error/p'
+  done
+  timeout 120 python3 $B --label 7b-128 --concurrency 128 ${CAP128:+--worker-arg=--mixed-step-tokens --worker-arg=$CAP128} 2>&1 \
+    | tee "$OUT/caps12_128.log" | sed -n '/^| engine |/,$p;/Error/p'
+  ;;
+proc12)
+  # --engine-process on (default) against off, same call, alternating per model; 1 then 64 clients from 4 client processes
+  synth qwen2.5-0.5b F16
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  for model in ${PROC_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
+    for i in $(seq 1 80); do [ -f $M/$model.gguf ] && break; sleep 3; done
+    for r in $(seq 1 ${AB_ROUNDS:-1}); do
+      for mode in ${PROC_MODES:-on off}; do
+        timeout 150 python3 benchmarks/bench_load.py --model $M/$model.gguf --worker --label $model-$mode --concurrency ${LOAD_LEVELS:-1 64} \
+          --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} --worker-arg=--engine-process --worker-arg=$mode \
+          --worker-log-level info 2>&1 | tee "$OUT/proc12_${model}_${mode}_$r.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
+      done
     done
   done
   ;;
