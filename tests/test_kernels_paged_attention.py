@@ -125,7 +125,7 @@ def test_worker_4710_paged_attention_batch_invariant(gen: torch.Generator, devic
 
 
 def _split_scratch(meta: AttentionMeta, hq: int, hk: int, d: int, dtype: torch.dtype, device: str):  # noqa: ANN202
-    """(slot0, ml, acc) for ``meta``'s tiles: each tile gets the splits up to its last position."""
+    """(slot0, ml, acc, locks) for ``meta``'s tiles: each tile gets the splits up to its last position."""
     from worker_orcd.engine.kernels.paged_layout import split_keys
 
     s = split_keys(d, dtype.itemsize)
@@ -139,7 +139,8 @@ def _split_scratch(meta: AttentionMeta, hq: int, hk: int, d: int, dtype: torch.d
     bm, bd = g_pad * block_t, max(16, 1 << (d - 1).bit_length())
     ml = torch.full((n + 3, hk, 2, bm), float("nan"), device=device)
     acc = torch.full((n + 3, hk, bm, bd), float("nan"), device=device)
-    return torch.tensor(slot0, dtype=torch.int32, device=device), ml, acc
+    locks = torch.zeros(len(slot0) * hk, dtype=torch.int32, device=device)
+    return torch.tensor(slot0, dtype=torch.int32, device=device), ml, acc, locks
 
 
 SPLIT_CASES = [
@@ -168,6 +169,8 @@ def test_worker_4710_split_pass_equals_one_pass(gen: torch.Generator, device: st
     split = _split_scratch(meta, hq, hk, d, dtype, device)
     two = paged_attention(*args, sliding_window=window, split=split)
     assert torch.equal(one, two)
+    assert not split[3].any()  # the merge counters are zero again: the next layer (graph replay) reuses them
+    assert torch.equal(paged_attention(*args, sliding_window=window, split=split), two)
     ref = ops.paged_attention(q.cpu().double(), kc.cpu().double(), vc.cpu().double(), meta, d**-0.5, sliding_window=window)
     assert rel(two.cpu(), ref) < TOL[dtype], rel(two.cpu(), ref)
 
@@ -176,11 +179,13 @@ def test_worker_4700_split_scratch_rejects_bad_shapes(gen: torch.Generator, devi
     meta, T = build([(0, 1)], 4, 2, 4, gen, device)
     kc = torch.zeros(4, BS, 2, 64, device=device)
     q = torch.zeros(T, 4, 64, device=device)
-    slot0, ml, acc = _split_scratch(meta, 4, 2, 64, torch.float32, device)
+    slot0, ml, acc, locks = _split_scratch(meta, 4, 2, 64, torch.float32, device)
     args = (q, kc, kc, meta.block_tables, meta.tile_row, meta.tile_q0, meta.row_qstart, meta.row_qlen, meta.row_start, 0.1)
     with pytest.raises(EngineError, match="split acc"):
-        paged_attention(*args, split=(slot0, ml, acc[:, :, :, :32]))
+        paged_attention(*args, split=(slot0, ml, acc[:, :, :, :32], locks))
     with pytest.raises(EngineError, match="int32"):
-        paged_attention(*args, split=(slot0.long(), ml, acc))
+        paged_attention(*args, split=(slot0.long(), ml, acc, locks))
     with pytest.raises(EngineError, match="as many slots"):
-        paged_attention(*args, split=(slot0, ml, acc[:1]))
+        paged_attention(*args, split=(slot0, ml, acc[:1], locks))
+    with pytest.raises(EngineError, match="split locks"):
+        paged_attention(*args, split=(slot0, ml, acc, locks[:1]))

@@ -45,8 +45,8 @@ class AttentionMeta:
     row_start: torch.Tensor
     host_rows: list[tuple[int, int, int]]  # (qstart, qlen, start) per row
     host_tables: list[list[int]]
-    # (slot0 per tile, partial max/sum, partial acc): the split + merge passes (decode graphs), else one pass
-    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (slot0 per tile, partial max/sum, partial acc, merge counters): the split passes (decode graphs), else one pass
+    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _upload(dst: torch.Tensor, host: torch.Tensor, stage: torch.Tensor) -> None:
@@ -136,7 +136,7 @@ class ModelRunner:
         # the split attention passes' partials (decode graphs: a lone long row on many SMs, kernels/attention_paged.py)
         self.split_s = split_keys(cfg.head_dim, kv.k.dtype.itemsize)
         self.split_slots = split_scratch_slots(max_seq_len, self.split_s)
-        self._split: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.split_fallbacks = 0  # decode steps whose rows needed more partial slots: one pass (same numbers)
 
     # --- StepRunner ----------------------------------------------------------------------------
@@ -454,13 +454,15 @@ class ModelRunner:
             "bt": torch.zeros((b_max, self.max_blocks), dtype=torch.int32, pin_memory=True),
         }
 
-    def _alloc_split(self) -> None:
+    def _alloc_split(self, b_max: int) -> None:
         cfg = self.model.cfg
         g_pad, block_t = tile_shape(cfg.n_heads, cfg.n_kv_heads)
         bm, bd = g_pad * block_t, max(16, 1 << max(0, (cfg.head_dim - 1).bit_length()))
         n, hk = self.split_slots, cfg.n_kv_heads
         self._split = (torch.empty((n, hk, 2, bm), dtype=torch.float32, device=self.device),
-                       torch.empty((n, hk, bm, bd), dtype=torch.float32, device=self.device))
+                       torch.empty((n, hk, bm, bd), dtype=torch.float32, device=self.device),
+                       # a counter per (tile, kv head): the last split program of a tile merges (zero after each layer)
+                       torch.zeros((b_max * hk,), dtype=torch.int32, device=self.device))
         assert self._split[0][0].numel() * 4 + self._split[1][0].numel() * 4 == split_partial_bytes(
             cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)  # what plan.scratch_bytes counts
 
@@ -491,7 +493,7 @@ class ModelRunner:
         if max(sizes) < self.max_batch:
             sizes.append(self.max_batch)
         self._alloc_static(max(sizes))
-        self._alloc_split()
+        self._alloc_split(max(sizes))
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         for b in sorted(sizes):

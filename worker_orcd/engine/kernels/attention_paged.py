@@ -16,8 +16,8 @@ was chunked. So:
   function of the row's own position only;
 * that fixed order can be computed two ways with bitwise the same result: one
   pass (``_paged_kernel``: a program per tile walks its splits) or a split
-  pass with a program per split plus a merge pass (``_paged_split_kernel``,
-  ``_paged_merge_kernel``: many programs for few long rows, e.g. a lone
+  pass with a program per split whose last program to finish merges
+  (``_paged_split_kernel``: many programs for few long rows, e.g. a lone
   decode row, which one pass would walk on 4 of 132 SMs);
 * the online softmax is the "safe" form (max floored at 0 while nothing is
   visible, exp(-inf) = 0), so a key block or split that is fully masked for a
@@ -166,15 +166,17 @@ def _paged_kernel(
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_split_kernel(
-    q_ptr, k_ptr, v_ptr, ml_ptr, acc_ptr, bt_ptr, slot0_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, acc_ptr, lock_ptr, bt_ptr, slot0_ptr,
     tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     scale_log2, window, H_KV, P,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Split pass: program (tile, kv head, p) computes splits p, p + P, ... of the tile, each on its
-    own, into its slot (the tile's first slot + split index) of the partials scratch."""
+    """Program (tile, kv head, p) computes splits p, p + P, ... of the tile, each on its own, into its
+    slot (the tile's first slot + split index) of the partials scratch; the last of the tile's P
+    programs to finish (an acq_rel counter, reset after) folds the partials in split order, as the
+    one-pass kernel does, and writes the output: no second launch per layer."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     p = tl.program_id(2)
@@ -193,41 +195,25 @@ def _paged_split_kernel(
         tl.store(ml_ptr + at * (2 * BLOCK_M) + mm, m_s)
         tl.store(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, l_s)
         tl.store(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], acc_s)
-
-
-@triton.jit
-def _paged_merge_kernel(
-    q_ptr, o_ptr, ml_ptr, acc_ptr, slot0_ptr,
-    tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, window, H_KV,
-    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Merge pass: program (tile, kv head) folds the tile's split partials in split order, as the
-    one-pass kernel does, and writes the output."""
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1)
-    BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
-    q, pos, valid, t, head, r, qstart, last, lo, j_lo, j_hi = _tile_rows(
-        q_ptr, tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr, stride_qt, stride_qh,
-        tile, kvh, window, G, G_PAD, BLOCK_T, BLOCK_N, S, D, BLOCK_D, HAS_WINDOW, UPCAST)
-    slot0 = tl.load(slot0_ptr + tile)
-    mm = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    m_t = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(j_lo, j_hi):
-        at = (slot0 + j).to(tl.int64) * H_KV + kvh
-        m_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + mm)
-        l_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm)
-        acc_s = tl.load(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :])
-        m_t, l_t, acc_t = _merge(m_t, l_t, acc_t, m_s, l_s, acc_s)
-    out = acc_t / l_t[:, None]
-    tl.store(
-        o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-        out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :],
-    )
+    lock = lock_ptr + tile * H_KV + kvh
+    done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+    if done == P - 1:
+        m_t = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for j in range(j_lo, j_hi):
+            at = (slot0 + j).to(tl.int64) * H_KV + kvh
+            # .cg: from L2, where the other programs' stores are (not a stale L1 line)
+            m_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + mm, cache_modifier=".cg")
+            l_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, cache_modifier=".cg")
+            acc_s = tl.load(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+            m_t, l_t, acc_t = _merge(m_t, l_t, acc_t, m_s, l_s, acc_s)
+        out = acc_t / l_t[:, None]
+        tl.store(
+            o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+            out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :],
+        )
+        tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next layer / replay
 
 
 def block_n(d: int, dtype: torch.dtype) -> int:
@@ -258,8 +244,8 @@ def paged_attention(
     block_tables[r]; tile i covers row tile_row[i]'s tokens tile_q0[i] .. + BLOCK_T.
 
     ``split`` = (slot0 [tiles] int32, ml [slots, Hk, 2, BLOCK_M] fp32, acc [slots, Hk, BLOCK_M, BLOCK_D]
-    fp32): run the splits in parallel (a split pass, then a merge pass) — bitwise the one-pass result, more
-    programs for few long rows. Tile i's split j goes to slot slot0[i] + j: the caller makes the slots of
+    fp32, locks [>= tiles * Hk] int32, zero): run the splits in parallel (the last program of a tile merges)
+    — bitwise the one-pass result, more programs for few long rows; the locks are zero again after. Tile i's split j goes to slot slot0[i] + j: the caller makes the slots of
     different tiles disjoint and inside the scratch (tile i needs one per split up to its last position:
     ``last // S + 1``; ``runner.ModelRunner._replay``).
     """
@@ -293,11 +279,14 @@ def paged_attention(
     consts = dict(G=Hq // Hk, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n(D, q.dtype), S=split_keys(D, q.dtype.itemsize),
                   D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_WINDOW=window > 0, UPCAST=upcast)
     if split is not None:
-        slot0, ml, acc = split
+        slot0, ml, acc, locks = split
         bm, bd = g_pad * block_t, consts["BLOCK_D"]
-        val.tensor(kernel, "split slot0", slot0)
-        val.dtype(kernel, "split slot0", slot0, (torch.int32,))
+        for name, t in (("split slot0", slot0), ("split locks", locks)):
+            val.tensor(kernel, name, t)
+            val.dtype(kernel, name, t, (torch.int32,))
         val.check(slot0.shape[0] >= grid[0], kernel, "split slot0", f"{slot0.shape[0]} slots for {grid[0]} tiles")
+        val.check(locks.dim() == 1 and locks.shape[0] >= grid[0] * Hk, kernel, "split locks",
+                  f"needs {grid[0] * Hk} counters, has {list(locks.shape)}")
         for name, t, shape in (("split ml", ml, (Hk, 2, bm)), ("split acc", acc, (Hk, bm, bd))):
             val.tensor(kernel, name, t)
             val.dtype(kernel, name, t, (torch.float32,))
@@ -307,16 +296,12 @@ def paged_attention(
         progs = max(1, min(64, 1024 // (grid[0] * Hk)))  # programs per (tile, kv head): work split, not numerics
         try:
             _paged_split_kernel[(grid[0], Hk, progs)](
-                q, k_cache, v_cache, ml, acc, block_tables, slot0,
+                q, k_cache, v_cache, out, ml, acc, locks, block_tables, slot0,
                 tile_row, tile_q0, row_qstart, row_qlen, row_start,
-                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+                q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
                 scale * _LOG2E, window, Hk, progs, BS=BS, IEEE=q.dtype == torch.float32, **consts,
                 num_warps=4, num_stages=2,
-            )
-            _paged_merge_kernel[grid](
-                q, out, ml, acc, slot0, tile_row, tile_q0, row_qstart, row_qlen, row_start,
-                q.stride(0), q.stride(1), out.stride(0), out.stride(1), window, Hk, **consts,
-                num_warps=4, num_stages=3,
             )
         except Exception as exc:  # noqa: BLE001
             raise val.launch_error(kernel, q.device, exc) from exc
