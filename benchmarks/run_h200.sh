@@ -32,6 +32,7 @@
 #   bash benchmarks/run_h200.sh httpab     # the 0.5B at 64 clients over HTTP: this tree vs .devdata/base, alternating
 #   bash benchmarks/run_h200.sh proc12     # issue 8: the engine in its own process (--engine-process on) vs in the worker's (off), HTTP 0.5B/7B, 1 and 64 clients
 #   bash benchmarks/run_h200.sh caps12     # the split-slot fallback GPU test; 7B Q4_K_M over HTTP (engine process on), 64 clients per mixed-step cap, then 128 clients
+#   bash benchmarks/run_h200.sh merge12    # fused split merge: attention/fallback/batching GPU tests, 0.5B lone stream over HTTP vs .devdata/base, alternating
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -221,6 +222,18 @@ tp12)
   done
   timeout 120 python3 $B --label 7b-128 --concurrency 128 ${CAP128:+--worker-arg=--mixed-step-tokens --worker-arg=$CAP128} 2>&1 \
     | tee "$OUT/caps12_128.log" | sed -n '/^| engine |/,$p;/Error/p'
+  ;;
+merge12)
+  synth qwen2.5-0.5b F16
+  timeout 300 python3 -m pytest -q -m gpu tests/test_kernels_paged_attention.py tests/test_split_fallback_gpu.py tests/test_engine_batching.py \
+    -p no:cacheprovider -rf --tb=short 2>&1 | tail -8
+  for r in $(seq 1 ${AB_ROUNDS:-2}); do
+    for tree in . .devdata/base; do
+      echo "== tree $tree, round $r"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker \
+        --label lone --concurrency 1 --duration 10 --warmup 2 2>&1 | grep -E '^\| worker-orcd \| lone \|.*\|.*\|.*\|.*\|.*\|.*\||Error' | tail -1)
+    done
+  done
   ;;
 proc12)
   # --engine-process on (default) against off, same call, alternating per model; 1 then 64 clients from 4 client processes
@@ -487,6 +500,18 @@ caps12)
   done
   timeout 120 python3 $B --label 7b-128 --concurrency 128 ${CAP128:+--worker-arg=--mixed-step-tokens --worker-arg=$CAP128} 2>&1 \
     | tee "$OUT/caps12_128.log" | sed -n '/^| engine |/,$p;/Error/p'
+  ;;
+merge12)
+  synth qwen2.5-0.5b F16
+  timeout 300 python3 -m pytest -q -m gpu tests/test_kernels_paged_attention.py tests/test_split_fallback_gpu.py tests/test_engine_batching.py \
+    -p no:cacheprovider -rf --tb=short 2>&1 | tail -8
+  for r in $(seq 1 ${AB_ROUNDS:-2}); do
+    for tree in . .devdata/base; do
+      echo "== tree $tree, round $r"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker \
+        --label lone --concurrency 1 --duration 10 --warmup 2 2>&1 | grep -E '^\| worker-orcd \| lone \|.*\|.*\|.*\|.*\|.*\|.*\||Error' | tail -1)
+    done
+  done
   ;;
 proc12)
   # --engine-process on (default) against off, same call, alternating per model; 1 then 64 clients from 4 client processes
