@@ -274,18 +274,8 @@ class ProcessEngine:
                 tokens += 1
                 if job.dead:
                     continue
-            try:
-                job.sink(item)
-            except Exception:  # noqa: BLE001 - a broken consumer must not stop the others
-                log.exception("a job's event sink failed; the job is cancelled")
-                job.dead = True
-            if job.flush is not None:
-                flushes[id(job.flush)] = job.flush
-        for flush in flushes.values():
-            try:
-                flush()
-            except Exception:  # noqa: BLE001
-                log.exception("a sink's flush failed")
+            _hand(job, item, flushes)
+        _wake(flushes)
         model = self._models.get(rid)
         if model is not None:
             model._observe(stats, tokens)
@@ -352,17 +342,8 @@ class ProcessEngine:
             job = self._jobs.pop(jid, None)
             if job is None:
                 continue
-            try:
-                job.sink(err)
-            except Exception:  # noqa: BLE001
-                log.exception("a job's event sink failed")
-            if job.flush is not None:
-                flushes[id(job.flush)] = job.flush
-        for flush in flushes.values():
-            try:
-                flush()
-            except Exception:  # noqa: BLE001
-                log.exception("a sink's flush failed")
+            _hand(job, err, flushes)
+        _wake(flushes)
         if not self._closing:
             for hooks in list(self._hooks.values()):
                 if hooks.model is not None and hooks.on_fatal is not None:
@@ -370,6 +351,25 @@ class ProcessEngine:
                         hooks.on_fatal(err)
                     except Exception:  # noqa: BLE001
                         log.exception("on_fatal failed")
+
+
+def _hand(job: _Job, item: Any, flushes: dict[int, Callable[[], None]]) -> None:
+    """Give ``item`` to the job's sink; its ``flush`` joins the step's wake-ups (once per object)."""
+    try:
+        job.sink(item)
+    except Exception:  # noqa: BLE001 - a broken consumer must not stop the others
+        log.exception("a job's event sink failed; the job is cancelled")
+        job.dead = True
+    if job.flush is not None:
+        flushes[id(job.flush)] = job.flush
+
+
+def _wake(flushes: dict[int, Callable[[], None]]) -> None:
+    for flush in flushes.values():
+        try:
+            flush()
+        except Exception:  # noqa: BLE001
+            log.exception("a sink's flush failed")
 
 
 class RemoteResident:
