@@ -153,6 +153,12 @@ async def clients(url: str, n: int, tokens: int, openai: bool = False) -> dict[s
             "gap_p99_ms": gaps[int(len(gaps) * 0.99)] * 1e3 if gaps else 0.0}
 
 
+def _cpu_s(pid: int) -> float:
+    """The server process's user + system CPU seconds so far (every thread: the fake engine's too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 128])
@@ -179,11 +185,14 @@ def main() -> int:
             Path(os.environ["BENCH_HTTP_PID_FILE"]).write_text(str(proc.pid))
         print(f"step {args.step_ms} ms (simulated device), {args.tokens} tokens per request, "
               f"{'/v1/completions' if args.openai else '/worker/execute'}")
-        print("| clients | tokens/s | gap p50 / p99 ms |")
-        print("|---:|---:|---|")
+        print("| clients | tokens/s | gap p50 / p99 ms | server CPU ms per 1k tokens |")
+        print("|---:|---:|---|---:|")
         for n in args.clients:
+            cpu0 = _cpu_s(proc.pid)
             r = asyncio.run(clients(url, n, args.tokens, args.openai))
-            print(f"| {n} | {r['tok_s']:,.0f} | {r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f} |", flush=True)
+            r["server_cpu_ms_per_1k"] = (_cpu_s(proc.pid) - cpu0) * 1e6 / max(1, r["tokens"])
+            print(f"| {n} | {r['tok_s']:,.0f} | {r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f} | "
+                  f"{r['server_cpu_ms_per_1k']:.1f} |", flush=True)
             print(json.dumps(r), file=sys.stderr)
     finally:
         if os.environ.get("BENCH_HTTP_PROFILE"):
