@@ -556,6 +556,52 @@ def test_worker_4420_inference_timeout(serve_model_path: Path, device: str, tmp_
             assert p.stop() == 0
 
 
+# --- the engine process (--engine-process on, the default) ---------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_worker_engine_process_death_fails_the_job_and_stops_the_worker(
+    serve_model_path: Path, device: str, tmp_path: Path
+) -> None:
+    token_file, a, _ = write_tokens(tmp_path)
+    with CallbackServer() as pm:
+        p = start(tmp_path, [
+            "--worker-id", "it-engine-proc", "--device", device, "--model", serve_model_path.name,
+            "--model-root", str(serve_model_path.parent), "--port", "0", "--callback-url", pm.url,
+            "--max-tokens-out", "4000",
+        ], token_file)
+        try:
+            wait_ready(p, pm)
+            (child,) = _children(p.proc.pid)  # the engine process; the worker itself never maps torch
+            assert "libtorch" not in Path(f"/proc/{p.proc.pid}/maps").read_text()
+            assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
+            with p.client(a) as c, c.stream("POST", "/worker/execute",
+                                            json={"prompt": PROMPT, "params": {"max_tokens": 4000}}) as r:
+                lines = r.iter_lines()
+                while next(lines) != "event: token":
+                    pass
+                os.kill(child, signal.SIGKILL)  # as the OOM killer would
+                rest = "\n".join(lines)
+            assert '"code":"INTERNAL"' in rest.replace(" ", "")  # the stream ends in an error, never hangs
+            assert p.proc.wait(60) != 0  # fatal: the worker stops (its supervisor restarts it)
+            assert any(rec.get("level") == "error" and rec.get("logger") == "worker_orcd.engine_process"
+                       and "exited unexpectedly" in rec.get("human", "") for rec in p.lines())
+        finally:
+            if p.proc.poll() is None:
+                p.stop()
+
+
 # --- commit with a wrong digest, startup failures (bare processes) --------------------------
 
 

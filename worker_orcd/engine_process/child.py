@@ -303,7 +303,8 @@ class EngineServer:
 
 
 class _ForwardLogs(logging.Handler):
-    """This process's log records go to the worker, which writes them with its own handlers."""
+    """This process's log records go to the worker, which writes them with its own handlers (and its
+    redaction: a logger outside the allow-list keeps its text withheld there, as in one process)."""
 
     def __init__(self, channel: Channel) -> None:
         super().__init__()
@@ -312,8 +313,8 @@ class _ForwardLogs(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            if record.exc_info and record.exc_info[1] is not None:  # its type only: tracebacks can hold data
+                text += f" ({type(record.exc_info[1]).__name__})"
             self._channel.note("log", record.name, record.levelno, text)
         except Exception:  # noqa: BLE001 - logging must never fail the engine
             pass
