@@ -78,6 +78,7 @@ profile)
   [ -n "${TUNE_BUDGET:-}" ] && timeout 260 python3 benchmarks/tune_wide.py --budget-s $TUNE_BUDGET 2>&1 | grep -E "^\|"
   ;;
 load)
+  [ -n "${CLIENT_PROCS:-}" ] && : "${LOAD_DURATION:=12}"  # several client processes only in steady state (bench_load.py)
   for i in $(seq 1 60); do [ -f $M/done ] && break; sleep 5; done
   synth qwen2.5-0.5b F16; synth qwen2.5-7b Q4_K_M; synth qwen2.5-7b F16
   for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
