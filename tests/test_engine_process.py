@@ -195,6 +195,23 @@ def _load(engine: Any, path: Path, rec: _Recorder | None = None, seal: Any = Non
     return model
 
 
+class _Collector:
+    """A job's sink: keeps every event; ``ended`` once the end (or an error) came. ``broken``: raises
+    on every token, as a consumer with a bug would."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.events: list[Any] = []
+        self.ended = threading.Event()
+        self._broken = broken
+
+    def __call__(self, ev: Any) -> None:
+        self.events.append(ev)
+        if not isinstance(ev, TokenEvent):
+            self.ended.set()
+        elif self._broken:
+            raise RuntimeError("consumer bug")
+
+
 def _run(model: Any, jobs: list[tuple[list[int], SamplingParams]], cancel: Any = None) -> list[list[Any]]:
     """Submit every job at once (one batch) and collect each one's events."""
     outs: list[list[Any]] = [[] for _ in jobs]
@@ -269,17 +286,10 @@ def test_cancel_flags_and_callables_stop_a_job(remote: Any) -> None:
         if seen == 2:
             flag.set()
     assert isinstance(ev, GenerationEnd) and ev.stop_reason == "cancelled" and ev.tokens_out < 200
-    events: list[Any] = []
-    ended = threading.Event()
-
-    def sink(ev: Any) -> None:
-        events.append(ev)
-        if not isinstance(ev, TokenEvent):
-            ended.set()
-
-    model.generate_into([4, 5], SamplingParams(max_tokens=250), lambda: len(events) >= 3, sink)  # a callable
-    assert ended.wait(60)
-    assert events[-1].stop_reason == "cancelled" and len(events) < 251
+    sink = _Collector()
+    model.generate_into([4, 5], SamplingParams(max_tokens=250), lambda: len(sink.events) >= 3, sink)  # a callable
+    assert sink.ended.wait(60)
+    assert sink.events[-1].stop_reason == "cancelled" and len(sink.events) < 251
 
 
 def test_a_refused_job_and_a_broken_sink(remote: Any) -> None:
@@ -289,16 +299,18 @@ def test_a_refused_job_and_a_broken_sink(remote: Any) -> None:
     with pytest.raises(InvalidParams):
         next(model.generate([1], SamplingParams(max_tokens=10**6)))
 
-    def broken(ev: Any) -> None:
-        raise RuntimeError("consumer bug")
-
+    alone = _run(model, [JOBS[0]])
+    broken = _Collector(broken=True)
     model.generate_into([1, 2], SamplingParams(max_tokens=250), None, broken)
-    good = _run(model, [JOBS[0]])  # the others are unaffected
-    assert [e.token_id for e in good[0][:-1]] == [e.token_id for e in _run(model, [JOBS[0]])[0][:-1]]
-    deadline = time.monotonic() + 30
-    while model.stats()["running"] and time.monotonic() < deadline:  # the broken job was cancelled
-        time.sleep(0.05)
-    assert model.stats()["running"] == 0
+    beside = _run(model, [JOBS[0]])  # the others are unaffected
+    assert [e.token_id for e in beside[0][:-1]] == [e.token_id for e in alone[0][:-1]]
+    assert broken.ended.wait(60)
+    # the sink raised at its first token: nothing more was handed to it but the job's end, a cancel
+    # the engine process acted on (the job did not run to its 250 tokens)
+    tokens = [e for e in broken.events if isinstance(e, TokenEvent)]
+    end = broken.events[-1]
+    assert len(tokens) == 1 and isinstance(end, GenerationEnd)
+    assert end.stop_reason == "cancelled" and end.tokens_out < 250
 
 
 def test_plan_and_memory_come_from_the_engine_process(tiny: Path, remote: Any) -> None:
@@ -342,21 +354,14 @@ def test_a_killed_engine_process_fails_every_job_and_is_fatal(tiny: Path) -> Non
     rec = _Recorder()
     engine = ProcessEngine.open("cpu", 0, "dense")
     model = _load(engine, tiny, rec)
-    events: list[Any] = []
-    ended = threading.Event()
-
-    def sink(ev: Any) -> None:
-        events.append(ev)
-        if not isinstance(ev, TokenEvent):
-            ended.set()
-
+    sink = _Collector()
     model.generate_into([1, 2, 3], SamplingParams(max_tokens=250), None, sink)
     deadline = time.monotonic() + 60
-    while not events and time.monotonic() < deadline:
+    while not sink.events and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(engine.pid, signal.SIGKILL)
-    assert ended.wait(10)
-    assert isinstance(events[-1], WorkerError) and events[-1].code is ErrorCode.INTERNAL
+    assert sink.ended.wait(10)
+    assert isinstance(sink.events[-1], WorkerError) and sink.events[-1].code is ErrorCode.INTERNAL
     assert rec.fatal and rec.fatal[0].code is ErrorCode.INTERNAL
     with pytest.raises(WorkerError):
         model.generate_into([1], SamplingParams(max_tokens=1), None, sink)

@@ -248,15 +248,12 @@ def real_binding(config: WorkerConfig) -> EngineBinding:
 
         return Engine.open(config.device, config.gpu_device, config.resident_weights, tp=tp_spec(config))
 
-    def sampling_params(**kw: Any) -> Any:
-        return SamplingParams(**kw)
-
     def tokenizer(gguf: GGUFFile) -> TokenizerLike:
         from .tokenizer import GGUFTokenizer
 
         return GGUFTokenizer.from_gguf(gguf)
 
-    return EngineBinding(open=open_engine, sampling_params=sampling_params, tokenizer=tokenizer)
+    return EngineBinding(open=open_engine, sampling_params=SamplingParams, tokenizer=tokenizer)
 
 
 def tp_spec(config: WorkerConfig) -> TPSpec | None:
