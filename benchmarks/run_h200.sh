@@ -33,6 +33,7 @@
 #   bash benchmarks/run_h200.sh proc12     # issue 8: the engine in its own process (--engine-process on) vs in the worker's (off), HTTP 0.5B/7B, 1 and 64 clients
 #   bash benchmarks/run_h200.sh caps12     # the split-slot fallback GPU test; 7B Q4_K_M over HTTP (engine process on), 64 clients per mixed-step cap, then 128 clients
 #   bash benchmarks/run_h200.sh merge12    # fused split merge: attention/fallback/batching GPU tests, 0.5B lone stream over HTTP vs .devdata/base, alternating
+#   bash benchmarks/run_h200.sh spy13      # py-spy on the worker process while 64 clients load the 0.5B (where the HTTP side's time goes)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -212,46 +213,7 @@ tp12)
       --resident-weights $RW --ready-timeout 240 $D 2>&1 | tee "$OUT/tp12_72b_tp2.log" | grep -E "^#|^\| worker"
   fi
   for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 3; done
-  case $P in 7b) L="7b:tensor 7b:layer";; 72b) L="72b:layer";; *) L="72b:layer 7b:tensor 7b:layer";; caps12)
-  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
-  timeout 200 python3 -m pytest -q -m gpu tests/test_split_fallback_gpu.py -p no:cacheprovider -rf --tb=short 2>&1 | tail -15
-  for i in $(seq 1 80); do [ -f $M/7b.done ] && break; sleep 3; done
-  B="benchmarks/bench_load.py --model $M/qwen2.5-7b-Q4_K_M.gguf --worker --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} --client-procs 4"
-  for cap in ${HTTP_CAPS:-256 224 192}; do
-    timeout 100 python3 $B --label 7b-64-cap$cap --concurrency 64 --worker-arg=--mixed-step-tokens --worker-arg=$cap 2>&1 \
-      | tee "$OUT/caps12_$cap.log" | sed -n '/^| engine |/,$p;/Error/p'
-  done
-  timeout 120 python3 $B --label 7b-128 --concurrency 128 ${CAP128:+--worker-arg=--mixed-step-tokens --worker-arg=$CAP128} 2>&1 \
-    | tee "$OUT/caps12_128.log" | sed -n '/^| engine |/,$p;/Error/p'
-  ;;
-merge12)
-  synth qwen2.5-0.5b F16
-  timeout 300 python3 -m pytest -q -m gpu tests/test_kernels_paged_attention.py tests/test_split_fallback_gpu.py tests/test_engine_batching.py \
-    -p no:cacheprovider -rf --tb=short 2>&1 | tail -8
-  for r in $(seq 1 ${AB_ROUNDS:-2}); do
-    for tree in . .devdata/base; do
-      echo "== tree $tree, round $r"
-      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker \
-        --label lone --concurrency 1 --duration 10 --warmup 2 2>&1 | grep -E '^\| worker-orcd \| lone \|.*\|.*\|.*\|.*\|.*\|.*\||Error' | tail -1)
-    done
-  done
-  ;;
-proc12)
-  # --engine-process on (default) against off, same call, alternating per model; 1 then 64 clients from 4 client processes
-  synth qwen2.5-0.5b F16
-  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
-  for model in ${PROC_MODELS:-qwen2.5-0.5b-F16 qwen2.5-7b-Q4_K_M}; do
-    for i in $(seq 1 80); do [ -f $M/$model.gguf ] && break; sleep 3; done
-    for r in $(seq 1 ${AB_ROUNDS:-1}); do
-      for mode in ${PROC_MODES:-on off}; do
-        timeout 150 python3 benchmarks/bench_load.py --model $M/$model.gguf --worker --label $model-$mode --concurrency ${LOAD_LEVELS:-1 64} \
-          --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3} --worker-arg=--engine-process --worker-arg=$mode \
-          --worker-log-level info 2>&1 | tee "$OUT/proc12_${model}_${mode}_$r.log" | sed -n '/ready in/p;/^| engine |/,$p;/Error/p'
-      done
-    done
-  done
-  ;;
-esac
+  case $P in 7b) L="7b:tensor 7b:layer";; 72b) L="72b:layer";; *) L="72b:layer 7b:tensor 7b:layer";; esac
   for f in $L; do
     timeout 110 python3 benchmarks/bench_load.py --model $M/qwen2.5-${f%%:*}-Q4_K_M.gguf --label ${f%%:*}-llama-sm-${f##*:} \
       --llama /tmp/llama.cpp/build/bin/llama-server --llama-arg=-sm --llama-arg=${f##*:} --ready-timeout 80 $D 2>&1 \
@@ -528,5 +490,23 @@ proc12)
       done
     done
   done
+  ;;
+spy13)
+  # where the worker's (HTTP side's) time goes at 64 clients: py-spy (.devdata/extra) on the worker process while
+  # bench_load runs the 0.5B; every thread, idle samples kept (the event loop's share idle in epoll = its headroom)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devdata/extra/py_spy-*.whl >/dev/null 2>&1
+  synth qwen2.5-0.5b F16
+  timeout 150 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker --label spy --concurrency 64 \
+    --client-procs 4 --duration ${LOAD_DURATION:-20} --warmup 3 --worker-log-level info ${SPY_ARGS:-} 2>&1 | tee "$OUT/spy13_load.log" \
+    | sed -n '/ready in/p;/^| engine |/,$p;/Error/p' &
+  LOADP=$!
+  W=""; for i in $(seq 1 200); do W=$(pgrep -f "worker_orcd serve --worker-id bench" | head -1); [ -n "$W" ] && break; sleep 0.5; done
+  c0=0; for i in $(seq 1 240); do  # under load when the worker burns > 0.3 s of CPU per 0.5 s
+    c=$(awk '{print $14+$15}' /proc/$W/stat 2>/dev/null || echo 0); [ $((c - c0)) -gt 30 ] && [ $c0 -gt 0 ] && break; c0=$c; sleep 0.5; done
+  sleep 3
+  /tmp/site/bin/py-spy record -p $W --threads --idle --rate 400 --duration ${SPY_S:-6} --nonblocking --format raw -o "$OUT/spy13_worker.txt" 2>&1 | tail -2
+  C=$(pgrep -f "worker_orcd.engine_process.child" | head -1)
+  [ -n "$C" ] && /tmp/site/bin/py-spy dump -p $C 2>&1 | head -40 > "$OUT/spy13_child_dump.txt"
+  wait $LOADP
   ;;
 esac
