@@ -34,6 +34,7 @@
 #   bash benchmarks/run_h200.sh caps12     # the split-slot fallback GPU test; 7B Q4_K_M over HTTP (engine process on), 64 clients per mixed-step cap, then 128 clients
 #   bash benchmarks/run_h200.sh merge12    # fused split merge: attention/fallback/batching GPU tests, 0.5B lone stream over HTTP vs .devdata/base, alternating
 #   bash benchmarks/run_h200.sh spy13      # py-spy on the worker process while 64 clients load the 0.5B (where the HTTP side's time goes)
+#   bash benchmarks/run_h200.sh direct13   # SSE token fast path: 0.5B at 64 clients vs .devdata/base, alternating; GIL switch 0.25 ms; 7B Q4_K_M at 64
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -494,19 +495,46 @@ proc12)
 spy13)
   # where the worker's (HTTP side's) time goes at 64 clients: py-spy (.devdata/extra) on the worker process while
   # bench_load runs the 0.5B; every thread, idle samples kept (the event loop's share idle in epoll = its headroom)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devdata/extra/py_spy-*.whl >/dev/null 2>&1
+  python3 -m zipfile -e .devdata/extra/py_spy-*.whl /tmp/pyspy && SPY=$(find /tmp/pyspy -name py-spy -type f | head -1) && chmod +x $SPY
   synth qwen2.5-0.5b F16
   timeout 150 python3 benchmarks/bench_load.py --model $M/qwen2.5-0.5b-F16.gguf --worker --label spy --concurrency 64 \
     --client-procs 4 --duration ${LOAD_DURATION:-20} --warmup 3 --worker-log-level info ${SPY_ARGS:-} 2>&1 | tee "$OUT/spy13_load.log" \
     | sed -n '/ready in/p;/^| engine |/,$p;/Error/p' &
   LOADP=$!
   W=""; for i in $(seq 1 200); do W=$(pgrep -f "worker_orcd serve --worker-id bench" | head -1); [ -n "$W" ] && break; sleep 0.5; done
-  c0=0; for i in $(seq 1 240); do  # under load when the worker burns > 0.3 s of CPU per 0.5 s
-    c=$(awk '{print $14+$15}' /proc/$W/stat 2>/dev/null || echo 0); [ $((c - c0)) -gt 30 ] && [ $c0 -gt 0 ] && break; c0=$c; sleep 0.5; done
+  for i in $(seq 1 240); do  # under load once the clients' connections are open
+    [ $(ls -l /proc/$W/fd 2>/dev/null | grep -c socket) -gt 60 ] && break; sleep 0.5; done
   sleep 3
-  /tmp/site/bin/py-spy record -p $W --threads --idle --rate 400 --duration ${SPY_S:-6} --nonblocking --format raw -o "$OUT/spy13_worker.txt" 2>&1 | tail -2
+  $SPY record -p $W --threads --idle --rate 400 --duration ${SPY_S:-6} --nonblocking --format raw -o "$OUT/spy13_worker.txt" 2>&1 | tail -2
   C=$(pgrep -f "worker_orcd.engine_process.child" | head -1)
-  [ -n "$C" ] && /tmp/site/bin/py-spy dump -p $C 2>&1 | head -40 > "$OUT/spy13_child_dump.txt"
+  [ -n "$C" ] && $SPY dump -p $C 2>&1 | head -40 > "$OUT/spy13_child_dump.txt"
   wait $LOADP
+  ;;
+direct13)
+  # the SSE token fast path (http/protocol.py DirectBody): 0.5B F16 at 64 clients over HTTP, this tree against
+  # .devdata/base (the tree before), alternating; then this tree with a 0.25 ms GIL switch interval in the worker
+  # process only (sitecustomize); then the 7B Q4_K_M at 64 clients on this tree
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  synth qwen2.5-0.5b F16
+  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
+import os, sys
+argv = getattr(sys, "orig_argv", [])
+if os.environ.get("SWITCH_MS") and "worker_orcd" in argv and "serve" in argv:
+    sys.setswitchinterval(float(os.environ["SWITCH_MS"]) / 1e3)
+PY
+  B="benchmarks/bench_load.py --worker --concurrency 64 --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
+  for r in $(seq 1 ${AB_ROUNDS:-2}); do
+    for tree in . .devdata/base; do
+      echo "== tree $tree, round $r"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-$r 2>&1 \
+        | tee "$OUT/direct13_05b_$(basename $tree)_$r.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
+    done
+  done
+  echo "== this tree, switch interval 0.25 ms in the worker"
+  SWITCH_MS=0.25 PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-sw 2>&1 \
+    | tee "$OUT/direct13_05b_switch.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
+  echo "== this tree, 7B Q4_K_M"
+  timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b 2>&1 | tee "$OUT/direct13_7b.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   ;;
 esac

@@ -18,6 +18,11 @@ connection, a one-second tick now enforces:
 A request h11 cannot parse (bad Content-Length, bad chunk size, NUL in the
 target or a header, HTTP/0.9) is answered in the documented JSON error shape
 (400 ``INVALID_PARAMS``) instead of uvicorn's ``text/plain`` line, and closed.
+
+Each request's scope also carries a ``DirectBody`` (``scope["extensions"][DIRECT_BODY]``): the
+SSE streams write token frames through it from the loop callback that hands over an engine step
+(http/stream.py), instead of a task wake-up, two async generators and five ASGI ``send``
+wrappers per token (the HTTP side's per-token cost bounds small models at 64 clients).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,6 +43,32 @@ BODY_GRACE_S = 10.0
 MIN_BODY_RATE = 16 * 1024  # bytes/s, averaged over the body's reading time
 MAX_CONNECTIONS = 256
 _TICK_S = 1.0
+DIRECT_BODY = "worker_orcd.direct_body"
+
+
+class DirectBody:
+    """A started streaming response's body chunks, written as uvicorn's ``send`` writes a
+    ``http.response.body`` message with ``more_body`` (the same h11 event, the same bytes).
+
+    ``ready`` is false whenever ``send`` would have to wait or refuse: before the response
+    started, after it completed, once the client is gone, while the transport is paused for
+    backpressure; the caller then takes the ordinary path (its queue and ``send``)."""
+
+    __slots__ = ("_protocol", "_cycle")
+
+    def __init__(self, protocol: WorkerH11Protocol, cycle: Any) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+
+    def ready(self) -> bool:
+        p, c = self._protocol, self._cycle
+        return (p.cycle is c and c.response_started and not c.response_complete and not c.disconnected
+                and not p.flow.write_paused and not p.transport.is_closing() and c.scope["method"] != "HEAD")
+
+    def write(self, body: bytes) -> None:
+        """Only after ``ready()`` on the same loop turn."""
+        p = self._protocol
+        p.transport.write(p.conn.send(h11.Data(data=body)))
 
 
 def _error_bytes(err: WorkerError) -> bytes:
@@ -64,6 +96,12 @@ class WorkerH11Protocol(H11Protocol):
             self._send_error(503, err)
             return
         self._tick = self.loop.call_later(_TICK_S, self._check)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not None and self.cycle is not cycle:  # a request began: its app task has not run yet
+            self.cycle.scope.setdefault("extensions", {})[DIRECT_BODY] = DirectBody(self, self.cycle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._tick is not None:

@@ -1,6 +1,6 @@
 """One running job: the engine's blocking generator on a thread, bridged to SSE frames.
 
-The engine thread pushes events into an asyncio queue; the response
+The engine thread hands events to the stream's inbox on the event loop; the response
 generator turns them into frames. The two ends have separate lives on
 purpose: the client may go away (the job is cancelled and the thread stops
 within one decode step), but the slot is released only when the thread has
@@ -10,6 +10,12 @@ Ordering guarantees (SPEC 4252-4253): once a stop is requested (cancel,
 disconnect, timeout, shutdown, fatal error) the stream checks the job's stop
 code before every frame, so no token follows an acknowledged cancel; after
 ``end`` or ``error`` the generator returns and nothing else is sent.
+
+The token fast path: while the response task waits on an empty queue, the loop
+callback that hands over an engine step renders each token and writes it to the
+connection itself (``DirectBody``); anything else, or a token while the queue
+holds something or the socket pushes back, takes the queue, so frames leave in
+the engine's order either way.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -52,12 +58,12 @@ class _Handoff:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: collections.deque[tuple[asyncio.Queue[Any], Any]] = collections.deque()
+        self._items: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self._scheduled = False
         self.wake_cb = self.wake  # one object for every stream on this loop: the engine dedupes by it
 
-    def post(self, queue: asyncio.Queue[Any], item: Any, wake: bool = True) -> None:
-        self._items.append((queue, item))
+    def post(self, deliver: Callable[[Any], None], item: Any, wake: bool = True) -> None:
+        self._items.append((deliver, item))
         if wake:
             self.wake()
 
@@ -74,8 +80,45 @@ class _Handoff:
         self._scheduled = False
         items = self._items
         while items:
-            queue, item = items.popleft()
-            queue.put_nowait(item)
+            deliver, item = items.popleft()
+            deliver(item)
+
+
+class _Inbox:
+    """A stream's events, in order, for its response task.
+
+    Not an ``asyncio.Queue``: under Python 3.11 ``wait_for(queue.get())`` runs the get in an inner
+    task that takes the item off before the stream's task resumes, so "empty" could not tell the
+    fast path that an event is still ahead of the next token. Here an item leaves only when the
+    stream's task pops it."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def pop(self) -> Any:
+        return self._items.popleft()
+
+    async def wait(self, timeout: float) -> None:
+        """Until an item is there; ``TimeoutError`` after ``timeout`` s."""
+        if self._items:
+            return
+        w = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(w, timeout)
+        finally:
+            self._waiter = None
 
 
 _HANDOFF_LOCK = threading.Lock()
@@ -99,6 +142,7 @@ class _EngineSink:
 
     def __call__(self, event: Any) -> None:
         self._stream._on_engine_event(event, wake=False)
+from .protocol import DIRECT_BODY, DirectBody
 from .sse import HEADERS, KEEPALIVE, MEDIA_TYPE, frame
 
 _DONE = object()  # the engine thread returned
@@ -137,7 +181,7 @@ class JobStream:
         self.prompt_ids, self.params = list(prompt_ids), params
         self.detok = tokenizer.stream(skip_special=True)  # an EOS token ends the stream, it is not text
         self.seal_ms, self.fp6 = seal_ms, fp6
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.inbox = _Inbox()
         self.outcome: str | None = None  # "end" | error code | "disconnected"
         self._loop = asyncio.get_running_loop()
         self._handoff = _handoff(self._loop)  # looked up once, not per token on the engine thread
@@ -146,6 +190,9 @@ class JobStream:
         self._last_token: float | None = None
         self._engine_ok = False  # the engine reached a normal end (eos / max_tokens)
         self._released = False
+        self.direct: DirectBody | None = None  # the connection, once the response has started (EventStreamResponse)
+        self._waiting = False  # frames() waits on an empty queue: a token may go straight to the socket
+        self._last_keepalive = 0.0
 
     # --- engine side ---------------------------------------------------------------------
 
@@ -154,7 +201,7 @@ class JobStream:
         w.begin_job()
         w.metrics.jobs_started.inc()
         w.metrics.tokens_in.inc(len(self.prompt_ids))
-        job.on_stop = lambda: self.queue.put_nowait(_WAKE)
+        job.on_stop = lambda: self.inbox.put(_WAKE)
         timeout = w.config.inference_timeout_sec
         self._timer = self._loop.call_later(
             timeout, job.request_stop, ErrorCode.INFERENCE_TIMEOUT, f"job exceeded the inference timeout of {timeout:g} s"
@@ -180,7 +227,21 @@ class JobStream:
         threading.Thread(target=context.run, args=(self._produce,), name=f"job-{job.job_id[:16]}", daemon=True).start()
 
     def _post(self, item: Any, wake: bool = True) -> None:
-        self._handoff.post(self.queue, item, wake)
+        self._handoff.post(self._deliver, item, wake)
+
+    def _deliver(self, item: Any) -> None:
+        """On the loop: a token straight to the socket when nothing is ahead of it, else the queue."""
+        d = self.direct
+        if (d is not None and self._waiting and self.inbox.empty() and self.outcome is None
+                and self.job.stop_code is None and hasattr(item, "token_id") and d.ready()):
+            chunk = self._token(item)
+            self.worker.metrics.tokens_generated.inc()
+            if chunk:
+                d.write(chunk)
+            if self.outcome is not None:  # the rendering ended the stream (a stop string): frames() returns
+                self.inbox.put(_WAKE)
+            return
+        self.inbox.put(item)
 
     def _produce(self) -> None:
         try:
@@ -245,16 +306,26 @@ class JobStream:
                 yield started
             held: Any = None  # an event read while joining tokens, handled next
             while True:
+                if self.outcome is not None:  # a directly written token ended the stream (a stop string)
+                    return
                 try:
                     # a burst handed over at once is read without a timer per token
                     if held is not None:
                         item, held = held, None
+                    elif not self.inbox.empty():
+                        item = self.inbox.pop()
                     else:
-                        item = self.queue.get_nowait() if not self.queue.empty() else \
-                            await asyncio.wait_for(self.queue.get(), keepalive)
+                        self._waiting = True
+                        try:
+                            await self.inbox.wait(self._quiet_for(keepalive))
+                        finally:
+                            self._waiting = False
+                        item = self.inbox.pop()
                 except TimeoutError:
                     if job.stop_code is None:
-                        yield KEEPALIVE
+                        if self._quiet_for(keepalive) <= 0.0:  # no frame (direct tokens count) for keepalive s
+                            self._last_keepalive = time.monotonic()
+                            yield KEEPALIVE
                         continue
                     item = _WAKE
                 if job.stop_code is not None:  # checked before EVERY frame: nothing after a stop (4252)
@@ -273,8 +344,8 @@ class JobStream:
                     n = 1
                     # tokens already queued (a stream that fell behind) go out in one write, each
                     # rendered only while no stop is set, as if yielded one by one
-                    while self.outcome is None and job.stop_code is None and not self.queue.empty():
-                        nxt = self.queue.get_nowait()
+                    while self.outcome is None and job.stop_code is None and not self.inbox.empty():
+                        nxt = self.inbox.pop()
                         if not hasattr(nxt, "token_id"):
                             held = nxt
                             break
@@ -297,6 +368,13 @@ class JobStream:
                     return
         finally:
             self.abandon()
+
+    def _quiet_for(self, keepalive: float) -> float:
+        """Seconds until a keep-alive is due: ``keepalive`` after the last token or keep-alive (or from now)."""
+        last = max(self._last_keepalive, self._last_token or 0.0)
+        if last == 0.0:
+            self._last_keepalive = last = time.monotonic()
+        return keepalive - (time.monotonic() - last)
 
     def abandon(self) -> None:
         """The client left before a final event (or the stream never ran): cancel the same way (SPEC)."""
@@ -425,6 +503,9 @@ class EventStreamResponse(Response):
                 async def stream() -> None:
                     try:
                         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                        direct = scope.get("extensions", {}).get(DIRECT_BODY)
+                        if isinstance(direct, DirectBody):
+                            self.job.direct = direct
                         async with aclosing(self.job.frames()) as frames:  # finalised now, not at GC time
                             async for chunk in frames:
                                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
