@@ -76,8 +76,8 @@ async def one_request(c: httpx.AsyncClient, prompt: str, max_tokens: int, llama:
             if not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
-            if payload == "[DONE]":
-                break
+            if payload == "[DONE]":  # read on to the body's end, as the OpenAI SDK does: the connection is reused
+                continue
             chunk = json.loads(payload)
             choices = chunk.get("choices") or []
             if not choices or not choices[0].get("text"):
@@ -162,7 +162,8 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
     eng = {k: after[k] - before.get(k, 0.0) for k in after}
     steps = eng.get("worker_batch_size_count", 0.0)
     gaps = {f"{key}_p{q}_ms": bucket_quantile(eng, metric, q / 100)
-            for key, metric in (("step_gap", "worker_step_interval_ms"), ("server_itl", "worker_inter_token_latency_ms"))
+            for key, metric in (("step_gap", "worker_step_interval_ms"), ("server_itl", "worker_inter_token_latency_ms"),
+                                ("channel", "worker_step_channel_ms"), ("loop_lag", "worker_step_loop_lag_ms"))
             for q in (50, 99)}
     return {**gaps,
         # worker-orcd's own view of the level (its /metrics): engine steps, mean rows per step, the time
@@ -178,7 +179,8 @@ async def run_level(url: str, token: str, n: int, args: argparse.Namespace, llam
     }
 
 
-GAP_HISTOGRAMS = ("worker_step_interval_ms", "worker_inter_token_latency_ms")
+GAP_HISTOGRAMS = ("worker_step_interval_ms", "worker_inter_token_latency_ms", "worker_step_channel_ms",
+                  "worker_step_loop_lag_ms")
 
 
 async def engine_counters(c: httpx.AsyncClient) -> dict[str, float]:
@@ -390,17 +392,18 @@ def main() -> int:
                     p.kill()
             TP_MEMBERS.clear()
     print("\n| engine | model | clients | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | engine steps | rows/step "
-          "| seal checks (ms) | step gap p50 / p99 ms | server ITL p50 / p99 ms |")
-    print("|---|---|---:|---:|---|---|---:|---:|---|---|---|")
+          "| seal checks (ms) | step gap p50 / p99 ms | server ITL p50 / p99 ms | channel p50 / p99 ms | loop lag p50 / p99 ms |")
+    print("|---|---|---:|---:|---|---|---:|---:|---|---|---|---|---|")
 
     def gap(r: dict[str, Any], key: str) -> str:
         p50, p99 = r.get(f"{key}_p50_ms"), r.get(f"{key}_p99_ms")
         return "-" if p50 is None or p99 is None else f"{p50:.1f} / {p99:.1f}"
 
     for r in rows:
-        eng = ("| - | - | - | - | - |" if r["engine"] != "worker-orcd" else
+        eng = ("| - | - | - | - | - | - | - |" if r["engine"] != "worker-orcd" else
                f"| {r['engine_steps']:.0f} | {r['engine_rows_per_step'] or 0:.1f} | {r['seal_checks'] or 0:.0f} "
-               f"({r['seal_ms_total'] or 0:.0f}) | {gap(r, 'step_gap')} | {gap(r, 'server_itl')} |")
+               f"({r['seal_ms_total'] or 0:.0f}) | {gap(r, 'step_gap')} | {gap(r, 'server_itl')} | {gap(r, 'channel')} "
+               f"| {gap(r, 'loop_lag')} |")
         print(f"| {r['engine']} | {r['model']} | {r['clients']} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / "
               f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} {eng}")
     if os.environ.get("OUT"):

@@ -35,6 +35,8 @@
 #   bash benchmarks/run_h200.sh merge12    # fused split merge: attention/fallback/batching GPU tests, 0.5B lone stream over HTTP vs .devdata/base, alternating
 #   bash benchmarks/run_h200.sh spy13      # py-spy on the worker process while 64 clients load the 0.5B (where the HTTP side's time goes)
 #   bash benchmarks/run_h200.sh direct13   # SSE token fast path: 0.5B at 64 clients vs .devdata/base, alternating; GIL switch 0.25 ms; 7B Q4_K_M at 64
+#   bash benchmarks/run_h200.sh gc13       # the worker's garbage collections under 64-client 0.5B load: stats, high thresholds, disabled
+#   bash benchmarks/run_h200.sh lag13      # step channel / event-loop lag histograms: 0.5B at 64 clients vs .devdata/base (keep-alive clients); 7B Q4_K_M at 64
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -536,5 +538,57 @@ PY
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   echo "== this tree, 7B Q4_K_M"
   timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b 2>&1 | tee "$OUT/direct13_7b.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  ;;
+gc13)
+  # the worker process's garbage collections under 64-client 0.5B load (gc.callbacks via sitecustomize, worker
+  # only): GC_MODES = default (stats only) | high (thresholds 50000/50/100) | freeze-off (gc disabled, a bound)
+  synth qwen2.5-0.5b F16
+  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
+import gc, json, os, sys, time
+argv = getattr(sys, "orig_argv", [])
+mode = os.environ.get("GC_MODE")
+if mode and "worker_orcd" in argv and "serve" in argv:
+    if mode == "high":
+        gc.set_threshold(50000, 50, 100)
+    elif mode == "off":
+        gc.disable()
+    st = {"mode": mode, "n": [0, 0, 0], "ms": [0.0, 0.0, 0.0], "max_ms": [0.0, 0.0, 0.0], "over2ms": [0, 0, 0], "t0": time.time()}
+    t = [0.0, 0.0]
+    def cb(phase, info):
+        g = info["generation"]
+        if phase == "start":
+            t[0] = time.perf_counter(); return
+        d = (time.perf_counter() - t[0]) * 1e3
+        st["n"][g] += 1; st["ms"][g] += d; st["max_ms"][g] = max(st["max_ms"][g], d); st["over2ms"][g] += d > 2
+        if time.time() - t[1] > 2:
+            t[1] = time.time(); st["seconds"] = t[1] - st["t0"]
+            open(os.environ["GC_OUT"], "w").write(json.dumps(st))
+    gc.callbacks.append(cb)
+PY
+  B="benchmarks/bench_load.py --worker --concurrency 64 --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
+  for mode in ${GC_MODES:-default high off}; do
+    echo "== gc $mode"
+    GC_MODE=$mode GC_OUT=$OUT/gc13_$mode.json PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf \
+      --label 05b-gc-$mode 2>&1 | tee "$OUT/gc13_$mode.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+    cat $OUT/gc13_$mode.json; echo
+  done
+  ;;
+lag13)
+  # where the HTTP side's token gaps come from: the step channel and event-loop lag histograms (this tree), 0.5B F16
+  # at 64 clients, this tree against .devdata/base alternating (both driven by this tree's bench_load: clients keep
+  # their connections); then the 7B Q4_K_M at 64 clients on this tree
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  synth qwen2.5-0.5b F16
+  B="$PWD/benchmarks/bench_load.py --worker --concurrency 64 --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
+  for r in $(seq 1 ${AB_ROUNDS:-2}); do
+    for tree in . .devdata/base; do
+      echo "== tree $tree, round $r"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-$r 2>&1 \
+        | tee "$OUT/lag13_05b_$(basename $tree)_$r.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
+    done
+  done
+  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
+  echo "== this tree, 7B Q4_K_M"
+  timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b 2>&1 | tee "$OUT/lag13_7b.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   ;;
 esac

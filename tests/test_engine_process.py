@@ -167,6 +167,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.steps: list[tuple[Any, ...]] = []
         self.admitted: list[float] = []
+        self.channel_ms: list[float] = []
         self.fingerprints: list[str] = []
         self.fatal: list[WorkerError] = []
 
@@ -182,6 +183,9 @@ class _Observer:
         self._rec.admitted.append(queue_ms)
 
     def preempted(self) -> None: ...
+
+    def step_channel(self, ms: float) -> None:
+        self._rec.channel_ms.append(ms)
 
 
 def _load(engine: Any, path: Path, rec: _Recorder | None = None, seal: Any = None, **kw: Any) -> Any:
@@ -273,6 +277,8 @@ def test_streams_equal_the_engine_in_this_process(tiny: Path, remote: Any) -> No
         assert isinstance(s[-1], GenerationEnd) and s[-1].stop_reason == "max_tokens"
     # telemetry and the seal check crossed too: the host's hook got the fingerprint the device computed
     assert rec.steps and rec.admitted
+    # each step note carried the child's send time: one channel delay per step, on the host's clock
+    assert len(rec.channel_ms) == len(rec.steps) and all(0.0 <= ms < 10_000 for ms in rec.channel_ms)
     assert rec.fingerprints and set(rec.fingerprints) == {model.fingerprint()}
     assert model.stats()["kv_blocks_total"] > 0 and model.stats()["running"] == 0
 

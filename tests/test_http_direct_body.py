@@ -62,6 +62,9 @@ def test_tokens_leave_through_the_direct_path(h: WorkerHarness, writes: list[byt
     direct = [parse(w.decode()) for w in writes]
     assert sum(len(f) for f in direct) >= 20, "most tokens should be written by the step hand-over itself"
     assert all(e == "token" for f in direct for e, _ in f)  # only tokens take the fast path
+    with h.client() as c:  # every hand-over's wait for the event loop was measured
+        lag = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("worker_step_loop_lag_ms_count ")]
+    assert lag and float(lag[0].split()[-1]) >= 20
 
 
 def test_no_keepalive_between_direct_tokens(h: WorkerHarness, writes: list[bytes]) -> None:

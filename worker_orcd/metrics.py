@@ -88,6 +88,18 @@ class Metrics:
             "inter-token gap before the HTTP side sees it",
             buckets=GAP_BUCKETS_MS, registry=r,
         )
+        self.step_channel_ms = Histogram(
+            "worker_step_channel_ms",
+            "Engine process: time from the engine handing out a step's tokens to the worker receiving them "
+            "(socket, unpickling, the worker's GIL)",
+            buckets=GAP_BUCKETS_MS, registry=r,
+        )
+        self.loop_lag_ms = Histogram(
+            "worker_step_loop_lag_ms",
+            "Time from a step's tokens being handed to the HTTP event loop to the loop delivering them "
+            "(how far behind the event loop runs)",
+            buckets=GAP_BUCKETS_MS, registry=r,
+        )
         self.preemptions = Counter(
             "worker_preemptions_total", "Jobs preempted (KV blocks ran out) and later recomputed", registry=r
         )
@@ -100,6 +112,9 @@ class Metrics:
         self.batch_size.observe(rows)
         if interval_ms is not None:
             self.step_interval_ms.observe(interval_ms)
+
+    def step_channel(self, ms: float) -> None:
+        self.step_channel_ms.observe(ms)
 
     def bind_engine(self, stats: Callable[[], dict[str, int]]) -> None:
         """The batching gauges read the engine's live counts at scrape time (never stale when idle)."""

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -62,7 +63,7 @@ class _Outbox:
                 return
             events, self._events = self._events, []
             obs, self._obs = self._obs, []
-            self._channel.note("step", self._rid, events, obs, self._stats())
+            self._channel.note("step", self._rid, events, obs, self._stats(), time.monotonic())
 
 
 class _Observer:

@@ -258,8 +258,11 @@ class ProcessEngine:
             raise WorkerError("the engine process exited", code=ErrorCode.INTERNAL)
         self.channel.note("submit", rid, jid, list(prompt_ids), params, grammar)
 
-    def _on_step(self, rid: int, events: list[tuple[Any, ...]], obs: list[tuple[Any, ...]], stats: dict[str, int]) -> None:
-        """One engine step: hand out every row's event, wake each consumer once, replay the telemetry."""
+    def _on_step(self, rid: int, events: list[tuple[Any, ...]], obs: list[tuple[Any, ...]], stats: dict[str, int],
+                 sent_at: float | None = None) -> None:
+        """One engine step: hand out every row's event, wake each consumer once, replay the telemetry.
+        ``sent_at``: the child's ``time.monotonic()`` at sending (CLOCK_MONOTONIC: one clock per host)."""
+        received = time.monotonic()
         jobs = self._jobs
         flushes: dict[int, Callable[[], None]] = {}
         tokens = 0
@@ -283,6 +286,9 @@ class ProcessEngine:
             if observer is not None:
                 for o in obs:
                     getattr(observer, o[0])(*o[1:])
+                channel = getattr(observer, "step_channel", None)
+                if channel is not None and sent_at is not None:
+                    channel((received - sent_at) * 1e3)
         self._poll_cancels()
 
     def _poll_cancels(self) -> None:

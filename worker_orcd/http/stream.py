@@ -60,6 +60,8 @@ class _Handoff:
         self._loop = loop
         self._items: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self._scheduled = False
+        self._posted_at = 0.0  # when the drain now scheduled was asked for
+        self.on_lag: Callable[[float], None] | None = None  # ms from asking for a drain to running it
         self.wake_cb = self.wake  # one object for every stream on this loop: the engine dedupes by it
 
     def post(self, deliver: Callable[[Any], None], item: Any, wake: bool = True) -> None:
@@ -71,6 +73,7 @@ class _Handoff:
         if self._scheduled or not self._items:
             return
         self._scheduled = True
+        self._posted_at = time.monotonic()
         try:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # loop closed: the process is exiting
@@ -78,6 +81,8 @@ class _Handoff:
 
     def _drain(self) -> None:
         self._scheduled = False
+        if self.on_lag is not None:
+            self.on_lag((time.monotonic() - self._posted_at) * 1e3)
         items = self._items
         while items:
             deliver, item = items.popleft()
@@ -185,6 +190,8 @@ class JobStream:
         self.outcome: str | None = None  # "end" | error code | "disconnected"
         self._loop = asyncio.get_running_loop()
         self._handoff = _handoff(self._loop)  # looked up once, not per token on the engine thread
+        if self._handoff.on_lag is None:
+            self._handoff.on_lag = worker.metrics.loop_lag_ms.observe
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
         self._last_token: float | None = None
