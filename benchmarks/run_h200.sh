@@ -37,6 +37,7 @@
 #   bash benchmarks/run_h200.sh direct13   # SSE token fast path: 0.5B at 64 clients vs .devdata/base, alternating; GIL switch 0.25 ms; 7B Q4_K_M at 64
 #   bash benchmarks/run_h200.sh gc13       # the worker's garbage collections under 64-client 0.5B load: stats, high thresholds, disabled
 #   bash benchmarks/run_h200.sh lag13      # step channel / event-loop lag histograms: 0.5B at 64 clients vs .devdata/base (keep-alive clients); 7B Q4_K_M at 64
+#   bash benchmarks/run_h200.sh final13    # issue 8 at this tree: 0.5B 1 client; 64 clients with GC pauses logged and with uvloop; 7B F16 at 1 and 64
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -590,5 +591,45 @@ lag13)
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   echo "== this tree, 7B Q4_K_M"
   timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b 2>&1 | tee "$OUT/lag13_7b.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  ;;
+final13)
+  # issue 8 at this tree: 0.5B single stream; 0.5B at 64 clients with the worker's collector pauses logged (> 1 ms,
+  # sitecustomize, worker only) and with uvloop as the worker's event loop (.devdata/extra wheel); 7B F16 at 1 and 64
+  (synth qwen2.5-7b F16; touch $M/7bf16.done) >$M/synth.log 2>&1 &
+  synth qwen2.5-0.5b F16
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devdata/extra/uvloop-*.whl >/dev/null 2>&1
+  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
+import gc, json, os, sys, time
+argv = getattr(sys, "orig_argv", [])
+if "worker_orcd" in argv and "serve" in argv:
+    if os.environ.get("USE_UVLOOP"):
+        import asyncio, uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if os.environ.get("GC_LOG"):
+        t0 = time.monotonic(); t = [0.0, 0.0]; pauses = []
+        def cb(phase, info):
+            if phase == "start":
+                t[0] = time.perf_counter(); return
+            d = (time.perf_counter() - t[0]) * 1e3
+            if d > 1.0:
+                pauses.append((round(time.monotonic() - t0, 3), info["generation"], round(d, 2), info["collected"]))
+            if time.monotonic() - t[1] > 1:
+                t[1] = time.monotonic()
+                open(os.environ["GC_LOG"], "w").write(json.dumps({"frozen": gc.get_freeze_count(), "pauses": pauses}))
+        gc.callbacks.append(cb)
+PY
+  B="$PWD/benchmarks/bench_load.py --worker --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
+  echo "== 0.5B single stream"
+  timeout 100 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b --concurrency 1 2>&1 | tee "$OUT/final13_05b_1.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  echo "== 0.5B 64, collector pauses logged"
+  GC_LOG=$OUT/final13_gc.json PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-gclog \
+    --concurrency 64 2>&1 | tee "$OUT/final13_05b_gclog.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  echo "== 0.5B 64, uvloop"
+  USE_UVLOOP=1 PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-uvloop \
+    --concurrency 64 2>&1 | tee "$OUT/final13_05b_uvloop.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  for i in $(seq 1 100); do [ -f $M/7bf16.done ] && break; sleep 3; done
+  echo "== 7B F16"
+  timeout 200 python3 $B --model $M/qwen2.5-7b-F16.gguf --label 7b-f16 --concurrency 1 64 2>&1 | tee "$OUT/final13_7bf16.log" \
+    | sed -n '/^| engine |/,$p;/Error/p'
   ;;
 esac
