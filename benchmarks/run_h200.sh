@@ -38,6 +38,7 @@
 #   bash benchmarks/run_h200.sh gc13       # the worker's garbage collections under 64-client 0.5B load: stats, high thresholds, disabled
 #   bash benchmarks/run_h200.sh lag13      # step channel / event-loop lag histograms: 0.5B at 64 clients vs .devdata/base (keep-alive clients); 7B Q4_K_M at 64
 #   bash benchmarks/run_h200.sh final13    # issue 8 at this tree: 0.5B 1 client; 64 clients with GC pauses logged and with uvloop; 7B F16 at 1 and 64
+#   bash benchmarks/run_h200.sh loop13     # uvloop + token fast path vs .devdata/base: 0.5B 64 clients alternating (+ --event-loop asyncio), 1 client; 7B Q4_K_M 64
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -631,5 +632,19 @@ PY
   echo "== 7B F16"
   timeout 200 python3 $B --model $M/qwen2.5-7b-F16.gguf --label 7b-f16 --concurrency 1 64 2>&1 | tee "$OUT/final13_7bf16.log" \
     | sed -n '/^| engine |/,$p;/Error/p'
+  ;;
+loop13)
+  # uvloop (the new default --event-loop) + the token fast path against .devdata/base (asyncio, the queue path),
+  # 0.5B F16: 64 clients alternating (and this tree with --event-loop asyncio), 1 client each; 7B Q4_K_M at 64
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  synth qwen2.5-0.5b F16
+  B="$PWD/benchmarks/bench_load.py --worker --client-procs 4 --duration ${LOAD_DURATION:-10} --warmup ${LOAD_WARMUP:-2}"
+  run() { (cd $1 && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label $2 --concurrency $3 \
+    ${4:+--worker-arg=--event-loop --worker-arg=$4} 2>&1 | tee "$OUT/loop13_$2.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1); }
+  run . new-64a 64; run .devdata/base base-64a 64; run . new-asyncio-64 64 asyncio; run . new-64b 64; run .devdata/base base-64b 64
+  run . new-1 1; run .devdata/base base-1 1
+  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
+  timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-64 --concurrency 64 2>&1 | tee "$OUT/loop13_7b.log" \
+    | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   ;;
 esac

@@ -14,7 +14,7 @@ PKGS=(
   opentelemetry-api==1.45.2
   llguidance==1.9.1 openai==3.57.0 jiter==0.19.0 sniffio==1.3.1 jsonschema==4.26.0 referencing==0.37.0
   rpds-py==2026.9.1 jsonschema-specifications==2025.9.1 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
-  pytest-xdist==3.8.0 execnet==2.1.2
+  pytest-xdist==3.8.0 execnet==2.1.2 uvloop==0.23.0
 )
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

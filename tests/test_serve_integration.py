@@ -586,6 +586,8 @@ def test_worker_engine_process_death_fails_the_job_and_stops_the_worker(
             (child,) = _children(p.proc.pid)  # the engine process; the worker itself never maps torch
             assert "libtorch" not in Path(f"/proc/{p.proc.pid}/maps").read_text()
             assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
+            # the worker's event loop is uvloop's (--event-loop default): its extension module is mapped
+            assert "uvloop/loop." in Path(f"/proc/{p.proc.pid}/maps").read_text()
             with p.client(a) as c, c.stream("POST", "/worker/execute",
                                             json={"prompt": PROMPT, "params": {"max_tokens": 4000}}) as r:
                 lines = r.iter_lines()

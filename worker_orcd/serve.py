@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Generator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("--mixed-step-tokens", "tokens of a step while streams decode (decode rows plus arriving prompt chunks; never fewer than the decode rows): smaller evens out inter-token latency, larger admits prompts faster (default 256 on a GPU; the CPU: --prefill-chunk)"),
     ("--seal-check-interval-ms", "while jobs run, a seal check (a read of every resident weight byte beside their steps) starts at most this often; arriving jobs wait for the next one (default %g; 0 = a check whenever jobs arrive and none runs; with nothing running a check starts at once)" % SEAL_CHECK_INTERVAL_MS),
     ("--resident-weights", "dense (default: quantized matrices dequantized once at load to fp16/bf16, the fastest kernels), quantized (GGUF blocks stay resident: about a third of the VRAM for Q4_K_M; ggml's dequantized values) or quantized-half2 (the same bytes; Q4_K/Q6_K dequantized in packed fp16, ~12%% faster 7B Q4_K_M decode, values differ from ggml's by the fp16 rounding of the scales)"),
+    ("--event-loop", "uvloop (default): the worker's asyncio event loop is uvloop's (libuv); asyncio: the standard library's"),
     ("--engine-process", "on (default): the engine runs in a child process of the worker, so its loop never waits for the HTTP side's Python; off: in the worker's process (tensor-parallel workers always)"),
     ("--max-model-size-bytes", "MAX_MODEL_SIZE for loads and streamed commits (default 100 GB)"),
     ("--upload-dir", "where streamed commit bodies are staged (default: the system temp dir)"),
@@ -117,7 +118,7 @@ _METAVARS: dict[str, str] = {
     "--port": "PORT", "--callback-url": "URL", "--advertise-url": "URL", "--api-token-file": "FILE",
     "--log-level": "LEVEL", "--max-prompt-chars": "N", "--max-tokens-out": "N", "--max-tokens-in": "N",
     "--inference-timeout-sec": "SEC", "--shutdown-timeout-sec": "SEC", "--kv-cache-size-mb": "MB", "--max-batch": "N",
-    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--mixed-step-tokens": "TOKENS", "--seal-check-interval-ms": "MS", "--resident-weights": "dense|quantized|quantized-half2", "--engine-process": "on|off", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
+    "--max-queue": "N", "--prefill-chunk": "TOKENS", "--mixed-step-tokens": "TOKENS", "--seal-check-interval-ms": "MS", "--resident-weights": "dense|quantized|quantized-half2", "--engine-process": "on|off", "--event-loop": "uvloop|asyncio", "--max-model-size-bytes": "BYTES", "--upload-dir": "DIR", "--state-dir": "DIR",
     "--sse-keepalive-sec": "SEC", "--chat-template": "FILE", "--callback-attempts": "N",
     "--callback-timeout-sec": "SEC", "--user": "NAME", "--tp-degree": "T", "--tp-rank": "R", "--tp-group-id": "ID",
     "--tp-members": "ID,ID,...", "--tp-master": "HOST:PORT", "--tp-secret-file": "FILE", "--tp-timeout-sec": "SEC",
@@ -186,13 +187,25 @@ def run_serve(args: argparse.Namespace) -> int:
         if config.tp_rank > 0:
             from .tp_member import serve_member
 
-            code = asyncio.run(serve_member(config, real_binding(config), drop_plan=plan))
+            code = run_loop(serve_member(config, real_binding(config), drop_plan=plan), config.event_loop)
         else:
-            code = asyncio.run(serve(config, real_binding(config), drop_plan=plan, settle_heap_after_load=True))
+            code = run_loop(serve(config, real_binding(config), drop_plan=plan, settle_heap_after_load=True),
+                            config.event_loop)
     except KeyboardInterrupt:
         code = EXIT_OK
     gc.unfreeze()  # let interpreter exit collect the start-up heap as it would have (settle_heap)
     return exit_process(code)
+
+
+def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """Run the worker's coroutine on uvloop's event loop (``--event-loop uvloop``) or asyncio's."""
+    factory = None
+    if event_loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def use_state_dir(config: WorkerConfig, env: MutableMapping[str, str]) -> Path | None:
