@@ -179,7 +179,7 @@ def test_worker_4983_config_file_errors(tmp_path: Path) -> None:
     assert cfg({"mixed_step_tokens": "192"}).mixed_step_tokens == 192  # --mixed-step-tokens
     assert cfg({"seal_check_interval_ms": "0"}).seal_check_interval_ms == 0  # --seal-check-interval-ms
     assert cfg({"seal_check_interval_ms": "12.5"}).seal_check_interval_ms == 12.5
-    assert cfg().event_loop == "uvloop" and cfg({"event_loop": "asyncio"}).event_loop == "asyncio"  # --event-loop
+    assert cfg().event_loop == "asyncio" and cfg({"event_loop": "uvloop"}).event_loop == "uvloop"  # --event-loop
     f.write_text(json.dumps({"worker_id": "w", "event_loop": "trio"}))
     assert error_of(None, file=f).startswith("config: event_loop (config file): Input should be 'uvloop' or 'asyncio'")
     f.write_text(json.dumps({"worker_id": "w", "seal_check_interval_ms": -1}))

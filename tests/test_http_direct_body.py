@@ -108,3 +108,21 @@ def test_openai_stop_string_on_the_direct_path(h: WorkerHarness, writes: list[by
     assert writes
     with h.client() as c:  # the job ended as a success and the worker takes the next one
         assert c.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]["text"] == "hello "
+
+
+def test_tokens_of_one_hand_over_leave_in_one_write(h: WorkerHarness, writes: list[bytes]) -> None:
+    """An event loop that fell behind drains several steps at once: each stream's frames go out in one write."""
+    import threading
+    import time
+
+    h.knobs.step_s = 0.005
+    assert h._loop is not None
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(_execute(h, "abcdefghij", 120)))
+    t.start()
+    time.sleep(0.15)  # the stream is running
+    h._loop.call_soon_threadsafe(time.sleep, 0.2)  # the loop stalls while ~40 steps' tokens arrive
+    t.join(30)
+    names, idx, text = _tokens(out[0])
+    assert idx == list(range(120)) and text == "abcdefghij" * 12
+    assert max(len(parse(w.decode())) for w in writes) >= 10, [len(parse(w.decode())) for w in writes]

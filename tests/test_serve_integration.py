@@ -579,14 +579,14 @@ def test_worker_engine_process_death_fails_the_job_and_stops_the_worker(
         p = start(tmp_path, [
             "--worker-id", "it-engine-proc", "--device", device, "--model", serve_model_path.name,
             "--model-root", str(serve_model_path.parent), "--port", "0", "--callback-url", pm.url,
-            "--max-tokens-out", "4000",
+            "--max-tokens-out", "4000", "--event-loop", "uvloop",
         ], token_file)
         try:
             wait_ready(p, pm)
             (child,) = _children(p.proc.pid)  # the engine process; the worker itself never maps torch
             assert "libtorch" not in Path(f"/proc/{p.proc.pid}/maps").read_text()
             assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
-            # the worker's event loop is uvloop's (--event-loop default): its extension module is mapped
+            # the worker's event loop is uvloop's (--event-loop uvloop): its extension module is mapped
             assert "uvloop/loop." in Path(f"/proc/{p.proc.pid}/maps").read_text()
             with p.client(a) as c, c.stream("POST", "/worker/execute",
                                             json={"prompt": PROMPT, "params": {"max_tokens": 4000}}) as r:

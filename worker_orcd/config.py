@@ -118,9 +118,10 @@ class WorkerConfig(BaseModel):
     # on: the engine (device, batching loop) runs in a child process, so its Python never waits for the
     # GIL behind the HTTP side's (issue 8); off: in this process. Tensor-parallel workers: always off.
     engine_process: Literal["on", "off"] = "on"
-    # the worker's event loop: uvloop (libuv; on an H200 the 0.5B at 64 clients streams +20 % tokens/s with a
-    # lower p99 inter-token gap than on asyncio's: benchmarks/RESULTS.md, 13th session) or asyncio's own
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # the worker's event loop: asyncio's own, or uvloop's (libuv). On an H200 (benchmarks/RESULTS.md, 13th
+    # session) uvloop streamed the 0.5B at 64 clients +20 % faster in one call and 7 % slower in the next,
+    # with longer engine step gaps in both: asyncio stays the default until that is understood
+    event_loop: Literal["uvloop", "asyncio"] = "asyncio"
     user: str | None = None  # SPEC 4901: started as root, drop to this user after device open + bind
     # Tensor parallel (SPEC 4500-4522; README "Tensor parallel"): one process per device, rank 0 serves.
     tp_degree: int = Field(default=1, ge=1, le=MAX_TP_DEGREE)

@@ -11,11 +11,11 @@ disconnect, timeout, shutdown, fatal error) the stream checks the job's stop
 code before every frame, so no token follows an acknowledged cancel; after
 ``end`` or ``error`` the generator returns and nothing else is sent.
 
-The token fast path: while the response task waits on an empty queue, the loop
-callback that hands over an engine step renders each token and writes it to the
-connection itself (``DirectBody``); anything else, or a token while the queue
-holds something or the socket pushes back, takes the queue, so frames leave in
-the engine's order either way.
+The token fast path: while the response task waits on an empty inbox, the loop
+callback that hands over engine steps renders each token and, at its end, writes
+each stream's new frames to the connection in one write (``DirectBody``); anything
+else, or a token while the inbox holds something or the socket pushes back, takes
+the inbox, so frames leave in the engine's order either way.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class _Handoff:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._items: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
+        self._written: list[JobStream] = []  # streams with direct frames rendered in the drain running now
         self._scheduled = False
         self._posted_at = 0.0  # when the drain now scheduled was asked for
         self.on_lag: Callable[[float], None] | None = None  # ms from asking for a drain to running it
@@ -87,6 +88,13 @@ class _Handoff:
         while items:
             deliver, item = items.popleft()
             deliver(item)
+        if self._written:  # one socket write per stream per drain, however many steps it covers
+            written, self._written = self._written, []
+            for stream in written:
+                stream._write_direct()
+
+    def written(self, stream: JobStream) -> None:
+        self._written.append(stream)
 
 
 class _Inbox:
@@ -200,6 +208,7 @@ class JobStream:
         self.direct: DirectBody | None = None  # the connection, once the response has started (EventStreamResponse)
         self._waiting = False  # frames() waits on an empty queue: a token may go straight to the socket
         self._last_keepalive = 0.0
+        self._direct_frames: list[bytes] = []  # rendered by the drain running now, written at its end
 
     # --- engine side ---------------------------------------------------------------------
 
@@ -244,7 +253,9 @@ class JobStream:
             chunk = self._token(item)
             self.worker.metrics.tokens_generated.inc()
             if chunk:
-                d.write(chunk)
+                if not self._direct_frames:
+                    self._handoff.written(self)
+                self._direct_frames.append(chunk)
             if self.outcome is not None:  # the rendering ended the stream (a stop string): frames() returns
                 self.inbox.put(_WAKE)
             return
@@ -275,6 +286,12 @@ class JobStream:
             if event.stop_reason != "cancelled":
                 self._engine_ok = True
             self._engine_done()
+
+    def _write_direct(self) -> None:
+        """At the end of the drain that rendered them (nothing ran in between: ``ready`` still holds)."""
+        frames, self._direct_frames = self._direct_frames, []
+        if frames and self.direct is not None:
+            self.direct.write(b"".join(frames))
 
     def _engine_done(self) -> None:
         self._post(_DONE)
