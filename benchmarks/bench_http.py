@@ -101,7 +101,7 @@ def serve_main(port_file: Path, step_ms: float, max_batch: int) -> int:
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_MS"]) / 1e3)
     prof_out = os.environ.get("BENCH_HTTP_PROFILE")  # cProfile of the event-loop thread (the HTTP side)
     if not prof_out:
-        return asyncio.run(serve(config, binding, on_worker=announce))
+        return asyncio.run(serve(config, binding, on_worker=announce, settle_heap_after_load=True))
     import cProfile
     import signal
 
@@ -114,7 +114,7 @@ def serve_main(port_file: Path, step_ms: float, max_batch: int) -> int:
 
     signal.signal(signal.SIGUSR1, dump)
     prof.enable()
-    return asyncio.run(serve(config, binding, on_worker=announce))
+    return asyncio.run(serve(config, binding, on_worker=announce, settle_heap_after_load=True))
 
 
 async def clients(url: str, n: int, tokens: int, openai: bool = False) -> dict[str, float]:

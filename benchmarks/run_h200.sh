@@ -39,6 +39,7 @@
 #   bash benchmarks/run_h200.sh lag13      # step channel / event-loop lag histograms: 0.5B at 64 clients vs .devdata/base (keep-alive clients); 7B Q4_K_M at 64
 #   bash benchmarks/run_h200.sh final13    # issue 8 at this tree: 0.5B 1 client; 64 clients with GC pauses logged and with uvloop; 7B F16 at 1 and 64
 #   bash benchmarks/run_h200.sh loop13     # uvloop + token fast path vs .devdata/base: 0.5B 64 clients alternating (+ --event-loop asyncio), 1 client; 7B Q4_K_M 64
+#   bash benchmarks/run_h200.sh gcab13     # 0.5B at 64: this tree vs .devdata/base, and with the worker's GC thresholds raised (pauses logged)
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -646,5 +647,33 @@ loop13)
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-64 --concurrency 64 2>&1 | tee "$OUT/loop13_7b.log" \
     | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  ;;
+gcab13)
+  # this tree (the direct path writing a drain's frames in one write per stream) against .devdata/base, 0.5B F16 at
+  # 64 clients, and this tree with the worker's collector thresholds raised (sitecustomize, worker only; pauses > 1 ms logged)
+  synth qwen2.5-0.5b F16
+  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
+import gc, json, os, sys, time
+argv = getattr(sys, "orig_argv", [])
+if "worker_orcd" in argv and "serve" in argv and os.environ.get("GC_LOG"):
+    if os.environ.get("GC_T"):
+        gc.set_threshold(*map(int, os.environ["GC_T"].split(",")))
+    t0 = time.monotonic(); t = [0.0, 0.0]; pauses = []
+    def cb(phase, info):
+        if phase == "start":
+            t[0] = time.perf_counter(); return
+        d = (time.perf_counter() - t[0]) * 1e3
+        if d > 1.0:
+            pauses.append((round(time.monotonic() - t0, 2), info["generation"], round(d, 1)))
+        if time.monotonic() - t[1] > 1:
+            t[1] = time.monotonic()
+            open(os.environ["GC_LOG"], "w").write(json.dumps({"threshold": gc.get_threshold(), "pauses": pauses}))
+    gc.callbacks.append(cb)
+PY
+  B="$PWD/benchmarks/bench_load.py --worker --client-procs 4 --duration ${LOAD_DURATION:-10} --warmup ${LOAD_WARMUP:-2}"
+  run() { (cd $1 && GC_LOG=$OUT/gcab13_$2.json GC_T=$3 PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 100 python3 $B --model $M/qwen2.5-0.5b-F16.gguf \
+    --label $2 --concurrency 64 2>&1 | tee "$OUT/gcab13_$2.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); p=[x for x in d['pauses'] if x[0]>12]; print(d['threshold'], 'pauses>1ms after 12 s:', len(p), 'gen2:', [x[2] for x in p if x[1]==2], 'max gen0/1:', max([x[2] for x in p if x[1]<2] or [0]))" $OUT/gcab13_$2.json; }
+  run . new-a ""; run .devdata/base base ""; run . new-t2 700,10,100; run . new-t5 5000,10,100; run . new-b ""
   ;;
 esac
