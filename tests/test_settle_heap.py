@@ -60,6 +60,7 @@ def test_after_load_hook_runs_once_per_sealed_load_only(tmp_path: Path) -> None:
 
 def test_settle_heap_freezes_what_is_alive() -> None:
     code = ("import gc; from worker_orcd.serve import settle_heap; before = gc.get_freeze_count(); settle_heap(); "
-            "assert gc.get_freeze_count() > before + 1000, gc.get_freeze_count(); print('ok')")
+            "assert gc.get_freeze_count() > before + 1000, gc.get_freeze_count(); "
+            "assert gc.get_threshold() == (700, 10, 100), gc.get_threshold(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -156,13 +156,21 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     return load_config(flags, os.environ if env is None else env, Path(args.config) if args.config else None)
 
 
+FULL_COLLECTION_EVERY = 100  # gen-1 collections per full one (CPython: 10)
+
+
 def settle_heap() -> None:
     """After a load: every object alive now (torch, Triton, the model's Python side: ~336k on the CI
     machine, where one full collection then takes ~200 ms: benchmarks/bench_gc.py) leaves the cyclic
     collector's reach, so the rare full collections while serving scan only what was made since,
-    instead of stalling every stream for that long."""
+    instead of stalling every stream for that long. Full collections are then made 10x rarer: what
+    they scan while serving is the in-flight requests' state (on an H200 at 64 clients, 27-66 ms per
+    collection every 5-7 s, each stalling every stream; none in a 9 s window with 100 — benchmarks/
+    RESULTS.md, 13th session); cyclic garbage is still collected, ten times less often."""
     gc.collect()
     gc.freeze()
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, FULL_COLLECTION_EVERY)
 
 
 def run_serve(args: argparse.Namespace) -> int:
