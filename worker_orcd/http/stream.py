@@ -251,11 +251,9 @@ class JobStream:
         if (d is not None and self._waiting and self.inbox.empty() and self.outcome is None
                 and self.job.stop_code is None and hasattr(item, "token_id") and d.ready()):
             chunk = self._token(item)
-            self.worker.metrics.tokens_generated.inc()
-            if chunk:
-                if not self._direct_frames:
-                    self._handoff.written(self)
-                self._direct_frames.append(chunk)
+            if not self._direct_frames:
+                self._handoff.written(self)
+            self._direct_frames.append(chunk)
             if self.outcome is not None:  # the rendering ended the stream (a stop string): frames() returns
                 self.inbox.put(_WAKE)
             return
@@ -290,8 +288,10 @@ class JobStream:
     def _write_direct(self) -> None:
         """At the end of the drain that rendered them (nothing ran in between: ``ready`` still holds)."""
         frames, self._direct_frames = self._direct_frames, []
-        if frames and self.direct is not None:
-            self.direct.write(b"".join(frames))
+        self.worker.metrics.tokens_generated.inc(len(frames))  # once per write, as frames() counts
+        body = b"".join(frames)
+        if body and self.direct is not None:
+            self.direct.write(body)
 
     def _engine_done(self) -> None:
         self._post(_DONE)
