@@ -55,6 +55,13 @@ M=/tmp/models; mkdir -p $M
 # written under a .part name and renamed: a call killed mid-write leaves no truncated model for the next stage
 synth() { [ -f "$M/$1-$2.gguf" ] || { python3 benchmarks/synth.py "$M/$1-$2.gguf.part" --shape "$1" --type "$2" --vocab 151936 \
   --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" >/dev/null && mv "$M/$1-$2.gguf.part" "$M/$1-$2.gguf"; }; }
+# ab LABEL MODEL BENCH [ARGS...]: bench_load on this tree and .devdata/base alternating, AB_ROUNDS rounds (default 2)
+ab() { local label=$1 model=$2; shift 2
+  for r in $(seq 1 ${AB_ROUNDS:-2}); do for tree in . .devdata/base; do
+    echo "== tree $tree, round $r"
+    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 "$@" --model $M/$model.gguf --label $label-$r 2>&1 \
+      | tee "$OUT/${label}_$(basename $tree)_$r.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
+  done; done; }
 case "${1:-tests}" in
 tests)
   [ -f /tmp/llama.cpp/done ] || [ -n "${SKIP_LLAMA:-}" ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
@@ -521,58 +528,24 @@ direct13)
   # process only (sitecustomize); then the 7B Q4_K_M at 64 clients on this tree
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
   synth qwen2.5-0.5b F16
-  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
-import os, sys
-argv = getattr(sys, "orig_argv", [])
-if os.environ.get("SWITCH_MS") and "worker_orcd" in argv and "serve" in argv:
-    sys.setswitchinterval(float(os.environ["SWITCH_MS"]) / 1e3)
-PY
   B="benchmarks/bench_load.py --worker --concurrency 64 --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
-  for r in $(seq 1 ${AB_ROUNDS:-2}); do
-    for tree in . .devdata/base; do
-      echo "== tree $tree, round $r"
-      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-$r 2>&1 \
-        | tee "$OUT/direct13_05b_$(basename $tree)_$r.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
-    done
-  done
+  ab direct13_05b qwen2.5-0.5b-F16 $B
   echo "== this tree, switch interval 0.25 ms in the worker"
-  SWITCH_MS=0.25 PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-sw 2>&1 \
+  SWITCH_MS=0.25 PYTHONPATH=$PWD/benchmarks/worker_diag:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-sw 2>&1 \
     | tee "$OUT/direct13_05b_switch.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   echo "== this tree, 7B Q4_K_M"
   timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b 2>&1 | tee "$OUT/direct13_7b.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   ;;
 gc13)
-  # the worker process's garbage collections under 64-client 0.5B load (gc.callbacks via sitecustomize, worker
-  # only): GC_MODES = default (stats only) | high (thresholds 50000/50/100) | freeze-off (gc disabled, a bound)
+  # the worker process's garbage collections under 64-client 0.5B load (benchmarks/worker_diag, worker only):
+  # GC_MODES = default | 50000,50,100 (thresholds) | off (disabled after start, a bound); pauses > 1 ms logged
   synth qwen2.5-0.5b F16
-  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
-import gc, json, os, sys, time
-argv = getattr(sys, "orig_argv", [])
-mode = os.environ.get("GC_MODE")
-if mode and "worker_orcd" in argv and "serve" in argv:
-    if mode == "high":
-        gc.set_threshold(50000, 50, 100)
-    elif mode == "off":
-        gc.disable()
-    st = {"mode": mode, "n": [0, 0, 0], "ms": [0.0, 0.0, 0.0], "max_ms": [0.0, 0.0, 0.0], "over2ms": [0, 0, 0], "t0": time.time()}
-    t = [0.0, 0.0]
-    def cb(phase, info):
-        g = info["generation"]
-        if phase == "start":
-            t[0] = time.perf_counter(); return
-        d = (time.perf_counter() - t[0]) * 1e3
-        st["n"][g] += 1; st["ms"][g] += d; st["max_ms"][g] = max(st["max_ms"][g], d); st["over2ms"][g] += d > 2
-        if time.time() - t[1] > 2:
-            t[1] = time.time(); st["seconds"] = t[1] - st["t0"]
-            open(os.environ["GC_OUT"], "w").write(json.dumps(st))
-    gc.callbacks.append(cb)
-PY
   B="benchmarks/bench_load.py --worker --concurrency 64 --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
-  for mode in ${GC_MODES:-default high off}; do
+  for mode in ${GC_MODES:-default 50000,50,100 off}; do
     echo "== gc $mode"
-    GC_MODE=$mode GC_OUT=$OUT/gc13_$mode.json PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf \
-      --label 05b-gc-$mode 2>&1 | tee "$OUT/gc13_$mode.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+    GC_T=${mode#default} GC_LOG=$OUT/gc13_$mode.json PYTHONPATH=$PWD/benchmarks/worker_diag:/tmp/site:$PWD timeout 120 python3 $B \
+      --model $M/qwen2.5-0.5b-F16.gguf --label 05b-gc-$mode 2>&1 | tee "$OUT/gc13_$mode.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
     cat $OUT/gc13_$mode.json; echo
   done
   ;;
@@ -583,13 +556,7 @@ lag13)
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
   synth qwen2.5-0.5b F16
   B="$PWD/benchmarks/bench_load.py --worker --concurrency 64 --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
-  for r in $(seq 1 ${AB_ROUNDS:-2}); do
-    for tree in . .devdata/base; do
-      echo "== tree $tree, round $r"
-      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-$r 2>&1 \
-        | tee "$OUT/lag13_05b_$(basename $tree)_$r.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
-    done
-  done
+  ab lag13_05b qwen2.5-0.5b-F16 $B
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   echo "== this tree, 7B Q4_K_M"
   timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b 2>&1 | tee "$OUT/lag13_7b.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
@@ -600,34 +567,14 @@ final13)
   (synth qwen2.5-7b F16; touch $M/7bf16.done) >$M/synth.log 2>&1 &
   synth qwen2.5-0.5b F16
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .devdata/extra/uvloop-*.whl >/dev/null 2>&1
-  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
-import gc, json, os, sys, time
-argv = getattr(sys, "orig_argv", [])
-if "worker_orcd" in argv and "serve" in argv:
-    if os.environ.get("USE_UVLOOP"):
-        import asyncio, uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    if os.environ.get("GC_LOG"):
-        t0 = time.monotonic(); t = [0.0, 0.0]; pauses = []
-        def cb(phase, info):
-            if phase == "start":
-                t[0] = time.perf_counter(); return
-            d = (time.perf_counter() - t[0]) * 1e3
-            if d > 1.0:
-                pauses.append((round(time.monotonic() - t0, 3), info["generation"], round(d, 2), info["collected"]))
-            if time.monotonic() - t[1] > 1:
-                t[1] = time.monotonic()
-                open(os.environ["GC_LOG"], "w").write(json.dumps({"frozen": gc.get_freeze_count(), "pauses": pauses}))
-        gc.callbacks.append(cb)
-PY
   B="$PWD/benchmarks/bench_load.py --worker --client-procs 4 --duration ${LOAD_DURATION:-12} --warmup ${LOAD_WARMUP:-3}"
   echo "== 0.5B single stream"
   timeout 100 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b --concurrency 1 2>&1 | tee "$OUT/final13_05b_1.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   echo "== 0.5B 64, collector pauses logged"
-  GC_LOG=$OUT/final13_gc.json PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-gclog \
+  GC_LOG=$OUT/final13_gc.json PYTHONPATH=$PWD/benchmarks/worker_diag:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-gclog \
     --concurrency 64 2>&1 | tee "$OUT/final13_05b_gclog.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   echo "== 0.5B 64, uvloop"
-  USE_UVLOOP=1 PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-uvloop \
+  USE_UVLOOP=1 PYTHONPATH=$PWD/benchmarks/worker_diag:/tmp/site:$PWD timeout 120 python3 $B --model $M/qwen2.5-0.5b-F16.gguf --label 05b-uvloop \
     --concurrency 64 2>&1 | tee "$OUT/final13_05b_uvloop.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   for i in $(seq 1 100); do [ -f $M/7bf16.done ] && break; sleep 3; done
   echo "== 7B F16"
@@ -652,26 +599,9 @@ gcab13)
   # this tree (the direct path writing a drain's frames in one write per stream) against .devdata/base, 0.5B F16 at
   # 64 clients, and this tree with the worker's collector thresholds raised (sitecustomize, worker only; pauses > 1 ms logged)
   synth qwen2.5-0.5b F16
-  mkdir -p /tmp/sc; cat > /tmp/sc/sitecustomize.py <<'PY'
-import gc, json, os, sys, time
-argv = getattr(sys, "orig_argv", [])
-if "worker_orcd" in argv and "serve" in argv and os.environ.get("GC_LOG"):
-    if os.environ.get("GC_T"):
-        gc.set_threshold(*map(int, os.environ["GC_T"].split(",")))
-    t0 = time.monotonic(); t = [0.0, 0.0]; pauses = []
-    def cb(phase, info):
-        if phase == "start":
-            t[0] = time.perf_counter(); return
-        d = (time.perf_counter() - t[0]) * 1e3
-        if d > 1.0:
-            pauses.append((round(time.monotonic() - t0, 2), info["generation"], round(d, 1)))
-        if time.monotonic() - t[1] > 1:
-            t[1] = time.monotonic()
-            open(os.environ["GC_LOG"], "w").write(json.dumps({"threshold": gc.get_threshold(), "pauses": pauses}))
-    gc.callbacks.append(cb)
-PY
   B="$PWD/benchmarks/bench_load.py --worker --client-procs 4 --duration ${LOAD_DURATION:-10} --warmup ${LOAD_WARMUP:-2}"
-  run() { (cd $1 && GC_LOG=$OUT/gcab13_$2.json GC_T=$3 PYTHONPATH=/tmp/sc:/tmp/site:$PWD timeout 100 python3 $B --model $M/qwen2.5-0.5b-F16.gguf \
+  D=$PWD/benchmarks/worker_diag
+  run() { (cd $1 && GC_LOG=$OUT/gcab13_$2.json GC_T=$3 PYTHONPATH=$D:/tmp/site:$PWD timeout 100 python3 $B --model $M/qwen2.5-0.5b-F16.gguf \
     --label $2 --concurrency 64 2>&1 | tee "$OUT/gcab13_$2.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); p=[x for x in d['pauses'] if x[0]>12]; print(d['threshold'], 'pauses>1ms after 12 s:', len(p), 'gen2:', [x[2] for x in p if x[1]==2], 'max gen0/1:', max([x[2] for x in p if x[1]<2] or [0]))" $OUT/gcab13_$2.json; }
   run . new-a ""; run .devdata/base base ""; run . new-t2 700,10,100; run . new-t5 5000,10,100; run . new-b ""
