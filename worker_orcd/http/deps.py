@@ -15,9 +15,15 @@ from ..lifecycle import Worker
 bearer_scheme = HTTPBearer(auto_error=False, description="token from the worker's API token file")
 
 
-def get_worker(request: Request) -> Worker:
+def _worker(request: Request) -> Worker:
     worker: Worker = request.app.state.worker
     return worker
+
+
+# Every dependency here is async on purpose: FastAPI runs a sync one on a worker thread, a thread hop
+# per request whose GIL hand-offs stall the event loop (and the token streams it writes).
+async def get_worker(request: Request) -> Worker:
+    return _worker(request)
 
 
 def _authenticate(request: Request) -> Caller:
@@ -34,15 +40,14 @@ def _authenticate(request: Request) -> Caller:
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-# async on purpose: FastAPI runs sync dependencies on a worker thread, whose context changes
-# (the fp6 above) would not reach the request's task.
+# async also because a worker thread's context changes (the fp6 above) would not reach the request's task.
 async def require_caller(request: Request, _: BearerCredentials) -> Caller:
     return _authenticate(request)
 
 
 async def caller_unless_ready_open(request: Request, _: BearerCredentials) -> Caller | None:
     """SPEC 4200: /worker/ready MAY be open by configuration (--ready-open)."""
-    if get_worker(request).config.ready_open and not request.headers.get("authorization"):
+    if _worker(request).config.ready_open and not request.headers.get("authorization"):
         return None
     return _authenticate(request)
 
