@@ -206,7 +206,7 @@ class JobStream:
         self._engine_ok = False  # the engine reached a normal end (eos / max_tokens)
         self._released = False
         self.direct: DirectBody | None = None  # the connection, once the response has started (EventStreamResponse)
-        self._waiting = False  # frames() waits on an empty queue: a token may go straight to the socket
+        self._waiting = False  # frames() waits on an empty inbox: a token may go straight to the socket
         self._last_keepalive = 0.0
         self._direct_frames: list[bytes] = []  # rendered by the drain running now, written at its end
 
@@ -246,7 +246,7 @@ class JobStream:
         self._handoff.post(self._deliver, item, wake)
 
     def _deliver(self, item: Any) -> None:
-        """On the loop: a token straight to the socket when nothing is ahead of it, else the queue."""
+        """On the loop: a token straight to the socket when nothing is ahead of it, else the inbox."""
         d = self.direct
         if (d is not None and self._waiting and self.inbox.empty() and self.outcome is None
                 and self.job.stop_code is None and hasattr(item, "token_id") and d.ready()):
