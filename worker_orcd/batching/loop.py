@@ -130,6 +130,21 @@ def _host_free(seq: Sequence) -> bool:
     return p.constraint is None and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
 
 
+def read_events(events: queue.SimpleQueue[Any], abandoned: threading.Event) -> Iterator[Any]:
+    """A job's events as a blocking generator: an exception is raised, the end is the last item.
+    A consumer that stops reading sets ``abandoned``, which cancels the job (no-op once it ended)."""
+    try:
+        while True:
+            item = events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, GenerationEnd):
+                return
+    finally:
+        abandoned.set()
+
+
 class EngineLoop:
     def __init__(
         self,
@@ -174,7 +189,8 @@ class EngineLoop:
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel = None) -> Iterator[Any]:
         """Queue a validated job; iterate the result for TokenEvent... then one GenerationEnd."""
-        return self._events(self._enqueue(prompt_ids, params, cancel, None))
+        job = self._enqueue(prompt_ids, params, cancel, None)
+        return read_events(job.events, job.abandoned)
 
     def submit_to(self, prompt_ids: Seq[int], params: SamplingParams, cancel: Cancel, sink: Sink) -> None:
         """Queue a validated job whose events (TokenEvent..., then a GenerationEnd or an exception) are
@@ -203,18 +219,6 @@ class EngineLoop:
             self._cv.notify()
         return job
 
-    @staticmethod
-    def _events(job: _Job) -> Iterator[Any]:
-        try:
-            while True:
-                item = job.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, GenerationEnd):
-                    return
-        finally:
-            job.abandoned.set()  # a consumer that stops reading cancels the job (no-op once it ended)
 
     def stats(self) -> dict[str, int]:
         s = self.scheduler

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
-from ..batching.loop import BeforeAdmit, Cancel, LoopObserver, _is_set
+from ..batching.loop import BeforeAdmit, Cancel, LoopObserver, _is_set, read_events
 from ..engine.events import GenerationEnd, SamplingParams, TokenEvent
 from ..errors import ErrorCode, InvalidParams, WorkerError
 from ..gguf import GGUFFile
@@ -439,20 +439,7 @@ class RemoteResident:
             return abandoned.is_set() or _is_set(cancel)
 
         self.generate_into(prompt_ids, params, stop, events.put)
-
-        def read() -> Iterator[TokenEvent | GenerationEnd]:
-            try:
-                while True:
-                    item = events.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, GenerationEnd):
-                        return
-            finally:
-                abandoned.set()
-
-        return read()
+        return read_events(events, abandoned)
 
     def fingerprint(self) -> str:
         self._require_open()
