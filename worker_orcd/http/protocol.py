@@ -52,7 +52,7 @@ class DirectBody:
 
     ``ready`` is false whenever ``send`` would have to wait or refuse: before the response
     started, after it completed, once the client is gone, while the transport is paused for
-    backpressure; the caller then takes the ordinary path (its queue and ``send``)."""
+    backpressure; the caller then takes the ordinary path (its inbox and ``send``)."""
 
     __slots__ = ("_protocol", "_cycle")
 
