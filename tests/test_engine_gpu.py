@@ -475,6 +475,7 @@ def test_worker_4701_gpu_quantized_half2_residency_agrees_with_dense(engine: Eng
                          for p in (w.parts if isinstance(w, WeightGroup) else (w,)) if isinstance(p, QWeight)]
                 q = [p for p in parts if p.ggml_type.name in ("Q4_K", "Q6_K")]
                 assert q and all(p.half2 for p in q), [(p.ggml_type.name, p.half2) for p in parts]
+                assert all(p.fragments for p in q if p.ggml_type.name == "Q4_K")  # every Q4_K matrix fits (N % 64)
             prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
             got[residency] = (prefill_logits(rm, prompts), _tokens(rm, prompts[0], max_tokens=12))
         finally:

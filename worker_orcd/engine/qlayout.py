@@ -1,5 +1,5 @@
-"""The one repacking of GGUF blocks the quantized residency makes: Q8_0, Q6_K, Q4_0, Q4_1, Q5_0 and
-Q5_1 split into planes.
+"""The repackings of GGUF blocks the quantized residency makes: Q8_0, Q6_K, Q4_0, Q4_1, Q5_0 and
+Q5_1 split into planes; Q4_K (``quantized-half2``) in the tensor core's fragment order.
 
 Why: their blocks (34, 210, 18, 20, 22 and 24 bytes) are not 16-byte aligned, so a kernel reading
 them in place issues one load per byte; a Q4_K block (144 bytes) is 16-byte aligned
@@ -17,6 +17,11 @@ verified bytes; the seal then fingerprints the planes (what is resident).
     Q5_1 {f16 d; f16 m; u8 qh[4]; u8 qs[16]}    -> [qs: N*K/2] [qh: N*K/32 u32] [d: N*K/32 f16] [m: N*K/32 f16]
 
 Row n of a plane starts at n * (its bytes per row), so a row's fields are contiguous.
+
+Fragment order (``to_fragments``, Q4_K weights with N % 64 == 0 under ``quantized-half2``): each 64-row
+group's quant bytes are interleaved so that one thread of the fused kernel reads its share of a wgmma
+operand with one 16-byte load; the heads (d, dmin, 12 scale bytes) follow in row order. Same bytes,
+same size; ``kernels/q4k_fragments.py`` says why and gives the byte map.
 """
 
 from __future__ import annotations
@@ -97,3 +102,61 @@ def plane_rows(raw: torch.Tensor, t: GGMLType, n: int, k: int, idx: torch.Tensor
 def repack_planar(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> None:
     """In place: ``raw`` (a slot of the arena holding GGUF blocks) becomes its planar bytes."""
     raw.copy_(to_planes(raw, t, n, k))
+
+
+def repack_fragments(raw: torch.Tensor, n: int, k: int) -> None:
+    """In place: ``raw`` (a slot of the arena holding Q4_K blocks) becomes its fragment-order bytes."""
+    raw.copy_(to_fragments(raw, n, k))
+
+
+# --- Q4_K in fragment order ---------------------------------------------------------------------
+
+FRAGMENT_ROWS = 64  # rows per group: one wgmma A operand (4 warps x 16)
+_Q4K_BYTES = 144
+
+
+def fragments_fit(n: int, k: int) -> bool:
+    """Whether an [n, k] Q4_K weight can be stored in fragment order."""
+    return n % FRAGMENT_ROWS == 0 and k % 256 == 0 and n > 0
+
+
+def _tile_view(q: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The quant bytes of blocks ``q`` [n, k/256, 128] as [G, w, x, g, sb, c, b3, b2, t, y]."""
+    return q.reshape(n // FRAGMENT_ROWS, 4, 2, 8, k // 256, 4, 2, 2, 4, 2)
+
+
+_TO_TILES = (0, 4, 5, 1, 3, 8, 6, 7, 9, 2)  # -> [G, sb, c, w, g, t, b3, b2, y, x]
+
+
+def to_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """GGUF Q4_K blocks of W[n, k] -> the fragment-order bytes (a new tensor of the same size, raw's device)."""
+    if not (fragments_fit(n, k) and raw.dtype == torch.uint8 and raw.dim() == 1 and raw.numel() == n * k // 256 * _Q4K_BYTES):
+        raise ValueError(f"Q4_K [{n}, {k}] in fragment order needs N % {FRAGMENT_ROWS} == 0, K % 256 == 0 and its "
+                         f"{n * k // 256 * _Q4K_BYTES} block bytes (uint8), got {raw.dtype} {tuple(raw.shape)}")
+    b = raw.view(n, k // 256, _Q4K_BYTES)
+    quants = _tile_view(b[:, :, 16:], n, k).permute(*_TO_TILES).reshape(-1)
+    return torch.cat([quants, b[:, :, :16].reshape(-1)])
+
+
+def _tiles(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The quant plane as [G, sb, c, w, g, t, b3, b2, y, x]."""
+    return raw[: n * k // 2].view(n // FRAGMENT_ROWS, k // 256, 4, 4, 8, 4, 2, 2, 2, 2)
+
+
+def from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``to_fragments``' exact inverse: the GGUF blocks."""
+    inv = sorted(range(10), key=lambda i: _TO_TILES[i])
+    quants = _tiles(raw, n, k).permute(*inv).reshape(n, k // 256, 128)
+    heads = raw[n * k // 2 :].view(n, k // 256, 16)
+    return torch.cat([heads, quants], dim=2).reshape(-1)
+
+
+def fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks of rows ``idx`` (an embedding lookup reads a few rows)."""
+    idx = idx.reshape(-1)
+    grp, r = idx // FRAGMENT_ROWS, idx % FRAGMENT_ROWS
+    w, x, g = r // 16, (r // 8) % 2, r % 8
+    sel = _tiles(raw, n, k)[grp, :, :, w, g, :, :, :, :, x]  # [len, sb, c, t, b3, b2, y]
+    quants = sel.permute(0, 1, 2, 4, 5, 3, 6).reshape(-1, k // 256, 128)
+    heads = raw[n * k // 2 :].view(n, k // 256, 16).index_select(0, idx)
+    return torch.cat([heads, quants], dim=2).reshape(-1)

@@ -34,7 +34,7 @@ from .config import ModelConfig
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 from .dequant import SUPPORTED_TYPES
 from .device import DeviceContext
-from .qlayout import PLANAR_TYPES, repack_planar
+from .qlayout import PLANAR_TYPES, fragments_fit, repack_fragments, repack_planar
 from .qweight import FUSED_TYPES, QWeight, Weight, WeightGroup
 
 ARENA_ALIGN = 256  # bytes; cuBLAS and vectorised Triton loads want >= 16
@@ -80,6 +80,12 @@ class WeightLayout:
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
     planar: bool = False  # PLANAR_TYPES slots repacked into qlayout's planes (``make_planar``)
+    fragments: bool = False  # Q4_K matrix slots that fit repacked into fragment order (``make_planar``, half2)
+
+    def in_fragments(self, s: Slot) -> bool:
+        """Whether slot ``s`` holds its Q4_K weight in fragment order (not the embedding: a lookup table first)."""
+        return (self.fragments and s.ggml_type == GGMLType.Q4_K and s.name != "token_embd.weight"
+                and fragments_fit(s.shape[0], s.shape[1]))
 
     def _reserve(self, slot: Slot) -> None:
         self.slots[slot.name] = slot
@@ -246,19 +252,26 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
             parts.append(QWeight(raw, _FLOAT_TYPE[lay.dtype], s.shape[0], s.shape[1]))
         else:
             planar = lay.planar and s.ggml_type in PLANAR_TYPES
-            h2 = half2 and lay.dtype == torch.float16 and (s.ggml_type, planar) in _HALF2_FORMS
-            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2))
+            frag = lay.in_fragments(s)
+            h2 = frag or half2 and lay.dtype == torch.float16 and (s.ggml_type, planar) in _HALF2_FORMS
+            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
 
-def make_planar(arena: torch.Tensor, lay: WeightLayout) -> None:
+def make_planar(arena: torch.Tensor, lay: WeightLayout, fragments: bool = False) -> None:
     """After the hashed upload: every PLANAR_TYPES slot becomes ``qlayout``'s planes, in place (the
-    aligned layout ``qmatmul_tiled`` reads at memory speed); the seal then fingerprints the planes."""
+    aligned layout ``qmatmul_tiled`` reads at memory speed), and with ``fragments`` (``quantized-half2``
+    of an fp16 model) every Q4_K matrix slot that fits its fragment order (``kernels/q4k_fragments.py``);
+    the seal then fingerprints what is resident."""
     if lay.planar:
         raise RuntimeError("the arena is already planar")
+    lay.fragments = fragments and lay.dtype == torch.float16
     for s in lay.slots.values():
+        raw = arena[s.byte_offset : s.byte_offset + s.n_bytes]
         if s.ggml_type in PLANAR_TYPES:
-            repack_planar(arena[s.byte_offset : s.byte_offset + s.n_bytes], s.ggml_type, s.shape[0], s.shape[1])
+            repack_planar(raw, s.ggml_type, s.shape[0], s.shape[1])
+        elif lay.in_fragments(s):
+            repack_fragments(raw, s.shape[0], s.shape[1])
     lay.planar = True
 
 

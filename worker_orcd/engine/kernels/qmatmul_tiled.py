@@ -568,6 +568,10 @@ def qmatmul_tiled(
     fp16 activations dequantized in packed half2 arithmetic (``half2_weight``'s values, 32-input dots)."""
     v.check(supports(w), KERNEL, "w", f"{w.ggml_type.name} (planar={w.planar}) does not run here")
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
+    if w.fragments:
+        v.check(x.dtype == torch.float16 and config is None and half2 in (None, True), KERNEL, "w",
+                f"a Q4_K weight in fragment order takes fp16 activations and half2 values, not {x.dtype}")
+        return q4k_fragments.q4k_fragments_matmul(x, w, bias, out, swap=swap)
     M = x.shape[0]
     swap = M <= SWAP_MAX_M if swap is None else swap
     if swap:
@@ -660,6 +664,8 @@ def _half2_dequant_kernel(w_ptr, w32_ptr, w16_ptr, y_ptr, N, K, RB, P1, P2, P3,
 def half2_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """[N, K] fp16 on w's device: ``half2_weight``'s values, computed by the fused kernels' own code
     (the prefill path's scratch, so its rows equal the fused kernels' bit for bit)."""
+    if w.fragments:
+        return q4k_fragments.fragments_dequant(w, out)
     v.check(w.ggml_type in HALF2_TYPES and w.planar == (w.ggml_type == GGMLType.Q6_K), KERNEL, "w",
             f"half2 dequantization takes Q4_K blocks or Q6_K planes, not {w.ggml_type.name} (planar={w.planar})")
     y = out if out is not None else torch.empty(w.n, w.k, dtype=torch.float16, device=w.raw.device)
@@ -681,7 +687,7 @@ def q4k_half2_weight(w: QWeight) -> torch.Tensor:
     """[n, k] fp16: what ``half2=True`` dequantizes a Q4_K weight to — q * fp16(d*sc) - fp16(dmin*mn),
     computed in float64 (exact) and rounded once, as fma.rn.f16x2 does (references for tests, benchmarks)."""
     v.check(w.ggml_type == GGMLType.Q4_K and not w.planar, KERNEL, "w", "a Q4_K weight as the file's blocks")
-    b = w.raw.reshape(-1, 144).to("cpu")
+    b = w.gguf_bytes().reshape(-1, 144).to("cpu")
     d = b[:, 0:2].contiguous().view(torch.float16).float()  # [nb, 1]
     dmin = b[:, 2:4].contiguous().view(torch.float16).float()
     q = b[:, 4:16].to(torch.int32)  # the 12 scale bytes
@@ -724,3 +730,6 @@ def q6k_half2_weight(w: QWeight) -> torch.Tensor:
 def half2_weight(w: QWeight) -> torch.Tensor:
     """The fp16 values ``half2=True`` multiplies by (``q4k_half2_weight`` / ``q6k_half2_weight``)."""
     return q4k_half2_weight(w) if w.ggml_type == GGMLType.Q4_K else q6k_half2_weight(w)
+
+
+from . import q4k_fragments  # noqa: E402  (it uses this module's helpers)

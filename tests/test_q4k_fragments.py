@@ -1,0 +1,162 @@
+"""Q4_K weights in the tensor core's fragment order (``qlayout.to_fragments``, ``kernels/q4k_fragments.py``):
+the repacking is a byte permutation with an exact inverse, the values are ``q4k_half2_weight``'s, and every
+row equals the dense chains over the same K segments, at every M and in both forms (so the blocks' half2
+kernel's rows: the GPU test compares them directly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_qmatmul import make, rowwise_dot  # noqa: F401  (rowwise_dot: a fixture)
+from worker_orcd.engine.errors import KernelDimensionError
+from worker_orcd.engine.kernels import q4k_fragments as F
+from worker_orcd.engine.kernels import qmatmul_tiled as tiled
+from worker_orcd.engine.kernels.qmatmul import qlinear, qmatmul
+from worker_orcd.engine.qlayout import fragment_rows, fragments_fit, from_fragments, to_fragments
+from worker_orcd.engine.qweight import QWeight, WeightGroup
+from worker_orcd.gguf.constants import GGMLType
+
+Q4K = GGMLType.Q4_K
+
+
+def _pair(n: int, k: int, gen: torch.Generator, device: str) -> tuple[QWeight, QWeight]:
+    """(the file's blocks with half2 values, the same weight in fragment order)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    w, _ = make(Q4K, n, k, rng, device)
+    blocks = QWeight(w.raw, Q4K, n, k, half2=True)
+    return blocks, QWeight(to_fragments(w.raw, n, k), Q4K, n, k, half2=True, fragments=True)
+
+
+def test_worker_4701_fragment_order_is_a_permutation_with_its_inverse(gen: torch.Generator) -> None:
+    blocks, frag = _pair(128, 512, gen, "cpu")
+    assert frag.raw.numel() == blocks.raw.numel()  # resident bytes = file bytes
+    assert not torch.equal(frag.raw, blocks.raw)
+    assert torch.equal(torch.sort(frag.raw).values, torch.sort(blocks.raw).values)  # the same bytes, moved
+    assert torch.equal(from_fragments(frag.raw, 128, 512), blocks.raw)
+    assert torch.equal(frag.gguf_bytes(), blocks.raw)
+    idx = torch.tensor([0, 127, 8, 9, 64, 71, 17, 3])
+    assert torch.equal(frag.rows(idx), blocks.rows(idx))
+    assert torch.equal(fragment_rows(frag.raw, 128, 512, idx[:1]), blocks.raw.view(128, -1)[0])
+    assert torch.equal(frag.dequantize(), blocks.dequantize())
+
+
+def test_worker_4701_fragment_order_refuses_what_does_not_fit() -> None:
+    assert fragments_fit(4608, 3584) and fragments_fit(64, 256)
+    assert not fragments_fit(96, 512) and not fragments_fit(128, 896) and not fragments_fit(0, 256)
+    raw = torch.zeros(96 * 2 * 144, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="N % 64"):
+        to_fragments(raw, 96, 512)
+    with pytest.raises(ValueError, match="block bytes"):
+        to_fragments(torch.zeros(10, dtype=torch.uint8), 64, 256)
+    ok = torch.zeros(64 * 144, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="fragment order"):
+        QWeight(ok, Q4K, 64, 256, fragments=True)  # fragments hold half2 values only
+    with pytest.raises(ValueError, match="fragment order"):
+        QWeight(torch.zeros(96 * 144, dtype=torch.uint8), Q4K, 96, 256, half2=True, fragments=True)
+    with pytest.raises(ValueError, match="fragment order"):
+        QWeight(torch.zeros(64 * 34 * 8, dtype=torch.uint8), GGMLType.Q8_0, 64, 256, half2=False, fragments=True)
+
+
+def test_worker_4701_fragments_dequantize_to_the_half2_values(gen: torch.Generator, device: str) -> None:
+    """The kernel's own dequantization (the prefill scratch; on the GPU the PTX) gives
+    ``q4k_half2_weight``'s values bit for bit."""
+    blocks, frag = _pair(128, 768, gen, device)
+    ref = tiled.q4k_half2_weight(blocks)
+    assert torch.equal(F.fragments_dequant(frag), ref)
+    assert torch.equal(tiled.half2_dequant(frag), ref)  # the prefill path's entry
+    assert torch.equal(tiled.q4k_half2_weight(frag), ref)
+
+
+@pytest.mark.parametrize("n,k", [(128, 512), (192, 768)])
+def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
+    rowwise_dot: None, n: int, k: int, gen: torch.Generator, device: str  # noqa: F811
+) -> None:
+    """Each row equals the dense chains over ``k_segments`` on the half2 values (bias after them),
+    whatever M, the form (swapped or not) and the row's place in the batch."""
+    blocks, frag = _pair(n, k, gen, device)
+    wh = tiled.q4k_half2_weight(blocks)
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
+    pool = torch.randn(70, k, generator=gen).to(device=device, dtype=torch.float16)
+    out = torch.empty(70, n, dtype=torch.float16, device=device)
+    full = F.q4k_fragments_matmul(pool, frag, bias, out.clone(), swap=False)
+    assert torch.equal(full, tiled.segments_reference(pool, wh, bias))
+    for m in (1, 5, 16, 33, 64):
+        idx = torch.randperm(70, generator=gen)[:m].to(device)
+        got = F.q4k_fragments_matmul(pool[idx], frag, bias, out[:m].clone(), swap=True)
+        assert torch.equal(got, full[idx]), f"M={m}"
+        assert torch.equal(qmatmul(pool[idx], frag, bias), full[idx]), f"qmatmul M={m}"  # the dispatch
+
+
+def test_worker_4701_fragments_in_a_mixed_group(rowwise_dot: None, gen: torch.Generator, device: str) -> None:  # noqa: F811
+    """A Q4_K_M QKV group: a fragment-order Q4_K part beside a Q6_K one writes its own columns."""
+    _, frag = _pair(64, 512, gen, device)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    other, _ = make(GGMLType.Q8_0, 32, 512, rng, device)
+    x = torch.randn(3, 512, generator=gen).to(device=device, dtype=torch.float16)
+    y = qlinear(x, WeightGroup((frag, other)))
+    assert torch.equal(y[:, :64], qmatmul(x, frag))
+    assert torch.equal(y[:, 64:], qmatmul(x, other))
+
+
+def test_worker_4701_fragments_refuse_other_activations(gen: torch.Generator, device: str) -> None:
+    _, frag = _pair(64, 256, gen, device)
+    x = torch.randn(2, 256, generator=gen).to(device)
+    with pytest.raises(KernelDimensionError, match="fragment order"):
+        tiled.qmatmul_tiled(x, frag, None, torch.empty(2, 64, device=device))
+
+
+@pytest.mark.gpu
+def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(gen: torch.Generator, device: str) -> None:
+    """Compiled (the PTX, the 16-byte loads, Triton's layouts): at M = 1..300, through every path
+    (swapped, unswapped, the prefill scratch), a row's bits are the blocks' half2 kernel's and the
+    dense chains' on the half2 values -- the repacking changes where bytes are, not one result."""
+    blocks, frag = _pair(1024, 3584, gen, device)
+    wh = tiled.q4k_half2_weight(blocks)
+    bias = torch.randn(1024, generator=gen).to(device=device, dtype=torch.float16)
+    pool = torch.randn(300, 3584, generator=gen).to(device=device, dtype=torch.float16)
+    full = qmatmul(pool, blocks, bias)
+    assert torch.equal(full, tiled.segments_reference(pool, wh, bias))
+    assert torch.equal(qmatmul(pool, frag, bias), full)
+    for m in (1, 2, 16, 17, 33, 64, 65, 128, 255, 256, 299):
+        idx = torch.randperm(300, generator=gen)[:m].to(device)
+        assert torch.equal(qmatmul(pool[idx], frag, bias), full[idx]), f"M={m}"
+        out = torch.empty(m, 1024, dtype=torch.float16, device=device)
+        assert torch.equal(F.q4k_fragments_matmul(pool[idx], frag, bias, out, swap=m <= 64), full[idx]), f"fused M={m}"
+
+
+def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_path) -> None:  # noqa: ANN001
+    """``make_planar(fragments=True)`` (the engine under ``quantized-half2``, fp16) repacks every Q4_K
+    matrix that fits, not the embedding; ``bind`` marks them; each is the file's blocks when read back."""
+    from synthetic import synth as _synth
+    from worker_orcd.engine.config import model_config
+    from worker_orcd.engine.device import DeviceContext
+    from worker_orcd.engine.upload import upload
+    from worker_orcd.engine.weights import bind, make_planar, weight_layout
+    from worker_orcd.gguf.reader import parse_file
+    from worker_orcd.integrity import sha256_path
+
+    path = _synth().write_synthetic_model(tmp_path / "tiny.gguf", "tiny-llama", "Q4_K_M")
+    g = parse_file(path)
+    cfg = model_config(g)
+    lay = weight_layout(cfg, g, torch.float16, quantized=True)
+    arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
+    with open(path, "rb") as fh:
+        upload(fh, g, lay, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
+    before = arena.clone()
+    make_planar(arena, lay, fragments=True)
+    w = bind(arena, lay, cfg, half2=True)
+    parts = [p for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
+             for p in (m.parts if isinstance(m, WeightGroup) else (m,))]
+    frag = [p for p in parts if p.fragments]
+    assert frag and all(p.ggml_type == Q4K and p.half2 for p in frag)
+    assert all(p.fragments for p in parts if p.ggml_type == Q4K)  # every Q4_K matrix of this shape fits
+    assert isinstance(w.embed, QWeight) and not w.embed.fragments
+    data = path.read_bytes()
+    for p in frag:
+        name = next(n for n, s in lay.slots.items() if s.byte_offset == p.raw.data_ptr() - arena.data_ptr())
+        info = g.tensor(name)
+        s = lay.slots[name]
+        assert not torch.equal(arena[s.byte_offset : s.byte_offset + s.n_bytes], before[s.byte_offset : s.byte_offset + s.n_bytes])
+        assert p.gguf_bytes().numpy().tobytes() == data[info.data_offset : info.data_offset + info.n_bytes]

@@ -1,0 +1,288 @@
+"""Q4_K weights in the tensor core's fragment order: y = x · Wᵀ with one 16-byte load per 64 inputs, 2 rows and thread.
+
+Why: ``qmatmul_tiled``'s swapped form dequantizes Q4_K blocks as the file stores them. A thread's share
+of a wgmma A fragment (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9, +16, ...) is
+scattered over a block, so Triton reads it two bytes at a time and spreads them with PRMTs; the 6-bit
+scales are unpacked one value at a time in fp32: 740 SASS instructions per super-block and thread on
+sm_90, the kernel instruction-bound at 0.6-1.2 TB/s (RESULTS, ninth session). Here a deterministic
+repacking made at load (``to_fragments``; same bytes, same size) stores each 64-row group's quant bytes
+so that a thread's 16 bytes of a 64-input chunk are contiguous, in the order its registers need, and
+the scales are unpacked four at a time in 32-bit words into fp16 pairs: 455 instructions.
+
+Layout of an [N, K] weight (N % 64 == 0), two planes:
+
+* quants, N*K/2 bytes: for row group G (rows 64G ..), chunk j (inputs 64j .. 64j+63, Q4_K byte chunk
+  j % 4 of super-block j // 4), a 2048-byte tile; byte (w, g, t, b3, b2, y, x) of the tile (row-major
+  over [4, 8, 4, 2, 2, 2, 2]) is byte 16*b3 + 8*b2 + 2*t + y of the chunk's 32 for row 16w + 8x + g:
+  its low nibble is input 64j + that byte's index, its high nibble input 64j + 32 + it;
+* headers, N*K/256 * 16 bytes: each row's super-block heads (f16 d, f16 dmin, the 12 scale bytes)
+  in row order, as in the file.
+
+The values are ``qmatmul_tiled``'s half2 ones (q * fp16(d*sc) - fp16(dmin*m), one fp16 rounding;
+``q4k_half2_weight``) and each output element is the same chain of k16 tensor-core steps in k order
+over the same K segments (``k_segments``): a row's bits equal the blocks' kernel's and the dense
+kernel's on ``q4k_half2_weight`` (tests/test_q4k_fragments_gpu.py), at every M.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..qlayout import FRAGMENT_ROWS
+from ..qweight import QWeight
+from . import qmatmul_tiled as T
+from . import validate as v
+
+KERNEL = "q4k_fragments"
+ROWS = FRAGMENT_ROWS
+
+
+# 4 quant bytes (e0, e2, e1, e3 of the pack: the word's bytes 0/2 are elements 0/1) -> elements 0..3 of the
+# low-nibble and the high-nibble tensors, q * s - m with one fp16 rounding (s, -m per element: $5.. and $9..
+# for the low nibbles, $13.. and $17.. for the high; elements 0/1 share a row, 2/3 share the other)
+_DQ = tl.constexpr("""
+{
+.reg .b32 w8, t0, t1, t2, t3, km, kh, ke, k16, kn64;
+mov.b32 km, 0x000F000F;
+mov.b32 kh, 0x00F000F0;
+mov.b32 ke, 0x64006400;
+mov.b32 k16, 0x2C002C00;
+mov.b32 kn64, 0xD400D400;
+shr.b32 w8, $4, 8;
+lop3.b32 t0, $4, km, ke, 0xea;
+lop3.b32 t1, w8, km, ke, 0xea;
+lop3.b32 t2, $4, kh, ke, 0xea;
+lop3.b32 t3, w8, kh, ke, 0xea;
+sub.f16x2 t0, t0, ke;
+sub.f16x2 t1, t1, ke;
+fma.rn.f16x2 t2, t2, k16, kn64;
+fma.rn.f16x2 t3, t3, k16, kn64;
+fma.rn.f16x2 $0, t0, $5, $9;
+fma.rn.f16x2 $1, t1, $7, $11;
+fma.rn.f16x2 $2, t2, $13, $17;
+fma.rn.f16x2 $3, t3, $15, $19;
+}
+""")
+
+
+def _head_src(c: int) -> str:
+    """PTX: a row's super-block head (d | dmin << 16, scale words 1-3) -> (s, s), (-m, -m) of sub-blocks 2c, 2c+1."""
+    a, ma = ("a", "ma") if c < 2 else ("b", "mb")
+    sel = "0x4140" if c % 2 == 0 else "0x4342"
+    return f"""
+{{
+.reg .b32 a, b, ma, mb, t, dd, nn, ke, s, k64;
+.reg .b16 dl, dh;
+mov.b32 ke, 0x64006400;
+mov.b32 k64, 0x64646464;
+mov.b32 {{dl, dh}}, $4;
+mov.b32 dd, {{dl, dl}};
+mov.b32 nn, {{dh, dh}};
+neg.f16x2 nn, nn;
+and.b32 a, $5, 0x3F3F3F3F;
+and.b32 ma, $6, 0x3F3F3F3F;
+shr.b32 t, $5, 2;
+and.b32 t, t, 0x30303030;
+and.b32 b, $7, 0x0F0F0F0F;
+or.b32 b, b, t;
+shr.b32 t, $6, 2;
+and.b32 t, t, 0x30303030;
+shr.b32 mb, $7, 4;
+and.b32 mb, mb, 0x0F0F0F0F;
+or.b32 mb, mb, t;
+prmt.b32 s, {a}, k64, {sel};
+sub.f16x2 s, s, ke;
+mul.rn.f16x2 s, s, dd;
+mov.b32 {{dl, dh}}, s;
+mov.b32 $0, {{dl, dl}};
+mov.b32 $2, {{dh, dh}};
+prmt.b32 s, {ma}, k64, {sel};
+sub.f16x2 s, s, ke;
+mul.rn.f16x2 s, s, nn;
+mov.b32 {{dl, dh}}, s;
+mov.b32 $1, {{dl, dl}};
+mov.b32 $3, {{dh, dh}};
+}}
+"""
+
+
+_HEAD0 = tl.constexpr(_head_src(0))
+_HEAD1 = tl.constexpr(_head_src(1))
+_HEAD2 = tl.constexpr(_head_src(2))
+_HEAD3 = tl.constexpr(_head_src(3))
+SHAPE7 = tl.constexpr((4, 8, 4, 2, 2, 2, 2))  # a tile: (w, g, t, b3, b2, y, x)
+
+
+@triton.jit
+def _u2h(v):
+    """int32 in [0, 2048) -> fp16, exact (interpreter)."""
+    return v.to(tl.float64).to(tl.float16)
+
+
+@triton.jit
+def _head_interp(dm, w1, w2, w3, c: tl.constexpr):
+    """_head_src's values in the interpreter (float64, rounded once), as fp16 per row: s, -m for 2c, 2c+1."""
+    d = (dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+    dmin = ((dm >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+    if c < 2:
+        sw = w1 & 0x3F3F3F3F
+        mw = w2 & 0x3F3F3F3F
+    else:
+        sw = (w3 & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030)
+        mw = ((w3 >> 4) & 0x0F0F0F0F) | ((w2 >> 2) & 0x30303030)
+    sh0 = 16 * (c % 2)
+    s0 = (d * ((sw >> sh0) & 255).to(tl.float64)).to(tl.float16)
+    s1 = (d * ((sw >> (sh0 + 8)) & 255).to(tl.float64)).to(tl.float16)
+    n0 = (-(dmin * ((mw >> sh0) & 255).to(tl.float64))).to(tl.float16)
+    n1 = (-(dmin * ((mw >> (sh0 + 8)) & 255).to(tl.float64))).to(tl.float16)
+    return s0, n0, s1, n1
+
+
+@triton.jit
+def _chunk(qb, dm, w1, w2, w3, c: tl.constexpr, INTERP: tl.constexpr):
+    """A tile's bytes [128, 16] and its rows' heads ([4, 8, 1, 1, 1, 2, 1] words) -> the two [64, 32] fp16
+    A operands: inputs 64c .. 64c+31 (low nibbles) and 64c+32 .. 64c+63 (high), rows in order."""
+    qb = tl.reshape(qb, (4, 8, 4, 2, 2, 2, 2))
+    if INTERP:
+        s0, n0, s1, n1 = _head_interp(dm, w1, w2, w3, c)
+        q = tl.permute(qb, (0, 1, 2, 3, 4, 6, 5)).to(tl.int32)  # (.., y, x) -> (.., x, y): what the PTX does
+        lo = ((q & 15).to(tl.float64) * s0.to(tl.float64) + n0.to(tl.float64)).to(tl.float16)
+        hi = ((q >> 4).to(tl.float64) * s1.to(tl.float64) + n1.to(tl.float64)).to(tl.float16)
+    else:
+        if c == 0:
+            src: tl.constexpr = _HEAD0
+        elif c == 1:
+            src: tl.constexpr = _HEAD1
+        elif c == 2:
+            src: tl.constexpr = _HEAD2
+        else:
+            src: tl.constexpr = _HEAD3
+        s0, n0, s1, n1 = tl.inline_asm_elementwise(src, "=r,=r,=r,=r,r,r,r,r", [dm, w1, w2, w3],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        lo, hi = tl.inline_asm_elementwise(
+            _DQ, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [qb, tl.broadcast_to(s0, SHAPE7), tl.broadcast_to(n0, SHAPE7), tl.broadcast_to(s1, SHAPE7),
+             tl.broadcast_to(n1, SHAPE7)], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    # (w, g, t, b3, b2, x, y) -> rows (w, x, g), inputs (b3, b2, t, y)
+    lo = tl.reshape(tl.permute(lo, (0, 5, 1, 3, 4, 2, 6)), (64, 32))
+    hi = tl.reshape(tl.permute(hi, (0, 5, 1, 3, 4, 2, 6)), (64, 32))
+    return lo, hi
+
+
+@triton.jit
+def _heads(h_ptr, grp, sb, nsb):
+    """Row group ``grp``'s super-block ``sb`` heads as four [4, 8, 1, 1, 1, 2, 1] int32 words (rows (w, g, x))."""
+    w_ = tl.arange(0, 4)[:, None, None, None, None, None, None]
+    g_ = tl.arange(0, 8)[None, :, None, None, None, None, None]
+    x_ = tl.arange(0, 2)[None, None, None, None, None, :, None]
+    row = (grp * 64 + 16 * w_ + 8 * x_ + g_).to(tl.int64)
+    hp = h_ptr + (row * nsb + sb) * 4
+    return tl.load(hp), tl.load(hp + 1), tl.load(hp + 2), tl.load(hp + 3)
+
+
+@triton.jit(do_not_specialize=["M"])
+def q4k_fragments_kernel(
+    x_ptr, q_ptr, h_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, KS, NSEG,
+    HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr, INTERP: tl.constexpr,
+):
+    IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    if SWAP:  # grid (row groups, token tiles, K segments)
+        grp = tl.program_id(0)
+        rows0 = tl.program_id(1).to(tl.int64) * BR
+        seg_lo = tl.program_id(2)
+        seg_hi = seg_lo + 1
+    else:  # column-major over (token tiles, row groups): a weight tile is reused while in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BR)
+        rows0 = (pid % num_m).to(tl.int64) * BR
+        grp = pid // num_m
+        seg_lo = 0
+        seg_hi = NSEG
+    nsb = K // 256
+    tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    t = rows0 + tl.arange(0, BR).to(tl.int64)
+    total = T._zero_acc(BR, 64, SWAP)
+    for seg in range(seg_lo, seg_hi):  # each segment's chain from zero, added in segment order
+        k_lo = seg * KS
+        k_hi = tl.minimum(K, k_lo + KS)
+        acc = T._zero_acc(BR, 64, SWAP)
+        for sb in range(k_lo // 256, k_hi // 256):
+            dm, w1, w2, w3 = _heads(h_ptr, grp, sb, nsb)
+            for c in tl.static_range(4):
+                qb = tl.load(q_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile)
+                lo, hi = _chunk(qb, dm, w1, w2, w3, c, INTERP)
+                k0 = sb * 256 + 64 * c
+                acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+        total += acc
+    cols = grp * 64 + tl.arange(0, 64)
+    if SWAP:
+        if PARTIAL:
+            offs = (seg_lo.to(tl.int64) * M + t[None, :]) * N + cols[:, None]
+            tl.store(part_ptr + offs, total, mask=t[None, :] < M)
+        else:
+            T._store_rows(y_ptr, b_ptr, tl.trans(total), t, cols, M, N, stride_ym, HAS_BIAS)
+    else:
+        T._store_rows(y_ptr, b_ptr, total, t, cols, M, N, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, h_ptr, y_ptr, K, INTERP: tl.constexpr):
+    """y[N, K] fp16: the weight as the matmul multiplies by it; one program per (row group, super-block)."""
+    grp = tl.program_id(0)
+    sb = tl.program_id(1)
+    tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    dm, w1, w2, w3 = _heads(h_ptr, grp, sb, K // 256)
+    r = (grp * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
+    for c in tl.static_range(4):
+        qb = tl.load(q_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile)
+        lo, hi = _chunk(qb, dm, w1, w2, w3, c, INTERP)
+        yp = y_ptr + r * K + sb * 256 + 64 * c + tl.arange(0, 32)[None, :]
+        tl.store(yp, lo)
+        tl.store(yp + 32, hi)
+
+
+def _planes(w: QWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    nq = w.n * w.k // 2
+    return w.raw[:nq], w.raw[nq:].view(torch.int32)
+
+
+def q4k_fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out: torch.Tensor,
+                         swap: bool | None = None, br: int | None = None, warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a Q4_K weight in fragment order (fp16 x; qmatmul checked shapes).
+    ``swap`` (default M <= SWAP_MAX_M): the weight as the wgmma A operand; ``br``: tokens per program."""
+    v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "fragment bytes must be 16-byte aligned")
+    M = x.shape[0]
+    swap = M <= T.SWAP_MAX_M if swap is None else swap
+    interp = x.device.type == "cpu"
+    if br is None:
+        br = (16 if M <= 16 else 32 if M <= 32 else 64) if swap else (64 if interp or M < 128 else 128)
+    ks, nseg = T.k_segments(w.n, w.k)
+    partial = swap and nseg > 1
+    part = torch.empty((nseg, M, w.n), dtype=torch.float32, device=x.device) if partial else out
+    q, h = _planes(w)
+    grid: tuple[int, ...] = (w.n // ROWS, triton.cdiv(M, br), nseg) if swap else (triton.cdiv(M, br) * (w.n // ROWS),)
+    q4k_fragments_kernel[grid](
+        x, q, h, bias if bias is not None else out, out, part, M, w.n, w.k, x.stride(0), out.stride(0), ks, nseg,
+        HAS_BIAS=bias is not None, BR=br, SWAP=swap, PARTIAL=partial, INTERP=interp,
+        num_warps=warps, num_stages=stages if swap else 2, enable_fp_fusion=False,
+    )
+    if partial:
+        T._segments_sum_kernel[(triton.cdiv(M * w.n, T.SUM_BLOCK),)](
+            part, bias if bias is not None else out, out, M, w.n, nseg, out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=T.SUM_BLOCK, num_warps=4,
+        )
+    return out
+
+
+def fragments_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] fp16: ``q4k_half2_weight``'s values, computed by the matmul's own code (the prefill scratch)."""
+    y = out if out is not None else torch.empty(w.n, w.k, dtype=torch.float16, device=w.raw.device)
+    v.check(y.shape == (w.n, w.k) and y.dtype == torch.float16 and y.is_contiguous(), KERNEL, "out",
+            f"must be a contiguous fp16 [{w.n}, {w.k}]")
+    q, h = _planes(w)
+    _dequant_kernel[(w.n // ROWS, w.k // 256)](q, h, y, w.k, INTERP=w.raw.device.type == "cpu", num_warps=4,
+                                                enable_fp_fusion=False)
+    return y
