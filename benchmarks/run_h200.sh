@@ -40,7 +40,7 @@
 #   bash benchmarks/run_h200.sh final13    # issue 8 at this tree: 0.5B 1 client; 64 clients with GC pauses logged and with uvloop; 7B F16 at 1 and 64
 #   bash benchmarks/run_h200.sh loop13     # uvloop + token fast path vs .devdata/base: 0.5B 64 clients alternating (+ --event-loop asyncio), 1 client; 7B Q4_K_M 64
 #   bash benchmarks/run_h200.sh gcab13     # 0.5B at 64: this tree vs .devdata/base, and with the worker's GC thresholds raised (pauses logged)
-#   bash benchmarks/run_h200.sh frag14     # Q4_K in fragment order: GPU tests, probe_q4k_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
+#   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
@@ -598,13 +598,13 @@ loop13)
     | sed -n '/^| engine |/,$p;/Error/p' | tail -1
   ;;
 frag14)
-  # Q4_K weights in fragment order (kernels/q4k_fragments.py): their GPU tests and the half2 ones they must equal, the
+  # Q4_K/Q6_K weights in fragment order (kernels/fragments.py): their GPU tests and the half2 ones they must equal, the
   # per-matrix probe against the blocks' kernel, then 7B Q4_K_M quantized-half2 steps on this tree and .devdata/base
   [ -f /tmp/llama.cpp/done ] || [ -n "${SKIP_LLAMA:-}" ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done; synth qwen2.5-1.5b Q4_K_M) >$M/synth.log 2>&1 &
-  timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_q4k_fragments.py tests/test_qmatmul.py tests/test_engine_gpu.py \
-    -k "fragment or half2" -p no:cacheprovider 2>&1 | tail -6
-  timeout 150 python3 benchmarks/probe_q4k_fragments.py --m 1 16 64 128 256 --sweep --budget-s 120 2>&1 | tee "$OUT/probe_q4k_fragments.log"
+  timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_fragments.py tests/test_qmatmul.py tests/test_engine_gpu.py \
+    -k "fragment or half2" -p no:cacheprovider 2>&1 | tee "$OUT/frag14_tests.log" | tail -6
+  timeout 150 python3 benchmarks/probe_fragments.py --m 1 16 64 128 --sweep --budget-s 120 2>&1 | tee "$OUT/probe_fragments.log"
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   for tree in . .devdata/base; do echo "== tree $tree"
     (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \

@@ -1,5 +1,5 @@
 """The repackings of GGUF blocks the quantized residency makes: Q8_0, Q6_K, Q4_0, Q4_1, Q5_0 and
-Q5_1 split into planes; Q4_K (``quantized-half2``) in the tensor core's fragment order.
+Q5_1 split into planes; Q4_K and Q6_K (``quantized-half2``) in the tensor core's fragment order.
 
 Why: their blocks (34, 210, 18, 20, 22 and 24 bytes) are not 16-byte aligned, so a kernel reading
 them in place issues one load per byte; a Q4_K block (144 bytes) is 16-byte aligned
@@ -21,7 +21,7 @@ Row n of a plane starts at n * (its bytes per row), so a row's fields are contig
 Fragment order (``to_fragments``, Q4_K weights with N % 64 == 0 under ``quantized-half2``): each 64-row
 group's quant bytes are interleaved so that one thread of the fused kernel reads its share of a wgmma
 operand with one 16-byte load; the heads (d, dmin, 12 scale bytes) follow in row order. Same bytes,
-same size; ``kernels/q4k_fragments.py`` says why and gives the byte map.
+same size; ``kernels/fragments.py`` says why and gives the byte map.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def repack_planar(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> None:
     raw.copy_(to_planes(raw, t, n, k))
 
 
-def repack_fragments(raw: torch.Tensor, n: int, k: int) -> None:
-    """In place: ``raw`` (a slot of the arena holding Q4_K blocks) becomes its fragment-order bytes."""
-    raw.copy_(to_fragments(raw, n, k))
+def repack_fragments(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> None:
+    """In place: ``raw`` (a slot of the arena holding Q4_K or Q6_K blocks) becomes its fragment-order bytes."""
+    raw.copy_(q6k_to_fragments(raw, n, k) if t == GGMLType.Q6_K else to_fragments(raw, n, k))
 
 
 # --- Q4_K in fragment order ---------------------------------------------------------------------
@@ -160,3 +160,75 @@ def fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch
     quants = sel.permute(0, 1, 2, 4, 5, 3, 6).reshape(-1, k // 256, 128)
     heads = raw[n * k // 2 :].view(n, k // 256, 16).index_select(0, idx)
     return torch.cat([heads, quants], dim=2).reshape(-1)
+
+
+# --- Q6_K in fragment order ---------------------------------------------------------------------
+# [tiles: per 64-row group G and 128-input pair P, 3 x 2048 bytes] [scales: N*K/16 i8, row-major] [d: N*K/256 f16]
+# Tile bytes at (w, g, t, b3, b2, y, x) (row 16w + 8x + g, kl = 16*b3 + 8*b2 + 2*t + y, as Q4_K's): tile c (0, 1)
+# holds the low 4 bits of q at inputs 128P + 64c + kl (low nibble) and + 32 (high nibble); the third tile the
+# high 2 bits of those four values: bits 0-1 / 2-3 for tile 0's low / high nibble, 4-5 / 6-7 for tile 1's.
+_Q6K_BYTES = 210
+
+
+def _q6k_values(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The 6-bit quants (0..63, q + 32 of ggml's signed values) of Q6_K blocks as uint8 [n, k]."""
+    b = raw.view(-1, _Q6K_BYTES)
+    ql = b[:, :128].view(-1, 2, 2, 32)  # [block, half, l // 32, l % 32]
+    qh = b[:, 128:192].view(-1, 2, 1, 32)
+    lo = torch.cat([ql & 15, ql >> 4], dim=2)  # [block, half, 4, 32]: inputs +0, +32, +64, +96
+    hi = torch.cat([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], dim=2)
+    return (lo | (hi << 4)).reshape(n, k)
+
+
+def _q6k_blocks(q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``_q6k_values``' inverse: quants [rows, k] + scales [rows, k/16] + d [rows, k/256] (bytes) -> the blocks."""
+    v = q.reshape(-1, 2, 4, 32)
+    ql = (v[:, :, 0:2] & 15) | ((v[:, :, 2:4] & 15) << 4)  # [block, half, 2, 32]
+    h = v >> 4
+    qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
+    return torch.cat([ql.reshape(-1, 128), qh.reshape(-1, 64), scales.reshape(-1, 16), d.reshape(-1, 2)], dim=1).reshape(-1)
+
+
+def _q6k_tile_view(q: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Quants [n, k] as [G, w, x, g, P, c, h, b3, b2, t, y] (input 128P + 64c + 32h + kl)."""
+    return q.reshape(n // FRAGMENT_ROWS, 4, 2, 8, k // 128, 2, 2, 2, 2, 4, 2)
+
+
+_Q6K_TO_TILES = _TO_TILES  # the nibble bytes [G, w, x, g, P, c, b3, b2, t, y] -> [G, P, c, w, g, t, b3, b2, y, x]
+
+
+def q6k_to_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """GGUF Q6_K blocks of W[n, k] -> the fragment-order bytes (same size, raw's device)."""
+    if not (fragments_fit(n, k) and raw.dtype == torch.uint8 and raw.dim() == 1 and raw.numel() == n * k // 256 * _Q6K_BYTES):
+        raise ValueError(f"Q6_K [{n}, {k}] in fragment order needs N % {FRAGMENT_ROWS} == 0, K % 256 == 0 and its "
+                         f"{n * k // 256 * _Q6K_BYTES} block bytes (uint8), got {raw.dtype} {tuple(raw.shape)}")
+    q = _q6k_tile_view(_q6k_values(raw, n, k), n, k)  # [G, w, x, g, P, c, h, b3, b2, t, y]
+    nib = (q[:, :, :, :, :, :, 0] & 15) | ((q[:, :, :, :, :, :, 1] & 15) << 4)  # [G, w, x, g, P, c, b3, b2, t, y]
+    h = q >> 4
+    high = (h[:, :, :, :, :, 0, 0] | (h[:, :, :, :, :, 0, 1] << 2) | (h[:, :, :, :, :, 1, 0] << 4)
+            | (h[:, :, :, :, :, 1, 1] << 6))  # [G, w, x, g, P, b3, b2, t, y]
+    nib = nib.permute(*_Q6K_TO_TILES)  # [G, P, c, w, g, t, b3, b2, y, x]
+    high = high.permute(0, 4, 1, 3, 7, 5, 6, 8, 2).unsqueeze(2)  # [G, P, 1, w, g, t, b3, b2, y, x]
+    tiles = torch.cat([nib, high], dim=2).reshape(-1)
+    b = raw.view(n, k // 256, _Q6K_BYTES)
+    return torch.cat([tiles, b[:, :, 192:208].reshape(-1), b[:, :, 208:210].reshape(-1)])
+
+
+def q6k_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``q6k_to_fragments``' exact inverse: the GGUF blocks."""
+    nt = n * k * 3 // 4
+    tiles = raw[:nt].view(n // FRAGMENT_ROWS, k // 128, 3, 4, 8, 4, 2, 2, 2, 2)  # [G, P, tile, w, g, t, b3, b2, y, x]
+    nib, high = tiles[:, :, :2], tiles[:, :, 2:]
+    parts = [nib & 15, nib >> 4]  # h = 0, 1: [G, P, c, ...]
+    hb = [((high >> (2 * (2 * c + h))) & 3) for c in range(2) for h in range(2)]  # (c, h) order
+    q = torch.stack([torch.cat([parts[h][:, :, c : c + 1] | (hb[2 * c + h] << 4) for c in range(2)], dim=2)
+                     for h in range(2)], dim=3)  # [G, P, c, h, w, g, t, b3, b2, y, x]
+    q = q.permute(0, 4, 10, 5, 1, 2, 3, 7, 8, 6, 9).reshape(n, k)  # -> [G, w, x, g, P, c, h, b3, b2, t, y]
+    sc = raw[nt : nt + n * k // 16].view(n, k // 256, 16)
+    d = raw[nt + n * k // 16 :].view(n, k // 256, 2)
+    return _q6k_blocks(q, sc, d, n, k)
+
+
+def q6k_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks of rows ``idx`` (not a fast path: the whole matrix is rebuilt; embeddings are not repacked)."""
+    return q6k_from_fragments(raw, n, k).view(n, -1).index_select(0, idx.reshape(-1)).reshape(-1)

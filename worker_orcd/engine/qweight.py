@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .dequant.formats import FUSED_TYPES
-from .qlayout import PLANAR_TYPES, fragment_rows, fragments_fit, from_fragments, from_planes, plane_rows
+from .qlayout import (PLANAR_TYPES, fragment_rows, fragments_fit, from_fragments, from_planes, plane_rows,
+                      q6k_fragment_rows, q6k_from_fragments)
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 
 __all__ = ["FUSED_TYPES", "QWeight", "Weight", "WeightGroup", "row_bytes"]  # FUSED_TYPES: re-exported (torch-free home)
@@ -44,7 +45,7 @@ class QWeight:
     # with one fp16 rounding (kernels/qmatmul_tiled.py), by every kernel that multiplies by this weight;
     # otherwise ggml's fp32 arithmetic rounded once (the dense residency's values)
     half2: bool = False
-    # Q4_K (half2 values) stored in the tensor core's fragment order (kernels/q4k_fragments.py; same bytes)
+    # Q4_K (half2 values) stored in the tensor core's fragment order (kernels/fragments.py; same bytes)
     fragments: bool = False
 
     def __post_init__(self) -> None:
@@ -57,11 +58,12 @@ class QWeight:
         if self.planar and self.ggml_type not in PLANAR_TYPES:
             raise ValueError(f"QWeight {self.ggml_type.name}: no planar layout for this type")
         if self.half2 and not (self.ggml_type == GGMLType.Q4_K and not self.planar
-                               or self.ggml_type == GGMLType.Q6_K and self.planar):
+                               or self.ggml_type == GGMLType.Q6_K and (self.planar or self.fragments)):
             raise ValueError(f"QWeight {self.ggml_type.name} (planar={self.planar}): half2 is for Q4_K blocks and Q6_K planes")
-        if self.fragments and not (self.ggml_type == GGMLType.Q4_K and self.half2 and fragments_fit(self.n, self.k)):
+        if self.fragments and not (self.ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) and self.half2 and not self.planar
+                                   and fragments_fit(self.n, self.k)):
             raise ValueError(f"QWeight {self.ggml_type.name} [{self.n}, {self.k}] (half2={self.half2}): fragment order "
-                             f"is for half2 Q4_K weights with N % 64 == 0")
+                             f"is for half2 Q4_K/Q6_K weights with N % 64 == 0")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,12 +81,16 @@ class QWeight:
         """The block bytes of rows ``idx`` as uint8 [len(idx) * row_bytes] (for an embedding lookup)."""
         if self.planar:
             return plane_rows(self.raw, self.ggml_type, self.n, self.k, idx)
+        if self.fragments and self.ggml_type == GGMLType.Q6_K:
+            return q6k_fragment_rows(self.raw, self.n, self.k, idx)
         if self.fragments:
             return fragment_rows(self.raw, self.n, self.k, idx)
         return self.raw.view(self.n, self.row_bytes).index_select(0, idx.reshape(-1)).reshape(-1)
 
     def gguf_bytes(self) -> torch.Tensor:
         """The matrix as the file's GGUF blocks (undoes the planar and fragment repackings)."""
+        if self.fragments and self.ggml_type == GGMLType.Q6_K:
+            return q6k_from_fragments(self.raw, self.n, self.k)
         if self.fragments:
             return from_fragments(self.raw, self.n, self.k)
         return from_planes(self.raw, self.ggml_type, self.n, self.k) if self.planar else self.raw

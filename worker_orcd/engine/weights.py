@@ -80,11 +80,11 @@ class WeightLayout:
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
     planar: bool = False  # PLANAR_TYPES slots repacked into qlayout's planes (``make_planar``)
-    fragments: bool = False  # Q4_K matrix slots that fit repacked into fragment order (``make_planar``, half2)
+    fragments: bool = False  # Q4_K/Q6_K matrix slots that fit repacked into fragment order (``make_planar``, half2)
 
     def in_fragments(self, s: Slot) -> bool:
         """Whether slot ``s`` holds its Q4_K weight in fragment order (not the embedding: a lookup table first)."""
-        return (self.fragments and s.ggml_type == GGMLType.Q4_K and s.name != "token_embd.weight"
+        return (self.fragments and s.ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) and s.name != "token_embd.weight"
                 and fragments_fit(s.shape[0], s.shape[1]))
 
     def _reserve(self, slot: Slot) -> None:
@@ -251,8 +251,8 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
             raw = v[s.name].reshape(-1).view(torch.uint8)
             parts.append(QWeight(raw, _FLOAT_TYPE[lay.dtype], s.shape[0], s.shape[1]))
         else:
-            planar = lay.planar and s.ggml_type in PLANAR_TYPES
             frag = lay.in_fragments(s)
+            planar = lay.planar and s.ggml_type in PLANAR_TYPES and not frag
             h2 = frag or half2 and lay.dtype == torch.float16 and (s.ggml_type, planar) in _HALF2_FORMS
             parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
@@ -261,17 +261,17 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
 def make_planar(arena: torch.Tensor, lay: WeightLayout, fragments: bool = False) -> None:
     """After the hashed upload: every PLANAR_TYPES slot becomes ``qlayout``'s planes, in place (the
     aligned layout ``qmatmul_tiled`` reads at memory speed), and with ``fragments`` (``quantized-half2``
-    of an fp16 model) every Q4_K matrix slot that fits its fragment order (``kernels/q4k_fragments.py``);
+    of an fp16 model) every Q4_K matrix slot that fits its fragment order (``kernels/fragments.py``);
     the seal then fingerprints what is resident."""
     if lay.planar:
         raise RuntimeError("the arena is already planar")
     lay.fragments = fragments and lay.dtype == torch.float16
     for s in lay.slots.values():
         raw = arena[s.byte_offset : s.byte_offset + s.n_bytes]
-        if s.ggml_type in PLANAR_TYPES:
+        if lay.in_fragments(s):
+            repack_fragments(raw, s.ggml_type, s.shape[0], s.shape[1])
+        elif s.ggml_type in PLANAR_TYPES:
             repack_planar(raw, s.ggml_type, s.shape[0], s.shape[1])
-        elif lay.in_fragments(s):
-            repack_fragments(raw, s.shape[0], s.shape[1])
     lay.planar = True
 
 

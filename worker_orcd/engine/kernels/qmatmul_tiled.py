@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ...gguf.constants import GGMLType
 from ..dequant.kernels_basic import _round_bf16
-from ..qlayout import PLANAR_TYPES
+from ..qlayout import PLANAR_TYPES, to_planes
 from ..qweight import QWeight
 from . import validate as v
 from .qmatmul import _dot, _store_rows
@@ -66,7 +66,7 @@ HALF2_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K})  # ``half2`` dequantizat
 
 def supports(w: QWeight) -> bool:
     """Whether ``w`` runs here: Q4_K/Q5_K as the file's blocks, the other types repacked into planes."""
-    return w.ggml_type in TILED_TYPES and (w.planar or w.ggml_type not in _NEEDS_PLANES)
+    return w.ggml_type in TILED_TYPES and (w.planar or w.fragments or w.ggml_type not in _NEEDS_PLANES)
 
 
 def launch_config(m: int, n: int, k: int, t: GGMLType) -> tuple[int, int, int, int, int]:
@@ -570,8 +570,8 @@ def qmatmul_tiled(
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     if w.fragments:
         v.check(x.dtype == torch.float16 and config is None and half2 in (None, True), KERNEL, "w",
-                f"a Q4_K weight in fragment order takes fp16 activations and half2 values, not {x.dtype}")
-        return q4k_fragments.q4k_fragments_matmul(x, w, bias, out, swap=swap)
+                f"a weight in fragment order takes fp16 activations and half2 values, not {x.dtype}")
+        return fragments.fragments_matmul(x, w, bias, out, swap=swap)
     M = x.shape[0]
     swap = M <= SWAP_MAX_M if swap is None else swap
     if swap:
@@ -665,7 +665,7 @@ def half2_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """[N, K] fp16 on w's device: ``half2_weight``'s values, computed by the fused kernels' own code
     (the prefill path's scratch, so its rows equal the fused kernels' bit for bit)."""
     if w.fragments:
-        return q4k_fragments.fragments_dequant(w, out)
+        return fragments.fragments_dequant(w, out)
     v.check(w.ggml_type in HALF2_TYPES and w.planar == (w.ggml_type == GGMLType.Q6_K), KERNEL, "w",
             f"half2 dequantization takes Q4_K blocks or Q6_K planes, not {w.ggml_type.name} (planar={w.planar})")
     y = out if out is not None else torch.empty(w.n, w.k, dtype=torch.float16, device=w.raw.device)
@@ -710,9 +710,10 @@ def q4k_half2_weight(w: QWeight) -> torch.Tensor:
 def q6k_half2_weight(w: QWeight) -> torch.Tensor:
     """[n, k] fp16: what ``half2=True`` dequantizes a (planar) Q6_K weight to — fp16(d*sc) * (q - 32),
     computed in float64 (exact) and rounded once, as mul.rn.f16x2 does."""
-    v.check(w.ggml_type == GGMLType.Q6_K and w.planar, KERNEL, "w", "a Q6_K weight in qlayout's planes")
+    v.check(w.ggml_type == GGMLType.Q6_K and (w.planar or w.fragments), KERNEL, "w",
+            "a Q6_K weight in qlayout's planes or fragment order")
     n, k = w.n, w.k
-    raw = w.raw.to("cpu")
+    raw = (w.raw if w.planar else to_planes(w.gguf_bytes(), GGMLType.Q6_K, n, k)).to("cpu")
     p1, p2, p3 = _planes(w)
     ql = raw[:p1].reshape(n, k // 256, 2, 64).to(torch.int32)  # [row, super-block, half, 64 bytes]
     qh = raw[p1:p2].reshape(n, k // 256, 2, 32).to(torch.int32)
@@ -732,4 +733,4 @@ def half2_weight(w: QWeight) -> torch.Tensor:
     return q4k_half2_weight(w) if w.ggml_type == GGMLType.Q4_K else q6k_half2_weight(w)
 
 
-from . import q4k_fragments  # noqa: E402  (it uses this module's helpers)
+from . import fragments  # noqa: E402  (it uses this module's helpers)

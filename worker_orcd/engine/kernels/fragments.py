@@ -21,7 +21,7 @@ Layout of an [N, K] weight (N % 64 == 0), two planes:
 The values are ``qmatmul_tiled``'s half2 ones (q * fp16(d*sc) - fp16(dmin*m), one fp16 rounding;
 ``q4k_half2_weight``) and each output element is the same chain of k16 tensor-core steps in k order
 over the same K segments (``k_segments``): a row's bits equal the blocks' kernel's and the dense
-kernel's on ``q4k_half2_weight`` (tests/test_q4k_fragments_gpu.py), at every M.
+kernel's on ``q4k_half2_weight`` (tests/test_fragments_gpu.py), at every M.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ...gguf.constants import GGMLType
 from ..qlayout import FRAGMENT_ROWS
 from ..qweight import QWeight
 from . import qmatmul_tiled as T
 from . import validate as v
 
-KERNEL = "q4k_fragments"
+KERNEL = "fragments"
 ROWS = FRAGMENT_ROWS
 
 
@@ -171,21 +172,141 @@ def _chunk(qb, dm, w1, w2, w3, c: tl.constexpr, INTERP: tl.constexpr):
     return lo, hi
 
 
+# Q6_K: 4 nibble bytes + the 4 bytes of their high bits (tiles at the same place) -> elements 0..3 of the low-
+# and high-nibble tensors, (q - 32) * s with one fp16 rounding; tile c (0 / 1) of its pair picks the bit fields
+def _q6k_dq_src(c: int) -> str:
+    sh = ("shl.b32 h0, $5, 4;", "shr.b32 h1, $5, 4;", "shl.b32 h2, $5, 2;", "shr.b32 h3, $5, 6;") if c == 0 else (
+        "mov.b32 h0, $5;", "shr.b32 h1, $5, 8;", "shr.b32 h2, $5, 2;", "shr.b32 h3, $5, 10;")
+    return f"""
+{{
+.reg .b32 w8, w4, w12, h0, h1, h2, h3, q, m4, m2, ke, k1056;
+mov.b32 m4, 0x000F000F;
+mov.b32 m2, 0x00300030;
+mov.b32 ke, 0x64006400;
+mov.b32 k1056, 0x64206420;
+shr.b32 w8, $4, 8;
+shr.b32 w4, $4, 4;
+shr.b32 w12, $4, 12;
+{sh[0]}
+{sh[1]}
+{sh[2]}
+{sh[3]}
+lop3.b32 q, h0, m2, ke, 0xea;
+lop3.b32 q, $4, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $0, q, $6;
+lop3.b32 q, h1, m2, ke, 0xea;
+lop3.b32 q, w8, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $1, q, $8;
+lop3.b32 q, h2, m2, ke, 0xea;
+lop3.b32 q, w4, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $2, q, $10;
+lop3.b32 q, h3, m2, ke, 0xea;
+lop3.b32 q, w12, m4, q, 0xea;
+sub.f16x2 q, q, k1056;
+mul.rn.f16x2 $3, q, $12;
+}}
+"""
+
+
+_Q6K_DQ0 = tl.constexpr(_q6k_dq_src(0))
+_Q6K_DQ1 = tl.constexpr(_q6k_dq_src(1))
+# a row's 4 int8 scales of a 64-input chunk (one word) and its d -> (s_j, s_j) = fp16(d * sc_j), j = 0..3
+_Q6K_SCALES = tl.constexpr("""
+{
+.reg .b32 a, b, dd, k64, kx, k1152;
+.reg .b16 lo, hi;
+mov.b32 k64, 0x64646464;
+mov.b32 kx, 0x00800080;
+mov.b32 k1152, 0x64806480;
+mov.b32 dd, {$5, $5};
+prmt.b32 a, $4, k64, 0x4140;
+prmt.b32 b, $4, k64, 0x4342;
+xor.b32 a, a, kx;
+xor.b32 b, b, kx;
+sub.f16x2 a, a, k1152;
+sub.f16x2 b, b, k1152;
+mul.rn.f16x2 a, a, dd;
+mul.rn.f16x2 b, b, dd;
+mov.b32 {lo, hi}, a;
+mov.b32 $0, {lo, lo};
+mov.b32 $1, {hi, hi};
+mov.b32 {lo, hi}, b;
+mov.b32 $2, {lo, lo};
+mov.b32 $3, {hi, hi};
+}
+""")
+
+
 @triton.jit
-def _heads(h_ptr, grp, sb, nsb):
-    """Row group ``grp``'s super-block ``sb`` heads as four [4, 8, 1, 1, 1, 2, 1] int32 words (rows (w, g, x))."""
+def _q6k_chunk(nib, hq, sw, dh, c: tl.constexpr, INTERP: tl.constexpr):
+    """Tile c (0/1) of a Q6_K pair ([128, 16] nibble bytes), the pair's high bits, its rows' scale words and d
+    ([4, 8, 1, 1, 1, 2, 1]) -> the two [64, 32] fp16 A operands: inputs +0 .. +31 and +32 .. +63 of the chunk."""
+    nib = tl.reshape(nib, (4, 8, 4, 2, 2, 2, 2))
+    hq = tl.reshape(hq, (4, 8, 4, 2, 2, 2, 2))
+    b3 = tl.arange(0, 2)[None, None, None, :, None, None, None]
+    if INTERP:
+        q = tl.permute(nib, (0, 1, 2, 3, 4, 6, 5)).to(tl.int32)  # (.., y, x) -> (.., x, y), as the PTX
+        h = tl.permute(hq, (0, 1, 2, 3, 4, 6, 5)).to(tl.int32)
+        d = dh.to(tl.float64)
+        sa = (d * tl.where(b3 == 0, (sw << 24) >> 24, (sw << 16) >> 24).to(tl.float64)).to(tl.float16)
+        sb = (d * tl.where(b3 == 0, (sw << 8) >> 24, sw >> 24).to(tl.float64)).to(tl.float16)
+        qa = (q & 15) | (((h >> (4 * c)) & 3) << 4)
+        qb = (q >> 4) | (((h >> (4 * c + 2)) & 3) << 4)
+        lo = ((qa - 32).to(tl.float64) * sa.to(tl.float64)).to(tl.float16)
+        hi = ((qb - 32).to(tl.float64) * sb.to(tl.float64)).to(tl.float16)
+    else:
+        s0, s1, s2, s3 = tl.inline_asm_elementwise(_Q6K_SCALES, "=r,=r,=r,=r,r,h", [sw, dh],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        sa = tl.broadcast_to(tl.where(b3 == 0, s0, s1), SHAPE7)
+        sb = tl.broadcast_to(tl.where(b3 == 0, s2, s3), SHAPE7)
+        if c == 0:
+            src: tl.constexpr = _Q6K_DQ0
+        else:
+            src: tl.constexpr = _Q6K_DQ1
+        lo, hi = tl.inline_asm_elementwise(src, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [nib, hq, sa, sb],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    lo = tl.reshape(tl.permute(lo, (0, 5, 1, 3, 4, 2, 6)), (64, 32))
+    hi = tl.reshape(tl.permute(hi, (0, 5, 1, 3, 4, 2, 6)), (64, 32))
+    return lo, hi
+
+
+@triton.jit
+def _rows(grp):
+    """The rows (w, g, x) of row group ``grp`` as [4, 8, 1, 1, 1, 2, 1] int64."""
     w_ = tl.arange(0, 4)[:, None, None, None, None, None, None]
     g_ = tl.arange(0, 8)[None, :, None, None, None, None, None]
     x_ = tl.arange(0, 2)[None, None, None, None, None, :, None]
-    row = (grp * 64 + 16 * w_ + 8 * x_ + g_).to(tl.int64)
-    hp = h_ptr + (row * nsb + sb) * 4
+    return (grp * 64 + 16 * w_ + 8 * x_ + g_).to(tl.int64)
+
+
+@triton.jit
+def _heads(w32_ptr, P1, grp, sb, nsb):
+    """Q4_K: row group ``grp``'s super-block ``sb`` heads as four [4, 8, 1, 1, 1, 2, 1] int32 words."""
+    hp = w32_ptr + P1 + (_rows(grp) * nsb + sb) * 4
     return tl.load(hp), tl.load(hp + 1), tl.load(hp + 2), tl.load(hp + 3)
 
 
+@triton.jit
+def _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, j, K, tile, INTERP: tl.constexpr):
+    """Q6_K: 128-input pair j of row group ``grp`` -> four [64, 32] fp16 A operands, inputs 128j + 0/32/64/96."""
+    base = (grp.to(tl.int64) * (K // 128) + j) * 6144
+    hq = tl.load(w_ptr + base + 4096 + tile)
+    rows = _rows(grp)
+    dh = tl.load(w16_ptr + P2 + rows * (K // 256) + j // 2)
+    sp = w32_ptr + P1 + rows * (K // 64) + 2 * j
+    a0, a1 = _q6k_chunk(tl.load(w_ptr + base + tile), hq, tl.load(sp), dh, 0, INTERP)
+    a2, a3 = _q6k_chunk(tl.load(w_ptr + base + 2048 + tile), hq, tl.load(sp + 1), dh, 1, INTERP)
+    return a0, a1, a2, a3
+
+
 @triton.jit(do_not_specialize=["M"])
-def q4k_fragments_kernel(
-    x_ptr, q_ptr, h_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, KS, NSEG,
-    HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr, INTERP: tl.constexpr,
+def fragments_kernel(
+    x_ptr, w_ptr, w32_ptr, w16_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, P1, P2, KS, NSEG,
+    WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
@@ -200,7 +321,6 @@ def q4k_fragments_kernel(
         grp = pid // num_m
         seg_lo = 0
         seg_hi = NSEG
-    nsb = K // 256
     tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
     t = rows0 + tl.arange(0, BR).to(tl.int64)
     total = T._zero_acc(BR, 64, SWAP)
@@ -209,13 +329,22 @@ def q4k_fragments_kernel(
         k_hi = tl.minimum(K, k_lo + KS)
         acc = T._zero_acc(BR, 64, SWAP)
         for sb in range(k_lo // 256, k_hi // 256):
-            dm, w1, w2, w3 = _heads(h_ptr, grp, sb, nsb)
-            for c in tl.static_range(4):
-                qb = tl.load(q_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile)
-                lo, hi = _chunk(qb, dm, w1, w2, w3, c, INTERP)
-                k0 = sb * 256 + 64 * c
-                acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+            if WTYPE == 12:  # Q4_K: four 64-input chunks of the super-block
+                dm, w1, w2, w3 = _heads(w32_ptr, P1, grp, sb, K // 256)
+                for c in tl.static_range(4):
+                    lo, hi = _chunk(tl.load(w_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
+                                    dm, w1, w2, w3, c, INTERP)
+                    k0 = sb * 256 + 64 * c
+                    acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+            else:  # Q6_K: two 128-input pairs
+                for h in tl.static_range(2):
+                    a0, a1, a2, a3 = _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, 2 * sb + h, K, tile, INTERP)
+                    k0 = sb * 256 + 128 * h
+                    acc, _a, _b, _c = T._acc(a0, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(a1, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(a2, x_ptr, rows0, k0 + 64, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(a3, x_ptr, rows0, k0 + 96, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
         total += acc
     cols = grp * 64 + tl.arange(0, 64)
     if SWAP:
@@ -229,31 +358,46 @@ def q4k_fragments_kernel(
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, h_ptr, y_ptr, K, INTERP: tl.constexpr):
+def _dequant_kernel(w_ptr, w32_ptr, w16_ptr, y_ptr, K, P1, P2, WTYPE: tl.constexpr, INTERP: tl.constexpr):
     """y[N, K] fp16: the weight as the matmul multiplies by it; one program per (row group, super-block)."""
     grp = tl.program_id(0)
     sb = tl.program_id(1)
     tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
-    dm, w1, w2, w3 = _heads(h_ptr, grp, sb, K // 256)
-    r = (grp * 64 + tl.arange(0, 64)).to(tl.int64)[:, None]
-    for c in tl.static_range(4):
-        qb = tl.load(q_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile)
-        lo, hi = _chunk(qb, dm, w1, w2, w3, c, INTERP)
-        yp = y_ptr + r * K + sb * 256 + 64 * c + tl.arange(0, 32)[None, :]
-        tl.store(yp, lo)
-        tl.store(yp + 32, hi)
+    yp = y_ptr + (grp * 64 + tl.arange(0, 64)).to(tl.int64)[:, None] * K + sb * 256 + tl.arange(0, 32)[None, :]
+    if WTYPE == 12:
+        dm, w1, w2, w3 = _heads(w32_ptr, P1, grp, sb, K // 256)
+        for c in tl.static_range(4):
+            lo, hi = _chunk(tl.load(w_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile), dm, w1, w2, w3,
+                            c, INTERP)
+            tl.store(yp + 64 * c, lo)
+            tl.store(yp + 64 * c + 32, hi)
+    else:
+        for h in tl.static_range(2):
+            a0, a1, a2, a3 = _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, 2 * sb + h, K, tile, INTERP)
+            tl.store(yp + 128 * h, a0)
+            tl.store(yp + 128 * h + 32, a1)
+            tl.store(yp + 128 * h + 64, a2)
+            tl.store(yp + 128 * h + 96, a3)
 
 
-def _planes(w: QWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    nq = w.n * w.k // 2
-    return w.raw[:nq], w.raw[nq:].view(torch.int32)
+def _views(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(bytes, int32 view, fp16 view, P1, P2): the heads (Q4_K) / scales (Q6_K) plane in int32 elements, the
+    Q6_K d plane in fp16 elements."""
+    raw = w.raw
+    w32 = raw[: raw.numel() // 4 * 4].view(torch.int32)
+    w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
+    if w.ggml_type == GGMLType.Q4_K:
+        return raw, w32, w16, w.n * w.k // 8, 0
+    nt = w.n * w.k * 3 // 4
+    return raw, w32, w16, nt // 4, (nt + w.n * w.k // 16) // 2
 
 
-def q4k_fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out: torch.Tensor,
-                         swap: bool | None = None, br: int | None = None, warps: int = 4, stages: int = 3) -> torch.Tensor:
-    """out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a Q4_K weight in fragment order (fp16 x; qmatmul checked shapes).
-    ``swap`` (default M <= SWAP_MAX_M): the weight as the wgmma A operand; ``br``: tokens per program."""
-    v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "fragment bytes must be 16-byte aligned")
+def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out: torch.Tensor,
+                     swap: bool | None = None, br: int | None = None, warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a Q4_K/Q6_K weight in fragment order (fp16 x; qmatmul
+    checked the shapes). ``swap`` (default M <= SWAP_MAX_M): the weight as the wgmma A operand; ``br``: tokens
+    per program."""
+    v.check(w.fragments and w.raw.data_ptr() % 16 == 0, KERNEL, "w", "a 16-byte aligned weight in fragment order")
     M = x.shape[0]
     swap = M <= T.SWAP_MAX_M if swap is None else swap
     interp = x.device.type == "cpu"
@@ -262,11 +406,11 @@ def q4k_fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None,
     ks, nseg = T.k_segments(w.n, w.k)
     partial = swap and nseg > 1
     part = torch.empty((nseg, M, w.n), dtype=torch.float32, device=x.device) if partial else out
-    q, h = _planes(w)
+    raw, w32, w16, p1, p2 = _views(w)
     grid: tuple[int, ...] = (w.n // ROWS, triton.cdiv(M, br), nseg) if swap else (triton.cdiv(M, br) * (w.n // ROWS),)
-    q4k_fragments_kernel[grid](
-        x, q, h, bias if bias is not None else out, out, part, M, w.n, w.k, x.stride(0), out.stride(0), ks, nseg,
-        HAS_BIAS=bias is not None, BR=br, SWAP=swap, PARTIAL=partial, INTERP=interp,
+    fragments_kernel[grid](
+        x, raw, w32, w16, bias if bias is not None else out, out, part, M, w.n, w.k, x.stride(0), out.stride(0), p1, p2,
+        ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br, SWAP=swap, PARTIAL=partial, INTERP=interp,
         num_warps=warps, num_stages=stages if swap else 2, enable_fp_fusion=False,
     )
     if partial:
@@ -278,11 +422,11 @@ def q4k_fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None,
 
 
 def fragments_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, K] fp16: ``q4k_half2_weight``'s values, computed by the matmul's own code (the prefill scratch)."""
+    """[N, K] fp16: ``half2_weight``'s values, computed by the matmul's own code (the prefill scratch)."""
     y = out if out is not None else torch.empty(w.n, w.k, dtype=torch.float16, device=w.raw.device)
     v.check(y.shape == (w.n, w.k) and y.dtype == torch.float16 and y.is_contiguous(), KERNEL, "out",
             f"must be a contiguous fp16 [{w.n}, {w.k}]")
-    q, h = _planes(w)
-    _dequant_kernel[(w.n // ROWS, w.k // 256)](q, h, y, w.k, INTERP=w.raw.device.type == "cpu", num_warps=4,
-                                                enable_fp_fusion=False)
+    raw, w32, w16, p1, p2 = _views(w)
+    _dequant_kernel[(w.n // ROWS, w.k // 256)](raw, w32, w16, y, w.k, p1, p2, WTYPE=int(w.ggml_type),
+                                                INTERP=w.raw.device.type == "cpu", num_warps=4, enable_fp_fusion=False)
     return y

@@ -1,4 +1,4 @@
-"""Q4_K weights in the tensor core's fragment order (``qlayout.to_fragments``, ``kernels/q4k_fragments.py``):
+"""Q4_K weights in the tensor core's fragment order (``qlayout.to_fragments``, ``kernels/fragments.py``):
 the repacking is a byte permutation with an exact inverse, the values are ``q4k_half2_weight``'s, and every
 row equals the dense chains over the same K segments, at every M and in both forms (so the blocks' half2
 kernel's rows: the GPU test compares them directly)."""
@@ -11,22 +11,39 @@ import torch
 
 from test_qmatmul import make, rowwise_dot  # noqa: F401  (rowwise_dot: a fixture)
 from worker_orcd.engine.errors import KernelDimensionError
-from worker_orcd.engine.kernels import q4k_fragments as F
+from worker_orcd.engine.kernels import fragments as F
 from worker_orcd.engine.kernels import qmatmul_tiled as tiled
 from worker_orcd.engine.kernels.qmatmul import qlinear, qmatmul
-from worker_orcd.engine.qlayout import fragment_rows, fragments_fit, from_fragments, to_fragments
+from worker_orcd.engine.qlayout import (fragment_rows, fragments_fit, from_fragments, q6k_from_fragments, q6k_to_fragments,
+                                        to_fragments, to_planes)
 from worker_orcd.engine.qweight import QWeight, WeightGroup
 from worker_orcd.gguf.constants import GGMLType
 
-Q4K = GGMLType.Q4_K
+Q4K, Q6K = GGMLType.Q4_K, GGMLType.Q6_K
+TYPES = [Q4K, Q6K]
 
 
-def _pair(n: int, k: int, gen: torch.Generator, device: str) -> tuple[QWeight, QWeight]:
-    """(the file's blocks with half2 values, the same weight in fragment order)."""
+def _pair(n: int, k: int, gen: torch.Generator, device: str, t: GGMLType = Q4K) -> tuple[QWeight, QWeight]:
+    """(the half2 weight as the blocks' kernels read it -- Q4_K blocks, Q6_K planes --, the same in fragment order)."""
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    w, _ = make(Q4K, n, k, rng, device)
-    blocks = QWeight(w.raw, Q4K, n, k, half2=True)
-    return blocks, QWeight(to_fragments(w.raw, n, k), Q4K, n, k, half2=True, fragments=True)
+    w, _ = make(t, n, k, rng, device)
+    if t == Q6K:
+        old = QWeight(to_planes(w.raw, t, n, k), t, n, k, planar=True, half2=True)
+        return old, QWeight(q6k_to_fragments(w.raw, n, k), t, n, k, half2=True, fragments=True)
+    return QWeight(w.raw, t, n, k, half2=True), QWeight(to_fragments(w.raw, n, k), t, n, k, half2=True, fragments=True)
+
+
+def test_worker_4701_q6k_fragment_order_has_its_inverse(gen: torch.Generator) -> None:
+    planes, frag = _pair(128, 512, gen, "cpu", Q6K)
+    blocks = planes.gguf_bytes()
+    assert frag.raw.numel() == blocks.numel()  # resident bytes = file bytes
+    assert torch.equal(q6k_from_fragments(frag.raw, 128, 512), blocks)
+    assert torch.equal(frag.gguf_bytes(), blocks)
+    idx = torch.tensor([0, 127, 9, 64])
+    assert torch.equal(frag.rows(idx), planes.rows(idx))
+    assert torch.equal(frag.dequantize(), planes.dequantize())
+    with pytest.raises(ValueError, match="N % 64"):
+        q6k_to_fragments(torch.zeros(96 * 2 * 210, dtype=torch.uint8), 96, 512)
 
 
 def test_worker_4701_fragment_order_is_a_permutation_with_its_inverse(gen: torch.Generator) -> None:
@@ -59,32 +76,35 @@ def test_worker_4701_fragment_order_refuses_what_does_not_fit() -> None:
         QWeight(torch.zeros(64 * 34 * 8, dtype=torch.uint8), GGMLType.Q8_0, 64, 256, half2=False, fragments=True)
 
 
-def test_worker_4701_fragments_dequantize_to_the_half2_values(gen: torch.Generator, device: str) -> None:
-    """The kernel's own dequantization (the prefill scratch; on the GPU the PTX) gives
-    ``q4k_half2_weight``'s values bit for bit."""
-    blocks, frag = _pair(128, 768, gen, device)
-    ref = tiled.q4k_half2_weight(blocks)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_worker_4701_fragments_dequantize_to_the_half2_values(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """The kernel's own dequantization (the prefill scratch; on the GPU the PTX) gives ``half2_weight``'s
+    values bit for bit -- the blocks' kernels' values."""
+    blocks, frag = _pair(128, 768, gen, device, t)
+    ref = tiled.half2_weight(blocks)
     assert torch.equal(F.fragments_dequant(frag), ref)
     assert torch.equal(tiled.half2_dequant(frag), ref)  # the prefill path's entry
-    assert torch.equal(tiled.q4k_half2_weight(frag), ref)
+    assert torch.equal(tiled.half2_dequant(blocks), ref)
+    assert torch.equal(tiled.half2_weight(frag), ref)
 
 
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n,k", [(128, 512), (192, 768)])
 def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
-    rowwise_dot: None, n: int, k: int, gen: torch.Generator, device: str  # noqa: F811
+    rowwise_dot: None, t: GGMLType, n: int, k: int, gen: torch.Generator, device: str  # noqa: F811
 ) -> None:
     """Each row equals the dense chains over ``k_segments`` on the half2 values (bias after them),
     whatever M, the form (swapped or not) and the row's place in the batch."""
-    blocks, frag = _pair(n, k, gen, device)
-    wh = tiled.q4k_half2_weight(blocks)
+    blocks, frag = _pair(n, k, gen, device, t)
+    wh = tiled.half2_weight(blocks)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
     pool = torch.randn(70, k, generator=gen).to(device=device, dtype=torch.float16)
     out = torch.empty(70, n, dtype=torch.float16, device=device)
-    full = F.q4k_fragments_matmul(pool, frag, bias, out.clone(), swap=False)
+    full = F.fragments_matmul(pool, frag, bias, out.clone(), swap=False)
     assert torch.equal(full, tiled.segments_reference(pool, wh, bias))
     for m in (1, 5, 16, 33, 64):
         idx = torch.randperm(70, generator=gen)[:m].to(device)
-        got = F.q4k_fragments_matmul(pool[idx], frag, bias, out[:m].clone(), swap=True)
+        got = F.fragments_matmul(pool[idx], frag, bias, out[:m].clone(), swap=True)
         assert torch.equal(got, full[idx]), f"M={m}"
         assert torch.equal(qmatmul(pool[idx], frag, bias), full[idx]), f"qmatmul M={m}"  # the dispatch
 
@@ -108,12 +128,13 @@ def test_worker_4701_fragments_refuse_other_activations(gen: torch.Generator, de
 
 
 @pytest.mark.gpu
-def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(gen: torch.Generator, device: str) -> None:
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen: torch.Generator, device: str) -> None:
     """Compiled (the PTX, the 16-byte loads, Triton's layouts): at M = 1..300, through every path
     (swapped, unswapped, the prefill scratch), a row's bits are the blocks' half2 kernel's and the
     dense chains' on the half2 values -- the repacking changes where bytes are, not one result."""
-    blocks, frag = _pair(1024, 3584, gen, device)
-    wh = tiled.q4k_half2_weight(blocks)
+    blocks, frag = _pair(1024, 3584, gen, device, t)
+    wh = tiled.half2_weight(blocks)
     bias = torch.randn(1024, generator=gen).to(device=device, dtype=torch.float16)
     pool = torch.randn(300, 3584, generator=gen).to(device=device, dtype=torch.float16)
     full = qmatmul(pool, blocks, bias)
@@ -123,11 +144,11 @@ def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(gen: torch.Genera
         idx = torch.randperm(300, generator=gen)[:m].to(device)
         assert torch.equal(qmatmul(pool[idx], frag, bias), full[idx]), f"M={m}"
         out = torch.empty(m, 1024, dtype=torch.float16, device=device)
-        assert torch.equal(F.q4k_fragments_matmul(pool[idx], frag, bias, out, swap=m <= 64), full[idx]), f"fused M={m}"
+        assert torch.equal(F.fragments_matmul(pool[idx], frag, bias, out, swap=m <= 64), full[idx]), f"fused M={m}"
 
 
 def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_path) -> None:  # noqa: ANN001
-    """``make_planar(fragments=True)`` (the engine under ``quantized-half2``, fp16) repacks every Q4_K
+    """``make_planar(fragments=True)`` (the engine under ``quantized-half2``, fp16) repacks every Q4_K/Q6_K
     matrix that fits, not the embedding; ``bind`` marks them; each is the file's blocks when read back."""
     from synthetic import synth as _synth
     from worker_orcd.engine.config import model_config
@@ -150,8 +171,9 @@ def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_pa
     parts = [p for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
              for p in (m.parts if isinstance(m, WeightGroup) else (m,))]
     frag = [p for p in parts if p.fragments]
-    assert frag and all(p.ggml_type == Q4K and p.half2 for p in frag)
-    assert all(p.fragments for p in parts if p.ggml_type == Q4K)  # every Q4_K matrix of this shape fits
+    assert frag and all(p.half2 and not p.planar for p in frag)
+    assert all(p.fragments for p in parts if p.ggml_type in (Q4K, Q6K))  # every Q4_K/Q6_K matrix of this shape fits
+    assert {p.ggml_type for p in frag} == {Q4K, Q6K}
     assert isinstance(w.embed, QWeight) and not w.embed.fragments
     data = path.read_bytes()
     for p in frag:

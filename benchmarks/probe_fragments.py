@@ -1,0 +1,92 @@
+"""Q4_K/Q6_K matmuls with the weight in fragment order (``kernels/fragments.py``) against the half2 kernel.
+
+Per Q4_K / Q6_K matrix of a 1.5B, 7B and 72B and per M: ms per launch (CUDA graph, weight copies past L2,
+as tune_qtiled.py) of ``qmatmul_tiled(..., half2=True)`` on the file's blocks (Q6_K: ``qlayout``'s planes)
+and of ``fragments_matmul`` on the same weight in fragment order; whether their rows are bitwise equal
+(they must be: the same values, the same chains), and whether ``fragments_dequant`` equals ``half2_dequant``. Markdown table; JSON to $OUT/probe_fragments.json; exit 1 on any mismatch.
+
+    python benchmarks/probe_fragments.py --m 1 16 64 128 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from tune_dense import L2_BYTES, graph_ms  # noqa: E402
+from tune_qtiled import resident  # noqa: E402
+
+from worker_orcd.engine.kernels import fragments as F  # noqa: E402
+from worker_orcd.engine.qlayout import q6k_to_fragments, to_fragments  # noqa: E402
+from worker_orcd.engine.kernels import qmatmul_tiled as T  # noqa: E402
+from worker_orcd.engine.qweight import QWeight  # noqa: E402
+from worker_orcd.gguf.constants import GGMLType  # noqa: E402
+
+Q4K, Q6K = GGMLType.Q4_K, GGMLType.Q6_K
+CASES = [("7b", "gate_up", 37888, 3584, Q4K), ("7b", "down", 3584, 18944, Q6K), ("7b", "head", 152064, 3584, Q6K),
+         ("7b", "down", 3584, 18944, Q4K), ("7b", "q", 3584, 3584, Q4K), ("7b", "k", 512, 3584, Q4K), ("7b", "v", 512, 3584, Q6K),
+         ("7b", "o", 3584, 3584, Q4K), ("1.5b", "gate_up", 17920, 1536, Q4K), ("1.5b", "down", 1536, 8960, Q6K),
+         ("1.5b", "q", 1536, 1536, Q4K), ("72b", "gate_up", 59136, 8192, Q4K)]  # a 0.5B's K = 896 is not whole super-blocks
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", nargs="+", type=int, default=[1, 16, 64, 128, 256])
+    ap.add_argument("--sweep", action="store_true", help="stages 2/3/4 of the swapped form at the smallest M")
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args()
+    t_end = time.time() + args.budget_s
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, bad = [], []
+    print("| model | matrix | type | M | blocks half2 ms | fragments ms | speed-up | fragments GB/s | rows bitwise |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    for model, name, n, k, t in CASES:
+        if time.time() > t_end:
+            break
+        w0 = resident(t, n, k, gen)
+        blocks = [w0] + [resident(t, n, k, gen) for _ in range(max(0, min(8, L2_BYTES // w0.raw.numel()) - 1))]
+        blocks = [QWeight(b.raw, t, n, k, planar=b.planar, half2=True) for b in blocks]
+        frags = [QWeight(to_fragments(b.raw, n, k) if t == Q4K else q6k_to_fragments(b.gguf_bytes(), n, k), t, n, k,
+                         half2=True, fragments=True) for b in blocks]
+        assert torch.equal(frags[0].gguf_bytes(), blocks[0].gguf_bytes())
+        if not torch.equal(F.fragments_dequant(frags[0]), T.half2_dequant(blocks[0])):
+            bad.append(f"{model} {name}: fragments_dequant != half2_dequant")
+        for m in args.m:
+            if time.time() > t_end:
+                break
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.float16)
+            out = torch.empty(m, n, dtype=torch.float16, device="cuda")
+            y0 = T.qmatmul_tiled(x, blocks[0], None, out.clone())
+            y1 = F.fragments_matmul(x, frags[0], None, out.clone())
+            same = bool(torch.equal(y0, y1))
+            if not same:
+                bad.append(f"{model} {name} {t.name} M={m}: rows differ (max {(y0.float() - y1.float()).abs().max().item():.3g})")
+            base = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out) for w in blocks])
+            new = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out) for w in frags])
+            r = dict(model=model, matrix=name, type=t.name, n=n, k=k, m=m, blocks_ms=base, fragments_ms=new,
+                     gb_s=w0.raw.numel() / new / 1e6, bitwise=same)
+            if args.sweep and m == min(args.m):
+                for st in (2, 3, 4):
+                    r[f"stages{st}_ms"] = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out, stages=st) for w in frags])
+            rows.append(r)
+            print(f"| {model} | {name} {n}x{k} | {t.name} | {m} | {base:.4f} | {new:.4f} | {base / new:.2f}x | {r['gb_s']:,.0f} | "
+                  f"{'yes' if same else 'NO'} |" + "".join(f" {kk}={vv:.4f}" for kk, vv in r.items() if kk.startswith("stages")),
+                  flush=True)
+    print(f"\nmismatches: {len(bad)}")
+    for b in bad:
+        print("  " + b)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "probe_fragments.json").write_text(json.dumps(rows, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
