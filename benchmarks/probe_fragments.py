@@ -25,16 +25,18 @@ from tune_dense import L2_BYTES, graph_ms  # noqa: E402
 from tune_qtiled import resident  # noqa: E402
 
 from worker_orcd.engine.kernels import fragments as F  # noqa: E402
-from worker_orcd.engine.qlayout import q6k_to_fragments, to_fragments  # noqa: E402
+from worker_orcd.engine.qlayout import q6k_to_fragments, q8_to_fragments, to_fragments  # noqa: E402
 from worker_orcd.engine.kernels import qmatmul_tiled as T  # noqa: E402
 from worker_orcd.engine.qweight import QWeight  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402
 
-Q4K, Q6K = GGMLType.Q4_K, GGMLType.Q6_K
+Q4K, Q6K, Q80 = GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0
 CASES = [("7b", "gate_up", 37888, 3584, Q4K), ("7b", "down", 3584, 18944, Q6K), ("7b", "head", 152064, 3584, Q6K),
          ("7b", "down", 3584, 18944, Q4K), ("7b", "q", 3584, 3584, Q4K), ("7b", "k", 512, 3584, Q4K), ("7b", "v", 512, 3584, Q6K),
          ("7b", "o", 3584, 3584, Q4K), ("1.5b", "gate_up", 17920, 1536, Q4K), ("1.5b", "down", 1536, 8960, Q6K),
-         ("1.5b", "q", 1536, 1536, Q4K), ("72b", "gate_up", 59136, 8192, Q4K)]  # a 0.5B's K = 896 is not whole super-blocks
+         ("1.5b", "q", 1536, 1536, Q4K), ("72b", "gate_up", 59136, 8192, Q4K), ("72b", "down", 8192, 29568, Q80),
+         ("7b", "gate_up", 37888, 3584, Q80), ("7b", "head", 152064, 3584, Q80), ("0.5b", "gate_up", 9728, 896, Q80),
+         ("0.5b", "down", 896, 4864, Q80), ("0.5b", "head", 151936, 896, Q80)]  # a 0.5B's K = 896: Q8_0, not K-quants
 
 
 def main() -> int:
@@ -53,11 +55,13 @@ def main() -> int:
             break
         w0 = resident(t, n, k, gen)
         blocks = [w0] + [resident(t, n, k, gen) for _ in range(max(0, min(8, L2_BYTES // w0.raw.numel()) - 1))]
-        blocks = [QWeight(b.raw, t, n, k, planar=b.planar, half2=True) for b in blocks]
-        frags = [QWeight(to_fragments(b.raw, n, k) if t == Q4K else q6k_to_fragments(b.gguf_bytes(), n, k), t, n, k,
-                         half2=True, fragments=True) for b in blocks]
+        h2 = t != Q80  # Q8_0 keeps ggml's values (both forms)
+        blocks = [QWeight(b.raw, t, n, k, planar=b.planar, half2=h2) for b in blocks]
+        pack = {Q4K: to_fragments, Q6K: q6k_to_fragments, Q80: q8_to_fragments}[t]
+        frags = [QWeight(pack(b.gguf_bytes(), n, k), t, n, k, half2=h2, fragments=True) for b in blocks]
         assert torch.equal(frags[0].gguf_bytes(), blocks[0].gguf_bytes())
-        if not torch.equal(F.fragments_dequant(frags[0]), T.half2_dequant(blocks[0])):
+        ref = T.half2_dequant(blocks[0]) if h2 else blocks[0].dequantize(torch.float32).to("cuda").half()
+        if not torch.equal(F.fragments_dequant(frags[0]), ref):
             bad.append(f"{model} {name}: fragments_dequant != half2_dequant")
         for m in args.m:
             if time.time() > t_end:

@@ -15,12 +15,12 @@ from worker_orcd.engine.kernels import fragments as F
 from worker_orcd.engine.kernels import qmatmul_tiled as tiled
 from worker_orcd.engine.kernels.qmatmul import qlinear, qmatmul
 from worker_orcd.engine.qlayout import (fragment_rows, fragments_fit, from_fragments, q6k_from_fragments, q6k_to_fragments,
-                                        to_fragments, to_planes)
+                                        q8_from_fragments, q8_to_fragments, to_fragments, to_planes)
 from worker_orcd.engine.qweight import QWeight, WeightGroup
 from worker_orcd.gguf.constants import GGMLType
 
-Q4K, Q6K = GGMLType.Q4_K, GGMLType.Q6_K
-TYPES = [Q4K, Q6K]
+Q4K, Q6K, Q80 = GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0
+TYPES = [Q4K, Q6K, Q80]
 
 
 def _pair(n: int, k: int, gen: torch.Generator, device: str, t: GGMLType = Q4K) -> tuple[QWeight, QWeight]:
@@ -30,20 +30,31 @@ def _pair(n: int, k: int, gen: torch.Generator, device: str, t: GGMLType = Q4K) 
     if t == Q6K:
         old = QWeight(to_planes(w.raw, t, n, k), t, n, k, planar=True, half2=True)
         return old, QWeight(q6k_to_fragments(w.raw, n, k), t, n, k, half2=True, fragments=True)
+    if t == Q80:  # ggml's values, as the planes' kernel
+        return (QWeight(to_planes(w.raw, t, n, k), t, n, k, planar=True),
+                QWeight(q8_to_fragments(w.raw, n, k), t, n, k, fragments=True))
     return QWeight(w.raw, t, n, k, half2=True), QWeight(to_fragments(w.raw, n, k), t, n, k, half2=True, fragments=True)
 
 
-def test_worker_4701_q6k_fragment_order_has_its_inverse(gen: torch.Generator) -> None:
-    planes, frag = _pair(128, 512, gen, "cpu", Q6K)
+def _values(w: QWeight) -> torch.Tensor:
+    """The fp16 values the fused kernels multiply by: half2's for Q4_K/Q6_K, ggml's rounded once for Q8_0."""
+    return tiled.half2_weight(w) if w.half2 else w.dequantize(torch.float32).to(w.device).half()
+
+
+@pytest.mark.parametrize("t", [Q6K, Q80], ids=lambda t: t.name)
+def test_worker_4701_q6k_q8_fragment_order_has_its_inverse(t: GGMLType, gen: torch.Generator) -> None:
+    planes, frag = _pair(128, 512, gen, "cpu", t)
     blocks = planes.gguf_bytes()
     assert frag.raw.numel() == blocks.numel()  # resident bytes = file bytes
-    assert torch.equal(q6k_from_fragments(frag.raw, 128, 512), blocks)
+    assert torch.equal((q6k_from_fragments if t == Q6K else q8_from_fragments)(frag.raw, 128, 512), blocks)
     assert torch.equal(frag.gguf_bytes(), blocks)
     idx = torch.tensor([0, 127, 9, 64])
     assert torch.equal(frag.rows(idx), planes.rows(idx))
     assert torch.equal(frag.dequantize(), planes.dequantize())
     with pytest.raises(ValueError, match="N % 64"):
         q6k_to_fragments(torch.zeros(96 * 2 * 210, dtype=torch.uint8), 96, 512)
+    with pytest.raises(ValueError, match="N % 64"):
+        q8_to_fragments(torch.zeros(96 * 16 * 34, dtype=torch.uint8), 96, 512)
 
 
 def test_worker_4701_fragment_order_is_a_permutation_with_its_inverse(gen: torch.Generator) -> None:
@@ -73,19 +84,22 @@ def test_worker_4701_fragment_order_refuses_what_does_not_fit() -> None:
     with pytest.raises(ValueError, match="fragment order"):
         QWeight(torch.zeros(96 * 144, dtype=torch.uint8), Q4K, 96, 256, half2=True, fragments=True)
     with pytest.raises(ValueError, match="fragment order"):
-        QWeight(torch.zeros(64 * 34 * 8, dtype=torch.uint8), GGMLType.Q8_0, 64, 256, half2=False, fragments=True)
+        QWeight(torch.zeros(64 * 22 * 8, dtype=torch.uint8), GGMLType.Q5_0, 64, 256, fragments=True)
+    with pytest.raises(ValueError, match="fragment order"):
+        QWeight(torch.zeros(96 * 34 * 8, dtype=torch.uint8), GGMLType.Q8_0, 96, 256, fragments=True)
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_worker_4701_fragments_dequantize_to_the_half2_values(t: GGMLType, gen: torch.Generator, device: str) -> None:
-    """The kernel's own dequantization (the prefill scratch; on the GPU the PTX) gives ``half2_weight``'s
-    values bit for bit -- the blocks' kernels' values."""
+    """The kernel's own dequantization (the prefill scratch; on the GPU the PTX) gives the blocks' kernels'
+    values bit for bit (``half2_weight``'s; Q8_0: ggml's rounded once)."""
     blocks, frag = _pair(128, 768, gen, device, t)
-    ref = tiled.half2_weight(blocks)
+    ref = _values(blocks)
     assert torch.equal(F.fragments_dequant(frag), ref)
     assert torch.equal(tiled.half2_dequant(frag), ref)  # the prefill path's entry
-    assert torch.equal(tiled.half2_dequant(blocks), ref)
-    assert torch.equal(tiled.half2_weight(frag), ref)
+    if t != Q80:
+        assert torch.equal(tiled.half2_dequant(blocks), ref)
+        assert torch.equal(tiled.half2_weight(frag), ref)
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
@@ -96,7 +110,7 @@ def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
     """Each row equals the dense chains over ``k_segments`` on the half2 values (bias after them),
     whatever M, the form (swapped or not) and the row's place in the batch."""
     blocks, frag = _pair(n, k, gen, device, t)
-    wh = tiled.half2_weight(blocks)
+    wh = _values(blocks)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
     pool = torch.randn(70, k, generator=gen).to(device=device, dtype=torch.float16)
     out = torch.empty(70, n, dtype=torch.float16, device=device)
@@ -134,7 +148,7 @@ def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen:
     (swapped, unswapped, the prefill scratch), a row's bits are the blocks' half2 kernel's and the
     dense chains' on the half2 values -- the repacking changes where bytes are, not one result."""
     blocks, frag = _pair(1024, 3584, gen, device, t)
-    wh = tiled.half2_weight(blocks)
+    wh = _values(blocks)
     bias = torch.randn(1024, generator=gen).to(device=device, dtype=torch.float16)
     pool = torch.randn(300, 3584, generator=gen).to(device=device, dtype=torch.float16)
     full = qmatmul(pool, blocks, bias)
@@ -147,9 +161,12 @@ def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen:
         assert torch.equal(F.fragments_matmul(pool[idx], frag, bias, out, swap=m <= 64), full[idx]), f"fused M={m}"
 
 
-def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_path) -> None:  # noqa: ANN001
-    """``make_planar(fragments=True)`` (the engine under ``quantized-half2``, fp16) repacks every Q4_K/Q6_K
-    matrix that fits, not the embedding; ``bind`` marks them; each is the file's blocks when read back."""
+@pytest.mark.parametrize("wtype,half2,types", [("Q4_K_M", True, {Q4K, Q6K}), ("Q4_K_M", False, set()), ("Q8_0", False, {Q80})])
+def test_worker_4100_residency_binds_matrices_in_fragment_order(
+    tmp_path, wtype: str, half2: bool, types: set[GGMLType]  # noqa: ANN001
+) -> None:
+    """``make_planar`` (the engine, fp16) repacks every Q8_0 matrix that fits and, under ``quantized-half2``,
+    every Q4_K/Q6_K one, not the embedding; ``bind`` marks them; each is the file's blocks when read back."""
     from synthetic import synth as _synth
     from worker_orcd.engine.config import model_config
     from worker_orcd.engine.device import DeviceContext
@@ -158,7 +175,7 @@ def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_pa
     from worker_orcd.gguf.reader import parse_file
     from worker_orcd.integrity import sha256_path
 
-    path = _synth().write_synthetic_model(tmp_path / "tiny.gguf", "tiny-llama", "Q4_K_M")
+    path = _synth().write_synthetic_model(tmp_path / "tiny.gguf", "tiny-llama", wtype)
     g = parse_file(path)
     cfg = model_config(g)
     lay = weight_layout(cfg, g, torch.float16, quantized=True)
@@ -166,14 +183,14 @@ def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_pa
     with open(path, "rb") as fh:
         upload(fh, g, lay, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
     before = arena.clone()
-    make_planar(arena, lay, fragments=True)
-    w = bind(arena, lay, cfg, half2=True)
+    make_planar(arena, lay, half2=half2)
+    w = bind(arena, lay, cfg, half2=half2)
     parts = [p for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
              for p in (m.parts if isinstance(m, WeightGroup) else (m,))]
     frag = [p for p in parts if p.fragments]
-    assert frag and all(p.half2 and not p.planar for p in frag)
-    assert all(p.fragments for p in parts if p.ggml_type in (Q4K, Q6K))  # every Q4_K/Q6_K matrix of this shape fits
-    assert {p.ggml_type for p in frag} == {Q4K, Q6K}
+    assert all(not p.planar and p.half2 == (p.ggml_type != Q80) for p in frag)
+    assert all(p.fragments == (p.ggml_type in types) for p in parts)  # every matrix of this shape fits
+    assert {p.ggml_type for p in frag} == types
     assert isinstance(w.embed, QWeight) and not w.embed.fragments
     data = path.read_bytes()
     for p in frag:
@@ -182,3 +199,18 @@ def test_worker_4100_half2_residency_binds_q4k_matrices_in_fragment_order(tmp_pa
         s = lay.slots[name]
         assert not torch.equal(arena[s.byte_offset : s.byte_offset + s.n_bytes], before[s.byte_offset : s.byte_offset + s.n_bytes])
         assert p.gguf_bytes().numpy().tobytes() == data[info.data_offset : info.data_offset + info.n_bytes]
+
+
+def test_worker_4711_q8_fragments_with_a_ragged_k(rowwise_dot: None, gen: torch.Generator, device: str) -> None:  # noqa: F811
+    """Q8_0 rows need K % 32 only (a 0.5B's 896, a 72B's FFN down 29,568): the last segment's blocks past a
+    multiple of 128 run the tail loop, and the rows are still the dense chains."""
+    blocks, frag = _pair(64, 352, gen, device, Q80)
+    assert tiled.k_segments(64, 352) == (256, 2)
+    wh = _values(blocks)
+    pool = torch.randn(40, 352, generator=gen).to(device=device, dtype=torch.float16)
+    full = F.fragments_matmul(pool, frag, None, torch.empty(40, 64, dtype=torch.float16, device=device), swap=False)
+    assert torch.equal(full, tiled.segments_reference(pool, wh))
+    for m in (1, 7, 40):
+        got = F.fragments_matmul(pool[:m], frag, None, torch.empty(m, 64, dtype=torch.float16, device=device), swap=True)
+        assert torch.equal(got, full[:m]), f"M={m}"
+    assert torch.equal(F.fragments_dequant(frag), wh)

@@ -490,7 +490,7 @@ class Engine:
                 if on_digest is not None:
                     on_digest(stats.digest)  # the host's verdict before anything runs on these bytes
                 if self.quantized:
-                    make_planar(arena, lay, fragments=self.half2)  # a fixed permutation of the verified bytes, before the seal
+                    make_planar(arena, lay, half2=self.half2)  # a fixed permutation of the verified bytes, before the seal
                 if group is None:
                     model = Model(cfg, bind(arena, lay, cfg, half2=self.half2))
                 else:

@@ -1,5 +1,6 @@
 """The repackings of GGUF blocks the quantized residency makes: Q8_0, Q6_K, Q4_0, Q4_1, Q5_0 and
-Q5_1 split into planes; Q4_K and Q6_K (``quantized-half2``) in the tensor core's fragment order.
+Q5_1 split into planes; Q8_0, Q4_K and Q6_K (fp16 models; the K-quants under ``quantized-half2``) in the
+tensor core's fragment order.
 
 Why: their blocks (34, 210, 18, 20, 22 and 24 bytes) are not 16-byte aligned, so a kernel reading
 them in place issues one load per byte; a Q4_K block (144 bytes) is 16-byte aligned
@@ -105,8 +106,9 @@ def repack_planar(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> None:
 
 
 def repack_fragments(raw: torch.Tensor, t: GGMLType, n: int, k: int) -> None:
-    """In place: ``raw`` (a slot of the arena holding Q4_K or Q6_K blocks) becomes its fragment-order bytes."""
-    raw.copy_(q6k_to_fragments(raw, n, k) if t == GGMLType.Q6_K else to_fragments(raw, n, k))
+    """In place: ``raw`` (a slot of the arena holding Q4_K, Q6_K or Q8_0 blocks) becomes its fragment-order bytes."""
+    pack = {GGMLType.Q4_K: to_fragments, GGMLType.Q6_K: q6k_to_fragments, GGMLType.Q8_0: q8_to_fragments}[t]
+    raw.copy_(pack(raw, n, k))
 
 
 # --- Q4_K in fragment order ---------------------------------------------------------------------
@@ -232,3 +234,37 @@ def q6k_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def q6k_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
     """GGUF blocks of rows ``idx`` (not a fast path: the whole matrix is rebuilt; embeddings are not repacked)."""
     return q6k_from_fragments(raw, n, k).view(n, -1).index_select(0, idx.reshape(-1)).reshape(-1)
+
+
+# --- Q8_0 in fragment order ---------------------------------------------------------------------
+# [tiles: per 64-row group G and 32-input block b, 2048 bytes] [d: N*K/32 f16, row-major]. Tile byte at
+# (w, g, t, b3, b2, x, y) is q of row 16w + 8x + g, input 32b + 16*b3 + 8*b2 + 2*t + y: the file's bytes, moved.
+_Q8_BYTES = 34
+
+
+def q8_fragments_fit(n: int, k: int) -> bool:
+    return n % FRAGMENT_ROWS == 0 and k % 32 == 0 and n > 0
+
+
+def q8_to_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """GGUF Q8_0 blocks of W[n, k] -> the fragment-order bytes (same size, raw's device)."""
+    if not (q8_fragments_fit(n, k) and raw.dtype == torch.uint8 and raw.dim() == 1 and raw.numel() == n * k // 32 * _Q8_BYTES):
+        raise ValueError(f"Q8_0 [{n}, {k}] in fragment order needs N % {FRAGMENT_ROWS} == 0, K % 32 == 0 and its "
+                         f"{n * k // 32 * _Q8_BYTES} block bytes (uint8), got {raw.dtype} {tuple(raw.shape)}")
+    b = raw.view(n, k // 32, _Q8_BYTES)
+    q = b[:, :, 2:].reshape(n // FRAGMENT_ROWS, 4, 2, 8, k // 32, 2, 2, 4, 2)  # [G, w, x, g, blk, b3, b2, t, y]
+    tiles = q.permute(0, 4, 1, 3, 7, 5, 6, 2, 8).reshape(-1)  # [G, blk, w, g, t, b3, b2, x, y]
+    return torch.cat([tiles, b[:, :, :2].reshape(-1)])
+
+
+def q8_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``q8_to_fragments``' exact inverse: the GGUF blocks."""
+    tiles = raw[: n * k].view(n // FRAGMENT_ROWS, k // 32, 4, 8, 4, 2, 2, 2, 2)  # [G, blk, w, g, t, b3, b2, x, y]
+    q = tiles.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(n, k // 32, 32)
+    d = raw[n * k :].view(n, k // 32, 2)
+    return torch.cat([d, q], dim=2).reshape(-1)
+
+
+def q8_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks of rows ``idx`` (not a fast path: the whole matrix is rebuilt; embeddings are not repacked)."""
+    return q8_from_fragments(raw, n, k).view(n, -1).index_select(0, idx.reshape(-1)).reshape(-1)

@@ -16,7 +16,7 @@ import torch
 
 from .dequant.formats import FUSED_TYPES
 from .qlayout import (PLANAR_TYPES, fragment_rows, fragments_fit, from_fragments, from_planes, plane_rows,
-                      q6k_fragment_rows, q6k_from_fragments)
+                      q6k_fragment_rows, q6k_from_fragments, q8_fragment_rows, q8_fragments_fit, q8_from_fragments)
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 
 __all__ = ["FUSED_TYPES", "QWeight", "Weight", "WeightGroup", "row_bytes"]  # FUSED_TYPES: re-exported (torch-free home)
@@ -60,10 +60,11 @@ class QWeight:
         if self.half2 and not (self.ggml_type == GGMLType.Q4_K and not self.planar
                                or self.ggml_type == GGMLType.Q6_K and (self.planar or self.fragments)):
             raise ValueError(f"QWeight {self.ggml_type.name} (planar={self.planar}): half2 is for Q4_K blocks and Q6_K planes")
-        if self.fragments and not (self.ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) and self.half2 and not self.planar
-                                   and fragments_fit(self.n, self.k)):
+        if self.fragments and not (not self.planar and (
+                self.ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) and self.half2 and fragments_fit(self.n, self.k)
+                or self.ggml_type == GGMLType.Q8_0 and not self.half2 and q8_fragments_fit(self.n, self.k))):
             raise ValueError(f"QWeight {self.ggml_type.name} [{self.n}, {self.k}] (half2={self.half2}): fragment order "
-                             f"is for half2 Q4_K/Q6_K weights with N % 64 == 0")
+                             f"is for half2 Q4_K/Q6_K and for Q8_0 weights with N % 64 == 0")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -83,6 +84,8 @@ class QWeight:
             return plane_rows(self.raw, self.ggml_type, self.n, self.k, idx)
         if self.fragments and self.ggml_type == GGMLType.Q6_K:
             return q6k_fragment_rows(self.raw, self.n, self.k, idx)
+        if self.fragments and self.ggml_type == GGMLType.Q8_0:
+            return q8_fragment_rows(self.raw, self.n, self.k, idx)
         if self.fragments:
             return fragment_rows(self.raw, self.n, self.k, idx)
         return self.raw.view(self.n, self.row_bytes).index_select(0, idx.reshape(-1)).reshape(-1)
@@ -91,6 +94,8 @@ class QWeight:
         """The matrix as the file's GGUF blocks (undoes the planar and fragment repackings)."""
         if self.fragments and self.ggml_type == GGMLType.Q6_K:
             return q6k_from_fragments(self.raw, self.n, self.k)
+        if self.fragments and self.ggml_type == GGMLType.Q8_0:
+            return q8_from_fragments(self.raw, self.n, self.k)
         if self.fragments:
             return from_fragments(self.raw, self.n, self.k)
         return from_planes(self.raw, self.ggml_type, self.n, self.k) if self.planar else self.raw

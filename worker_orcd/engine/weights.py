@@ -34,7 +34,7 @@ from .config import ModelConfig
 from ..gguf.constants import BLOCK_LAYOUT, GGMLType
 from .dequant import SUPPORTED_TYPES
 from .device import DeviceContext
-from .qlayout import PLANAR_TYPES, fragments_fit, repack_fragments, repack_planar
+from .qlayout import PLANAR_TYPES, fragments_fit, q8_fragments_fit, repack_fragments, repack_planar
 from .qweight import FUSED_TYPES, QWeight, Weight, WeightGroup
 
 ARENA_ALIGN = 256  # bytes; cuBLAS and vectorised Triton loads want >= 16
@@ -80,12 +80,14 @@ class WeightLayout:
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
     planar: bool = False  # PLANAR_TYPES slots repacked into qlayout's planes (``make_planar``)
-    fragments: bool = False  # Q4_K/Q6_K matrix slots that fit repacked into fragment order (``make_planar``, half2)
+    fragment_types: frozenset[GGMLType] = frozenset()  # matrix slots of these types repacked (``make_planar``)
 
     def in_fragments(self, s: Slot) -> bool:
-        """Whether slot ``s`` holds its Q4_K weight in fragment order (not the embedding: a lookup table first)."""
-        return (self.fragments and s.ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) and s.name != "token_embd.weight"
-                and fragments_fit(s.shape[0], s.shape[1]))
+        """Whether slot ``s`` holds its weight in fragment order (not the embedding: a lookup table first)."""
+        if s.ggml_type not in self.fragment_types or s.name == "token_embd.weight":
+            return False
+        fit = q8_fragments_fit if s.ggml_type == GGMLType.Q8_0 else fragments_fit
+        return fit(s.shape[0], s.shape[1])
 
     def _reserve(self, slot: Slot) -> None:
         self.slots[slot.name] = slot
@@ -253,19 +255,24 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
         else:
             frag = lay.in_fragments(s)
             planar = lay.planar and s.ggml_type in PLANAR_TYPES and not frag
-            h2 = frag or half2 and lay.dtype == torch.float16 and (s.ggml_type, planar) in _HALF2_FORMS
+            h2 = half2 and lay.dtype == torch.float16 and (frag or (s.ggml_type, planar) in _HALF2_FORMS)
             parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
 
-def make_planar(arena: torch.Tensor, lay: WeightLayout, fragments: bool = False) -> None:
-    """After the hashed upload: every PLANAR_TYPES slot becomes ``qlayout``'s planes, in place (the
-    aligned layout ``qmatmul_tiled`` reads at memory speed), and with ``fragments`` (``quantized-half2``
-    of an fp16 model) every Q4_K matrix slot that fits its fragment order (``kernels/fragments.py``);
-    the seal then fingerprints what is resident."""
+FRAGMENT_TYPES = frozenset({GGMLType.Q8_0})  # in fragment order in an fp16 model (the same values either way)
+HALF2_FRAGMENT_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K})  # too, under quantized-half2 (half2 values)
+
+
+def make_planar(arena: torch.Tensor, lay: WeightLayout, half2: bool = False) -> None:
+    """After the hashed upload, in place: in an fp16 model every Q8_0 matrix slot (and under ``half2``,
+    ``quantized-half2``, every Q4_K/Q6_K one) that fits becomes the tensor core's fragment order
+    (``kernels/fragments.py``); the other PLANAR_TYPES slots ``qlayout``'s planes (the aligned layout
+    ``qmatmul_tiled`` reads). The seal then fingerprints what is resident."""
     if lay.planar:
         raise RuntimeError("the arena is already planar")
-    lay.fragments = fragments and lay.dtype == torch.float16
+    if lay.dtype == torch.float16:
+        lay.fragment_types = FRAGMENT_TYPES | (HALF2_FRAGMENT_TYPES if half2 else frozenset())
     for s in lay.slots.values():
         raw = arena[s.byte_offset : s.byte_offset + s.n_bytes]
         if lay.in_fragments(s):

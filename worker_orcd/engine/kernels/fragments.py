@@ -273,6 +273,38 @@ def _q6k_chunk(nib, hq, sw, dh, c: tl.constexpr, INTERP: tl.constexpr):
     return lo, hi
 
 
+# Q8_0: 4 bytes of a tile (elements 0..3; 0/1 share a row, 2/3 the other) and d per element ($3, $4: the two
+# rows' (d, d)) -> fp16(q * d), one rounding: the values the quantized residency has always used for Q8_0
+_Q8_DQ = tl.constexpr("""
+{
+.reg .b32 a, b, k64, kx, k1152;
+mov.b32 k64, 0x64646464;
+mov.b32 kx, 0x00800080;
+mov.b32 k1152, 0x64806480;
+prmt.b32 a, $2, k64, 0x4140;
+prmt.b32 b, $2, k64, 0x4342;
+xor.b32 a, a, kx;
+xor.b32 b, b, kx;
+sub.f16x2 a, a, k1152;
+sub.f16x2 b, b, k1152;
+mul.rn.f16x2 $0, a, $3;
+mul.rn.f16x2 $1, b, $4;
+}
+""")
+
+
+@triton.jit
+def _q8_block(qb, dh, INTERP: tl.constexpr):
+    """A Q8_0 tile [128, 16] and its rows' d ([4, 8, 1, 1, 1, 2, 1] fp16) -> the [64, 32] fp16 A operand."""
+    qb = tl.reshape(qb, (4, 8, 4, 2, 2, 2, 2))
+    if INTERP:
+        a = (qb.to(tl.int8, bitcast=True).to(tl.float64) * dh.to(tl.float64)).to(tl.float16)
+    else:
+        a = tl.inline_asm_elementwise(_Q8_DQ, "=r,=r,r,r,r", [qb, tl.broadcast_to(dh, SHAPE7)], dtype=tl.float16,
+                                      is_pure=True, pack=4)
+    return tl.reshape(tl.permute(a, (0, 5, 1, 3, 4, 2, 6)), (64, 32))
+
+
 @triton.jit
 def _rows(grp):
     """The rows (w, g, x) of row group ``grp`` as [4, 8, 1, 1, 1, 2, 1] int64."""
@@ -328,23 +360,36 @@ def fragments_kernel(
         k_lo = seg * KS
         k_hi = tl.minimum(K, k_lo + KS)
         acc = T._zero_acc(BR, 64, SWAP)
-        for sb in range(k_lo // 256, k_hi // 256):
-            if WTYPE == 12:  # Q4_K: four 64-input chunks of the super-block
-                dm, w1, w2, w3 = _heads(w32_ptr, P1, grp, sb, K // 256)
-                for c in tl.static_range(4):
-                    lo, hi = _chunk(tl.load(w_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
-                                    dm, w1, w2, w3, c, INTERP)
-                    k0 = sb * 256 + 64 * c
-                    acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                    acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-            else:  # Q6_K: two 128-input pairs
-                for h in tl.static_range(2):
-                    a0, a1, a2, a3 = _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, 2 * sb + h, K, tile, INTERP)
-                    k0 = sb * 256 + 128 * h
-                    acc, _a, _b, _c = T._acc(a0, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                    acc, _a, _b, _c = T._acc(a1, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                    acc, _a, _b, _c = T._acc(a2, x_ptr, rows0, k0 + 64, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                    acc, _a, _b, _c = T._acc(a3, x_ptr, rows0, k0 + 96, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+        if WTYPE == 8:  # Q8_0: one 32-input block per dot, four per iteration (segments start at multiples of 256)
+            rows = _rows(grp)
+            for b4 in range(k_lo // 128, k_hi // 128):
+                for i in tl.static_range(4):
+                    b = 4 * b4 + i
+                    a = _q8_block(tl.load(w_ptr + (grp.to(tl.int64) * (K // 32) + b) * 2048 + tile),
+                                  tl.load(w16_ptr + P2 + rows * (K // 32) + b), INTERP)
+                    acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+            for b in range(k_hi // 128 * 4, k_hi // 32):  # the last segment's tail (K % 128 != 0)
+                a = _q8_block(tl.load(w_ptr + (grp.to(tl.int64) * (K // 32) + b) * 2048 + tile),
+                              tl.load(w16_ptr + P2 + rows * (K // 32) + b), INTERP)
+                acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+        else:
+            for sb in range(k_lo // 256, k_hi // 256):
+                if WTYPE == 12:  # Q4_K: four 64-input chunks of the super-block
+                    dm, w1, w2, w3 = _heads(w32_ptr, P1, grp, sb, K // 256)
+                    for c in tl.static_range(4):
+                        lo, hi = _chunk(tl.load(w_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
+                                        dm, w1, w2, w3, c, INTERP)
+                        k0 = sb * 256 + 64 * c
+                        acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                        acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                else:  # Q6_K: two 128-input pairs
+                    for h in tl.static_range(2):
+                        a0, a1, a2, a3 = _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, 2 * sb + h, K, tile, INTERP)
+                        k0 = sb * 256 + 128 * h
+                        acc, _a, _b, _c = T._acc(a0, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                        acc, _a, _b, _c = T._acc(a1, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                        acc, _a, _b, _c = T._acc(a2, x_ptr, rows0, k0 + 64, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                        acc, _a, _b, _c = T._acc(a3, x_ptr, rows0, k0 + 96, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
         total += acc
     cols = grp * 64 + tl.arange(0, 64)
     if SWAP:
@@ -363,6 +408,11 @@ def _dequant_kernel(w_ptr, w32_ptr, w16_ptr, y_ptr, K, P1, P2, WTYPE: tl.constex
     grp = tl.program_id(0)
     sb = tl.program_id(1)
     tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    if WTYPE == 8:  # here sb is a 32-input block
+        a = _q8_block(tl.load(w_ptr + (grp.to(tl.int64) * (K // 32) + sb) * 2048 + tile),
+                      tl.load(w16_ptr + P2 + _rows(grp) * (K // 32) + sb), INTERP)
+        tl.store(y_ptr + (grp * 64 + tl.arange(0, 64)).to(tl.int64)[:, None] * K + sb * 32 + tl.arange(0, 32)[None, :], a)
+        return
     yp = y_ptr + (grp * 64 + tl.arange(0, 64)).to(tl.int64)[:, None] * K + sb * 256 + tl.arange(0, 32)[None, :]
     if WTYPE == 12:
         dm, w1, w2, w3 = _heads(w32_ptr, P1, grp, sb, K // 256)
@@ -388,13 +438,15 @@ def _views(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, i
     w16 = raw[: raw.numel() // 2 * 2].view(torch.int16).view(torch.float16)
     if w.ggml_type == GGMLType.Q4_K:
         return raw, w32, w16, w.n * w.k // 8, 0
+    if w.ggml_type == GGMLType.Q8_0:
+        return raw, w32, w16, 0, w.n * w.k // 2
     nt = w.n * w.k * 3 // 4
     return raw, w32, w16, nt // 4, (nt + w.n * w.k // 16) // 2
 
 
 def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out: torch.Tensor,
                      swap: bool | None = None, br: int | None = None, warps: int = 4, stages: int = 3) -> torch.Tensor:
-    """out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a Q4_K/Q6_K weight in fragment order (fp16 x; qmatmul
+    """out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a Q4_K/Q6_K/Q8_0 weight in fragment order (fp16 x; qmatmul
     checked the shapes). ``swap`` (default M <= SWAP_MAX_M): the weight as the wgmma A operand; ``br``: tokens
     per program."""
     v.check(w.fragments and w.raw.data_ptr() % 16 == 0, KERNEL, "w", "a 16-byte aligned weight in fragment order")
@@ -422,11 +474,13 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
 
 
 def fragments_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, K] fp16: ``half2_weight``'s values, computed by the matmul's own code (the prefill scratch)."""
+    """[N, K] fp16: the values the matmul multiplies by (Q4_K/Q6_K: ``half2_weight``'s; Q8_0: ggml's rounded
+    once), computed by the matmul's own code (the prefill scratch)."""
     y = out if out is not None else torch.empty(w.n, w.k, dtype=torch.float16, device=w.raw.device)
     v.check(y.shape == (w.n, w.k) and y.dtype == torch.float16 and y.is_contiguous(), KERNEL, "out",
             f"must be a contiguous fp16 [{w.n}, {w.k}]")
     raw, w32, w16, p1, p2 = _views(w)
-    _dequant_kernel[(w.n // ROWS, w.k // 256)](raw, w32, w16, y, w.k, p1, p2, WTYPE=int(w.ggml_type),
+    blocks = w.k // (32 if w.ggml_type == GGMLType.Q8_0 else 256)
+    _dequant_kernel[(w.n // ROWS, blocks)](raw, w32, w16, y, w.k, p1, p2, WTYPE=int(w.ggml_type),
                                                 INTERP=w.raw.device.type == "cpu", num_warps=4, enable_fp_fusion=False)
     return y

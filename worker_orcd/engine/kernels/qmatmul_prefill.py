@@ -50,7 +50,7 @@ def qmatmul_dequant(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias), the rows of ``qmatmul_tiled`` bit for bit (``out``
     may be a column slice; ``qmatmul`` checked the shapes)."""
     ks, _ = qmatmul_tiled.k_segments(w.n, w.k)
-    if w.half2:  # the fused kernels' own half2 values
+    if w.half2 or w.fragments:  # the fused kernels' own values, by their own code
         wd = qmatmul_tiled.half2_dequant(w)
     else:
         wd = segment_weight(w, 0, w.k, x.dtype)  # the whole matrix, once (the VRAM plan's scratch)

@@ -662,8 +662,8 @@ def _half2_dequant_kernel(w_ptr, w32_ptr, w16_ptr, y_ptr, N, K, RB, P1, P2, P3,
 
 
 def half2_dequant(w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, K] fp16 on w's device: ``half2_weight``'s values, computed by the fused kernels' own code
-    (the prefill path's scratch, so its rows equal the fused kernels' bit for bit)."""
+    """[N, K] fp16 on w's device: ``half2_weight``'s values (a Q8_0 weight in fragment order: ggml's), computed
+    by the fused kernels' own code (the prefill path's scratch, so its rows equal the fused kernels' bit for bit)."""
     if w.fragments:
         return fragments.fragments_dequant(w, out)
     v.check(w.ggml_type in HALF2_TYPES and w.planar == (w.ggml_type == GGMLType.Q6_K), KERNEL, "w",
