@@ -612,11 +612,17 @@ frag14)
   done
   ;;
 fbench14)
+  # issue 13's rows under quantized-half2 (K-quants and Q8_0 in fragment order) against llama-bench on the same files;
+  # FBENCH_TESTS: GPU tests to run first (while llama.cpp builds)
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
-  for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; cat /tmp/llama.cpp/done
-  timeout ${BENCH_TIMEOUT:-500} python3 benchmarks/bench_engine.py --shapes ${BENCH_SHAPES:-qwen2.5-1.5b,qwen2.5-7b} \
-    --types Q4_K_M --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
-    --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee "$OUT/fbench14.log" | grep -vE '^\{'
+  [ -z "${FBENCH_TESTS:-}" ] || timeout 200 python3 -m pytest -q -m gpu -rf --tb=short $FBENCH_TESTS -p no:cacheprovider 2>&1 \
+    | tee "$OUT/fbench14_tests.log" | tail -3
+  for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
+  for spec in ${FBENCH_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}; do
+    timeout ${BENCH_TIMEOUT:-500} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
+      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
+      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/fbench14.log" | grep -E '^\| qwen|FAILED|Error'
+  done
   ;;
 gcab13)
   # this tree (the direct path writing a drain's frames in one write per stream) against .devdata/base, 0.5B F16 at

@@ -437,8 +437,9 @@ def test_worker_4701_gpu_q3_k_m_dequantized_at_load(
 
 @pytest.mark.parametrize("wtype", ["Q4_K_M", "Q8_0"])
 def test_worker_4701_gpu_quantized_residency_agrees_with_dense(engine: Engine, synth_file: SynthFile, wtype: str) -> None:
-    """Q4_K/Q5_K/Q6_K/Q8_0 kept as blocks (Q6_K/Q8_0 in qlayout's planes) compute each matmul's rows
-    as the dense kernel's chains over fixed K segments (tests/test_qmatmul.py); end to end the logits agree."""
+    """Q4_K/Q5_K/Q6_K/Q8_0 kept as blocks (Q6_K in qlayout's planes, Q8_0 in fragment order) compute each
+    matmul's rows as the dense kernel's chains over fixed K segments (tests/test_qmatmul.py,
+    tests/test_fragments.py); end to end the logits agree."""
     from worker_orcd.engine.qweight import QWeight, WeightGroup
 
     vm = _validated(synth_file("mid-llama", wtype))
@@ -449,7 +450,8 @@ def test_worker_4701_gpu_quantized_residency_agrees_with_dense(engine: Engine, s
             if residency == "quantized":
                 parts = [p for lw in rm._weights.layers for w in (lw.wqkv, lw.w_down)
                          for p in (w.parts if isinstance(w, WeightGroup) else (w,)) if isinstance(p, QWeight)]
-                assert parts and any(p.planar for p in parts), "a Q6_K/Q8_0 matrix should be planar"
+                assert parts and any(p.planar for p in parts if p.ggml_type.name == "Q6_K") == (wtype == "Q4_K_M")
+                assert all(p.fragments for p in parts if p.ggml_type.name == "Q8_0"), "Q8_0 in fragment order (fp16)"
             prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
             got[residency] = (prefill_logits(rm, prompts), _tokens(rm, prompts[0], max_tokens=12))
         finally:
