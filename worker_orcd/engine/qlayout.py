@@ -232,8 +232,19 @@ def q6k_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def q6k_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks of rows ``idx`` (not a fast path: the whole matrix is rebuilt; embeddings are not repacked)."""
-    return q6k_from_fragments(raw, n, k).view(n, -1).index_select(0, idx.reshape(-1)).reshape(-1)
+    """GGUF blocks of rows ``idx`` (a tied embedding's lookup): the rows' bytes gathered from the tiles."""
+    idx = idx.reshape(-1)
+    nt = n * k * 3 // 4
+    tiles = raw[:nt].view(n // FRAGMENT_ROWS, k // 128, 3, 4, 8, 4, 2, 2, 2, 2)  # [G, P, tile, w, g, t, b3, b2, y, x]
+    grp, r = idx // FRAGMENT_ROWS, idx % FRAGMENT_ROWS
+    sel = tiles[grp, :, :, r // 16, r % 8, :, :, :, :, (r // 8) % 2]  # [len, P, tile, t, b3, b2, y]
+    high = sel[:, :, 2]
+    q = torch.stack([torch.stack([((sel[:, :, c] >> (4 * h)) & 15) | (((high >> (2 * (2 * c + h))) & 3) << 4)
+                                  for h in range(2)], dim=2) for c in range(2)], dim=2)  # [len, P, c, h, t, b3, b2, y]
+    q = q.permute(0, 1, 2, 3, 5, 6, 4, 7).reshape(-1, k)  # -> [len, P, c, h, b3, b2, t, y]
+    sc = raw[nt : nt + n * k // 16].view(n, k // 256, 16).index_select(0, idx)
+    d = raw[nt + n * k // 16 :].view(n, k // 256, 2).index_select(0, idx)
+    return _q6k_blocks(q, sc, d, idx.numel(), k)
 
 
 # --- Q8_0 in fragment order ---------------------------------------------------------------------
@@ -266,5 +277,11 @@ def q8_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def q8_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks of rows ``idx`` (not a fast path: the whole matrix is rebuilt; embeddings are not repacked)."""
-    return q8_from_fragments(raw, n, k).view(n, -1).index_select(0, idx.reshape(-1)).reshape(-1)
+    """GGUF blocks of rows ``idx`` (a tied embedding's lookup): the rows' bytes gathered from the tiles."""
+    idx = idx.reshape(-1)
+    tiles = raw[: n * k].view(n // FRAGMENT_ROWS, k // 32, 4, 8, 4, 2, 2, 2, 2)  # [G, blk, w, g, t, b3, b2, x, y]
+    grp, r = idx // FRAGMENT_ROWS, idx % FRAGMENT_ROWS
+    sel = tiles[grp, :, r // 16, r % 8, :, :, :, (r // 8) % 2, :]  # [len, blk, t, b3, b2, y]
+    q = sel.permute(0, 1, 3, 4, 2, 5).reshape(-1, k // 32, 32)
+    d = raw[n * k :].view(n, k // 32, 2).index_select(0, idx)
+    return torch.cat([d, q], dim=2).reshape(-1)

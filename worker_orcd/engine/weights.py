@@ -83,9 +83,9 @@ class WeightLayout:
     fragment_types: frozenset[GGMLType] = frozenset()  # matrix slots of these types repacked (``make_planar``)
 
     def in_fragments(self, s: Slot) -> bool:
-        """Whether slot ``s`` holds its weight in fragment order (not the embedding: a lookup table first)."""
-        if s.ggml_type not in self.fragment_types or s.name == "token_embd.weight":
-            return False
+        """Whether slot ``s`` holds its weight in fragment order (not an untied embedding: a lookup table only)."""
+        if s.ggml_type not in self.fragment_types or s.name == "token_embd.weight" and "lm_head" in self.groups:
+            return False  # an untied embedding is only looked up; a tied one is the output head too
         fit = q8_fragments_fit if s.ggml_type == GGMLType.Q8_0 else fragments_fit
         return fit(s.shape[0], s.shape[1])
 
@@ -255,7 +255,8 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
         else:
             frag = lay.in_fragments(s)
             planar = lay.planar and s.ggml_type in PLANAR_TYPES and not frag
-            h2 = half2 and lay.dtype == torch.float16 and (frag or (s.ggml_type, planar) in _HALF2_FORMS)
+            h2 = (half2 and lay.dtype == torch.float16 and s.ggml_type in HALF2_FRAGMENT_TYPES
+                  and (frag or (s.ggml_type, planar) in _HALF2_FORMS))
             parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
