@@ -215,34 +215,3 @@ def test_worker_4711_q8_fragments_with_a_ragged_k(rowwise_dot: None, gen: torch.
         got = F.fragments_matmul(pool[:m], frag, None, torch.empty(m, 64, dtype=torch.float16, device=device), swap=True)
         assert torch.equal(got, full[:m]), f"M={m}"
     assert torch.equal(F.fragments_dequant(frag), wh)
-
-
-@pytest.mark.parametrize("wtype", ["Q4_K_M", "Q8_0"])
-def test_worker_4100_a_tied_embedding_is_in_fragment_order_and_looks_up_its_rows(tmp_path, wtype: str) -> None:  # noqa: ANN001
-    """A tied embedding is also the output head: it is repacked like the other matrices, and the embedding
-    lookup gathers each token's row back as the file's blocks."""
-    from synthetic import synth as _synth
-    from worker_orcd.engine.config import model_config
-    from worker_orcd.engine.device import DeviceContext
-    from worker_orcd.engine.upload import upload
-    from worker_orcd.engine.weights import bind, make_planar, weight_layout
-    from worker_orcd.gguf.reader import parse_file
-    from worker_orcd.integrity import sha256_path
-
-    path = _synth().write_synthetic_model(tmp_path / "tied.gguf", "tiny-qwen2", wtype)
-    g = parse_file(path)
-    cfg = model_config(g)
-    assert cfg.tied_embeddings
-    lay = weight_layout(cfg, g, torch.float16, quantized=True)
-    arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
-    with open(path, "rb") as fh:
-        upload(fh, g, lay, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
-    make_planar(arena, lay, half2=True)
-    w = bind(arena, lay, cfg, half2=True)
-    assert w.lm_head is w.embed and isinstance(w.embed, QWeight) and w.embed.fragments
-    info = g.tensor("token_embd.weight")
-    data = np.frombuffer(path.read_bytes()[info.data_offset : info.data_offset + info.n_bytes], dtype=np.uint8)
-    blocks = torch.from_numpy(data.copy()).view(w.embed.n, -1)
-    idx = torch.tensor([5, 0, w.embed.n - 1, 64, 5])
-    assert torch.equal(w.embed.rows(idx), blocks.index_select(0, idx).reshape(-1))
-
