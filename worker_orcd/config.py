@@ -113,7 +113,7 @@ class WorkerConfig(BaseModel):
     seal_check_interval_ms: float = Field(default=SEAL_CHECK_INTERVAL_MS, ge=0, le=60_000)
     # dense: quantized matrices dequantized once at load (fastest today); quantized: GGUF blocks stay
     # resident (about 1/3 of the VRAM for Q4_K_M; the fused kernels use ggml's dequantized values);
-    # quantized-half2: the same bytes, Q4_K/Q6_K dequantized in packed fp16 (~12% faster 7B decode steps)
+    # quantized-half2: the same bytes, Q4_K/Q6_K dequantized in packed fp16, in fragment order (faster decode than dense)
     resident_weights: Literal["dense", "quantized", "quantized-half2"] = "dense"
     # on: the engine (device, batching loop) runs in a child process, so its Python never waits for the
     # GIL behind the HTTP side's (issue 8); off: in this process. Tensor-parallel workers: always off.
