@@ -613,9 +613,9 @@ frag14)
   ;;
 fbench14)
   # issue 13's rows under quantized-half2 (K-quants and Q8_0 in fragment order) against llama-bench on the same files;
-  # FBENCH_TESTS: GPU tests to run first (while llama.cpp builds)
+  # FBENCH_TESTS: GPU test files to run first (while llama.cpp builds), FBENCH_K their -k expression ("a or b")
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
-  [ -z "${FBENCH_TESTS:-}" ] || timeout 200 python3 -m pytest -q -m gpu -rf --tb=short $FBENCH_TESTS -p no:cacheprovider 2>&1 \
+  [ -z "${FBENCH_TESTS:-}" ] || timeout 200 python3 -m pytest -q -m gpu -rf --tb=short $FBENCH_TESTS ${FBENCH_K:+-k "$FBENCH_K"} -p no:cacheprovider 2>&1 \
     | tee "$OUT/fbench14_tests.log" | tail -3
   for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
   for spec in ${FBENCH_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}; do

@@ -168,21 +168,11 @@ def test_worker_4100_residency_binds_matrices_in_fragment_order(
 ) -> None:
     """``make_planar`` (the engine, fp16) repacks every Q8_0 matrix that fits and, under ``quantized-half2``,
     every Q4_K/Q6_K one, not the embedding; ``bind`` marks them; each is the file's blocks when read back."""
-    from synthetic import synth as _synth
-    from worker_orcd.engine.config import model_config
-    from worker_orcd.engine.device import DeviceContext
-    from worker_orcd.engine.upload import upload
-    from worker_orcd.engine.weights import bind, make_planar, weight_layout
-    from worker_orcd.gguf.reader import parse_file
-    from worker_orcd.integrity import sha256_path
+    from synthetic import cpu_arena, synth
+    from worker_orcd.engine.weights import bind, make_planar
 
-    path = _synth().write_synthetic_model(tmp_path / "tiny.gguf", "tiny-llama", wtype)
-    g = parse_file(path)
-    cfg = model_config(g)
-    lay = weight_layout(cfg, g, torch.float16, quantized=True)
-    arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
-    with open(path, "rb") as fh:
-        upload(fh, g, lay, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
+    path = synth().write_synthetic_model(tmp_path / "tiny.gguf", "tiny-llama", wtype)
+    g, cfg, lay, arena = cpu_arena(path, torch.float16)
     before = arena.clone()
     make_planar(arena, lay, half2=half2)
     w = bind(arena, lay, cfg, half2=half2)

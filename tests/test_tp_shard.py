@@ -144,16 +144,9 @@ def test_tp_spec_validates_its_members() -> None:
 
 
 def _quantized_full(path: Path):  # noqa: ANN202
-    from worker_orcd.engine.device import DeviceContext
-    from worker_orcd.engine.upload import upload
-    from worker_orcd.integrity import sha256_path
+    from synthetic import cpu_arena
 
-    g = parse_file(path)
-    cfg = model_config(g)
-    lay = weight_layout(cfg, g, torch.float32, quantized=True)
-    arena = torch.empty(lay.total_bytes, dtype=torch.uint8)
-    with open(path, "rb") as fh:
-        upload(fh, g, lay, arena, sha256_path(path), DeviceContext("cpu", 0, "cpu", 0), chunk_bytes=1 << 16)
+    _, cfg, lay, arena = cpu_arena(path, torch.float32)
     return cfg, lay, arena
 
 

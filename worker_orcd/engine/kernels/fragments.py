@@ -72,6 +72,10 @@ def _head_src(c: int) -> str:
     """PTX: a row's super-block head (d | dmin << 16, scale words 1-3) -> (s, s), (-m, -m) of sub-blocks 2c, 2c+1."""
     a, ma = ("a", "ma") if c < 2 else ("b", "mb")
     sel = "0x4140" if c % 2 == 0 else "0x4342"
+    # bytes (2c % 4, 2c % 4 + 1) of a word -> fp16 pair -> times (d, d) / (-dmin, -dmin) -> each value broadcast
+    pairs = "\n".join(f"prmt.b32 s, {src}, k64, {sel};\nsub.f16x2 s, s, ke;\nmul.rn.f16x2 s, s, {mul};\n"
+                       f"mov.b32 {{dl, dh}}, s;\nmov.b32 ${lo}, {{dl, dl}};\nmov.b32 ${hi}, {{dh, dh}};"
+                       for src, mul, lo, hi in ((a, "dd", 0, 2), (ma, "nn", 1, 3)))
     return f"""
 {{
 .reg .b32 a, b, ma, mb, t, dd, nn, ke, s, k64;
@@ -93,18 +97,7 @@ and.b32 t, t, 0x30303030;
 shr.b32 mb, $7, 4;
 and.b32 mb, mb, 0x0F0F0F0F;
 or.b32 mb, mb, t;
-prmt.b32 s, {a}, k64, {sel};
-sub.f16x2 s, s, ke;
-mul.rn.f16x2 s, s, dd;
-mov.b32 {{dl, dh}}, s;
-mov.b32 $0, {{dl, dl}};
-mov.b32 $2, {{dh, dh}};
-prmt.b32 s, {ma}, k64, {sel};
-sub.f16x2 s, s, ke;
-mul.rn.f16x2 s, s, nn;
-mov.b32 {{dl, dh}}, s;
-mov.b32 $1, {{dl, dl}};
-mov.b32 $3, {{dh, dh}};
+{pairs}
 }}
 """
 
@@ -177,6 +170,10 @@ def _chunk(qb, dm, w1, w2, w3, c: tl.constexpr, INTERP: tl.constexpr):
 def _q6k_dq_src(c: int) -> str:
     sh = ("shl.b32 h0, $5, 4;", "shr.b32 h1, $5, 4;", "shl.b32 h2, $5, 2;", "shr.b32 h3, $5, 6;") if c == 0 else (
         "mov.b32 h0, $5;", "shr.b32 h1, $5, 8;", "shr.b32 h2, $5, 2;", "shr.b32 h3, $5, 10;")
+    # output i: (low 4 bits from the nibble word shifted, 2 high bits at bits 4-5) | 0x6400, - (1024 + 32), x scale
+    values = "\n".join(f"lop3.b32 q, h{i}, m2, ke, 0xea;\nlop3.b32 q, {nib}, m4, q, 0xea;\nsub.f16x2 q, q, k1056;\n"
+                        f"mul.rn.f16x2 ${i}, q, ${scale};"
+                        for i, (nib, scale) in enumerate((("$4", 6), ("w8", 8), ("w4", 10), ("w12", 12))))
     return f"""
 {{
 .reg .b32 w8, w4, w12, h0, h1, h2, h3, q, m4, m2, ke, k1056;
@@ -191,24 +188,16 @@ shr.b32 w12, $4, 12;
 {sh[1]}
 {sh[2]}
 {sh[3]}
-lop3.b32 q, h0, m2, ke, 0xea;
-lop3.b32 q, $4, m4, q, 0xea;
-sub.f16x2 q, q, k1056;
-mul.rn.f16x2 $0, q, $6;
-lop3.b32 q, h1, m2, ke, 0xea;
-lop3.b32 q, w8, m4, q, 0xea;
-sub.f16x2 q, q, k1056;
-mul.rn.f16x2 $1, q, $8;
-lop3.b32 q, h2, m2, ke, 0xea;
-lop3.b32 q, w4, m4, q, 0xea;
-sub.f16x2 q, q, k1056;
-mul.rn.f16x2 $2, q, $10;
-lop3.b32 q, h3, m2, ke, 0xea;
-lop3.b32 q, w12, m4, q, 0xea;
-sub.f16x2 q, q, k1056;
-mul.rn.f16x2 $3, q, $12;
+{values}
 }}
 """
+
+
+def _i8x4(src: str) -> str:
+    """PTX: the 4 signed bytes of ``src`` -> a = (b0, b1), b = (b2, b3) as exact fp16 pairs (needs .b32 a, b, k64, kx, k1152)."""
+    return (f"mov.b32 k64, 0x64646464;\nmov.b32 kx, 0x00800080;\nmov.b32 k1152, 0x64806480;\n"
+            f"prmt.b32 a, {src}, k64, 0x4140;\nprmt.b32 b, {src}, k64, 0x4342;\nxor.b32 a, a, kx;\nxor.b32 b, b, kx;\n"
+            f"sub.f16x2 a, a, k1152;\nsub.f16x2 b, b, k1152;")
 
 
 _Q6K_DQ0 = tl.constexpr(_q6k_dq_src(0))
@@ -218,16 +207,8 @@ _Q6K_SCALES = tl.constexpr("""
 {
 .reg .b32 a, b, dd, k64, kx, k1152;
 .reg .b16 lo, hi;
-mov.b32 k64, 0x64646464;
-mov.b32 kx, 0x00800080;
-mov.b32 k1152, 0x64806480;
 mov.b32 dd, {$5, $5};
-prmt.b32 a, $4, k64, 0x4140;
-prmt.b32 b, $4, k64, 0x4342;
-xor.b32 a, a, kx;
-xor.b32 b, b, kx;
-sub.f16x2 a, a, k1152;
-sub.f16x2 b, b, k1152;
+""" + _i8x4("$4") + """
 mul.rn.f16x2 a, a, dd;
 mul.rn.f16x2 b, b, dd;
 mov.b32 {lo, hi}, a;
@@ -278,15 +259,7 @@ def _q6k_chunk(nib, hq, sw, dh, c: tl.constexpr, INTERP: tl.constexpr):
 _Q8_DQ = tl.constexpr("""
 {
 .reg .b32 a, b, k64, kx, k1152;
-mov.b32 k64, 0x64646464;
-mov.b32 kx, 0x00800080;
-mov.b32 k1152, 0x64806480;
-prmt.b32 a, $2, k64, 0x4140;
-prmt.b32 b, $2, k64, 0x4342;
-xor.b32 a, a, kx;
-xor.b32 b, b, kx;
-sub.f16x2 a, a, k1152;
-sub.f16x2 b, b, k1152;
+""" + _i8x4("$2") + """
 mul.rn.f16x2 $0, a, $3;
 mul.rn.f16x2 $1, b, $4;
 }
