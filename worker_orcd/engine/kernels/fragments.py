@@ -1,27 +1,31 @@
-"""Q4_K weights in the tensor core's fragment order: y = x · Wᵀ with one 16-byte load per 64 inputs, 2 rows and thread.
+"""Q4_K, Q6_K and Q8_0 weights in the tensor core's fragment order: y = x · Wᵀ with one 16-byte load per thread,
+2 rows and 64 inputs (Q8_0: 32).
 
-Why: ``qmatmul_tiled``'s swapped form dequantizes Q4_K blocks as the file stores them. A thread's share
-of a wgmma A fragment (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9, +16, ...) is
-scattered over a block, so Triton reads it two bytes at a time and spreads them with PRMTs; the 6-bit
-scales are unpacked one value at a time in fp32: 740 SASS instructions per super-block and thread on
-sm_90, the kernel instruction-bound at 0.6-1.2 TB/s (RESULTS, ninth session). Here a deterministic
-repacking made at load (``to_fragments``; same bytes, same size) stores each 64-row group's quant bytes
-so that a thread's 16 bytes of a 64-input chunk are contiguous, in the order its registers need, and
-the scales are unpacked four at a time in 32-bit words into fp16 pairs: 455 instructions.
+Why: ``qmatmul_tiled``'s swapped form dequantizes blocks as the file stores them. A thread's share of a
+wgmma A fragment (rows g and g + 8 of its warp's 16, inputs 2t, 2t+1, 2t+8, 2t+9, +16, ...) is scattered
+over a block, so Triton reads it two bytes at a time and spreads them with PRMTs; Q4_K's 6-bit scales were
+unpacked one value at a time in fp32: 740 SASS instructions per super-block and thread on sm_90, the
+kernel instruction-bound at 0.6-1.2 TB/s (RESULTS, ninth session). Here a deterministic repacking made at
+load (``qlayout.to_fragments`` / ``q6k_to_fragments`` / ``q8_to_fragments``; same size) stores each 64-row
+group's quants so that a thread's bytes are contiguous, in the order its registers need, and scales are
+unpacked in 32-bit words into fp16 pairs: Q4_K 455-495 instructions per super-block, Q6_K 651, Q8_0 282 per
+128 inputs (RESULTS, fourteenth session: 1.3-2.7x per matrix, a 7B Q4_K_M decode step 5.9 -> 3.8 ms).
 
-Layout of an [N, K] weight (N % 64 == 0), two planes:
+Layouts of an [N, K] weight (N % 64 == 0; byte maps in ``qlayout``):
 
-* quants, N*K/2 bytes: for row group G (rows 64G ..), chunk j (inputs 64j .. 64j+63, Q4_K byte chunk
+* Q4_K: quants, N*K/2 bytes: for row group G (rows 64G ..), chunk j (inputs 64j .. 64j+63, Q4_K byte chunk
   j % 4 of super-block j // 4), a 2048-byte tile; byte (w, g, t, b3, b2, y, x) of the tile (row-major
   over [4, 8, 4, 2, 2, 2, 2]) is byte 16*b3 + 8*b2 + 2*t + y of the chunk's 32 for row 16w + 8x + g:
-  its low nibble is input 64j + that byte's index, its high nibble input 64j + 32 + it;
-* headers, N*K/256 * 16 bytes: each row's super-block heads (f16 d, f16 dmin, the 12 scale bytes)
-  in row order, as in the file.
+  its low nibble is input 64j + that byte's index, its high nibble input 64j + 32 + it; then the
+  heads, N*K/256 * 16 bytes (f16 d, f16 dmin, the 12 scale bytes) in row order, as in the file;
+* Q6_K: per row group and 128 inputs two such nibble tiles (the low 4 bits of q) and one tile of their
+  high 2-bit fields; then the int8 scales [N, K/16] and d [N, K/256];
+* Q8_0: per row group and 32-input block a 2048-byte tile of the bytes (w, g, t, b3, b2, x, y); then d.
 
-The values are ``qmatmul_tiled``'s half2 ones (q * fp16(d*sc) - fp16(dmin*m), one fp16 rounding;
-``q4k_half2_weight``) and each output element is the same chain of k16 tensor-core steps in k order
-over the same K segments (``k_segments``): a row's bits equal the blocks' kernel's and the dense
-kernel's on ``q4k_half2_weight`` (tests/test_fragments_gpu.py), at every M.
+The values are the other kernels' (Q4_K/Q6_K: ``half2_weight``'s, one fp16 rounding; Q8_0: ggml's rounded
+once) and each output element is the same chain of k16 tensor-core steps in k order over the same K
+segments (``k_segments``): a row's bits equal the blocks'/planes' kernels' and the dense kernel's on those
+values (tests/test_fragments.py, on the GPU too), at every M.
 """
 
 from __future__ import annotations
