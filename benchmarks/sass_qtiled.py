@@ -1,4 +1,4 @@
-"""Count the SASS instructions of ``qmatmul_tiled``'s kernel for sm_90 — on any machine, no GPU needed.
+"""Count the SASS instructions of ``qmatmul_tiled``'s and ``fragments``' kernels for sm_90 — on any machine, no GPU.
 
 Triton compiles the kernel for an H100/H200 target (``GPUTarget("cuda", 90, 32)``) with the
 divisibility the launches specialize on (pointers, N, K, strides, row bytes and plane offsets are
@@ -8,6 +8,10 @@ instructions per super-block and thread: what the ``half2`` dequantization cuts.
 measuring on the GPU second (benchmarks/probe_half2.py).
 
     python benchmarks/sass_qtiled.py --type Q4_K Q6_K --half2 0 1
+    python benchmarks/sass_qtiled.py --fragments --type Q4_K Q6_K Q8_0   # the fragment-order kernel's main loop
+
+With ``--fragments`` the table also gives the main loop's instructions per thread and iteration (the
+longest backward branch's body: one super-block for Q4_K/Q6_K, 128 inputs for Q8_0) and its opcodes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from worker_orcd.engine.kernels import fragments as FR  # noqa: E402
 from worker_orcd.engine.kernels import qmatmul_tiled as T  # noqa: E402
 from worker_orcd.gguf.constants import GGMLType  # noqa: E402
 
@@ -35,40 +40,83 @@ SIG = {"x_ptr": "*fp16", "w_ptr": "*u8", "w16_ptr": "*fp16", "w32_ptr": "*i32", 
 DIV16 = {"N", "K", "stride_xm", "stride_ym", "RB", "P1", "P2", "P3", "KS"}  # M, NSEG: any value
 
 
-def sass(wtype: GGMLType, half2: bool, swap: bool) -> tuple[int, int, collections.Counter[str]]:
-    """(instructions, registers per thread, opcode counts) of one specialization."""
-    consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "GROUP": 1, "BR": 16 if swap else 64, "BN": 64, "KD": 32,
-              "SWAP": swap, "PARTIAL": swap, "HALF2": half2, "INTERP": False}
-    sig = {**SIG, **{k: "constexpr" for k in consts}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*") or k in DIV16}
-    kernel = triton.compile(ASTSource(T.qmatmul_tiled_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": 3 if swap else 2, "enable_fp_fusion": False})
+_OP = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+
+
+def _cubin_sass(kernel) -> tuple[int, int, int, collections.Counter[str], collections.Counter[str]]:  # noqa: ANN001
+    """(instructions, registers, main-loop instructions, all opcodes, the loop's opcodes) of a compiled kernel; the
+    main loop is the longest backward branch's body (one super-block here)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         text = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text, re.M))
+    ins = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _OP.finditer(text)]
+    loops = [(int(a.split("0x")[-1], 16), pc) for pc, op, a in ins if op == "BRA" and "0x" in a]
+    lo, hi = max(((t, pc) for t, pc in loops if t < pc), key=lambda b: b[1] - b[0], default=(0, -1))
+    ops = collections.Counter(op.split(".")[0] for _, op, _ in ins)
+    body = collections.Counter(op.split(".")[0] for pc, op, _ in ins if lo <= pc <= hi)
     regs = int(re.search(r"REG:(\d+)", res).group(1)) if "REG:" in res else 0
-    return sum(ops.values()), regs, ops
+    return len(ins), regs, sum(body.values()), ops, body
+
+
+def sass(wtype: GGMLType, half2: bool, swap: bool) -> tuple[int, int, int, collections.Counter[str]]:
+    """(instructions, registers, main-loop instructions, opcode counts) of one specialization."""
+    consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "GROUP": 1, "BR": 16 if swap else 64, "BN": 64, "KD": 32,
+              "SWAP": swap, "PARTIAL": swap, "HALF2": half2, "INTERP": False}
+    sig = {**SIG, **{k: "constexpr" for k in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*") or k in DIV16}
+    kernel = triton.compile(ASTSource(T.qmatmul_tiled_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": 3 if swap else 2, "enable_fp_fusion": False})
+    n, regs, loop, ops, _ = _cubin_sass(kernel)
+    return n, regs, loop, ops
+
+
+FRAG_SIG = {"x_ptr": "*fp16", "w_ptr": "*u8", "w32_ptr": "*i32", "w16_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp16",
+            "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "P1": "i32",
+            "P2": "i32", "KS": "i32", "NSEG": "i32"}
+FRAG_DIV16 = {"N", "K", "stride_xm", "stride_ym", "KS", "P1", "P2"}
+
+
+def fragments_sass(wtype: GGMLType, swap: bool) -> tuple[int, int, int, collections.Counter[str]]:
+    """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``."""
+    consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
+              "INTERP": False}
+    sig = {**FRAG_SIG, **{k: "constexpr" for k in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*") or k in FRAG_DIV16}
+    kernel = triton.compile(ASTSource(FR.fragments_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": 3 if swap else 2, "enable_fp_fusion": False})
+    n, regs, loop, _, body = _cubin_sass(kernel)
+    return n, regs, loop, body
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--type", nargs="+", default=["Q4_K", "Q6_K"], choices=sorted(t.name for t in T.HALF2_TYPES))
+    ap.add_argument("--type", nargs="+", default=["Q4_K", "Q6_K"], choices=["Q4_K", "Q6_K", "Q8_0"])
     ap.add_argument("--half2", nargs="+", type=int, default=[0, 1], choices=(0, 1))
     ap.add_argument("--form", nargs="+", default=["swapped", "unswapped"], choices=("swapped", "unswapped"))
+    ap.add_argument("--fragments", action="store_true", help="the fragment-order kernel (kernels/fragments.py)")
     args = ap.parse_args()
+    if args.fragments:
+        print(f"Triton {triton.__version__}, target sm_90; fragments_kernel")
+        print("| type | form | SASS instructions | registers | main loop per iteration | loop's top opcodes |")
+        print("|---|---|---:|---:|---:|---|")
+        for name in args.type:
+            for form in args.form:
+                n, regs, loop, body = fragments_sass(GGMLType[name], form == "swapped")
+                top = ", ".join(f"{k} {v}" for k, v in body.most_common(6))
+                print(f"| {name} | {form} | {n:,} | {regs} | {loop} | {top} |", flush=True)
+        return 0
     print(f"Triton {triton.__version__}, target sm_90; one loop iteration = one super-block")
-    print("| type | form | dequantization | SASS instructions | registers | top opcodes |")
-    print("|---|---|---|---:|---:|---|")
+    print("| type | form | dequantization | SASS instructions | registers | main loop per iteration | top opcodes |")
+    print("|---|---|---|---:|---:|---:|---|")
     for name in args.type:
         for form in args.form:
             for h in args.half2:
-                n, regs, ops = sass(GGMLType[name], bool(h), form == "swapped")
+                n, regs, loop, ops = sass(GGMLType[name], bool(h), form == "swapped")
                 top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
-                print(f"| {name} | {form} | {'half2' if h else 'ggml fp32'} | {n:,} | {regs} | {top} |", flush=True)
+                print(f"| {name} | {form} | {'half2' if h else 'ggml fp32'} | {n:,} | {regs} | {loop} | {top} |", flush=True)
     return 0
 
 
