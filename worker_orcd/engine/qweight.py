@@ -45,7 +45,8 @@ class QWeight:
     # with one fp16 rounding (kernels/qmatmul_tiled.py), by every kernel that multiplies by this weight;
     # otherwise ggml's fp32 arithmetic rounded once (the dense residency's values)
     half2: bool = False
-    # Q4_K (half2 values) stored in the tensor core's fragment order (kernels/fragments.py; same bytes)
+    # stored in the tensor core's fragment order (qlayout, kernels/fragments.py; same size): Q4_K/Q6_K with half2
+    # values, Q8_0 with ggml's
     fragments: bool = False
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class QWeight:
             raise ValueError(f"QWeight {self.ggml_type.name}: no planar layout for this type")
         if self.half2 and not (self.ggml_type == GGMLType.Q4_K and not self.planar
                                or self.ggml_type == GGMLType.Q6_K and (self.planar or self.fragments)):
-            raise ValueError(f"QWeight {self.ggml_type.name} (planar={self.planar}): half2 is for Q4_K blocks and Q6_K planes")
+            raise ValueError(f"QWeight {self.ggml_type.name} (planar={self.planar}): half2 is for Q4_K and Q6_K (planes or fragments)")
         if self.fragments and not (not self.planar and (
                 self.ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) and self.half2 and fragments_fit(self.n, self.k)
                 or self.ggml_type == GGMLType.Q8_0 and not self.half2 and q8_fragments_fit(self.n, self.k))):

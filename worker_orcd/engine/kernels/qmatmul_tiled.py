@@ -570,7 +570,7 @@ def qmatmul_tiled(
     v.check(w.raw.data_ptr() % 16 == 0, KERNEL, "w", "block bytes must be 16-byte aligned")
     if w.fragments:
         v.check(x.dtype == torch.float16 and config is None and half2 in (None, True), KERNEL, "w",
-                f"a weight in fragment order takes fp16 activations and half2 values, not {x.dtype}")
+                f"a weight in fragment order takes fp16 activations and its own values (no config or half2), not {x.dtype}")
         return fragments.fragments_matmul(x, w, bias, out, swap=swap)
     M = x.shape[0]
     swap = M <= SWAP_MAX_M if swap is None else swap
