@@ -61,15 +61,19 @@ def _cubin_sass(kernel) -> tuple[int, int, int, collections.Counter[str], collec
     return len(ins), regs, sum(body.values()), ops, body
 
 
+def _compile(fn, sig: dict[str, str], div16: set[str], consts: dict, stages: int):  # noqa: ANN001, ANN202
+    """``fn`` compiled for sm_90 with the divisibility real launches specialize on (4 warps, no FMA contraction)."""
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*") or k in div16}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": stages, "enable_fp_fusion": False})
+
+
 def sass(wtype: GGMLType, half2: bool, swap: bool) -> tuple[int, int, int, collections.Counter[str]]:
     """(instructions, registers, main-loop instructions, opcode counts) of one specialization."""
     consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "GROUP": 1, "BR": 16 if swap else 64, "BN": 64, "KD": 32,
               "SWAP": swap, "PARTIAL": swap, "HALF2": half2, "INTERP": False}
-    sig = {**SIG, **{k: "constexpr" for k in consts}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*") or k in DIV16}
-    kernel = triton.compile(ASTSource(T.qmatmul_tiled_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": 3 if swap else 2, "enable_fp_fusion": False})
-    n, regs, loop, ops, _ = _cubin_sass(kernel)
+    n, regs, loop, ops, _ = _cubin_sass(_compile(T.qmatmul_tiled_kernel, SIG, DIV16, consts, 3 if swap else 2))
     return n, regs, loop, ops
 
 
@@ -83,11 +87,7 @@ def fragments_sass(wtype: GGMLType, swap: bool) -> tuple[int, int, int, collecti
     """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``."""
     consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
               "INTERP": False}
-    sig = {**FRAG_SIG, **{k: "constexpr" for k in consts}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*") or k in FRAG_DIV16}
-    kernel = triton.compile(ASTSource(FR.fragments_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": 3 if swap else 2, "enable_fp_fusion": False})
-    n, regs, loop, _, body = _cubin_sass(kernel)
+    n, regs, loop, _, body = _cubin_sass(_compile(FR.fragments_kernel, FRAG_SIG, FRAG_DIV16, consts, 3 if swap else 2))
     return n, regs, loop, body
 
 

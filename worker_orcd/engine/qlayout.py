@@ -118,7 +118,7 @@ _Q4K_BYTES = 144
 
 
 def fragments_fit(n: int, k: int) -> bool:
-    """Whether an [n, k] Q4_K weight can be stored in fragment order."""
+    """Whether an [n, k] Q4_K or Q6_K weight can be stored in fragment order (Q8_0: ``q8_fragments_fit``)."""
     return n % FRAGMENT_ROWS == 0 and k % 256 == 0 and n > 0
 
 
@@ -232,7 +232,7 @@ def q6k_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def q6k_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks of rows ``idx`` (a tied embedding's lookup): the rows' bytes gathered from the tiles."""
+    """GGUF blocks of rows ``idx`` (an embedding lookup): the rows' bytes gathered from the tiles."""
     idx = idx.reshape(-1)
     nt = n * k * 3 // 4
     tiles = raw[:nt].view(n // FRAGMENT_ROWS, k // 128, 3, 4, 8, 4, 2, 2, 2, 2)  # [G, P, tile, w, g, t, b3, b2, y, x]
@@ -277,7 +277,7 @@ def q8_from_fragments(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def q8_fragment_rows(raw: torch.Tensor, n: int, k: int, idx: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks of rows ``idx`` (a tied embedding's lookup): the rows' bytes gathered from the tiles."""
+    """GGUF blocks of rows ``idx`` (an embedding lookup): the rows' bytes gathered from the tiles."""
     idx = idx.reshape(-1)
     tiles = raw[: n * k].view(n // FRAGMENT_ROWS, k // 32, 4, 8, 4, 2, 2, 2, 2)  # [G, blk, w, g, t, b3, b2, x, y]
     grp, r = idx // FRAGMENT_ROWS, idx % FRAGMENT_ROWS
