@@ -11,6 +11,7 @@ and of ``fragments_matmul`` on the same weight in fragment order; whether their 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,8 +49,8 @@ def main() -> int:
     t_end = time.time() + args.budget_s
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, bad = [], []
-    print("| model | matrix | type | M | blocks half2 ms | fragments ms | speed-up | fragments GB/s | rows bitwise |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    print("| model | matrix | type | M | blocks half2 ms | fragments ms | speed-up | fragments GB/s | rows bitwise | segments summed in the launch ms | bitwise |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---|")
     for model, name, n, k, t in CASES:
         if time.time() > t_end:
             break
@@ -75,14 +76,20 @@ def main() -> int:
                 bad.append(f"{model} {name} {t.name} M={m}: rows differ (max {(y0.float() - y1.float()).abs().max().item():.3g})")
             base = graph_ms([lambda w=w: T.qmatmul_tiled(x, w, None, out) for w in blocks])
             new = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out) for w in frags])
-            r = dict(model=model, matrix=name, type=t.name, n=n, k=k, m=m, blocks_ms=base, fragments_ms=new,
+            fused = [dataclasses.replace(w, locks=torch.zeros(n // 64 * 4, dtype=torch.int32, device="cuda")) for w in frags]
+            same_f = bool(torch.equal(F.fragments_matmul(x, fused[0], None, out.clone()), y1))
+            if not same_f:
+                bad.append(f"{model} {name} {t.name} M={m}: the in-launch segment sum differs")
+            fused_ms = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out) for w in fused])
+            r = dict(model=model, matrix=name, type=t.name, n=n, k=k, m=m, blocks_ms=base, fragments_ms=new, fused_ms=fused_ms,
+                     fused_bitwise=same_f,
                      gb_s=w0.raw.numel() / new / 1e6, bitwise=same)
             if args.sweep and m == min(args.m):
                 for st in (2, 3, 4):
                     r[f"stages{st}_ms"] = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out, stages=st) for w in frags])
             rows.append(r)
             print(f"| {model} | {name} {n}x{k} | {t.name} | {m} | {base:.4f} | {new:.4f} | {base / new:.2f}x | {r['gb_s']:,.0f} | "
-                  f"{'yes' if same else 'NO'} |" + "".join(f" {kk}={vv:.4f}" for kk, vv in r.items() if kk.startswith("stages")),
+                  f"{'yes' if same else 'NO'} | {fused_ms:.4f} | {'yes' if same_f else 'NO'} |" + "".join(f" {kk}={vv:.4f}" for kk, vv in r.items() if kk.startswith("stages")),
                   flush=True)
     print(f"\nmismatches: {len(bad)}")
     for b in bad:

@@ -205,3 +205,23 @@ def test_worker_4711_q8_fragments_with_a_ragged_k(rowwise_dot: None, gen: torch.
         got = F.fragments_matmul(pool[:m], frag, None, torch.empty(m, 64, dtype=torch.float16, device=device), swap=True)
         assert torch.equal(got, full[:m]), f"M={m}"
     assert torch.equal(F.fragments_dequant(frag), wh)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_worker_4711_fused_segment_sum_is_the_second_launch_bit_for_bit(
+    rowwise_dot: None, t: GGMLType, gen: torch.Generator, device: str  # noqa: F811
+) -> None:
+    """With the weight's counters the last K segment of a tile adds the segments' partials in order inside the
+    launch: the same rows as the separate sum kernel, bias included, and the counters are zero again after."""
+    import dataclasses
+
+    _, frag = _pair(128, 768, gen, device, t)
+    assert tiled.k_segments(128, 768)[1] > 1
+    fused = dataclasses.replace(frag, locks=torch.zeros(8, dtype=torch.int32, device=device))
+    bias = torch.randn(128, generator=gen).to(device=device, dtype=torch.float16)
+    for m in (1, 16, 33, 64):
+        x = torch.randn(m, 768, generator=gen).to(device=device, dtype=torch.float16)
+        a = F.fragments_matmul(x, frag, bias, torch.empty(m, 128, dtype=torch.float16, device=device))
+        b = F.fragments_matmul(x, fused, bias, torch.empty(m, 128, dtype=torch.float16, device=device))
+        assert torch.equal(a, b), f"M={m}"
+        assert int(fused.locks.abs().sum()) == 0

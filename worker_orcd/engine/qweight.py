@@ -10,7 +10,7 @@ one output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,10 @@ class QWeight:
     # stored in the tensor core's fragment order (qlayout, kernels/fragments.py; same size): Q4_K/Q6_K with half2
     # values, Q8_0 with ggml's
     fragments: bool = False
+    # fragment order: zeroed int32 counters, one per (64-row group, token tile of a decode launch), with which the
+    # last K segment of a tile to finish adds the segments inside the launch (kernels/fragments.py); None: a
+    # second launch adds them. They belong to the weight (its lifetime; the kernel leaves them zeroed).
+    locks: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         want = self.n * row_bytes(self.ggml_type, self.k)

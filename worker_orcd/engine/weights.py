@@ -257,7 +257,9 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
             planar = lay.planar and s.ggml_type in PLANAR_TYPES and not frag
             h2 = (half2 and lay.dtype == torch.float16 and s.ggml_type in HALF2_FRAGMENT_TYPES
                   and (frag or (s.ggml_type, planar) in _HALF2_FORMS))
-            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag))
+            locks = torch.zeros(s.shape[0] // 64 * 4, dtype=torch.int32, device=v[s.name].device) if frag else None
+            parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag,
+                                 locks=locks))
     return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
 
 

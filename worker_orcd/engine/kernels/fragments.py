@@ -26,6 +26,11 @@ The values are the other kernels' (Q4_K/Q6_K: ``half2_weight``'s, one fp16 round
 once) and each output element is the same chain of k16 tensor-core steps in k order over the same K
 segments (``k_segments``): a row's bits equal the blocks'/planes' kernels' and the dense kernel's on those
 values (tests/test_fragments.py, on the GPU too), at every M.
+
+With the weight's counters (``QWeight.locks``, a few KB per matrix, bound by ``weights.bind``) a decode
+launch with several K segments adds them itself: the last segment of a (row group, token tile) to finish
+(an acq_rel counter, as ``matmul_dense``'s split) adds the fp32 partials in segment order, then the bias,
+and rounds once -- ``_segments_sum_kernel``'s additions, one launch fewer per matrix.
 """
 
 from __future__ import annotations
@@ -313,9 +318,9 @@ def _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, j, K, tile, INTERP: tl.const
 
 @triton.jit(do_not_specialize=["M"])
 def fragments_kernel(
-    x_ptr, w_ptr, w32_ptr, w16_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, P1, P2, KS, NSEG,
+    x_ptr, w_ptr, w32_ptr, w16_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, P1, P2, KS, NSEG,
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, FUSE_SUM: tl.constexpr = False,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
@@ -373,6 +378,17 @@ def fragments_kernel(
         if PARTIAL:
             offs = (seg_lo.to(tl.int64) * M + t[None, :]) * N + cols[:, None]
             tl.store(part_ptr + offs, total, mask=t[None, :] < M)
+            if FUSE_SUM:  # the last segment of this (row group, token tile) to arrive adds them all in order
+                lock = lock_ptr + tl.program_id(1) * tl.num_programs(0) + grp
+                done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+                if done == NSEG - 1:
+                    acc = tl.zeros((64, BR), dtype=tl.float32)
+                    mask = t[None, :] < M
+                    for s in range(0, NSEG):  # 0 + p_0 + p_1 + ...: _segments_sum_kernel's additions
+                        acc += tl.load(part_ptr + (s * M + t[None, :]) * N + cols[:, None], mask=mask, other=0.0,
+                                       cache_modifier=".cg")
+                    T._store_rows(y_ptr, b_ptr, tl.trans(acc), t, cols, M, N, stride_ym, HAS_BIAS)
+                    tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # the counters stay zeroed between launches
         else:
             T._store_rows(y_ptr, b_ptr, tl.trans(total), t, cols, M, N, stride_ym, HAS_BIAS)
     else:
@@ -437,12 +453,15 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
     part = torch.empty((nseg, M, w.n), dtype=torch.float32, device=x.device) if partial else out
     raw, w32, w16, p1, p2 = _views(w)
     grid: tuple[int, ...] = (w.n // ROWS, triton.cdiv(M, br), nseg) if swap else (triton.cdiv(M, br) * (w.n // ROWS),)
+    # the segments' sum inside the launch: the weight's own zeroed counters, one per (row group, token tile)
+    fuse = partial and w.locks is not None and w.locks.numel() >= (w.n // ROWS) * triton.cdiv(M, br)
     fragments_kernel[grid](
-        x, raw, w32, w16, bias if bias is not None else out, out, part, M, w.n, w.k, x.stride(0), out.stride(0), p1, p2,
-        ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br, SWAP=swap, PARTIAL=partial, INTERP=interp,
+        x, raw, w32, w16, bias if bias is not None else out, out, part, w.locks if fuse else out, M, w.n, w.k,
+        x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br,
+        SWAP=swap, PARTIAL=partial, INTERP=interp, FUSE_SUM=fuse,
         num_warps=warps, num_stages=stages if swap else 2, enable_fp_fusion=False,
     )
-    if partial:
+    if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * w.n, T.SUM_BLOCK),)](
             part, bias if bias is not None else out, out, M, w.n, nseg, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=T.SUM_BLOCK, num_warps=4,
