@@ -225,3 +225,24 @@ def test_worker_4711_fused_segment_sum_is_the_second_launch_bit_for_bit(
         b = F.fragments_matmul(x, fused, bias, torch.empty(m, 128, dtype=torch.float16, device=device))
         assert torch.equal(a, b), f"M={m}"
         assert int(fused.locks.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("wtype", ["Q4_K_M", "Q8_0"])
+def test_worker_4100_a_tied_embedding_is_in_fragment_order_and_looks_up_its_rows(tmp_path, wtype: str) -> None:  # noqa: ANN001
+    """A tied embedding is also the output head: it is repacked like the other matrices, and the embedding
+    lookup gathers each token's row back as the file's blocks."""
+    from synthetic import cpu_arena, synth
+    from worker_orcd.engine.weights import bind, make_planar
+
+    path = synth().write_synthetic_model(tmp_path / "tied.gguf", "tiny-qwen2", wtype)
+    g, cfg, lay, arena = cpu_arena(path, torch.float16)
+    assert cfg.tied_embeddings
+    make_planar(arena, lay, half2=True)
+    w = bind(arena, lay, cfg, half2=True)
+    assert w.lm_head is w.embed and isinstance(w.embed, QWeight) and w.embed.fragments
+    info = g.tensor("token_embd.weight")
+    data = np.frombuffer(path.read_bytes()[info.data_offset : info.data_offset + info.n_bytes], dtype=np.uint8)
+    blocks = torch.from_numpy(data.copy()).view(w.embed.n, -1)
+    idx = torch.tensor([5, 0, w.embed.n - 1, 64, 5], dtype=torch.int32)
+    assert torch.equal(w.embed.rows(idx), blocks.index_select(0, idx).reshape(-1))
+

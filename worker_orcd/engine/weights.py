@@ -83,9 +83,9 @@ class WeightLayout:
     fragment_types: frozenset[GGMLType] = frozenset()  # matrix slots of these types repacked (``make_planar``)
 
     def in_fragments(self, s: Slot) -> bool:
-        """Whether slot ``s`` holds its weight in fragment order (not the embedding)."""
-        if s.ggml_type not in self.fragment_types or s.name == "token_embd.weight":
-            return False  # a lookup table first (tied, also the head: its lookup from the tiles is not yet measured on a GPU)
+        """Whether slot ``s`` holds its weight in fragment order (not an untied embedding: a lookup table only)."""
+        if s.ggml_type not in self.fragment_types or s.name == "token_embd.weight" and "lm_head" in self.groups:
+            return False  # an untied embedding is only looked up; a tied one is the output head too
         fit = q8_fragments_fit if s.ggml_type == GGMLType.Q8_0 else fragments_fit
         return fit(s.shape[0], s.shape[1])
 
