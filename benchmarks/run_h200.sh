@@ -42,6 +42,7 @@
 #   bash benchmarks/run_h200.sh gcab13     # 0.5B at 64: this tree vs .devdata/base, and with the worker's GC thresholds raised (pauses logged)
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
+#   bash benchmarks/run_h200.sh verify15   # branch next-fused-segments: GPU suite, probe_fragments (in-launch segment sums), 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
 # LOAD_DURATION=S (load, wload): steady state -- back-to-back requests for S s per level, tok/s over [LOAD_WARMUP, S].
@@ -596,6 +597,18 @@ loop13)
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   timeout 150 python3 $B --model $M/qwen2.5-7b-Q4_K_M.gguf --label 7b-64 --concurrency 64 2>&1 | tee "$OUT/loop13_7b.log" \
     | sed -n '/^| engine |/,$p;/Error/p' | tail -1
+  ;;
+verify15)
+  # the branch's in-launch K-segment sums and tied embeddings in fragment order: the GPU suite first, then the probe
+  # and the 7B Q4_K_M quantized-half2 steps on this tree and .devdata/base (main's tree)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 300 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/verify15_suite.log" | tail -4
+  timeout 120 python3 benchmarks/probe_fragments.py --m 1 16 64 --budget-s 90 2>&1 | tee "$OUT/verify15_probe.log" | grep -E "^\| 7b|mismatch|  "
+  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
+  for tree in . .devdata/base; do echo "== tree $tree"
+    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
+      --resident-weights quantized-half2 --batch 1 16 64 2>&1 | tee "$OUT/verify15_step_$(basename $tree).log" | grep -E "^\||prefill")
+  done
   ;;
 frag14)
   # Q4_K/Q6_K weights in fragment order (kernels/fragments.py): their GPU tests and the half2 ones they must equal, the
