@@ -604,6 +604,7 @@ verify15)
   (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
   timeout 300 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/verify15_suite.log" | tail -4
   timeout 120 python3 benchmarks/probe_fragments.py --m 1 16 64 --budget-s 90 2>&1 | tee "$OUT/verify15_probe.log" | grep -E "^\| 7b|mismatch|  "
+  timeout 90 python3 benchmarks/probe_prefill.py --m 256 512 2>&1 | tee "$OUT/verify15_prefill.log" | grep -E "^\|"
   for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
   for tree in . .devdata/base; do echo "== tree $tree"
     (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
