@@ -45,8 +45,9 @@ def main() -> int:
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    print("| matrix | type | M | dequant ms | dequant GB/s | segmented dense ms | qmatmul path ms | plain dense ms | fused unswapped ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| matrix | type | M | dequant ms | dequant GB/s | segmented dense ms | segmented flat ms | qmatmul path ms | "
+          "plain dense ms | fused unswapped ms | equal |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, n, k, t in CASES:
         w0 = resident(t, n, k, gen)
         pack = to_fragments if t == Q4K else q6k_to_fragments
@@ -60,14 +61,20 @@ def main() -> int:
             out = torch.empty(m, n, dtype=torch.float16, device="cuda")
             r = dict(matrix=name, type=t.name, n=n, k=k, m=m,
                      dequant_ms=graph_ms([lambda: F.fragments_dequant(w, scratch)]),
-                     segmented_ms=graph_ms([lambda: dense_matmul(x, scratch, out=out, segment=ks)]),
+                     segmented_ms=graph_ms([lambda: dense_matmul(x, scratch, out=out, segment=ks, seg_flat=False)]),
+                     flat_ms=graph_ms([lambda: dense_matmul(x, scratch, out=out, segment=ks, seg_flat=True)]),
                      path_ms=graph_ms([lambda: qmatmul(x, w, out=out)]),
                      plain_ms=graph_ms([lambda: dense_matmul(x, wd, out=out)]),
                      fused_ms=graph_ms([lambda: F.fragments_matmul(x, w, None, out, swap=False)]))
+            outs = [f().clone() for f in (lambda: dense_matmul(x, scratch, out=out, segment=ks, seg_flat=False),
+                                          lambda: dense_matmul(x, scratch, out=out, segment=ks, seg_flat=True),
+                                          lambda: qmatmul(x, w, out=out))]
+            r["equal"] = all(torch.equal(o, outs[0]) for o in outs)  # the two segmented forms and the path: bitwise
             r["dequant_gb_s"] = moved / r["dequant_ms"] / 1e6
             rows.append(r)
             print(f"| {name} {n}x{k} | {t.name} | {m} | {r['dequant_ms']:.4f} | {r['dequant_gb_s']:,.0f} | "
-                  f"{r['segmented_ms']:.4f} | {r['path_ms']:.4f} | {r['plain_ms']:.4f} | {r['fused_ms']:.4f} |", flush=True)
+                  f"{r['segmented_ms']:.4f} | {r['flat_ms']:.4f} | {r['path_ms']:.4f} | {r['plain_ms']:.4f} | {r['fused_ms']:.4f} | "
+                  f"{'yes' if r['equal'] else 'NO'} |", flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "probe_prefill.json").write_text(json.dumps(rows, indent=1))
     return 0

@@ -42,6 +42,7 @@
 #   bash benchmarks/run_h200.sh gcab13     # 0.5B at 64: this tree vs .devdata/base, and with the worker's GC thresholds raised (pauses logged)
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
+#   bash benchmarks/run_h200.sh pre15      # quantized prefill chains (one loop vs a loop per segment): tests, probe_prefill, 7B steps vs base, rows vs llama-bench
 #   bash benchmarks/run_h200.sh verify15   # branch next-fused-segments: GPU suite, probe_fragments (in-launch segment sums), 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
 # SKIP_LLAMA=1 keeps `tests` from building llama.cpp (when no llama-server run follows); SKIP_PROFILE=1 from its 0.5B step profile.
@@ -609,6 +610,28 @@ verify15)
   for tree in . .devdata/base; do echo "== tree $tree"
     (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
       --resident-weights quantized-half2 --batch 1 16 64 2>&1 | tee "$OUT/verify15_step_$(basename $tree).log" | grep -E "^\||prefill")
+  done
+  ;;
+pre15)
+  # the quantized prefill's segmented chains (a loop per segment vs one loop) and the in-launch segment sums below
+  # M=16: kernel GPU tests, probe_prefill, 7B Q4_K_M half2 steps (both prefill forms) against .devdata/base, then
+  # issue 13's rows under quantized-half2 against llama-bench (PRE15_ROWS, default 1.5B and 7B Q4_K_M)
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  timeout 200 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/test_dense_matmul.py tests/test_fragments.py \
+    tests/test_qmatmul.py -p no:cacheprovider -rf 2>&1 | tee "$OUT/pre15_tests.log" | tail -3
+  timeout 100 python3 benchmarks/probe_prefill.py --m 256 512 2>&1 | tee "$OUT/pre15_prefill.log" | grep -E "^\|"
+  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
+  for run in ".:off" ".:on" ".devdata/base:"; do tree=${run%%:*}; flat=${run##*:}; echo "== tree $tree seg-flat ${flat:-main}"
+    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
+      --resident-weights quantized-half2 --batch 1 16 64 ${flat:+--seg-flat $flat} 2>&1 \
+      | tee "$OUT/pre15_step_$(basename $tree)_$flat.log" | grep -E "^\||prefill")
+  done
+  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
+  for spec in ${PRE15_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}; do
+    timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
+      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
+      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/pre15_bench.log" | grep -E '^\| qwen|FAILED|Error'
   done
   ;;
 frag14)

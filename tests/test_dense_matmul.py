@@ -83,16 +83,18 @@ def test_worker_4711_wide_tile_rows_equal_the_16_row_kernel(
     assert wide_config(48, 37888, 1) == (64, 128, 64, 4, 3) and wide_config(48, 9728, 1) == (64, 64, 64, 4, 4)
 
 
-def test_worker_4711_segmented_chains_are_the_segments_added_in_order(gen: torch.Generator, device: str) -> None:
+@pytest.mark.parametrize("flat", [False, True])
+def test_worker_4711_segmented_chains_are_the_segments_added_in_order(gen: torch.Generator, device: str,
+                                                                       flat: bool) -> None:
     """``segment=`` (the quantized prefill path): a chain per K segment from zero, the chains added in
     segment order, bias, one rounding -- bit for bit the per-segment launches it replaces, a short last
-    segment included; a row's bits do not depend on M."""
+    segment included; a row's bits do not depend on M; one loop (``seg_flat``) or a loop per segment."""
     n, k, seg = 48, 640, 256
     w = (torch.randn(n, k, generator=gen) * 0.05).to(device=device, dtype=torch.float16)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
     x = torch.randn(40, k, generator=gen).to(device=device, dtype=torch.float16)
     for b, dt in ((None, torch.float16), (bias, torch.float16), (None, torch.float32)):
-        got = dense_matmul(x, w, b, segment=seg, out_dtype=dt)
+        got = dense_matmul(x, w, b, segment=seg, out_dtype=dt, seg_flat=flat)
         acc = None
         for lo in range(0, k, seg):
             p = dense_matmul(x[:, lo:lo + seg].contiguous(), w[:, lo:lo + seg].contiguous(), splits=1, wide=True,
@@ -101,7 +103,7 @@ def test_worker_4711_segmented_chains_are_the_segments_added_in_order(gen: torch
         assert acc is not None
         assert torch.equal(got, (acc if b is None else acc + b.float()).to(dt))
         assert rel(got, x.double() @ w.double().t() + (0 if b is None else b.double())) < 2e-3
-        assert torch.equal(dense_matmul(x[:17], w, b, segment=seg, out_dtype=dt), got[:17])
+        assert torch.equal(dense_matmul(x[:17], w, b, segment=seg, out_dtype=dt, seg_flat=flat), got[:17])
     # in fp32 the segmented sum is visibly not the one chain (the test would see a kernel ignoring segment=)
     assert not torch.equal(got, dense_matmul(x, w, wide=True, out_dtype=torch.float32))
     with pytest.raises(KernelDimensionError, match="multiple of 256"):

@@ -47,6 +47,7 @@ from . import validate as v
 
 KERNEL = "fragments"
 ROWS = FRAGMENT_ROWS
+FUSE_MAX_M = 16  # the in-launch segment sum pays below this; at M=64 its serial tail loses (probe, 15th session)
 
 
 # 4 quant bytes (e0, e2, e1, e3 of the pack: the word's bytes 0/2 are elements 0/1) -> elements 0..3 of the
@@ -454,7 +455,8 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
     raw, w32, w16, p1, p2 = _views(w)
     grid: tuple[int, ...] = (w.n // ROWS, triton.cdiv(M, br), nseg) if swap else (triton.cdiv(M, br) * (w.n // ROWS),)
     # the segments' sum inside the launch: the weight's own zeroed counters, one per (row group, token tile)
-    fuse = partial and w.locks is not None and w.locks.numel() >= (w.n // ROWS) * triton.cdiv(M, br)
+    fuse = (partial and M <= FUSE_MAX_M and w.locks is not None
+            and w.locks.numel() >= (w.n // ROWS) * triton.cdiv(M, br))
     fragments_kernel[grid](
         x, raw, w32, w16, bias if bias is not None else out, out, part, w.locks if fuse else out, M, w.n, w.k,
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br,

@@ -99,6 +99,7 @@ def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]
     return (64, 64, 4, 3, 4) if 2048 <= n < 65_536 else (64, 128, 4, 3, 4)
 
 
+SEG_FLAT = False  # segmented chains in one loop (probe_prefill.py's "flat" column) or a loop per segment
 WIDE_MIN_M = 17  # rows from which an unsplit shape takes the wide tile
 
 
@@ -147,7 +148,7 @@ def _chain(xp, wp, rmask, cmask, kk, k_lo, k_hi, acc, EVEN: tl.constexpr, IEEE: 
 def dense_matmul_wide_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_SEG,
     HAS_BIAS: tl.constexpr, BMw: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    SEGMENTED: tl.constexpr, SEG_FLAT: tl.constexpr = False,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     # column-major program order over (row tile, column tile): a weight tile is reused by
@@ -164,13 +165,26 @@ def dense_matmul_wide_kernel(
     rmask = rows[:, None] < M
     cmask = cols[:, None] < N
     acc = tl.zeros((BMw, BN), dtype=tl.float32)
-    if SEGMENTED:
+    if SEGMENTED and SEG_FLAT:
+        # the same sums in one software-pipelined loop: the chain restarts from zero at each segment's
+        # end (EVEN_K: K and K_SEG multiples of BK; 0 + part is part bit for bit, a chain from +0 is never -0)
+        part = tl.zeros((BMw, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            xt = tl.load(xp, mask=rmask, other=0.0)
+            w = tl.load(wp, mask=cmask, other=0.0)
+            part = _dot(xt, tl.trans(w), part, IEEE)
+            xp += BK
+            wp += BK
+            if ((k0 + BK) % K_SEG == 0) | (k0 + BK == K):
+                acc = acc + part
+                part = tl.zeros((BMw, BN), dtype=tl.float32)
+    elif SEGMENTED:
         # the quantized weights' K segments (qmatmul_tiled.k_segments): a chain per segment from
         # zero, the chains added in segment order -- the fused kernel's sum (K_SEG % BK == 0)
         for lo in range(0, K, K_SEG):
             hi = tl.minimum(K, lo + K_SEG)
             part, xp, wp = _chain(xp, wp, rmask, cmask, kk, lo, hi, tl.zeros((BMw, BN), dtype=tl.float32),
-                                  False, IEEE, BK)
+                                  EVEN_K, IEEE, BK)
             if lo == 0:
                 acc = part
             else:
@@ -307,13 +321,15 @@ def dense_matmul(
     splits: int | None = None,
     wide: tuple[int, int, int, int, int] | bool | None = None,
     segment: int | None = None,
+    seg_flat: bool | None = None,
 ) -> torch.Tensor:
     """x[M, K] @ w[N, K].T (+ bias) -> [M, N]. ``locks``: zeroed int32 counters (``lock_slots(N)``),
     owned by the caller and left zeroed; only a split shape needs them (allocated here if absent).
     ``config``/``splits``/``wide`` override the tuned choice (benchmarks and tests; splits must stay
     per shape; ``wide=False`` forces the 16-row kernel, a tuple a wide-tile configuration).
     ``segment``: K inputs per chain (a multiple of 256, the wide-tile kernel only): each segment's
-    chain starts from zero and the chains are added in order, as the quantized kernels sum."""
+    chain starts from zero and the chains are added in order, as the quantized kernels sum; ``seg_flat``
+    (default SEG_FLAT where K and the segment are whole BK tiles) runs them as one loop, else one per segment."""
     if out is None:
         v.tensor(KERNEL, "x", x)
         v.tensor(KERNEL, "w", w)
@@ -335,11 +351,12 @@ def dense_matmul(
     if wcfg is not None:
         bm, bn, bk, warps, stages = wcfg
         seg = K if segment is None else min(segment, K)
+        even = K % bk == 0 and seg % bk == 0
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         dense_matmul_wide_kernel[grid](
             x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0), seg,
-            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0, SEGMENTED=seg < K,
-            num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+            HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=even, SEGMENTED=seg < K,
+            SEG_FLAT=seg < K and even and (SEG_FLAT if seg_flat is None else seg_flat), num_warps=warps, num_stages=stages, enable_fp_fusion=False,
         )
         return out
     if x.device.type == "cuda":
