@@ -99,7 +99,9 @@ def launch_config(m: int, n: int, splits: int) -> tuple[int, int, int, int, int]
     return (64, 64, 4, 3, 4) if 2048 <= n < 65_536 else (64, 128, 4, 3, 4)
 
 
-SEG_FLAT = False  # segmented chains in one loop (probe_prefill.py's "flat" column) or a loop per segment
+# the quantized prefill's segmented chains as one software-pipelined loop: a 7B Q4_K_M 512-token step 32.8 -> 27.2
+# ms against a loop per segment (short segments leave a pipeline nothing to overlap); bitwise equal (probe_prefill.py)
+SEG_FLAT = True
 WIDE_MIN_M = 17  # rows from which an unsplit shape takes the wide tile
 
 
@@ -356,7 +358,8 @@ def dense_matmul(
         dense_matmul_wide_kernel[grid](
             x, w, bias if bias is not None else out, out, M, N, K, x.stride(0), out.stride(0), seg,
             HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=even, SEGMENTED=seg < K,
-            SEG_FLAT=seg < K and even and (SEG_FLAT if seg_flat is None else seg_flat), num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+            SEG_FLAT=seg < K and even and (SEG_FLAT if seg_flat is None else seg_flat),
+            num_warps=warps, num_stages=stages, enable_fp_fusion=False,
         )
         return out
     if x.device.type == "cuda":
