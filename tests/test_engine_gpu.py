@@ -323,7 +323,10 @@ def test_worker_4700_synthetic_real_shapes_load_and_generate(
         assert rm.load_stats.gb_per_s > 0 and rm.graph_captured
         ids = list(range(5, 40))
         with torch.no_grad():
-            assert torch.isfinite(rm.runner.prefill_logits(ids)).all()
+            eager = rm.runner.prefill_logits(ids)
+            assert torch.isfinite(eager).all()
+            # the prompt as a request runs it (a mixed-step graph, bench_engine's pp512): bit for bit eager
+            assert rm.runner.mixed_graphs and torch.equal(rm.runner.prefill_logits(ids, eager=False), eager)
         toks = _tokens(rm, ids, max_tokens=16)
         assert len(toks) == 16 and all(0 <= t < rm.config.vocab_size for t in toks)
         assert _tokens(rm, ids, max_tokens=16) == toks

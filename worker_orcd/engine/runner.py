@@ -543,8 +543,9 @@ class ModelRunner:
     # --- sampling ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill_logits(self, ids: Sequence[int], chunk: int | None = None) -> torch.Tensor:
-        """fp32 logits [V] of the last of ``ids`` computed from scratch, in chunks of ``chunk`` tokens.
+    def prefill_logits(self, ids: Sequence[int], chunk: int | None = None, eager: bool = True) -> torch.Tensor:
+        """fp32 logits [V] of the last of ``ids`` computed from scratch, in chunks of ``chunk`` tokens
+        (``eager=False``: each chunk a mixed-step graph where one fits, as a request's prompt runs).
 
         For tests and benchmarks: it uses the highest KV blocks outside the engine loop's
         bookkeeping, so call it only while no job runs.
@@ -564,7 +565,8 @@ class ModelRunner:
             toks = tuple(ids[start : start + chunk])
             last = start + len(toks) == n
             spec = SampleSpec(SamplingParams(max_tokens=1), 0) if last else None
-            logits = self._eager(StepBatch((StepRow(-1, toks, start, table, spec),)))
+            step = StepBatch((StepRow(-1, toks, start, table, spec),))
+            logits = self._eager(step) if eager else self.logits(step)
         assert logits is not None
         return logits[0]
 
