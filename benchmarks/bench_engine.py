@@ -146,7 +146,7 @@ def bench_one(
         runner = rm.runner
         # one step of the whole prompt, as a request's prompt runs (a mixed-step graph when the prompt fits
         # the load's largest bucket, PREFILL_CHUNK_CUDA = 512 tokens) and as eager launches
-        prefill_tps = {}
+        prefill_tps: dict[bool, float] = {}
         for eager in (False, True):
             runner.prefill_logits(prompt, eager=eager)  # warm-up: compiles the kernels for this length
             times = []
@@ -198,7 +198,7 @@ def bench_one(
             torch.cuda.empty_cache()
             lb = llama_bench(args.llama_bench, path, args.prompt_tokens, args.decode_tokens)
             result.update(llama_pp_tok_s=lb["pp"], llama_tg_tok_s=lb["tg"],
-                          pp_ratio=prefill_tps / lb["pp"], tg_ratio=decode_tps / lb["tg"])
+                          pp_ratio=prefill_tps[False] / lb["pp"], tg_ratio=decode_tps / lb["tg"])
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)

@@ -42,6 +42,7 @@
 #   bash benchmarks/run_h200.sh gcab13     # 0.5B at 64: this tree vs .devdata/base, and with the worker's GC thresholds raised (pauses logged)
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
+#   bash benchmarks/run_h200.sh final15    # the GPU suite, then 7B Q8_0 / 7B Q4_K_M / 1.5B Q4_K_M quantized-half2 rows vs llama-bench
 #   bash benchmarks/run_h200.sh pre15      # quantized prefill chains (one loop vs a loop per segment): tests, probe_prefill, 7B steps vs base, rows vs llama-bench
 #   bash benchmarks/run_h200.sh verify15   # branch next-fused-segments: GPU suite, probe_fragments (in-launch segment sums), 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh tpq        # kind nvidia-h200-x2: quantized shards: 7B Q4_K_M tp=1/2 (TP_72B=1: the 72B shape) vs llama -sm tensor/layer
@@ -610,6 +611,18 @@ verify15)
   for tree in . .devdata/base; do echo "== tree $tree"
     (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
       --resident-weights quantized-half2 --batch 1 16 64 2>&1 | tee "$OUT/verify15_step_$(basename $tree).log" | grep -E "^\||prefill")
+  done
+  ;;
+final15)
+  # the GPU suite at the submitted tree, then issue 13's rows under quantized-half2 against llama-bench (FINAL15_ROWS)
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  timeout 240 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/final15_suite.log" | tail -4
+  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
+  for spec in ${FINAL15_ROWS:-qwen2.5-7b:Q8_0 qwen2.5-7b:Q4_K_M qwen2.5-1.5b:Q4_K_M}; do
+    timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
+      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
+      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/final15_bench.log" | grep -E '^\| qwen|FAILED|Error'
+    cp $OUT/bench_engine.json "$OUT/final15_$(echo $spec | tr ':,' '__').json" 2>/dev/null
   done
   ;;
 pre15)
