@@ -67,6 +67,22 @@ ab() { local label=$1 model=$2; shift 2
     (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 "$@" --model $M/$model.gguf --label $label-$r 2>&1 \
       | tee "$OUT/${label}_$(basename $tree)_$r.log" | sed -n '/^| engine |/,$p;/Error/p' | tail -1)
   done; done; }
+# steps7b LABEL [ARGS...]: 7B Q4_K_M quantized-half2 steps (profile_step.py) on this tree and .devdata/base
+steps7b() { local label=$1; shift
+  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
+  for tree in . .devdata/base; do echo "== tree $tree"
+    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
+      --resident-weights quantized-half2 --batch 1 16 64 "$@" 2>&1 | tee "$OUT/${label}_step_$(basename $tree).log" | grep -E "^\||prefill")
+  done; }
+# qrows LABEL "shape,shape:TYPE,TYPE ...": issue 13's rows under quantized-half2 against llama-bench, same files
+qrows() { local label=$1 spec
+  for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
+  for spec in $2; do
+    timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
+      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
+      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/$label.log" | grep -E '^\| qwen|FAILED|Error'
+    cp $OUT/bench_engine.json "$OUT/${label}_$(echo $spec | tr ':,' '__').json" 2>/dev/null
+  done; }
 case "${1:-tests}" in
 tests)
   [ -f /tmp/llama.cpp/done ] || [ -n "${SKIP_LLAMA:-}" ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
@@ -607,23 +623,13 @@ verify15)
   timeout 300 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/verify15_suite.log" | tail -4
   timeout 120 python3 benchmarks/probe_fragments.py --m 1 16 64 --budget-s 90 2>&1 | tee "$OUT/verify15_probe.log" | grep -E "^\| 7b|mismatch|  "
   timeout 90 python3 benchmarks/probe_prefill.py --m 256 512 2>&1 | tee "$OUT/verify15_prefill.log" | grep -E "^\|"
-  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
-  for tree in . .devdata/base; do echo "== tree $tree"
-    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
-      --resident-weights quantized-half2 --batch 1 16 64 2>&1 | tee "$OUT/verify15_step_$(basename $tree).log" | grep -E "^\||prefill")
-  done
+  steps7b verify15
   ;;
 final15)
   # the GPU suite at the submitted tree, then issue 13's rows under quantized-half2 against llama-bench (FINAL15_ROWS)
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   timeout 240 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/final15_suite.log" | tail -4
-  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
-  for spec in ${FINAL15_ROWS:-qwen2.5-7b:Q8_0 qwen2.5-7b:Q4_K_M qwen2.5-1.5b:Q4_K_M}; do
-    timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
-      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
-      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/final15_bench.log" | grep -E '^\| qwen|FAILED|Error'
-    cp $OUT/bench_engine.json "$OUT/final15_$(echo $spec | tr ':,' '__').json" 2>/dev/null
-  done
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} qrows final15_bench "${FINAL15_ROWS:-qwen2.5-7b:Q8_0 qwen2.5-7b:Q4_K_M qwen2.5-1.5b:Q4_K_M}"
   ;;
 pre15)
   # the quantized prefill's segmented chains (a loop per segment vs one loop) and the in-launch segment sums below
@@ -640,12 +646,7 @@ pre15)
       --resident-weights quantized-half2 --batch 1 16 64 ${flat:+--seg-flat $flat} 2>&1 \
       | tee "$OUT/pre15_step_$(basename $tree)_$flat.log" | grep -E "^\||prefill")
   done
-  for i in $(seq 1 60); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
-  for spec in ${PRE15_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}; do
-    timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
-      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
-      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/pre15_bench.log" | grep -E '^\| qwen|FAILED|Error'
-  done
+  qrows pre15_bench "${PRE15_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}"
   ;;
 frag14)
   # Q4_K/Q6_K weights in fragment order (kernels/fragments.py): their GPU tests and the half2 ones they must equal, the
@@ -655,11 +656,7 @@ frag14)
   timeout 240 python3 -m pytest -q -m gpu -rf --tb=short tests/test_fragments.py tests/test_qmatmul.py tests/test_engine_gpu.py \
     -k "fragment or half2" -p no:cacheprovider 2>&1 | tee "$OUT/frag14_tests.log" | tail -6
   timeout 150 python3 benchmarks/probe_fragments.py --m 1 16 64 128 --sweep --budget-s 120 2>&1 | tee "$OUT/probe_fragments.log"
-  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
-  for tree in . .devdata/base; do echo "== tree $tree"
-    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf \
-      --resident-weights quantized-half2 --batch 1 16 64 2>&1 | tee "$OUT/frag14_step_$(basename $tree).log" | grep -E "^\||prefill")
-  done
+  steps7b frag14
   ;;
 fbench14)
   # issue 13's rows under quantized-half2 (K-quants and Q8_0 in fragment order) against llama-bench on the same files;
@@ -667,12 +664,7 @@ fbench14)
   [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
   [ -z "${FBENCH_TESTS:-}" ] || timeout 200 python3 -m pytest -q -m gpu -rf --tb=short $FBENCH_TESTS ${FBENCH_K:+-k "$FBENCH_K"} -p no:cacheprovider 2>&1 \
     | tee "$OUT/fbench14_tests.log" | tail -3
-  for i in $(seq 1 80); do [ -f /tmp/llama.cpp/done ] && break; sleep 5; done; sleep 5; cat /tmp/llama.cpp/done
-  for spec in ${FBENCH_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}; do
-    timeout ${BENCH_TIMEOUT:-500} python3 benchmarks/bench_engine.py --shapes ${spec%%:*} --types ${spec##*:} \
-      --resident-weights quantized-half2 --llama-bench /tmp/llama.cpp/build/bin/llama-bench \
-      --tokenizer-from "$WORKER_ORCD_TOKENIZER_DONOR" --vocab 151936 2>&1 | tee -a "$OUT/fbench14.log" | grep -E '^\| qwen|FAILED|Error'
-  done
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-500} qrows fbench14 "${FBENCH_ROWS:-qwen2.5-1.5b,qwen2.5-7b:Q4_K_M}"
   ;;
 gcab13)
   # this tree (the direct path writing a drain's frames in one write per stream) against .devdata/base, 0.5B F16 at
