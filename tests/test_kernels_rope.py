@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from worker_orcd.engine.errors import KernelDimensionError, KernelParamError
-from worker_orcd.engine.kernels.rope import rope_, rope_reference
+from worker_orcd.engine import ops
+from worker_orcd.engine.fused import kv_store_
+from worker_orcd.engine.kernels.rope import freq_table, rope_, rope_reference, rope_store_
 from kernel_testing import TOL, randn, rel
 
 
@@ -151,3 +153,76 @@ def test_worker_4700_rope_long_prefill_gpu(gen: torch.Generator, device: str, ne
     q_ref, k_ref = rope_reference(q, positions, 500000.0, neox), rope_reference(k, positions, 500000.0, neox)
     rope_(q, k, positions, 500000.0, neox)
     assert rel(q, q_ref) < 1e-5 and rel(k, k_ref) < 1e-5
+
+
+def _qkv_cache(gen: torch.Generator, device: str, dtype: torch.dtype, t: int = 5, hq: int = 14, hk: int = 2, dh: int = 64,
+               blocks: int = 6, bs: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused QKV output [T, (hq + 2 hk) dh], paged caches full of other rows' values, distinct slots, positions."""
+    qkv = randn(gen, t, (hq + 2 * hk) * dh, dtype=dtype, device=device)
+    kc = randn(gen, blocks, bs, hk, dh, dtype=dtype, device=device)
+    vc = randn(gen, blocks, bs, hk, dh, dtype=dtype, device=device)
+    slots = torch.randperm(blocks * bs, generator=gen)[:t].to(device)
+    positions = torch.randint(0, 40_000, (t,), generator=gen).to(device)
+    return qkv, kc, vc, slots, positions
+
+
+def _split(qkv: torch.Tensor, hq: int = 14, hk: int = 2, dh: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = qkv.shape[0]
+    return (qkv[:, : hq * dh].reshape(t, hq, dh), qkv[:, hq * dh : (hq + hk) * dh].reshape(t, hk, dh),
+            qkv[:, (hq + hk) * dh :].reshape(t, hk, dh))
+
+
+@pytest.mark.parametrize("neox", [False, True], ids=["llama", "neox"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_worker_4711_rope_store_is_rope_then_kv_store(gen: torch.Generator, device: str, neox: bool, dtype: torch.dtype) -> None:
+    """One launch, bit for bit ``rope_`` then ``kv_store_`` on views of a fused QKV output (GQA): q and k
+    rotated in place, the rotated K and V in their slots, every other cache row untouched."""
+    qkv, kc, vc, slots, positions = _qkv_cache(gen, device, dtype)
+    table = freq_table(1e6, 64, torch.device(device))
+    want, kc1, vc1 = qkv.clone(), kc.clone(), vc.clone()
+    q, k, v = _split(want)
+    rope_(q, k, positions, 1e6, neox, freq=table)
+    kv_store_(kc1, vc1, k, v, slots)
+    got, kc2, vc2 = qkv.clone(), kc.clone(), vc.clone()
+    q, k, v = _split(got)
+    rope_store_(q, k, v, kc2, vc2, slots, positions, 1e6, neox, freq=table)
+    assert torch.equal(got, want) and torch.equal(kc2, kc1) and torch.equal(vc2, vc1)
+    assert not torch.equal(kc2, kc) and not torch.equal(vc2, vc)  # it wrote something
+    rows = torch.ones(kc.shape[0] * kc.shape[1], dtype=torch.bool, device=device)
+    rows[slots] = False
+    assert torch.equal(kc2.flatten(0, 1)[rows], kc.flatten(0, 1)[rows])
+    assert torch.equal(vc2.flatten(0, 1)[rows], vc.flatten(0, 1)[rows])
+
+
+def test_worker_4700_ops_rope_store_partial_rotary_takes_two_launches(gen: torch.Generator, device: str) -> None:
+    """A partial rotary_dim (the fused kernel rotates whole heads) runs rope_ then kv_store_: the same result."""
+    qkv, kc, vc, slots, positions = _qkv_cache(gen, device, torch.float32)
+    want, kc1, vc1 = qkv.clone(), kc.clone(), vc.clone()
+    q, k, v = _split(want)
+    rope_(q, k, positions, 1e4, True, 32)
+    kv_store_(kc1, vc1, k, v, slots)
+    ops.use_kernels_on_cpu(True)
+    try:
+        got, kc2, vc2 = qkv.clone(), kc.clone(), vc.clone()
+        q, k, v = _split(got)
+        ops.rope_store_(q, k, v, kc2, vc2, slots, positions, 1e4, True, 32)
+    finally:
+        ops.use_kernels_on_cpu(False)
+    assert torch.equal(got, want) and torch.equal(kc2, kc1) and torch.equal(vc2, vc1)
+
+
+def test_worker_4400_rope_store_rejects_bad_input(gen: torch.Generator, device: str) -> None:
+    qkv, kc, vc, slots, positions = _qkv_cache(gen, device, torch.float16)
+    q, k, v = _split(qkv)
+    with pytest.raises(KernelDimensionError, match="argument 'v'"):
+        rope_store_(q, k, v[:, :1], kc, vc, slots, positions, 1e4, False)
+    with pytest.raises(KernelDimensionError, match="argument 'k_cache'"):
+        rope_store_(q, k, v, kc.float(), vc, slots, positions, 1e4, False)
+    with pytest.raises(KernelDimensionError, match="argument 'v_cache'"):
+        rope_store_(q, k, v, kc, vc[:2], slots, positions, 1e4, False)
+    with pytest.raises(KernelDimensionError, match="argument 'slots'"):
+        rope_store_(q, k, v, kc, vc, slots[:2], positions, 1e4, False)
+    with pytest.raises(KernelDimensionError, match="argument 'slots'"):
+        rope_store_(q, k, v, kc, vc, slots.float(), positions, 1e4, False)
+    with pytest.raises(KernelParamError, match="theta"):
+        rope_store_(q, k, v, kc, vc, slots, positions, 0.5, False)

@@ -1,7 +1,7 @@
 """The decoder-only forward pass for llama, qwen2 and gemma3, written out plainly (gpt-fast style).
 
 Per layer: RMSNorm -> fused QKV GEMM (+bias) -> [Gemma: per-head q/k RMSNorm]
--> RoPE -> K/V into the cache -> attention -> output GEMM -> [Gemma: post-attn
+-> RoPE and K/V into the cache (one launch) -> attention -> output GEMM -> [Gemma: post-attn
 norm] -> residual; RMSNorm -> fused gate/up GEMM -> SiLU | GELU-tanh * up ->
 down GEMM -> [Gemma: post-FFN norm] -> residual. Each residual add is fused
 with the norm that follows it. Only the last position's logits are computed,
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .paged_kv import PagedKVCache
     from .runner import AttentionMeta
 
-# (layer, q[T,Hq,D], k[T,Hk,D], v[T,Hk,D]) -> attention output [T,Hq,D]; also stores k/v in the cache
+# (layer, q[T,Hq,D], k[T,Hk,D], v[T,Hk,D]) -> attention output [T,Hq,D]: rotates q/k by the step's
+# positions (RoPE) and stores k/v in the cache (one launch: ops.rope_store_), then attends
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -50,9 +51,7 @@ class Model:
             x = x * self.cfg.embed_scale
         return x
 
-    def _attention(
-        self, i: int, lw: LayerWeights, h: torch.Tensor, positions: torch.Tensor, attend: Attend
-    ) -> torch.Tensor:
+    def _attention(self, i: int, lw: LayerWeights, h: torch.Tensor, attend: Attend) -> torch.Tensor:
         c = self.cfg
         T = h.shape[0]
         qkv = ops.linear(h, lw.wqkv, lw.bqkv, self.locks)
@@ -63,8 +62,6 @@ class Model:
             # the norm kernels take rows of unit stride: un-interleave q/k from the fused output
             q = ops.rms_norm(q.contiguous(), lw.q_norm, c.rms_eps)
             k = ops.rms_norm(k.contiguous(), lw.k_norm, c.rms_eps)
-        theta = c.layer_rope_theta(i)
-        ops.rope_(q, k, positions, theta, c.rope_neox, c.rotary_dim, self.rope_freq.get(theta))
         out = attend(i, q, k, v)
         return ops.linear(out.reshape(T, c.q_dim), lw.wo, locks=self.locks)
 
@@ -72,13 +69,13 @@ class Model:
         gate_up = ops.linear(h, lw.w_gate_up, locks=self.locks)
         return ops.linear(ops.gated_act(gate_up, self.cfg.activation), lw.w_down, locks=self.locks)
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Final-normed hidden states [T, d] of ``tokens`` at ``positions``."""
+    def hidden(self, tokens: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Final-normed hidden states [T, d] of ``tokens`` (``attend`` knows their positions)."""
         c, w = self.cfg, self.w
         x = self.embed(tokens)
         h = ops.rms_norm(x, w.layers[0].attn_norm, c.rms_eps)
         for i, lw in enumerate(w.layers):
-            o = self._attention(i, lw, h, positions, attend)
+            o = self._attention(i, lw, h, attend)
             if lw.post_attn_norm is not None:
                 o = ops.rms_norm(o, lw.post_attn_norm, c.rms_eps)
             h, x = ops.add_rms_norm(o, x, lw.ffn_norm, c.rms_eps)
@@ -111,10 +108,13 @@ class Model:
         Device tensors only: a decode batch replays from a CUDA graph.
         """
 
+        c = self.cfg
+
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = kv.k[i], kv.v[i]
-            ops.kv_store_(kc, vc, k, v, slots)
-            return ops.paged_attention(q, kc, vc, meta, self.cfg.attn_scale, sliding_window=self.cfg.layer_window(i))
+            theta = c.layer_rope_theta(i)
+            ops.rope_store_(q, k, v, kc, vc, slots, positions, theta, c.rope_neox, c.rotary_dim, self.rope_freq.get(theta))
+            return ops.paged_attention(q, kc, vc, meta, c.attn_scale, sliding_window=c.layer_window(i))
 
-        h = self.hidden(tokens, positions, attend)
+        h = self.hidden(tokens, attend)
         return ops.logits_fp32(h.index_select(0, sample_index), self.w.lm_head, self.locks)

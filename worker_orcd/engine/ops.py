@@ -97,6 +97,20 @@ def rope_(
         x[..., :rd] = rot.to(x.dtype)
 
 
+def rope_store_(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slots: torch.Tensor, positions: torch.Tensor, theta: float, neox: bool, rotary_dim: int | None = None,
+    freq: torch.Tensor | None = None,
+) -> None:
+    """``rope_(q, k, ...)`` then ``kv_store_(k_cache, v_cache, k, v, slots)``; on the kernel path one launch
+    (bit for bit the two) where whole heads rotate, the two launches otherwise."""
+    if _kernel(q) and (rotary_dim is None or rotary_dim == q.shape[-1]):
+        K.rope_store_(q, k, v, k_cache, v_cache, slots, positions, theta, neox, freq=freq)
+        return
+    rope_(q, k, positions, theta, neox, rotary_dim, freq)
+    kv_store_(k_cache, v_cache, k, v, slots)
+
+
 # --- attention --------------------------------------------------------------------------------
 
 

@@ -481,8 +481,8 @@ class TPModel(Model):
         super().__init__(cfg, weights)  # type: ignore[arg-type]
         self.group = group
 
-    def _attention(self, i: int, lw: LayerWeights, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        return self.group.all_reduce(super()._attention(i, lw, h, positions, attend))
+    def _attention(self, i: int, lw: LayerWeights, h: torch.Tensor, attend: Attend) -> torch.Tensor:
+        return self.group.all_reduce(super()._attention(i, lw, h, attend))
 
     def _mlp(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce(super()._mlp(lw, h))

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .matmul_dense import dense_matmul
     from .qmatmul import qlinear
     from .rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-    from .rope import rope_, rope_reference
+    from .rope import rope_, rope_reference, rope_store_
     from .sampling import filtered_probs_reference, sample, sample_draws
     from .sampling_batched import sample_batch, sample_batch_stages
 
@@ -45,7 +45,7 @@ _HOME = {
     "matmul_dense": ("dense_matmul",),
     "qmatmul": ("qlinear",),
     "rmsnorm": ("add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"),
-    "rope": ("rope_", "rope_reference"),
+    "rope": ("rope_", "rope_reference", "rope_store_"),
     "sampling": ("filtered_probs_reference", "sample", "sample_draws"),
     "sampling_batched": ("sample_batch", "sample_batch_stages"),
 }
@@ -82,6 +82,7 @@ __all__ = [
     "rms_norm_reference",
     "rope_",
     "rope_reference",
+    "rope_store_",
     "sample",
     "sample_batch",
     "sample_batch_stages",

@@ -40,13 +40,33 @@ def _rope_kernel(
     NEOX: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    v_ptr=None,
+    kc_ptr=None,
+    vc_ptr=None,
+    slot_ptr=None,
+    v_tok_stride=0,
+    STORE: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr = 0,
+    BLOCK_D: tl.constexpr = 16,
 ):
     tok = tl.program_id(0)
     blk = tl.program_id(1)
     n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
+    n_k_blocks = tl.cdiv(n_k_heads, BLOCK_H)
+    is_v = blk >= n_q_blocks + n_k_blocks  # rope_store_ only: programs that copy V heads, rotating nothing
+    if STORE:
+        if is_v:
+            hv = (blk - n_q_blocks - n_k_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            d = tl.arange(0, BLOCK_D)
+            vmask = (hv < n_k_heads)[:, None] & (d < HEAD_DIM)[None, :]
+            vrow = tl.load(slot_ptr + tok).to(tl.int64) * (n_k_heads * HEAD_DIM)
+            vals = tl.load(v_ptr + tok.to(tl.int64) * v_tok_stride + hv[:, None] * HEAD_DIM + d[None, :], mask=vmask)
+            tl.store(vc_ptr + vrow + hv[:, None] * HEAD_DIM + d[None, :], vals, mask=vmask)
     is_q = blk < n_q_blocks
     head0 = tl.where(is_q, blk, blk - n_q_blocks) * BLOCK_H
     n_heads = tl.where(is_q, n_q_heads, n_k_heads)
+    if STORE:
+        n_heads = tl.where(is_v, 0, n_heads)  # V's programs rotate nothing
     tok_stride = tl.where(is_q, q_tok_stride, k_tok_stride)
     head_stride = tl.where(is_q, q_head_stride, k_head_stride)
 
@@ -83,8 +103,15 @@ def _rope_kernel(
         base = k_ptr
     x1 = tl.load(base + row + off1[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + row + off2[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(base + row + off1[None, :], (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
-    tl.store(base + row + off2[None, :], (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+    y1 = (x1 * cos - x2 * sin).to(base.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(base.dtype.element_ty)
+    tl.store(base + row + off1[None, :], y1, mask=mask)
+    tl.store(base + row + off2[None, :], y2, mask=mask)
+    if STORE:
+        if blk >= n_q_blocks:  # K's programs (V's are masked off): the rotated K into the token's cache row too
+            crow = tl.load(slot_ptr + tok).to(tl.int64) * (n_k_heads * HEAD_DIM) + h[:, None] * HEAD_DIM
+            tl.store(kc_ptr + crow + off1[None, :], y1, mask=mask)
+            tl.store(kc_ptr + crow + off2[None, :], y2, mask=mask)
 
 
 def _split12(f: float) -> float:
@@ -169,28 +196,91 @@ def rope_(
     ones rotate backwards, which is well defined and memory-safe.
     """
     q, k, positions, theta_f, rd = _check(q, k, positions, theta, rotary_dim)
+    table, device = _table(q, k, positions, theta_f, rd, freq_scale, freq)
+    _launch(q, k, positions, table, rd, neox, device)
+
+
+def _table(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, rd: int, freq_scale: float,
+           freq: torch.Tensor | None) -> tuple[torch.Tensor, torch.device]:
+    """The checked frequency table (the caller's, or one built for this call) and the device."""
     device = v.same_device("rope_", {"q": q, "k": k, "positions": positions})
     scale = v.finite_float("rope_", "freq_scale", freq_scale)
     if scale <= 0:
         v.fail_param("rope_", "freq_scale", f"must be > 0, got {scale}")
     if freq is None:
-        table = freq_table(theta_f, rd, device, scale)
-    else:
-        table = v.tensor("rope_", "freq", freq)
-        v.check(tuple(table.shape) == (2, rd // 2) and table.dtype == torch.float32 and table.device == device
-                and table.is_contiguous(), "rope_", "freq", f"must be fp32 [2, {rd // 2}] on {device}")
+        return freq_table(theta, rd, device, scale), device
+    table = v.tensor("rope_", "freq", freq)
+    v.check(tuple(table.shape) == (2, rd // 2) and table.dtype == torch.float32 and table.device == device
+            and table.is_contiguous(), "rope_", "freq", f"must be fp32 [2, {rd // 2}] on {device}")
+    return table, device
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rd: int, neox: bool,
+            device: torch.device, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+            kernel: str = "rope_") -> None:
+    """One launch over (token, head block); ``store`` = (v, k_cache, v_cache, slots) adds rope_store_'s V
+    programs and K's cache writes."""
     half = rd // 2
-    t, hq, _ = q.shape
+    t, hq, dh = q.shape
     hk = k.shape[1]
-    grid = (t, triton.cdiv(hq, _HEAD_BLOCK) + triton.cdiv(hk, _HEAD_BLOCK))
+    nb = triton.cdiv(hq, _HEAD_BLOCK) + triton.cdiv(hk, _HEAD_BLOCK)
+    extra: dict[str, object] = {}
+    if store is not None:
+        vv, kc, vc, slots = store
+        nb += triton.cdiv(hk, _HEAD_BLOCK)
+        extra = dict(v_ptr=vv, kc_ptr=kc, vc_ptr=vc, slot_ptr=slots, v_tok_stride=vv.stride(0), STORE=True,
+                     HEAD_DIM=dh, BLOCK_D=max(16, triton.next_power_of_2(dh)))
     try:
-        _rope_kernel[grid](
+        _rope_kernel[(t, nb)](
             q, k, positions, table, hq, hk,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), half,
             NEOX=bool(neox), BLOCK_H=_HEAD_BLOCK, BLOCK_R=max(16, triton.next_power_of_2(half)), num_warps=4,
+            **extra,
         )
     except Exception as exc:  # noqa: BLE001
-        raise v.launch_error("rope_", device, exc) from exc
+        raise v.launch_error(kernel, device, exc) from exc
+
+
+def rope_store_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vals: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float,
+    neox: bool,
+    *,
+    freq: torch.Tensor | None = None,
+) -> None:
+    """``rope_(q, k, ...)`` then K/V [T, Hk, Dh] into rows ``slots`` [T] of the paged caches [NB, BS, Hk, Dh]
+    (``fused.kv_store_``), in one launch: bit for bit the two (why: one launch fewer per layer and step,
+    where a small model's decode step is launch-bound). The whole head is rotated (rotary_dim == head_dim;
+    ``ops.rope_store_`` runs the two launches otherwise). Slots are the runner's: in range, distinct."""
+    kernel = "rope_store_"
+    q, k, positions, theta_f, rd = _check(q, k, positions, theta, None)
+    t, _, dh = q.shape
+    hk = k.shape[1]
+    vals = v.tensor(kernel, "v", vals)
+    slots = v.tensor(kernel, "slots", slots)
+    v.check(tuple(vals.shape) == tuple(k.shape) and vals.dtype == k.dtype, kernel, "v",
+            f"must be [{t}, {hk}, {dh}] {k.dtype} like k, got {tuple(vals.shape)} {vals.dtype}")
+    v.check(vals.stride(2) == 1 and vals.stride(1) == dh, kernel, "v", "each token's V row must be dense")
+    v.check(k.stride(1) == dh, kernel, "k", "each token's K row must be dense")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        c = v.tensor(kernel, name, c)
+        v.check(c.dim() == 4 and tuple(c.shape[2:]) == (hk, dh) and c.dtype == k.dtype and c.is_contiguous(), kernel,
+                name, f"must be a contiguous {k.dtype} [blocks, block_size, {hk}, {dh}], got {tuple(c.shape)} {c.dtype}")
+    v.check(k_cache.shape == v_cache.shape, kernel, "v_cache", "must have k_cache's shape")
+    v.shape(kernel, "slots", slots, (t,))
+    v.dtype(kernel, "slots", slots, v.INDEX_DTYPES)
+    v.contiguous(kernel, "slots", slots)
+    table, device = _table(q, k, positions, theta_f, rd, 1.0, freq)
+    v.same_device(kernel, {"q": q, "v": vals, "k_cache": k_cache, "v_cache": v_cache, "slots": slots})
+    if t == 0:
+        return
+    _launch(q, k, positions, table, rd, neox, device, (vals, k_cache, v_cache, slots), kernel)
 
 
 def rope_reference(
