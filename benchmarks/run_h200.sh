@@ -42,7 +42,7 @@
 #   bash benchmarks/run_h200.sh gcab13     # 0.5B at 64: this tree vs .devdata/base, and with the worker's GC thresholds raised (pauses logged)
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
-#   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B Q4_K_M steps vs .devdata/base
+#   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
 #   bash benchmarks/run_h200.sh final15    # the GPU suite, then 7B Q8_0 / 7B Q4_K_M / 1.5B Q4_K_M quantized-half2 rows vs llama-bench
 #   bash benchmarks/run_h200.sh pre15      # quantized prefill chains (one loop vs a loop per segment): tests, probe_prefill, 7B steps vs base, rows vs llama-bench
 #   bash benchmarks/run_h200.sh verify15   # branch next-fused-segments: GPU suite, probe_fragments (in-launch segment sums), 7B Q4_K_M half2 steps vs .devdata/base
@@ -627,8 +627,10 @@ verify15)
   steps7b verify15
   ;;
 verify16)
-  # branch next-rope-store (RoPE and the K/V cache write in one launch): the GPU suite alone, then 0.5B F16 (dense)
-  # and 1.5B Q4_K_M (quantized-half2) steps on this tree and .devdata/base (main's tree), alternating
+  # branch next-rope-store (RoPE and the K/V cache write in one launch; same-type q/k/v parts in one launch): the GPU
+  # suite alone, then 0.5B F16 (dense), 1.5B Q4_K_M and 7B Q4_K_M (quantized-half2) steps on this tree and
+  # .devdata/base (main's tree)
+  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
   timeout 300 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/verify16_suite.log" | tail -4
   for spec in "qwen2.5-0.5b F16 dense" "qwen2.5-1.5b Q4_K_M quantized-half2"; do set -- $spec
     for tree in . .devdata/base; do echo "== $1 $2 tree $tree"
@@ -636,6 +638,7 @@ verify16)
         --resident-weights $3 --batch 1 16 64 2>&1 | tee "$OUT/verify16_$1_$(basename $tree).log" | grep -E "^\||prefill")
     done
   done
+  steps7b verify16
   ;;
 final15)
   # the GPU suite at the submitted tree, then issue 13's rows under quantized-half2 against llama-bench (FINAL15_ROWS)

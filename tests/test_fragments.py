@@ -246,3 +246,55 @@ def test_worker_4100_a_tied_embedding_is_in_fragment_order_and_looks_up_its_rows
     idx = torch.tensor([5, 0, w.embed.n - 1, 64, 5], dtype=torch.int32)
     assert torch.equal(w.embed.rows(idx), blocks.index_select(0, idx).reshape(-1))
 
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_worker_4711_stacked_parts_in_one_launch_are_each_parts_rows(t: GGMLType, gen: torch.Generator, device: str) -> None:
+    """q/k/v of one type in one launch (``fragments_matmul_parts``): each part's columns bit for bit its own
+    launch's, with and without the in-launch segment sum, bias included; at M = 1 and 16."""
+    parts = tuple(_pair(n, 512, gen, device, t)[1] for n in (128, 64, 64))
+    assert F.parts_fit(parts, 1) and tiled.k_segments(128, 512)[1] > 1  # segmented: the sum path runs
+    bias = (torch.randn(256, generator=gen) * 0.1).to(device=device, dtype=torch.float16)
+    for m in (1, 16):
+        x = (torch.randn(m, 512, generator=gen) * 0.5).to(device=device, dtype=torch.float16)
+        want = torch.cat([F.fragments_matmul(x, p, bias[o : o + p.n], torch.empty(m, p.n, dtype=torch.float16, device=device))
+                          for p, o in zip(parts, (0, 128, 192), strict=True)], dim=1)
+        for locks in (None, torch.zeros(4 * 4, dtype=torch.int32, device=device)):
+            got = F.fragments_matmul_parts(x, parts, bias, torch.empty(m, 256, dtype=torch.float16, device=device), locks)
+            assert torch.equal(got, want)
+            assert locks is None or not locks.any()  # the counters are left zeroed
+        two = F.fragments_matmul_parts(x, parts[1:], bias[128:], torch.empty(m, 128, dtype=torch.float16, device=device))
+        assert torch.equal(two, want[:, 128:])
+
+
+def test_worker_4400_stacked_parts_refuse_what_does_not_fit(gen: torch.Generator, device: str) -> None:
+    q4 = _pair(64, 512, gen, device, Q4K)[1]
+    q6 = _pair(64, 512, gen, device, Q6K)[1]
+    x = torch.zeros(1, 512, dtype=torch.float16, device=device)
+    assert not F.parts_fit((q4, q6), 1) and not F.parts_fit((q4,), 1) and not F.parts_fit((q4, q4), 65)
+    with pytest.raises(KernelDimensionError, match="same-type"):
+        F.fragments_matmul_parts(x, (q4, q6), None, torch.empty(1, 128, dtype=torch.float16, device=device))
+
+
+def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(gen: torch.Generator, device: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Q4_K_M-like q/k/v group (Q4_K, Q4_K, Q6_K) with the group's counters: q and k in one launch, v alone;
+    every column bit for bit the per-part matmul's, at decode sizes and above SWAP_MAX_M (per part there)."""
+    parts = (_pair(128, 512, gen, device, Q4K)[1], _pair(64, 512, gen, device, Q4K)[1], _pair(64, 512, gen, device, Q6K)[1])
+    all_locks = torch.zeros(sum(p.n // 64 * 4 for p in parts), dtype=torch.int32, device=device)
+    at = 0
+    for p in parts:
+        object.__setattr__(p, "locks", all_locks[at : at + p.n // 64 * 4])  # as weights.bind slices them
+        at += p.n // 64 * 4
+    group = WeightGroup(parts, locks=all_locks)
+    bias = (torch.randn(256, generator=gen) * 0.1).to(device=device, dtype=torch.float16)
+    assert F.parts_fit(parts[:2], 1) and not F.parts_fit(parts, 1)
+    runs: list[int] = []
+    real = F.fragments_matmul_parts
+    monkeypatch.setattr(F, "fragments_matmul_parts", lambda x, run, *a: runs.append(len(run)) or real(x, run, *a))
+    for m in (1, 7, 80):
+        x = (torch.randn(m, 512, generator=gen) * 0.5).to(device=device, dtype=torch.float16)
+        want = torch.cat([qmatmul(x, p, bias[o : o + p.n]) for p, o in zip(parts, (0, 128, 192), strict=True)], dim=1)
+        assert torch.equal(qlinear(x, group, bias), want)
+        assert not all_locks.any()
+    assert runs == [2, 2]  # q and k together at M = 1 and 7; per part at M = 80

@@ -114,9 +114,13 @@ class QWeight:
 
 @dataclass(frozen=True)
 class WeightGroup:
-    """Parts stacked along N: y[:, off_i : off_i + n_i] = x @ part_i.T (one launch per part)."""
+    """Parts stacked along N: y[:, off_i : off_i + n_i] = x @ part_i.T (one launch per part, or one for a run of
+    same-type fragment-order parts: ``kernels/fragments.parts_fit``)."""
 
     parts: tuple[QWeight, ...]
+    # the parts' in-launch segment-sum counters back to back (each part's ``locks`` is its slice), so a run of
+    # parts in one launch has its counters too (weights.bind)
+    locks: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.parts or len({p.k for p in self.parts}) != 1:

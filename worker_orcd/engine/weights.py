@@ -248,7 +248,11 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
     if len(slots) == 1 and slots[0].ggml_type is None:
         return v[slots[0].name]
     parts = []
-    for s in slots:
+    # in-launch segment-sum counters: (rows / 64) * 4 token tiles per fragment-order part, back to back in one tensor
+    sizes = [s.shape[0] // 64 * 4 if s.ggml_type is not None and lay.in_fragments(s) else 0 for s in slots]
+    all_locks = torch.zeros(sum(sizes), dtype=torch.int32, device=v[slots[0].name].device) if any(sizes) else None
+    at = 0
+    for s, size in zip(slots, sizes, strict=True):
         if s.ggml_type is None:
             raw = v[s.name].reshape(-1).view(torch.uint8)
             parts.append(QWeight(raw, _FLOAT_TYPE[lay.dtype], s.shape[0], s.shape[1]))
@@ -257,10 +261,11 @@ def _matrix(v: dict[str, torch.Tensor], lay: WeightLayout, name: str, half2: boo
             planar = lay.planar and s.ggml_type in PLANAR_TYPES and not frag
             h2 = (half2 and lay.dtype == torch.float16 and s.ggml_type in HALF2_FRAGMENT_TYPES
                   and (frag or (s.ggml_type, planar) in _HALF2_FORMS))
-            locks = torch.zeros(s.shape[0] // 64 * 4, dtype=torch.int32, device=v[s.name].device) if frag else None
+            locks = all_locks[at : at + size] if all_locks is not None and size else None
             parts.append(QWeight(v[s.name], s.ggml_type, s.shape[0], s.shape[1], planar=planar, half2=h2, fragments=frag,
                                  locks=locks))
-    return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts))
+        at += size
+    return parts[0] if len(parts) == 1 else WeightGroup(tuple(parts), locks=all_locks)
 
 
 FRAGMENT_TYPES = frozenset({GGMLType.Q8_0})  # in fragment order in an fp16 model (the same values either way)

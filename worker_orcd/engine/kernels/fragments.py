@@ -322,6 +322,7 @@ def fragments_kernel(
     x_ptr, w_ptr, w32_ptr, w16_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, P1, P2, KS, NSEG,
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
     INTERP: tl.constexpr, FUSE_SUM: tl.constexpr = False,
+    G1=0, G2=0, O1=0, O2=0, P1B=0, P2B=0, P1C=0, P2C=0, NPARTS: tl.constexpr = 1,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
@@ -336,6 +337,25 @@ def fragments_kernel(
         grp = pid // num_m
         seg_lo = 0
         seg_hi = NSEG
+    # NPARTS > 1 (fragments_matmul_parts): matrices of one type stacked along N, each at its own address (offsets
+    # O1/O2 from the first's in 16-byte units, its heads/scales planes at P1B/P2B, P1C/P2C); row groups G1.. are the
+    # second's, G2.. the third's. ``lg`` addresses the weight, ``grp`` the output columns and the counters.
+    lg = grp
+    wp = w_ptr
+    w32p = w32_ptr
+    w16p = w16_ptr
+    p1 = P1
+    p2 = P2
+    if NPARTS > 1:
+        in1 = grp >= G1
+        in2 = grp >= G2
+        lg = grp - tl.where(in2, G2, tl.where(in1, G1, 0))
+        off = tl.where(in2, O2, tl.where(in1, O1, 0)).to(tl.int64)  # in 16-byte units: the loads stay 16-byte aligned
+        wp = w_ptr + off * 16
+        w32p = w32_ptr + off * 4
+        w16p = w16_ptr + off * 8
+        p1 = tl.where(in2, P1C, tl.where(in1, P1B, P1))
+        p2 = tl.where(in2, P2C, tl.where(in1, P2B, P2))
     tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
     t = rows0 + tl.arange(0, BR).to(tl.int64)
     total = T._zero_acc(BR, 64, SWAP)
@@ -344,30 +364,30 @@ def fragments_kernel(
         k_hi = tl.minimum(K, k_lo + KS)
         acc = T._zero_acc(BR, 64, SWAP)
         if WTYPE == 8:  # Q8_0: one 32-input block per dot, four per iteration (segments start at multiples of 256)
-            rows = _rows(grp)
+            rows = _rows(lg)
             for b4 in range(k_lo // 128, k_hi // 128):
                 for i in tl.static_range(4):
                     b = 4 * b4 + i
-                    a = _q8_block(tl.load(w_ptr + (grp.to(tl.int64) * (K // 32) + b) * 2048 + tile),
-                                  tl.load(w16_ptr + P2 + rows * (K // 32) + b), INTERP)
+                    a = _q8_block(tl.load(wp + (lg.to(tl.int64) * (K // 32) + b) * 2048 + tile),
+                                  tl.load(w16p + p2 + rows * (K // 32) + b), INTERP)
                     acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
             for b in range(k_hi // 128 * 4, k_hi // 32):  # the last segment's tail (K % 128 != 0)
-                a = _q8_block(tl.load(w_ptr + (grp.to(tl.int64) * (K // 32) + b) * 2048 + tile),
-                              tl.load(w16_ptr + P2 + rows * (K // 32) + b), INTERP)
+                a = _q8_block(tl.load(wp + (lg.to(tl.int64) * (K // 32) + b) * 2048 + tile),
+                              tl.load(w16p + p2 + rows * (K // 32) + b), INTERP)
                 acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
         else:
             for sb in range(k_lo // 256, k_hi // 256):
                 if WTYPE == 12:  # Q4_K: four 64-input chunks of the super-block
-                    dm, w1, w2, w3 = _heads(w32_ptr, P1, grp, sb, K // 256)
+                    dm, w1, w2, w3 = _heads(w32p, p1, lg, sb, K // 256)
                     for c in tl.static_range(4):
-                        lo, hi = _chunk(tl.load(w_ptr + (grp.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
+                        lo, hi = _chunk(tl.load(wp + (lg.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
                                         dm, w1, w2, w3, c, INTERP)
                         k0 = sb * 256 + 64 * c
                         acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
                         acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
                 else:  # Q6_K: two 128-input pairs
                     for h in tl.static_range(2):
-                        a0, a1, a2, a3 = _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, 2 * sb + h, K, tile, INTERP)
+                        a0, a1, a2, a3 = _q6k_pair(wp, w32p, w16p, p1, p2, lg, 2 * sb + h, K, tile, INTERP)
                         k0 = sb * 256 + 128 * h
                         acc, _a, _b, _c = T._acc(a0, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
                         acc, _a, _b, _c = T._acc(a1, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
@@ -466,6 +486,57 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
     if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * w.n, T.SUM_BLOCK),)](
             part, bias if bias is not None else out, out, M, w.n, nseg, out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=T.SUM_BLOCK, num_warps=4,
+        )
+    return out
+
+
+def parts_fit(parts: tuple[QWeight, ...], M: int) -> bool:
+    """Whether ``fragments_matmul_parts`` takes these stacked matrices in one launch: 2-3 of one type in fragment
+    order, one K and the same K segments (else their rows would differ from their own launches'), decode sizes."""
+    if not 2 <= len(parts) <= 3 or M > T.SWAP_MAX_M:
+        return False
+    p0 = parts[0]
+    segs = T.k_segments(p0.n, p0.k)
+    return all(p.fragments and p.ggml_type == p0.ggml_type and p.half2 == p0.half2 and p.k == p0.k
+               and p.raw.data_ptr() % 16 == 0 and p.raw.device == p0.raw.device and T.k_segments(p.n, p.k) == segs
+               for p in parts)
+
+
+def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: torch.Tensor | None, out: torch.Tensor,
+                           locks: torch.Tensor | None = None) -> torch.Tensor:
+    """out[M, sum N] = x @ [W_0; W_1; W_2].T (+ bias) in one swapped launch (``parts_fit``), each part's rows bit
+    for bit its own ``fragments_matmul``'s (why: a small model's q/k/v are three short launches per layer).
+    ``locks``: zeroed int32 counters, at least (sum N / 64) * token tiles, for the in-launch segment sum."""
+    M = x.shape[0]
+    v.check(parts_fit(parts, M), KERNEL, "parts", "2-3 same-type fragment-order matrices, one K and K segments, M <= "
+            f"{T.SWAP_MAX_M}")
+    n = sum(p.n for p in parts)
+    v.check(tuple(out.shape) == (M, n) and out.stride(1) == 1, KERNEL, "out", f"must be [{M}, {n}] with unit column stride")
+    p0 = parts[0]
+    br = 16 if M <= 16 else 32 if M <= 32 else 64
+    ks, nseg = T.k_segments(p0.n, p0.k)
+    partial = nseg > 1
+    part = torch.empty((nseg, M, n), dtype=torch.float32, device=x.device) if partial else out
+    views = [_views(p) for p in parts]
+    raw, w32, w16, p1, p2 = views[0]
+    groups = n // ROWS
+    fuse = (partial and M <= FUSE_MAX_M and locks is not None and locks.numel() >= groups * triton.cdiv(M, br))
+    g1 = parts[0].n // ROWS
+    g2 = g1 + (parts[1].n // ROWS if len(parts) == 3 else 1 << 30)  # no third part: never reached
+    offs = [(p.raw.data_ptr() - p0.raw.data_ptr()) // 16 for p in parts] + [0]  # exact: every part 16-byte aligned
+    pb = views[1][3:] if len(parts) > 1 else (0, 0)
+    pc = views[2][3:] if len(parts) > 2 else (0, 0)
+    fragments_kernel[(groups, triton.cdiv(M, br), nseg)](
+        x, raw, w32, w16, bias if bias is not None else out, out, part, locks if fuse else out, M, n, p0.k,
+        x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(p0.ggml_type), HAS_BIAS=bias is not None, BR=br,
+        SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse,
+        G1=g1, G2=g2, O1=offs[1], O2=offs[2], P1B=pb[0], P2B=pb[1], P1C=pc[0], P2C=pc[1], NPARTS=len(parts),
+        num_warps=4, num_stages=3, enable_fp_fusion=False,
+    )
+    if partial and not fuse:
+        T._segments_sum_kernel[(triton.cdiv(M * n, T.SUM_BLOCK),)](
+            part, bias if bias is not None else out, out, M, n, nseg, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=T.SUM_BLOCK, num_warps=4,
         )
     return out
