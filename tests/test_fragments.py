@@ -279,7 +279,7 @@ def test_worker_4400_stacked_parts_refuse_what_does_not_fit(gen: torch.Generator
 def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(gen: torch.Generator, device: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A Q4_K_M-like q/k/v group (Q4_K, Q4_K, Q6_K) with the group's counters: q and k in one launch, v alone;
-    every column bit for bit the per-part matmul's, at decode sizes and above SWAP_MAX_M (per part there)."""
+    every column bit for bit the per-part matmul's, at small decode sizes and above PARTS_MAX_M (per part there)."""
     parts = (_pair(128, 512, gen, device, Q4K)[1], _pair(64, 512, gen, device, Q4K)[1], _pair(64, 512, gen, device, Q6K)[1])
     all_locks = torch.zeros(sum(p.n // 64 * 4 for p in parts), dtype=torch.int32, device=device)
     at = 0
@@ -292,9 +292,9 @@ def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(gen: torch.Gener
     runs: list[int] = []
     real = F.fragments_matmul_parts
     monkeypatch.setattr(F, "fragments_matmul_parts", lambda x, run, *a: runs.append(len(run)) or real(x, run, *a))
-    for m in (1, 7, 80):
+    for m in (1, 7, F.PARTS_MAX_M + 1, 80):
         x = (torch.randn(m, 512, generator=gen) * 0.5).to(device=device, dtype=torch.float16)
         want = torch.cat([qmatmul(x, p, bias[o : o + p.n]) for p, o in zip(parts, (0, 128, 192), strict=True)], dim=1)
         assert torch.equal(qlinear(x, group, bias), want)
         assert not all_locks.any()
-    assert runs == [2, 2]  # q and k together at M = 1 and 7; per part at M = 80
+    assert runs == [2, 2]  # q and k together at M = 1 and 7; per part above PARTS_MAX_M (where stacking lost)

@@ -48,6 +48,7 @@ from . import validate as v
 KERNEL = "fragments"
 ROWS = FRAGMENT_ROWS
 FUSE_MAX_M = 16  # the in-launch segment sum pays below this; at M=64 its serial tail loses (probe, 15th session)
+PARTS_MAX_M = 16  # qlinear stacks same-type parts up to this: 7B Q4_K_M step B=16 -5 %, B=64 +5 % (16th session)
 
 
 # 4 quant bytes (e0, e2, e1, e3 of the pack: the word's bytes 0/2 are elements 0/1) -> elements 0..3 of the

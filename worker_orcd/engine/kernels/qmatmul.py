@@ -314,7 +314,8 @@ def qlinear(
     M = x.shape[0]
     while i < len(parts):
         run = parts[i : i + 1]
-        if isinstance(w, WeightGroup) and x.dtype == torch.float16:  # the longest run (<= 3) one launch takes
+        if isinstance(w, WeightGroup) and x.dtype == torch.float16 and M <= fragments.PARTS_MAX_M:
+            # the longest run (<= 3) one launch takes
             for j in (3, 2):
                 if fragments.parts_fit(parts[i : i + j], M) and len(parts[i : i + j]) == j:
                     run = parts[i : i + j]
