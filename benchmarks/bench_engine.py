@@ -189,6 +189,7 @@ def bench_one(
             "seal_verify_ms": seal_ms,
             "graph": rm.graph_captured,
             "load_stages_s": rm.load_stages,
+            "upload_s": rm.load_stats.seconds,  # beside the warm-up on one GPU (load_stages: upload-wait)
             "tokens_head": toks[:8],
         }
     finally:

@@ -43,6 +43,7 @@
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
+#   bash benchmarks/run_h200.sh final16    # the GPU suite, then 1.5B / 7B Q4_K_M quantized-half2 rows vs llama-bench (ready: load beside warm-up)
 #   bash benchmarks/run_h200.sh final15    # the GPU suite, then 7B Q8_0 / 7B Q4_K_M / 1.5B Q4_K_M quantized-half2 rows vs llama-bench
 #   bash benchmarks/run_h200.sh pre15      # quantized prefill chains (one loop vs a loop per segment): tests, probe_prefill, 7B steps vs base, rows vs llama-bench
 #   bash benchmarks/run_h200.sh verify15   # branch next-fused-segments: GPU suite, probe_fragments (in-launch segment sums), 7B Q4_K_M half2 steps vs .devdata/base
@@ -639,6 +640,16 @@ verify16)
     done
   done
   steps7b verify16
+  ;;
+final16)
+  # the GPU suite at the submitted tree (load beside the warm-up; RoPE+K/V store; stacked q/k parts), then issue 13's
+  # rows under quantized-half2 against llama-bench: the 1.5B first, so the 7B row's ready time meets a warm Triton cache
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  timeout 330 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/final16_suite.log" | tail -4
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} qrows final16_bench "${FINAL16_ROWS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M}"
+  # where the 1.5B's decode step goes: its kernels one by one (eager, torch.profiler), beside the graph replay
+  timeout 100 python3 benchmarks/profile_step.py --shape qwen2.5-1.5b --type Q4_K_M --resident-weights quantized-half2 \
+    --batch 1 --profile 2>&1 | tee "$OUT/final16_profile15b.log" | grep -vE "^\{" | tail -45
   ;;
 final15)
   # the GPU suite at the submitted tree, then issue 13's rows under quantized-half2 against llama-bench (FINAL15_ROWS)

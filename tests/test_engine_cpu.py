@@ -400,15 +400,17 @@ def test_worker_4100_cpu_mode_load_log_never_says_resident(
     path = synth.write_synthetic_model(model_dir / "log-tiny.gguf", "tiny-llama", "F16")
     with caplog.at_level("INFO", logger="worker_orcd.engine"):
         rm = _load(engine, path)
-        stages = rm.load_stages
+        stages, seconds = rm.load_stages, rm.load_stats.seconds
         rm.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "worker_orcd.engine" and "log-tiny" in r.getMessage()]
     (line,) = [m for m in lines if "load stages" not in m]
     assert "CPU development mode" in line and "resident" not in line
     # where the time to ready goes (issue 13): one line, the same seconds the model keeps
     (stage_line,) = [m for m in lines if "load stages" in m]
-    assert list(stages) == ["upload", "bind+kv", "warmup", "graphs", "fingerprint-plan"]
-    assert all(v >= 0 for v in stages.values()) and f"upload {stages['upload']:.2f}" in stage_line
+    # on one device the warm-up and graph capture run beside the upload (upload.UploadThread)
+    assert list(stages) == ["bind+kv", "warmup", "graphs", "upload-wait", "fingerprint-plan"]
+    assert all(v >= 0 for v in stages.values()) and f"upload-wait {stages['upload-wait']:.2f}" in stage_line
+    assert f"the upload beside them {seconds:.2f}" in stage_line
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -734,6 +736,112 @@ def test_worker_4102_upload_reports_progress_and_ignores_a_failing_observer(engi
         assert _run(rm, PROMPT[:3], max_tokens=2)[1].tokens_out == 2
     finally:
         rm.close()
+
+
+def test_worker_4102_warmup_runs_beside_the_upload(engine: Engine, model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 (time to ready): the runner warms up while the weights still stream in. The upload here
+    waits for the warm-up before its first chunk, so a load that ran them one after the other would warm
+    up with no upload thread alive (and the wait would time out)."""
+    from worker_orcd.engine.runner import ModelRunner
+
+    path = synth.write_synthetic_model(model_dir / "overlap.gguf", "tiny-qwen2", "Q8_0")
+    vm = _validated(path)
+    warmed = threading.Event()
+    beside: list[bool] = []
+    real = ModelRunner.warmup
+
+    def warmup(self: ModelRunner, force: bool = False) -> None:
+        beside.append(any(t.name == "weights-upload" and t.is_alive() for t in threading.enumerate()))
+        real(self, force)
+        warmed.set()
+
+    def progress(done: int, total: int) -> None:
+        if done == 0:
+            warmed.wait(10)
+
+    from worker_orcd.engine import upload as upload_mod
+
+    threads: list[str] = []  # where the slots dequantized at load were: never the upload's thread (Triton's JIT)
+    real_dequantize = upload_mod.dequantize
+
+    def dequantize(*a: object, **kw: object) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return real_dequantize(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ModelRunner, "warmup", warmup)
+    monkeypatch.setattr(upload_mod, "dequantize", dequantize)
+    rm = load_resident(engine, vm, kv_cache_mb=1, progress=progress)
+    try:
+        assert beside == [True]
+        assert rm.load_stats.digest == vm.digest and rm.load_stats.uploaded_bytes > 0
+        assert threads and set(threads) == {threading.current_thread().name}
+    finally:
+        rm.close()
+
+
+@pytest.mark.parametrize("resident", ["dense", "quantized"])
+def test_worker_4102_the_overlapped_load_holds_the_sequential_loads_bytes(model_dir: Path, resident: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arena after a load beside the warm-up (deferred dense slots; quantized: planned, then repacked
+    after the upload) is byte for byte the one a stage-after-stage load leaves, and so are its first tokens."""
+    path = synth.write_synthetic_model(model_dir / f"overlap-{resident}.gguf", "tiny-gemma3", "Q4_K_M")
+    vm = _validated(path)
+    eng = Engine.open("cpu", resident_weights=resident)
+    arenas, stages, tokens = [], [], []
+    for limit in (api_mod.OVERLAP_DENSE_BYTES, -1):  # -1: every model loads one stage after another
+        monkeypatch.setattr(api_mod, "OVERLAP_DENSE_BYTES", limit)
+        rm = load_resident(eng, vm, kv_cache_mb=1)
+        try:
+            arenas.append(rm._weights.arena.clone())
+            stages.append(list(rm.load_stages))
+            tokens.append(_run(rm, PROMPT, max_tokens=4)[0])
+        finally:
+            rm.close()
+    assert "upload-wait" in stages[0] and "upload" in stages[1] and "upload-wait" not in stages[1]
+    assert torch.equal(arenas[0], arenas[1]) and tokens[0] == tokens[1]
+
+
+def test_worker_4102_a_failed_warmup_stops_the_upload_beside_it(engine: Engine, model_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load fails with the warm-up's error, no upload or reader thread outlives it, and the engine loads
+    the model afterwards."""
+    from worker_orcd.engine.runner import ModelRunner
+
+    path = synth.write_synthetic_model(model_dir / "overlap-fail.gguf", "tiny-qwen2", "F16")
+    vm = _validated(path)
+    streaming = threading.Event()
+
+    def warmup(self: ModelRunner, force: bool = False) -> None:
+        streaming.wait(10)  # the upload is under way
+        raise RuntimeError("warm-up broke")
+
+    monkeypatch.setattr(ModelRunner, "warmup", warmup)
+    with pytest.raises(Exception, match="warm-up broke"):
+        load_resident(engine, vm, kv_cache_mb=1, progress=lambda done, total: streaming.set())
+    assert streaming.is_set()
+    assert not [t.name for t in threading.enumerate() if t.name in ("weights-upload", "weights-reader")]
+    monkeypatch.undo()
+    load_resident(engine, vm, kv_cache_mb=1).close()
+
+
+def test_worker_4102_a_cancelled_upload_stops_at_the_next_chunk(engine: Engine, model_dir: Path) -> None:
+    from worker_orcd.engine.upload import UploadThread
+    from worker_orcd.engine.weights import resident_dtype, weight_layout
+
+    path = synth.write_synthetic_model(model_dir / "cancel.gguf", "tiny-qwen2", "F16")
+    vm = _validated(path)
+    cfg = model_config(vm.gguf)
+    lay = weight_layout(cfg, vm.gguf, resident_dtype(cfg, engine.ctx))
+    chunks: list[int] = []
+    with open(path, "rb") as fh:
+        up = UploadThread(fh, vm.gguf, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8), vm.digest, engine.ctx,
+                          lambda done, total: chunks.append(done), chunk_bytes=4096)
+        up.cancel.set()
+        up.start()
+        with pytest.raises(ModelLoadError, match="cancelled"):
+            up.result()
+    assert chunks == [0]  # told of nothing uploaded: it stopped before its first chunk
 
 
 def test_worker_4113_truncated_or_grown_file_refused(engine: Engine, model_dir: Path) -> None:

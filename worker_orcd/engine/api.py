@@ -37,8 +37,8 @@ from .runner import ModelRunner
 from .plan import VramPlan, plan_vram
 from .tp_plan import TPSpec, shard_config
 from .shard import ShardSink, shard_layout
-from .upload import LoadStats, upload
-from .weights import ModelWeights, bind, make_planar, resident_dtype, weight_layout
+from .upload import LoadStats, UploadThread, dense_file_bytes, upload
+from .weights import ModelWeights, bind, make_planar, plan_planar, resident_dtype, weight_layout
 
 __all__ = ["Engine", "GenerationEnd", "ResidentModel", "SamplingParams", "TokenEvent", "VramPlan"]
 
@@ -108,6 +108,12 @@ def _check_params(p: SamplingParams) -> None:
     integer("seed", p.seed, 0, _U64 - 1)
     for t in p.stop_ids:
         integer("stop_ids[]", t, 0, 1 << 31)
+
+
+# warm-up and graph capture run beside the upload (upload.UploadThread) when the slots dequantized at load
+# (norms, biases; every matrix under the dense residency) hold at most this many file bytes: those wait raw
+# in VRAM until the upload ends
+OVERLAP_DENSE_BYTES = 256 << 20
 
 
 class ResidentModel:
@@ -408,7 +414,10 @@ class Engine:
         ``model_file`` is the open file ``gguf`` was parsed from; its bytes must hash to ``digest``
         (the SHA-256 the host verified), or nothing loads (SPEC 4113). Without ``digest`` (the
         one-pass load) ``on_digest`` gets the SHA-256 computed while streaming, right after the
-        upload and before anything runs on the weights; it is the host's check and raises to refuse
+        upload and before any job runs on the weights (on one device, when the slots dequantized at
+        load are small -- the quantized residencies -- the warm-up and graph capture run beside the
+        upload: they need the weights' addresses only, and their outputs are dropped;
+        ``upload.UploadThread``); it is the host's check and raises to refuse
         the model. The header bytes streamed must be those ``gguf`` was parsed from. ``name`` labels logs and errors.
         ``max_batch`` (default: what the KV pool holds for typical requests, capped) bounds the
         jobs running at once; ``prefill_chunk`` the tokens of one step, ``mixed_step_tokens`` those of a
@@ -477,35 +486,48 @@ class Engine:
             with device_errors("loading the model", idx), torch.no_grad():
                 self.ctx.bind_thread()
                 lay = weight_layout(cfg, g, dtype, quantized=self.quantized)
-                if group is not None:  # this rank's GGUF blocks or dense values only, sliced as they stream
-                    arena = torch.empty(shard_layout(lay, cfg, group.size).total_bytes, dtype=torch.uint8, device=dev)
-                    sink = ShardSink(arena, lay, cfg, group.rank, group.size)
+                if group is not None or dense_file_bytes(g, lay) > OVERLAP_DENSE_BYTES:  # one stage after another
+                    if group is not None:  # this rank's GGUF blocks or dense values only, sliced as they stream
+                        arena = torch.empty(shard_layout(lay, cfg, group.size).total_bytes, dtype=torch.uint8, device=dev)
+                        sink = ShardSink(arena, lay, cfg, group.rank, group.size)
+                    else:  # the weights dequantized as they stream
+                        arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
+                    stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress, sink=sink)
+                    stage("upload")
+                    if sink is not None:
+                        lay = sink.finish()
+                        self._release_cached()  # the staging blocks, before the KV pool is allocated
+                    if on_digest is not None:
+                        on_digest(stats.digest)  # the host's verdict before anything runs on these bytes
+                    if self.quantized:
+                        make_planar(arena, lay, half2=self.half2)  # a fixed permutation of the verified bytes, before the seal
+                    if group is None:
+                        model: Any = Model(cfg, bind(arena, lay, cfg, half2=self.half2))
+                    else:
+                        model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg, half2=self.half2), group)
+                    weights, kv, runner = self._warm(model, pool, dtype, s_max, batch, budget, capture_graph, stage)
                 else:
-                    arena = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
-                stats = upload(model_file, g, lay, arena, digest, self.ctx, progress=progress, sink=sink)
-                stage("upload")
-                if sink is not None:
-                    lay = sink.finish()
-                    self._release_cached()  # the staging blocks, before the KV pool is allocated
-                if on_digest is not None:
-                    on_digest(stats.digest)  # the host's verdict before anything runs on these bytes
-                if self.quantized:
-                    make_planar(arena, lay, half2=self.half2)  # a fixed permutation of the verified bytes, before the seal
-                if group is None:
-                    model = Model(cfg, bind(arena, lay, cfg, half2=self.half2))
-                else:
-                    model = tensor_parallel.TPModel(mcfg, bind(arena, lay, mcfg, half2=self.half2), group)
-                weights = model.w
-                kv = PagedKVCache.allocate(model.cfg, pool, dtype, dev)
-                runner = ModelRunner(model, kv, dev, s_max, batch, max_tokens=budget)
-                self.ctx.synchronize()
-                stage("bind+kv")
-                runner.warmup()
-                self.ctx.synchronize()
-                stage("warmup")
-                if capture_graph:
-                    runner.capture()
-                stage("graphs")
+                    # zeroed on a GPU: the warm-up below runs on whatever the arena holds until the bytes arrive
+                    new = torch.empty if self.ctx.dev_mode else torch.zeros
+                    arena = new(lay.total_bytes, dtype=torch.uint8, device=dev)
+                    if self.quantized:
+                        plan_planar(lay, half2=self.half2)  # the order make_planar gives the bytes, for bind
+                    streaming = UploadThread(model_file, g, lay, arena, digest, self.ctx, progress)
+                    streaming.start()
+                    try:  # warm-up and graph capture need the weights' addresses only: they overlap the upload
+                        model = Model(cfg, bind(arena, lay, cfg, half2=self.half2))
+                        weights, kv, runner = self._warm(model, pool, dtype, s_max, batch, budget, capture_graph, stage)
+                    except BaseException:
+                        streaming.abandon()
+                        raise
+                    stats = streaming.result()
+                    stage("upload-wait")  # the upload itself: stats.seconds, from before bind+kv
+                    if on_digest is not None:
+                        on_digest(stats.digest)  # the host's verdict before any job runs on these bytes
+                    if self.quantized:
+                        make_planar(arena, lay, half2=self.half2)  # a fixed permutation of the verified bytes, before the seal
+                        self.ctx.synchronize()
+                        stage("repack")
                 fp = ops.Fingerprint([arena])
                 self.ctx.synchronize()
                 stage("fingerprint-plan")
@@ -533,7 +555,8 @@ class Engine:
         rm = ResidentModel(self, cfg, weights, kv, runner, fp, name, stats, vram, options, tp=group)
         rm.load_stages = stages
         self._models.append(rm)
-        log.info("model %s load stages (s): %s", name, ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        log.info("model %s load stages (s): %s%s", name, ", ".join(f"{k} {v:.2f}" for k, v in stages.items()),
+                 "" if "upload" in stages else f"; the upload beside them {stats.seconds:.2f}")
         log.info(
             "model %s %s: %d bytes in %.2f s (%.2f GB/s), %s, pool=%d tokens, S_max=%d, batch=%d, graphs=%s",
             name,
@@ -548,6 +571,25 @@ class Engine:
             sorted(runner.graphs),
         )
         return rm
+
+    def _warm(self, model: Any, pool: int, dtype: torch.dtype, s_max: int, batch: int, budget: int,
+              capture_graph: bool, stage: Callable[[str], None]) -> tuple[ModelWeights, PagedKVCache, ModelRunner]:
+        """The KV pool and runner of ``model``, warmed up (kernels compiled) and its graphs captured."""
+        kv = PagedKVCache.allocate(model.cfg, pool, dtype, self.ctx.torch_device)
+        runner = ModelRunner(model, kv, self.ctx.torch_device, s_max, batch, max_tokens=budget)
+        try:
+            self.ctx.synchronize()
+            stage("bind+kv")
+            runner.warmup()
+            self.ctx.synchronize()
+            stage("warmup")
+            if capture_graph:
+                runner.capture()
+            stage("graphs")
+        except BaseException:
+            runner.close()
+            raise
+        return model.w, kv, runner
 
     def abandon_group(self, reason: str) -> bool:
         """This process fails before its load joined the tensor-parallel group (the host could not

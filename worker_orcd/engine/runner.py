@@ -87,6 +87,11 @@ def decode_inputs(rows: Sequence[StepRow], bs: int, i64: np.ndarray, bt: np.ndar
     bt[:n][np.arange(bt.shape[1]) < lens[:, None]] = flat
 
 
+# the weights' upload may stream on another thread meanwhile (upload.UploadThread): its allocations and stream
+# syncs are legal beside a thread-local capture, not beside a global one
+CAPTURE_MODE = "thread_local"
+
+
 class _Nothing:
     """The result of a step that samples nothing (prompt chunks only)."""
 
@@ -373,7 +378,7 @@ class ModelRunner:
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                     logits = self._run_mixed(key)
                 self.mixed_graphs[key] = (graph, logits)
 
@@ -504,7 +509,7 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                 logits = self._run_bucket(b)
             self.graphs[b] = (graph, logits)
         if mixed:

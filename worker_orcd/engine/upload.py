@@ -74,6 +74,28 @@ class LoadStats:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A chunk of a dense slot's file blocks, uploaded raw, to dequantize into ``out``."""
+
+    raw: torch.Tensor
+    ggml_type: GGMLType
+    n_elements: int
+    out: torch.Tensor
+    slot: str
+
+
+def dense_file_bytes(g: GGUFFile, lay: WeightLayout) -> int:
+    """File bytes of the tensors ``lay`` dequantizes at load (the rest stay GGUF blocks)."""
+    return sum(t.n_bytes for t in g.tensors if t.name in lay.parts and lay.slots[lay.parts[t.name].slot].ggml_type is None)
+
+
+def dequantize_deferred(deferred: list[Deferred], dtype: torch.dtype) -> None:
+    """Dequantize ``upload(..., deferred=...)``'s raw chunks into their slots (on the calling thread)."""
+    for d in deferred:
+        dequantize(d.raw, d.ggml_type, d.n_elements, dtype, out=d.out)
+
+
+@dataclass(frozen=True)
 class _Chunk:
     file_offset: int
     n_bytes: int
@@ -161,6 +183,8 @@ def upload(
     chunk_bytes: int = CHUNK_BYTES,
     progress: Progress | None = None,
     sink: ArenaSink | None = None,
+    cancel: threading.Event | None = None,
+    deferred: list[Deferred] | None = None,
 ) -> LoadStats:
     """Stream the file into ``arena`` and hash all of it; raise MODEL_LOAD_FAILED if its SHA-256 is
     not ``expected_digest`` (None: the caller checks ``LoadStats.digest``) or if the header bytes are
@@ -168,7 +192,13 @@ def upload(
     slot's values go; ``arena`` is then only what ``resident_bytes`` reports.
 
     ``progress`` is told the tensor bytes uploaded so far after every chunk (only observation:
-    whatever it raises is dropped, it never breaks a load).
+    whatever it raises is dropped, it never breaks a load). ``cancel`` set: stop at the next chunk
+    (MODEL_LOAD_FAILED), e.g. because the warm-up beside it failed (``UploadThread``). ``deferred``
+    (a list): the dense slots' file blocks are kept raw on the device (``dense_file_bytes`` of them) and
+    appended there for ``dequantize_deferred``, so that this thread launches no kernel.
+
+    The copies and dequantizations run on the calling thread's current CUDA stream; only that stream
+    is waited for at the end (never the whole device: another thread may be capturing a graph).
     """
     fd = fh.fileno()
     if os.fstat(fd).st_size != g.file_size:
@@ -176,9 +206,12 @@ def upload(
     t0 = time.perf_counter()
     cuda = not ctx.dev_mode
     host = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(RING)]
-    staging = [torch.empty(chunk_bytes, dtype=torch.uint8, device=arena.device) for _ in range(RING)] if cuda else host
+    staging = ([torch.empty(chunk_bytes, dtype=torch.uint8, device=arena.device) for _ in range(RING)]
+               if cuda and deferred is None else host)
     events = [torch.cuda.Event() for _ in range(RING)] if cuda else None
     sink = sink or ArenaSink(arena, lay)
+    pending = None if deferred is None else torch.empty(dense_file_bytes(g, lay), dtype=torch.uint8, device=arena.device)
+    pending_at = 0
     sha = hashlib.sha256()
     head = hashlib.sha256()  # the bytes before the first tensor: what the parser read
     head_end = g.header_size
@@ -195,6 +228,8 @@ def upload(
             if isinstance(item, BaseException):
                 raise item
             k, chunk = item
+            if cancel is not None and cancel.is_set():
+                raise ModelLoadError("model load cancelled while streaming the weights")
             data = host[k].numpy().data[: chunk.n_bytes]
             sha.update(data)
             if chunk.file_offset < head_end:
@@ -211,12 +246,20 @@ def upload(
                 else:
                     layout = BLOCK_LAYOUT[t.ggml_type]
                     n_el = chunk.n_bytes // layout.type_size * layout.block_size
-                    raw = staging[k][: chunk.n_bytes]
-                    if cuda:
-                        raw.copy_(host[k][: chunk.n_bytes], non_blocking=True)
                     start = part.elem_offset + chunk.elem_start
-                    dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=dst[start : start + n_el])
-                    sink.written(part.slot, n_el)
+                    out = dst[start : start + n_el]
+                    if deferred is not None:  # the raw blocks now; dequantized by the caller's thread later
+                        assert pending is not None
+                        raw = pending[pending_at : pending_at + chunk.n_bytes]
+                        raw.copy_(host[k][: chunk.n_bytes], non_blocking=cuda)
+                        pending_at += chunk.n_bytes
+                        deferred.append(Deferred(raw, GGMLType(t.ggml_type), n_el, out, part.slot))
+                    else:
+                        raw = staging[k][: chunk.n_bytes]
+                        if cuda:
+                            raw.copy_(host[k][: chunk.n_bytes], non_blocking=True)
+                        dequantize(raw, GGMLType(t.ggml_type), n_el, lay.dtype, out=out)
+                        sink.written(part.slot, n_el)
                 uploaded += chunk.n_bytes
                 _tell(progress, uploaded, total)
             if events is not None:
@@ -226,7 +269,8 @@ def upload(
         reader.stop.set()
         reader.free.put(0)  # unblock a reader waiting for a buffer
         reader.join()
-    ctx.synchronize()
+    if cuda:
+        torch.cuda.current_stream(arena.device).synchronize()
     digest = sha.hexdigest()
     if g.header_sha256 is not None and not hmac.compare_digest(head.hexdigest(), g.header_sha256):
         raise ModelLoadError("the model file's header changed after it was parsed; refusing it")
@@ -235,6 +279,62 @@ def upload(
             f"model bytes changed after verification: SHA-256 while uploading is {digest}, verified digest was {expected_digest}"
         )
     return LoadStats(g.file_size, uploaded, arena.numel(), time.perf_counter() - t0, digest)
+
+
+class UploadThread(threading.Thread):
+    """``upload`` on its own thread and CUDA stream, so that the engine's thread binds the model, warms
+    up and captures its graphs meanwhile: those need the weights' addresses, not their values (the
+    warm-up's outputs are dropped; nothing runs a job before the digest check and the seal). Graph
+    capture must then use ``capture_error_mode="thread_local"``: this thread's allocations and syncs
+    would invalidate a global-mode capture. This thread launches no kernel (Triton's JIT is not safe
+    to enter from two threads at once): the dense slots' blocks wait raw on the device (``deferred``,
+    ``dense_file_bytes``) until ``result``, which joins, re-raises the upload's failure, and
+    dequantizes them."""
+
+    def __init__(self, fh: BinaryIO, g: GGUFFile, lay: WeightLayout, arena: torch.Tensor,
+                 expected_digest: str | None, ctx: DeviceContext, progress: Progress | None = None,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(name="weights-upload", daemon=True)
+        self._args = (fh, g, lay, arena, expected_digest, ctx)
+        self._progress, self._chunk_bytes = progress, chunk_bytes
+        self.cancel = threading.Event()
+        self.deferred: list[Deferred] = []  # the dense slots' raw chunks: ``result`` dequantizes them
+        self._stats: LoadStats | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        fh, g, lay, arena, digest, ctx = self._args
+        try:
+            with torch.no_grad():
+                ctx.bind_thread()
+                kw = dict(chunk_bytes=self._chunk_bytes, progress=self._progress, cancel=self.cancel,
+                          deferred=self.deferred)
+                if ctx.dev_mode:
+                    self._stats = upload(fh, g, lay, arena, digest, ctx, **kw)  # type: ignore[arg-type]
+                else:  # a non-blocking stream of its own: never ordered behind (or into) the engine's work
+                    stream = torch.cuda.Stream(device=arena.device)
+                    try:
+                        with torch.cuda.stream(stream):
+                            self._stats = upload(fh, g, lay, arena, digest, ctx, **kw)  # type: ignore[arg-type]
+                    finally:  # a failed upload's copies must not land in an arena already freed
+                        stream.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result() on the loading thread
+            self._error = exc
+
+    def result(self) -> LoadStats:
+        """Join; then dequantize the dense slots on this (the calling) thread, where every kernel compiles."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+        assert self._stats is not None
+        dequantize_deferred(self.deferred, self._args[2].dtype)
+        self.deferred.clear()
+        return self._stats
+
+    def abandon(self) -> None:
+        """Stop streaming (the load failed elsewhere) and wait until nothing touches the arena."""
+        self.cancel.set()
+        self.join()
 
 
 def _tell(progress: Progress | None, done: int, total: int) -> None:

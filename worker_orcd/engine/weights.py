@@ -79,8 +79,9 @@ class WeightLayout:
     parts: dict[str, Part] = field(default_factory=dict)
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # matrix -> its raw slots (quantized)
     total_bytes: int = 0
-    planar: bool = False  # PLANAR_TYPES slots repacked into qlayout's planes (``make_planar``)
-    fragment_types: frozenset[GGMLType] = frozenset()  # matrix slots of these types repacked (``make_planar``)
+    planar: bool = False  # PLANAR_TYPES slots in qlayout's planes (decided: ``plan_planar``)
+    fragment_types: frozenset[GGMLType] = frozenset()  # matrix slots of these types in fragment order (``plan_planar``)
+    repacked: bool = False  # the arena's bytes are in that order (``make_planar``)
 
     def in_fragments(self, s: Slot) -> bool:
         """Whether slot ``s`` holds its weight in fragment order (not an untied embedding: a lookup table only)."""
@@ -272,22 +273,33 @@ FRAGMENT_TYPES = frozenset({GGMLType.Q8_0})  # in fragment order in an fp16 mode
 HALF2_FRAGMENT_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q6_K})  # too, under quantized-half2 (half2 values)
 
 
+def plan_planar(lay: WeightLayout, half2: bool = False) -> None:
+    """Decide the resident order ``make_planar`` will give the bytes (which slots become fragment order or
+    planes) without touching them: ``bind`` needs only this, so the model binds and the engine warms up and
+    captures its graphs while the file still streams in (their outputs on not-yet-final bytes are dropped)."""
+    if lay.planar:
+        return
+    if lay.dtype == torch.float16:
+        lay.fragment_types = FRAGMENT_TYPES | (HALF2_FRAGMENT_TYPES if half2 else frozenset())
+    lay.planar = True
+
+
 def make_planar(arena: torch.Tensor, lay: WeightLayout, half2: bool = False) -> None:
     """After the hashed upload, in place: in an fp16 model every Q8_0 matrix slot (and under ``half2``,
     ``quantized-half2``, every Q4_K/Q6_K one) that fits becomes the tensor core's fragment order
     (``kernels/fragments.py``); the other PLANAR_TYPES slots ``qlayout``'s planes (the aligned layout
-    ``qmatmul_tiled`` reads). The seal then fingerprints what is resident."""
-    if lay.planar:
+    ``qmatmul_tiled`` reads), as ``plan_planar`` decided (called here if it was not). The seal then
+    fingerprints what is resident."""
+    if lay.repacked:
         raise RuntimeError("the arena is already planar")
-    if lay.dtype == torch.float16:
-        lay.fragment_types = FRAGMENT_TYPES | (HALF2_FRAGMENT_TYPES if half2 else frozenset())
+    plan_planar(lay, half2)
     for s in lay.slots.values():
         raw = arena[s.byte_offset : s.byte_offset + s.n_bytes]
         if lay.in_fragments(s):
             repack_fragments(raw, s.ggml_type, s.shape[0], s.shape[1])
         elif s.ggml_type in PLANAR_TYPES:
             repack_planar(raw, s.ggml_type, s.shape[0], s.shape[1])
-    lay.planar = True
+    lay.repacked = True
 
 
 def bind(arena: torch.Tensor, lay: WeightLayout, cfg: ModelConfig, half2: bool = False) -> ModelWeights:
