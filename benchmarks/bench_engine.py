@@ -33,9 +33,11 @@ set, exits non-zero on any error.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -135,11 +137,19 @@ def bench_one(
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     # the one-pass load, as `serve` and `generate` run it (no expected digest, no key: the upload hashes)
+    prof = cProfile.Profile() if args.cprofile_load else None
+    if prof is not None:
+        prof.enable()
     vm = validate_model(str(path), LoadOptions(model_root=path.parent), one_pass=True)
     validate_s = time.perf_counter() - t0
     sealed = load_sealed(engine, vm, shard_id=f"bench-{shape}-{wtype}", sealer=Sealer(), kv_cache_mb=args.kv_cache_mb)
     rm = sealed.resident
     ready_s = time.perf_counter() - t0
+    if prof is not None:  # where the loading thread's time to ready goes (the upload's thread is not in it)
+        prof.disable()
+        stats = pstats.Stats(prof, stream=sys.stdout)
+        stats.sort_stats("cumulative").print_stats(args.cprofile_load)
+        stats.sort_stats("tottime").print_stats(args.cprofile_load)
     try:
         vocab = rm.config.vocab_size
         prompt = [(i * 7919 + 13) % vocab for i in range(args.prompt_tokens)]
@@ -246,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary: run it on the same files")
     ap.add_argument("--tokenizer-from", type=Path, default=None, help="copy this GGUF's tokenizer into the models")
     ap.add_argument("--vocab", type=int, default=None, help="embedding rows (llama.cpp wants the tokenizer's count)")
+    ap.add_argument("--cprofile-load", type=int, default=0, metavar="N",
+                    help="profile the load (validate + load + seal) on the loading thread: N top functions")
     args = ap.parse_args(argv)
     if args.llama_bench and args.tokenizer_from is None:
         ap.error("--llama-bench needs --tokenizer-from (llama.cpp loads the model's tokenizer)")

@@ -43,6 +43,7 @@
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
+#   bash benchmarks/run_h200.sh ready16    # 7B Q4_K_M time to ready: cold process, then warm-cache process with its load profiled
 #   bash benchmarks/run_h200.sh final16    # the GPU suite, then 1.5B / 7B Q4_K_M quantized-half2 rows vs llama-bench (ready: load beside warm-up)
 #   bash benchmarks/run_h200.sh final15    # the GPU suite, then 7B Q8_0 / 7B Q4_K_M / 1.5B Q4_K_M quantized-half2 rows vs llama-bench
 #   bash benchmarks/run_h200.sh pre15      # quantized prefill chains (one loop vs a loop per segment): tests, probe_prefill, 7B steps vs base, rows vs llama-bench
@@ -640,6 +641,15 @@ verify16)
     done
   done
   steps7b verify16
+  ;;
+ready16)
+  # 7B Q4_K_M quantized-half2 time to ready: a cold process (compiles, fills the Triton cache), then a new process
+  # with a warm cache whose loading thread is profiled (cProfile: the warm-up and graph capture beside the upload)
+  for prof in 0 40; do
+    timeout 120 python3 benchmarks/bench_engine.py --shapes qwen2.5-7b --types Q4_K_M --resident-weights quantized-half2 \
+      --keep --decode-tokens 16 --cprofile-load $prof 2>&1 | tee "$OUT/ready16_$prof.log" | grep -E "^\| qwen|Error|FAILED"
+    cp $OUT/bench_engine.json "$OUT/ready16_$prof.json"
+  done
   ;;
 final16)
   # the GPU suite at the submitted tree (load beside the warm-up; RoPE+K/V store; stacked q/k parts), then issue 13's
