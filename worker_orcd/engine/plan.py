@@ -140,7 +140,9 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int, s_ma
         prefill += 2 * cfg.n_heads * min(prefill_chunk, s_max) * s_max * 8  # float64 scores
     logits = 4 * cfg.vocab_size * 4
     graph_pool = 4 * per_token + 2 * cfg.vocab_size * 4 + 64 * cfg.n_heads * cfg.head_dim * 4 * 3
-    staging = RING * CHUNK_BYTES * (1 if dev_mode else 2)  # host ring (+ device ring on CUDA)
+    # host ring (+ device ring on CUDA); a load beside the warm-up instead keeps the dense slots' raw blocks
+    # (at most api.OVERLAP_DENSE_BYTES, which a test holds under this)
+    staging = RING * CHUNK_BYTES * (1 if dev_mode else 2)
     history = s_max * 8
     if not dev_mode:
         # captured decode graphs (runner.DECODE_BUCKETS, up to 256 rows): one shared pool holding
