@@ -802,14 +802,6 @@ def test_worker_4102_the_overlapped_load_holds_the_sequential_loads_bytes(model_
     assert torch.equal(arenas[0], arenas[1]) and tokens[0] == tokens[1]
 
 
-def test_worker_4102_the_plan_covers_the_raw_blocks_kept_beside_the_warmup() -> None:
-    """The VRAM plan's staging term (a host and a device ring on CUDA) bounds the dense slots' raw blocks that a
-    load beside the warm-up keeps on the device instead of the device ring."""
-    from worker_orcd.engine.upload import CHUNK_BYTES, RING
-
-    assert 0 < api_mod.OVERLAP_DENSE_BYTES <= 2 * RING * CHUNK_BYTES
-
-
 def test_worker_4102_a_failed_warmup_stops_the_upload_beside_it(engine: Engine, model_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The load fails with the warm-up's error, no upload or reader thread outlives it, and the engine loads

@@ -141,7 +141,7 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int, s_ma
     logits = 4 * cfg.vocab_size * 4
     graph_pool = 4 * per_token + 2 * cfg.vocab_size * 4 + 64 * cfg.n_heads * cfg.head_dim * 4 * 3
     # host ring (+ device ring on CUDA); a load beside the warm-up instead keeps the dense slots' raw blocks
-    # (at most api.OVERLAP_DENSE_BYTES, which a test holds under this)
+    # (at most api.OVERLAP_DENSE_BYTES = 256 MiB, under these 384 MiB)
     staging = RING * CHUNK_BYTES * (1 if dev_mode else 2)
     history = s_max * 8
     if not dev_mode:
