@@ -487,3 +487,31 @@ def test_worker_4701_gpu_quantized_half2_residency_agrees_with_dense(engine: Eng
             rm.close()
     assert_logits_agree(got["quantized-half2"][0], got["dense"][0], REL_TOL[torch.float16], "Q4_K_M half2 vs dense")
     assert len(got["quantized-half2"][1]) == 12
+
+
+@pytest.mark.parametrize("residency,wtype", [("quantized-half2", "Q4_K_M"), ("dense", "F16")])
+def test_worker_4711_pdl_launches_change_no_bit(engine: Engine, synth_file: SynthFile, residency: str, wtype: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programmatic dependent launch (kernels/pdl.py) only overlaps launches: prompt logits and the decode
+    graphs' greedy tokens and logits are bitwise those of the same model loaded without it. On an sm_90+ GPU
+    it must actually be on (else this compares a path with itself)."""
+    from worker_orcd.engine.kernels import pdl
+
+    vm = _validated(synth_file("mid-llama", wtype))
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "ON", on)
+        rm: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
+        try:
+            if torch.cuda.get_device_capability()[0] >= 9:
+                assert pdl.enabled(rm._weights.arena) is on
+            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
+            with torch.no_grad():
+                eager = [rm.runner.prefill_logits(p) for p in prompts]
+                graph = [rm.runner.prefill_logits(p, eager=False) for p in prompts]
+            got[on] = (eager, graph, _tokens(rm, prompts[0], max_tokens=12))
+        finally:
+            rm.close()
+    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
+        assert torch.equal(a, b)
+    assert got[True][2] == got[False][2] and len(got[True][2]) == 12

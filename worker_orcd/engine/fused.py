@@ -93,10 +93,12 @@ def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     import triton
 
     from .fused_kernels import _gated_act_kernel
+    from .kernels import pdl
 
     out = torch.empty((gate_up.shape[0], f), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(f))
     _gated_act_kernel[(gate_up.shape[0], triton.cdiv(f, block))](
-        gate_up, out, f, gate_up.stride(0), out.stride(0), GELU=activation == "gelu_tanh", BLOCK=block
+        gate_up, out, f, gate_up.stride(0), out.stride(0), GELU=activation == "gelu_tanh", BLOCK=block,
+        **pdl.opts(gate_up),
     )
     return out

@@ -7,6 +7,8 @@ the CPU mode never imports Triton (issue 10, defect 11).
 import triton
 import triton.language as tl
 
+from .kernels import pdl
+
 
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
@@ -19,7 +21,9 @@ def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, N: tl.constexpr, BLO
 
 
 @triton.jit
-def _gated_act_kernel(gu_ptr, out_ptr, f, gu_stride, out_stride, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_act_kernel(gu_ptr, out_ptr, f, gu_stride, out_stride, GELU: tl.constexpr, BLOCK: tl.constexpr,
+                      GDC: tl.constexpr = False):
+    pdl.enter(GDC)
     # out[t, i] = act(gu[t, i]) * gu[t, f + i], math in fp32
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

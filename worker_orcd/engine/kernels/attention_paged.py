@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from . import validate as val
 from .paged_layout import block_n as _block_n, split_keys, tile_shape
 
@@ -140,8 +141,10 @@ def _paged_kernel(
     scale_log2, window,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """One pass: a program per (tile, kv head) walks the tile's splits in order, merging each."""
+    pdl.enter(GDC)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
@@ -172,11 +175,13 @@ def _paged_split_kernel(
     scale_log2, window, H_KV, P,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Program (tile, kv head, p) computes splits p, p + P, ... of the tile, each on its own, into its
     slot (the tile's first slot + split index) of the partials scratch; the last of the tile's P
     programs to finish (an acq_rel counter, reset after) folds the partials in split order, as the
     one-pass kernel does, and writes the output: no second launch per layer."""
+    pdl.enter(GDC)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     p = tl.program_id(2)
@@ -302,6 +307,7 @@ def paged_attention(
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
                 scale * _LOG2E, window, Hk, progs, BS=BS, IEEE=q.dtype == torch.float32, **consts,
                 num_warps=4, num_stages=2,
+                **pdl.opts(q),
             )
         except Exception as exc:  # noqa: BLE001
             raise val.launch_error(kernel, q.device, exc) from exc
@@ -314,6 +320,7 @@ def paged_attention(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             scale * _LOG2E, window, BS=BS, IEEE=q.dtype == torch.float32, **consts,
             num_warps=4, num_stages=2,
+            **pdl.opts(q),
         )
     except Exception as exc:  # noqa: BLE001
         raise val.launch_error(kernel, q.device, exc) from exc

@@ -42,6 +42,7 @@ import triton.language as tl
 from ...gguf.constants import GGMLType
 from ..qlayout import FRAGMENT_ROWS
 from ..qweight import QWeight
+from . import pdl
 from . import qmatmul_tiled as T
 from . import validate as v
 
@@ -324,7 +325,9 @@ def fragments_kernel(
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
     INTERP: tl.constexpr, FUSE_SUM: tl.constexpr = False,
     G1=0, G2=0, O1=0, O2=0, P1B=0, P2B=0, P1C=0, P2C=0, NPARTS: tl.constexpr = 1,
+    GDC: tl.constexpr = False,
 ):
+    pdl.enter(GDC)
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
         grp = tl.program_id(0)
@@ -483,11 +486,13 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br,
         SWAP=swap, PARTIAL=partial, INTERP=interp, FUSE_SUM=fuse,
         num_warps=warps, num_stages=stages if swap else 2, enable_fp_fusion=False,
+        **pdl.opts(x),
     )
     if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * w.n, T.SUM_BLOCK),)](
             part, bias if bias is not None else out, out, M, w.n, nseg, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=T.SUM_BLOCK, num_warps=4,
+            **pdl.opts(part),
         )
     return out
 
@@ -534,11 +539,13 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
         SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse,
         G1=g1, G2=g2, O1=offs[1], O2=offs[2], P1B=pb[0], P2B=pb[1], P1C=pc[0], P2C=pc[1], NPARTS=len(parts),
         num_warps=4, num_stages=3, enable_fp_fusion=False,
+        **pdl.opts(x),
     )
     if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * n, T.SUM_BLOCK),)](
             part, bias if bias is not None else out, out, M, n, nseg, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=T.SUM_BLOCK, num_warps=4,
+            **pdl.opts(part),
         )
     return out
 

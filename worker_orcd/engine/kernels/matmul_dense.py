@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from . import validate as v
 from .qmatmul import _dot, _store_rows as _store  # the same 16-row dot and epilogue as qmatmul
 
@@ -151,7 +152,9 @@ def dense_matmul_wide_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_SEG,
     HAS_BIAS: tl.constexpr, BMw: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
     SEGMENTED: tl.constexpr, SEG_FLAT: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
+    pdl.enter(GDC)
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     # column-major program order over (row tile, column tile): a weight tile is reused by
     # consecutive row tiles while it is in L2 (order changes no arithmetic)
@@ -235,7 +238,9 @@ def dense_matmul_kernel(
     M, N, K, stride_xm, stride_ym, K_SPLIT,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
     BMc: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
+    pdl.enter(GDC)
     pid_n = tl.program_id(0)
     cols = pid_n * BN + tl.arange(0, BN)
     r = tl.arange(0, BMc)
@@ -360,6 +365,7 @@ def dense_matmul(
             HAS_BIAS=bias is not None, BMw=bm, BN=bn, BK=bk, EVEN_K=even, SEGMENTED=seg < K,
             SEG_FLAT=seg < K and even and (SEG_FLAT if seg_flat is None else seg_flat),
             num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+            **pdl.opts(x),
         )
         return out
     if x.device.type == "cuda":
@@ -384,5 +390,6 @@ def dense_matmul(
         M, N, K, x.stride(0), out.stride(0), ks,
         HAS_BIAS=bias is not None, SPLIT=s, GROUP_M=gm, BMc=BM, BN=bn, BK=bk,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        **pdl.opts(x),
     )
     return out

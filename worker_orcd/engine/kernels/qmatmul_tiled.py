@@ -45,6 +45,7 @@ from ...gguf.constants import GGMLType
 from ..dequant.kernels_basic import _round_bf16
 from ..qlayout import PLANAR_TYPES, to_planes
 from ..qweight import QWeight
+from . import pdl
 from . import validate as v
 from .qmatmul import _dot, _store_rows
 
@@ -325,7 +326,9 @@ def qmatmul_tiled_kernel(
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
     HALF2: tl.constexpr = False, INTERP: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
+    pdl.enter(GDC)
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (column tiles, row tiles, K segments): one segment per program
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -500,10 +503,12 @@ def qmatmul_tiled_kernel(
 
 
 @triton.jit
-def _segments_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, NSEG, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _segments_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, NSEG, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                         GDC: tl.constexpr = False):
     """y = (0 + p_0 + p_1 + ... + p_{NSEG-1}) (+ bias), in fp32 and that order, rounded once: the
     same additions the unswapped kernel makes at its segment ends, so a row's bits do not depend
     on which form (which M) computed it."""
+    pdl.enter(GDC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -607,11 +612,13 @@ def qmatmul_tiled(
         WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, GROUP=gm, BR=br, BN=bn, KD=kd,
         SWAP=swap, PARTIAL=partial, HALF2=half2, INTERP=x.device.type == "cpu",
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        **pdl.opts(x),
     )
     if partial:
         _segments_sum_kernel[(triton.cdiv(M * w.n, SUM_BLOCK),)](
             part, bias if bias is not None else out, out, M, w.n, nseg, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, num_warps=4,
+            **pdl.opts(part),
         )
     return out
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from . import validate as v
 
 # Rows up to this many elements stay in registers (one read); wider rows take
@@ -41,7 +42,9 @@ def _rms_norm_kernel(
     HAS_RES: tl.constexpr,
     SINGLE: tl.constexpr,
     BLOCK: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
+    pdl.enter(GDC)
     row = tl.program_id(0)
     x_row = x_ptr + row * x_stride
     out_row = out_ptr + row * out_stride
@@ -147,6 +150,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
         _rms_norm_kernel[(x2.shape[0],)](
             x2, x2, weight, o2, o2, d, x_stride, 0, o_stride, 0, eps_f,
             HAS_RES=False, SINGLE=single, BLOCK=block, num_warps=warps,
+            **pdl.opts(x2),
         )
     except Exception as exc:  # noqa: BLE001 - any launch failure becomes a typed error
         raise v.launch_error(kernel, device, exc) from exc
@@ -193,6 +197,7 @@ def add_rms_norm(
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, o2, ro2, d, x_stride, r_stride, o_stride, ro_stride, eps_f,
             HAS_RES=True, SINGLE=single, BLOCK=block, num_warps=warps,
+            **pdl.opts(x2),
         )
     except Exception as exc:  # noqa: BLE001
         raise v.launch_error(kernel, device, exc) from exc

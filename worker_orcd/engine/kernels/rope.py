@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from . import validate as v
 
 _HEAD_BLOCK = 8
@@ -48,7 +49,9 @@ def _rope_kernel(
     STORE: tl.constexpr = False,
     HEAD_DIM: tl.constexpr = 0,
     BLOCK_D: tl.constexpr = 16,
+    GDC: tl.constexpr = False,
 ):
+    pdl.enter(GDC)
     tok = tl.program_id(0)
     blk = tl.program_id(1)
     n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
@@ -236,6 +239,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: to
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), half,
             NEOX=bool(neox), BLOCK_H=_HEAD_BLOCK, BLOCK_R=max(16, triton.next_power_of_2(half)), num_warps=4,
             **extra,
+            **pdl.opts(q),
         )
     except Exception as exc:  # noqa: BLE001
         raise v.launch_error(kernel, device, exc) from exc
