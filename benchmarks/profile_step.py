@@ -55,8 +55,9 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="Python profile of 300 runner.step calls at the first B")
     ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default="dense")
-    ap.add_argument("--pdl", choices=("on", "off"), default=None,
-                    help="programmatic dependent launch of the step's kernels (kernels/pdl.py; default on where supported)")
+    ap.add_argument("--pdl", choices=("off", "on", "prefetch"), default=None,
+                    help="programmatic dependent launch of the step's kernels (kernels/pdl.py): off, on without or with "
+                         "the weight prefetch (default: prefetch, where supported)")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
@@ -66,7 +67,8 @@ def main() -> int:
         write_synthetic_model(path, args.shape, args.type)  # type: ignore[arg-type]
     if args.pdl is not None:
         from worker_orcd.engine.kernels import pdl
-        pdl.ON = args.pdl == "on"
+        pdl.ON = args.pdl != "off"
+        pdl.PREFETCH = args.pdl == "prefetch"
     if args.seg_flat is not None:
         from worker_orcd.engine.kernels import matmul_dense
         matmul_dense.SEG_FLAT = args.seg_flat == "on"

@@ -43,7 +43,8 @@
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
-#   bash benchmarks/run_h200.sh verify17   # branch next-pdl: GPU suite, then 0.5B F16 / 1.5B / 7B Q4_K_M steps with --pdl on / off
+#   bash benchmarks/run_h200.sh verify17   # branch next-pdl: GPU suite, then 1.5B Q4_K_M / 0.5B F16 steps per --pdl mode
+#   bash benchmarks/run_h200.sh pdl7b      # branch next-pdl: 7B Q4_K_M steps per --pdl mode (off, on, prefetch)
 #   bash benchmarks/run_h200.sh ready16    # 7B Q4_K_M time to ready: cold process, then warm-cache process with its load profiled
 #   bash benchmarks/run_h200.sh final16    # the GPU suite, then 1.5B / 7B Q4_K_M quantized-half2 rows vs llama-bench (ready: load beside warm-up)
 #   bash benchmarks/run_h200.sh final15    # the GPU suite, then 7B Q8_0 / 7B Q4_K_M / 1.5B Q4_K_M quantized-half2 rows vs llama-bench
@@ -644,20 +645,23 @@ verify16)
   steps7b verify16
   ;;
 verify17)
-  # branch next-pdl (programmatic dependent launch of the decode step's kernels): the GPU suite alone (its PDL test
-  # compares logits and tokens bitwise with PDL off), then steps with --pdl on / off on this tree, same call
-  (synth qwen2.5-7b Q4_K_M; touch $M/7b.done) >$M/synth.log 2>&1 &
+  # branch next-pdl (programmatic dependent launch of the decode step's kernels; fragment-order matmuls prefetch
+  # their weights into L2 before waiting): the GPU suite alone (its PDL test compares logits and tokens bitwise with
+  # PDL off), then steps per --pdl mode on this tree, same call (the 7B: stage pdl7b)
   timeout 300 python3 -m pytest -q -m gpu -n 6 --dist loadfile tests/ -p no:cacheprovider -rfs 2>&1 | tee "$OUT/verify17_suite.log" | tail -4
-  for spec in "qwen2.5-0.5b F16 dense" "qwen2.5-1.5b Q4_K_M quantized-half2"; do set -- $spec
-    for p in on off; do echo "== $1 $2 pdl $p"
+  for spec in "qwen2.5-1.5b Q4_K_M quantized-half2 off on prefetch" "qwen2.5-0.5b F16 dense off on"; do set -- $spec
+    for p in "${@:4}"; do echo "== $1 $2 pdl $p"
       timeout 120 python3 benchmarks/profile_step.py --shape $1 --type $2 --resident-weights $3 --batch 1 16 64 --pdl $p 2>&1 \
         | tee "$OUT/verify17_$1_$p.log" | grep -E "^\||prefill"
     done
   done
-  for i in $(seq 1 100); do [ -f $M/7b.done ] && break; sleep 3; done
-  for p in on off; do echo "== 7B Q4_K_M pdl $p"
+  ;;
+pdl7b)
+  # the 7B Q4_K_M (quantized-half2) decode steps per --pdl mode, same call
+  synth qwen2.5-7b Q4_K_M
+  for p in off on prefetch; do echo "== 7B Q4_K_M pdl $p"
     timeout 150 python3 benchmarks/profile_step.py --model $M/qwen2.5-7b-Q4_K_M.gguf --resident-weights quantized-half2 \
-      --batch 1 16 64 --pdl $p 2>&1 | tee "$OUT/verify17_7b_$p.log" | grep -E "^\||prefill"
+      --batch 1 16 64 --pdl $p 2>&1 | tee "$OUT/pdl7b_$p.log" | grep -E "^\||prefill"
   done
   ;;
 ready16)

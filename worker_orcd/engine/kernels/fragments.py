@@ -325,9 +325,8 @@ def fragments_kernel(
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
     INTERP: tl.constexpr, FUSE_SUM: tl.constexpr = False,
     G1=0, G2=0, O1=0, O2=0, P1B=0, P2B=0, P1C=0, P2C=0, NPARTS: tl.constexpr = 1,
-    GDC: tl.constexpr = False,
+    GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
-    pdl.enter(GDC)
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
         grp = tl.program_id(0)
@@ -360,6 +359,14 @@ def fragments_kernel(
         w16p = w16_ptr + off * 8
         p1 = tl.where(in2, P1C, tl.where(in1, P1B, P1))
         p2 = tl.where(in2, P2C, tl.where(in1, P2B, P2))
+    if PREFETCH:  # this program's weight bytes, contiguous per row group: (lg K + k) * bytes per input
+        BPI: tl.constexpr = 64 if WTYPE == 8 else 32 if WTYPE == 12 else 48  # Q8_0, Q4_K, Q6_K tiles
+        w_lo = (lg.to(tl.int64) * K + seg_lo * KS) * BPI
+        w_n = (tl.minimum(K, seg_hi * KS) - seg_lo * KS).to(tl.int64) * BPI
+        for off in range(0, w_n, 128 * 128):  # a 128-byte line per thread and step
+            o = off + tl.arange(0, 128).to(tl.int64) * 128
+            pdl.prefetch_l2(wp + w_lo + o, o < w_n)
+    pdl.enter(GDC)  # nothing above reads or writes memory a kernel before this one writes
     tile = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
     t = rows0 + tl.arange(0, BR).to(tl.int64)
     total = T._zero_acc(BR, 64, SWAP)
@@ -486,7 +493,7 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br,
         SWAP=swap, PARTIAL=partial, INTERP=interp, FUSE_SUM=fuse,
         num_warps=warps, num_stages=stages if swap else 2, enable_fp_fusion=False,
-        **pdl.opts(x),
+        **pdl.prefetch_opts(x),
     )
     if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * w.n, T.SUM_BLOCK),)](
@@ -539,7 +546,7 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
         SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse,
         G1=g1, G2=g2, O1=offs[1], O2=offs[2], P1B=pb[0], P2B=pb[1], P1C=pc[0], P2C=pc[1], NPARTS=len(parts),
         num_warps=4, num_stages=3, enable_fp_fusion=False,
-        **pdl.opts(x),
+        **pdl.prefetch_opts(x),
     )
     if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * n, T.SUM_BLOCK),)](

@@ -6,7 +6,9 @@ while the kernel before it in the stream is still running; ``enter`` (its first 
 that kernel has completed and its writes are visible (``griddepcontrol.wait``), then lets the next kernel
 launch (``griddepcontrol.launch_dependents``). Nothing is read or written before the wait, so the order of
 every memory access is the one without PDL: the arithmetic, and every row's bits, are unchanged; only the
-launch latency overlaps. CUDA graphs keep the programmatic edges.
+launch latency overlaps. CUDA graphs keep the programmatic edges. A fragment-order matmul does one thing
+before its wait (``PREFETCH``): it asks L2 for the weight bytes it is about to stream (constant since the
+load), so its first loads need not wait for DRAM.
 
 ``ON`` switches it off for A/B runs (``profile_step.py --pdl off``); it applies where the device is sm_90+
 and Triton has the ``gdc`` intrinsics, never on the CPU (the interpreter).
@@ -21,6 +23,9 @@ import triton
 import triton.language as tl
 
 ON = True
+# with PDL, a fragment-order matmul first asks L2 for the weight bytes it will read (they never depend on the
+# kernel before it), then waits: the weight stream starts while the previous kernel finishes
+PREFETCH = True
 _capable: dict[int, bool] = {}
 
 
@@ -40,6 +45,21 @@ def opts(t: torch.Tensor) -> dict[str, Any]:
     """A launch's PDL arguments for a kernel whose first statement is ``enter(GDC)``: ``kernel[grid](...,
     **pdl.opts(x))`` (nothing when off, so the interpreter never sees the option)."""
     return {"GDC": True, "launch_pdl": True} if enabled(t) else {}
+
+
+def prefetch_opts(t: torch.Tensor) -> dict[str, Any]:
+    """``opts`` plus ``PREFETCH`` for a kernel that prefetches its constant weights before ``enter``."""
+    o = opts(t)
+    return {**o, "PREFETCH": True} if o and PREFETCH else o
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """``prefetch.global.L2`` of each address where ``mask`` (the lines a program will load; no register
+    is written, nothing waits for them)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
