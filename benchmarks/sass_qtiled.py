@@ -78,7 +78,7 @@ def sass(wtype: GGMLType, half2: bool, swap: bool) -> tuple[int, int, int, colle
 
 
 FRAG_SIG = {"x_ptr": "*fp16", "w_ptr": "*u8", "w32_ptr": "*i32", "w16_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp16",
-            "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "P1": "i32",
+            "part_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "P1": "i32",
             "P2": "i32", "KS": "i32", "NSEG": "i32"}
 FRAG_DIV16 = {"N", "K", "stride_xm", "stride_ym", "KS", "P1", "P2"}
 
@@ -86,7 +86,8 @@ FRAG_DIV16 = {"N", "K", "stride_xm", "stride_ym", "KS", "P1", "P2"}
 def fragments_sass(wtype: GGMLType, swap: bool) -> tuple[int, int, int, collections.Counter[str]]:
     """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``."""
     consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
-              "INTERP": False}
+              "INTERP": False, "FUSE_SUM": swap, "G1": 0, "G2": 0, "O1": 0, "O2": 0, "P1B": 0, "P2B": 0, "P1C": 0,
+              "P2C": 0, "NPARTS": 1, "GDC": False, "PREFETCH": False}
     n, regs, loop, _, body = _cubin_sass(_compile(FR.fragments_kernel, FRAG_SIG, FRAG_DIV16, consts, 3 if swap else 2))
     return n, regs, loop, body
 
