@@ -140,6 +140,18 @@ def main() -> int:
             prof_py.disable()
             pstats.Stats(prof_py).sort_stats("tottime").print_stats(14)
         if args.profile and b in (1, max(args.batch)):
+            # the decode graph itself: its kernels' device time against the replay's wall time (the rest: gaps)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    graph.replay()
+                torch.cuda.synchronize()
+            ev = prof.key_averages()
+            busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ev) / 10
+            launches = sum(e.count for e in ev) / 10
+            print(f"# decode graph B={b} (bucket {bucket}): {launches:.0f} kernels per replay, {busy_us:.0f} us of "
+                  f"kernel time per replay of {replay * 1e3:.0f} us ({100 * busy_us / (replay * 1e3):.0f} % busy); "
+                  "totals over 10 replays:")
+            print(ev.table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
             runner.graphs.clear()  # and the mixed graphs: else the step replays the smallest of those (64 tokens)
             runner.mixed_graphs.clear()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
