@@ -655,10 +655,10 @@ verify17)
         | tee "$OUT/verify17_$1_$p.log" | grep -E "^\||prefill"
     done
   done
-    # the 1.5B decode graph's own kernels (PDL with prefetch): kernels per replay, busy share
+  # the 1.5B decode graph's own kernels (PDL with prefetch): kernels per replay, busy share
   timeout 100 python3 benchmarks/profile_step.py --shape qwen2.5-1.5b --type Q4_K_M --resident-weights quantized-half2 \
     --batch 1 --profile --pdl prefetch 2>&1 | tee "$OUT/verify17_profile15b.log" | grep -A 22 "^# decode graph"
-;;
+  ;;
 pdl7b)
   # the 7B Q4_K_M (quantized-half2) decode steps per --pdl mode, same call
   synth qwen2.5-7b Q4_K_M
