@@ -7,8 +7,8 @@ that kernel has completed and its writes are visible (``griddepcontrol.wait``), 
 launch (``griddepcontrol.launch_dependents``). Nothing is read or written before the wait, so the order of
 every memory access is the one without PDL: the arithmetic, and every row's bits, are unchanged; only the
 launch latency overlaps. CUDA graphs keep the programmatic edges. A fragment-order matmul does one thing
-before its wait (``PREFETCH``): it asks L2 for the weight bytes it is about to stream (constant since the
-load), so its first loads need not wait for DRAM.
+before its wait where ``PREFETCH`` is set (off: measured slower): it asks L2 for the weight bytes it is about
+to stream (constant since the load).
 
 ``ON`` switches it off for A/B runs (``profile_step.py --pdl off``); it applies where the device is sm_90+
 and Triton has the ``gdc`` intrinsics, never on the CPU (the interpreter).
@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 ON = True
-# with PDL, a fragment-order matmul first asks L2 for the weight bytes it will read (they never depend on the
-# kernel before it), then waits: the weight stream starts while the previous kernel finishes
-PREFETCH = True
+# with PDL, a fragment-order matmul may first ask L2 for the weight bytes it will read (they never depend on the
+# kernel before it), then wait. Off: measured slower than PDL alone (H200, graph replay B=1: 1.5B Q4_K_M 1.715 vs
+# 1.687 ms, 7B 3.457 vs 3.239 ms; RESULTS, seventeenth session); ``profile_step.py --pdl prefetch`` turns it on
+PREFETCH = False
 _capable: dict[int, bool] = {}
 
 
