@@ -6,6 +6,7 @@ and of ``fragments_matmul`` on the same weight in fragment order; whether their 
 (they must be: the same values, the same chains), and whether ``fragments_dequant`` equals ``half2_dequant``. Markdown table; JSON to $OUT/probe_fragments.json; exit 1 on any mismatch.
 
     python benchmarks/probe_fragments.py --m 1 16 64 128 256
+    python benchmarks/probe_fragments.py --m 1 16 --models 1.5b 7b --segments 1024:8 512:8 2048:16 256:4
 """
 
 from __future__ import annotations
@@ -45,15 +46,23 @@ def main() -> int:
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16, 64, 128, 256])
     ap.add_argument("--sweep", action="store_true", help="stages 2/3/4 of the swapped form at the smallest M")
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--models", nargs="+", default=None, help="only these CASES models (e.g. 1.5b 7b)")
+    ap.add_argument("--segments", nargs="+", default=None, metavar="TARGET:MAX",
+                    help="rerun each case with qmatmul_tiled's K-segment rule at TARGET_PROGRAMS:MAX_SEGMENTS (e.g. "
+                         "1024:8 512:8 2048:16): programs per matrix against latency per launch (a shape-only rule: "
+                         "any choice keeps the rows batch invariant, but changes them, so the engine's is one fixed pair)")
     args = ap.parse_args()
+    rules = [tuple(int(v) for v in r.split(":")) for r in (args.segments or [f"{T.TARGET_PROGRAMS}:{T.MAX_SEGMENTS}"])]
     t_end = time.time() + args.budget_s
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, bad = [], []
-    print("| model | matrix | type | M | blocks half2 ms | fragments ms | speed-up | fragments GB/s | rows bitwise | segments summed in the launch ms | bitwise |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---|")
-    for model, name, n, k, t in CASES:
+    print("| model | matrix | type | segments (target:max -> n) | M | blocks half2 ms | fragments ms | speed-up | fragments GB/s | rows bitwise | segments summed in the launch ms | bitwise |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|")
+    cases = [(c, rule) for c in CASES if args.models is None or c[0] in args.models for rule in rules]
+    for (model, name, n, k, t), (T.TARGET_PROGRAMS, T.MAX_SEGMENTS) in cases:
         if time.time() > t_end:
             break
+        seg = f"{T.TARGET_PROGRAMS}:{T.MAX_SEGMENTS} -> {T.k_segments(n, k)[1]}"
         w0 = resident(t, n, k, gen)
         blocks = [w0] + [resident(t, n, k, gen) for _ in range(max(0, min(8, L2_BYTES // w0.raw.numel()) - 1))]
         h2 = t != Q80  # Q8_0 keeps ggml's values (both forms)
@@ -81,14 +90,15 @@ def main() -> int:
             if not same_f:
                 bad.append(f"{model} {name} {t.name} M={m}: the in-launch segment sum differs")
             fused_ms = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out) for w in fused])
-            r = dict(model=model, matrix=name, type=t.name, n=n, k=k, m=m, blocks_ms=base, fragments_ms=new, fused_ms=fused_ms,
+            r = dict(model=model, matrix=name, type=t.name, n=n, k=k, m=m, segments=seg, blocks_ms=base, fragments_ms=new,
+                     fused_ms=fused_ms,
                      fused_bitwise=same_f,
                      gb_s=w0.raw.numel() / new / 1e6, bitwise=same)
             if args.sweep and m == min(args.m):
                 for st in (2, 3, 4):
                     r[f"stages{st}_ms"] = graph_ms([lambda w=w: F.fragments_matmul(x, w, None, out, stages=st) for w in frags])
             rows.append(r)
-            print(f"| {model} | {name} {n}x{k} | {t.name} | {m} | {base:.4f} | {new:.4f} | {base / new:.2f}x | {r['gb_s']:,.0f} | "
+            print(f"| {model} | {name} {n}x{k} | {t.name} | {seg} | {m} | {base:.4f} | {new:.4f} | {base / new:.2f}x | {r['gb_s']:,.0f} | "
                   f"{'yes' if same else 'NO'} | {fused_ms:.4f} | {'yes' if same_f else 'NO'} |" + "".join(f" {kk}={vv:.4f}" for kk, vv in r.items() if kk.startswith("stages")),
                   flush=True)
     print(f"\nmismatches: {len(bad)}")

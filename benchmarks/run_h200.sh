@@ -43,6 +43,7 @@
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
+#   bash benchmarks/run_h200.sh seg18      # fragment-order matmuls per K-segment rule and stages (1.5B, 7B matrices, M = 1/16)
 #   bash benchmarks/run_h200.sh verify17   # branch next-pdl: GPU suite, then 1.5B Q4_K_M / 0.5B F16 steps per --pdl mode
 #   bash benchmarks/run_h200.sh pdl7b      # branch next-pdl: 7B Q4_K_M steps per --pdl mode (off, on, prefetch)
 #   bash benchmarks/run_h200.sh ready16    # 7B Q4_K_M time to ready: cold process, then warm-cache process with its load profiled
@@ -643,6 +644,12 @@ verify16)
     done
   done
   steps7b verify16
+  ;;
+seg18)
+  # per-matrix latency of the fragment-order kernels at decode sizes against the K-segment rule (programs per
+  # matrix) and pipeline stages: the 1.5B's matmuls run at 0.2-1.1 TB/s, the 7B's large ones at 1.8-2.1 TB/s
+  timeout 540 python3 benchmarks/probe_fragments.py --m 1 16 --models 1.5b 7b --sweep --budget-s 500 \
+    --segments ${SEG18_RULES:-1024:8 512:8 2048:16 4096:16} 2>&1 | tee "$OUT/seg18.log" | grep -E "^\||mismatch"
   ;;
 verify17)
   # branch next-pdl (programmatic dependent launch of the decode step's kernels; fragment-order matmuls prefetch
