@@ -57,7 +57,7 @@ def main() -> int:
     ap.add_argument("--resident-weights", choices=("dense", "quantized", "quantized-half2"), default="dense")
     ap.add_argument("--pdl", choices=("off", "on", "prefetch"), default=None,
                     help="programmatic dependent launch of the step's kernels (kernels/pdl.py): off, on without or with "
-                         "the weight prefetch (default: prefetch, where supported)")
+                         "the weight prefetch (default: on without it, where supported)")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
