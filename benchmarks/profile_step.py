@@ -58,6 +58,9 @@ def main() -> int:
     ap.add_argument("--pdl", choices=("off", "on", "prefetch"), default=None,
                     help="programmatic dependent launch of the step's kernels (kernels/pdl.py): off, on without or with "
                          "the weight prefetch (default: on without it, where supported)")
+    ap.add_argument("--mixed-parts", choices=("on", "off"), default=None,
+                    help="a group's third part of another type (Q4_K_M's v) in the same launch as the first two (on) or "
+                         "its own (off): A/B of kernels/fragments.MIXED_PARTS")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
@@ -69,6 +72,9 @@ def main() -> int:
         from worker_orcd.engine.kernels import pdl
         pdl.ON = args.pdl != "off"
         pdl.PREFETCH = args.pdl == "prefetch"
+    if args.mixed_parts is not None:
+        from worker_orcd.engine.kernels import fragments
+        fragments.MIXED_PARTS = args.mixed_parts == "on"
     if args.seg_flat is not None:
         from worker_orcd.engine.kernels import matmul_dense
         matmul_dense.SEG_FLAT = args.seg_flat == "on"

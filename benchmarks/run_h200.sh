@@ -43,6 +43,7 @@
 #   bash benchmarks/run_h200.sh frag14     # Q4_K/Q6_K in fragment order: GPU tests, probe_fragments.py, 7B Q4_K_M half2 steps vs .devdata/base
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
+#   bash benchmarks/run_h200.sh mixed18    # q/k (Q4_K) + v (Q6_K) in one launch: GPU tests, 1.5B / 7B Q4_K_M steps on/off twice
 #   bash benchmarks/run_h200.sh seg18      # fragment-order matmuls per K-segment rule and stages (1.5B, 7B matrices, M = 1/16)
 #   bash benchmarks/run_h200.sh verify17   # branch next-pdl: GPU suite, then 1.5B Q4_K_M / 0.5B F16 steps per --pdl mode
 #   bash benchmarks/run_h200.sh pdl7b      # branch next-pdl: 7B Q4_K_M steps per --pdl mode (off, on, prefetch)
@@ -644,6 +645,18 @@ verify16)
     done
   done
   steps7b verify16
+  ;;
+mixed18)
+  # Q4_K_M's q/k (Q4_K) and v (Q6_K) in one launch (fragments.MIXED_PARTS): its GPU tests, then decode steps on vs
+  # off, same call (1.5B and 7B Q4_K_M under quantized-half2; the synthetic Q4_K_M has a Q6_K v in every layer)
+  timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_fragments.py tests/test_engine_gpu.py \
+    -k "parts or mixed or pdl" -p no:cacheprovider 2>&1 | tee "$OUT/mixed18_tests.log" | tail -4
+  for spec in ${MIXED18_ROWS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M}; do
+    for g in on off on off; do echo "== $spec mixed-parts $g"
+      timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
+        --batch 1 16 --mixed-parts $g 2>&1 | tee -a "$OUT/mixed18_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
+    done
+  done
   ;;
 seg18)
   # per-matrix latency of the fragment-order kernels at decode sizes against the K-segment rule (programs per

@@ -83,12 +83,17 @@ FRAG_SIG = {"x_ptr": "*fp16", "w_ptr": "*u8", "w32_ptr": "*i32", "w16_ptr": "*fp
 FRAG_DIV16 = {"N", "K", "stride_xm", "stride_ym", "KS", "P1", "P2"}
 
 
-def fragments_sass(wtype: GGMLType, swap: bool) -> tuple[int, int, int, collections.Counter[str]]:
-    """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``."""
-    consts = {"WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
+def fragments_sass(wtype: GGMLType, swap: bool, third: GGMLType | None = None) -> tuple[int, int, int, collections.Counter[str]]:
+    """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``
+    (``third``: a stacked launch whose third part is of that type; the main loop is then the longer path's)."""
+    consts = {"WTYPE3": int(third) if third is not None else 0, "WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
               "INTERP": False, "FUSE_SUM": swap, "G1": 0, "G2": 0, "O1": 0, "O2": 0, "P1B": 0, "P2B": 0, "P1C": 0,
-              "P2C": 0, "NPARTS": 1, "GDC": False, "PREFETCH": False}
-    n, regs, loop, _, body = _cubin_sass(_compile(FR.fragments_kernel, FRAG_SIG, FRAG_DIV16, consts, 3 if swap else 2))
+              "P2C": 0, "NPARTS": 3 if third is not None else 1, "GDC": False, "PREFETCH": False}
+    sig = FRAG_SIG
+    if third is not None:  # the parts' row groups at run time, as launches pass them: both paths compiled
+        sig = {**FRAG_SIG, "G1": "i32", "G2": "i32"}
+        del consts["G1"], consts["G2"]
+    n, regs, loop, _, body = _cubin_sass(_compile(FR.fragments_kernel, sig, FRAG_DIV16, consts, 3 if swap else 2))
     return n, regs, loop, body
 
 
@@ -98,6 +103,8 @@ def main() -> int:
     ap.add_argument("--half2", nargs="+", type=int, default=[0, 1], choices=(0, 1))
     ap.add_argument("--form", nargs="+", default=["swapped", "unswapped"], choices=("swapped", "unswapped"))
     ap.add_argument("--fragments", action="store_true", help="the fragment-order kernel (kernels/fragments.py)")
+    ap.add_argument("--third", choices=["Q4_K", "Q6_K", "Q8_0"], default=None,
+                    help="--fragments: a stacked launch whose third part is of this type (mixed q/k/v)")
     args = ap.parse_args()
     if args.fragments:
         print(f"Triton {triton.__version__}, target sm_90; fragments_kernel")
@@ -105,7 +112,8 @@ def main() -> int:
         print("|---|---|---:|---:|---:|---|")
         for name in args.type:
             for form in args.form:
-                n, regs, loop, body = fragments_sass(GGMLType[name], form == "swapped")
+                third = GGMLType[args.third] if args.third and form == "swapped" else None
+                n, regs, loop, body = fragments_sass(GGMLType[name], form == "swapped", third)
                 top = ", ".join(f"{k} {v}" for k, v in body.most_common(6))
                 print(f"| {name} | {form} | {n:,} | {regs} | {loop} | {top} |", flush=True)
         return 0

@@ -515,3 +515,30 @@ def test_worker_4711_pdl_launches_change_no_bit(engine: Engine, synth_file: Synt
     for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
         assert torch.equal(a, b)
     assert got[True][2] == got[False][2] and len(got[True][2]) == 12
+
+
+def test_worker_4711_mixed_type_qkv_in_one_launch_changes_no_bit(engine: Engine, synth_file: SynthFile,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q4_K_M's q/k (Q4_K) and v (Q6_K) in one launch (fragments.MIXED_PARTS, decode sizes) give the prompt logits
+    and decode-graph tokens and logits of q+k and v in two launches, bit for bit; and this model has such groups."""
+    from worker_orcd.engine.kernels import fragments
+
+    vm = _validated(synth_file("mid-llama", "Q4_K_M"))
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(fragments, "MIXED_PARTS", on)
+        rm: ResidentModel = load_resident(Engine(engine.ctx, "quantized-half2"), vm, kv_cache_mb=128)  # type: ignore[assignment]
+        try:
+            groups = [lw.wqkv.parts for lw in rm._weights.layers if hasattr(lw.wqkv, "parts")]
+            mixed = [g for g in groups if len(g) == 3 and g[2].ggml_type != g[0].ggml_type]
+            assert mixed and all(fragments.parts_fit(g, 1) == on for g in mixed)
+            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
+            with torch.no_grad():
+                eager = [rm.runner.prefill_logits(p) for p in prompts]
+                graph = [rm.runner.prefill_logits(p, eager=False) for p in prompts]
+            got[on] = (eager, graph, _tokens(rm, prompts[0], max_tokens=12))
+        finally:
+            rm.close()
+    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
+        assert torch.equal(a, b)
+    assert got[True][2] == got[False][2] and len(got[True][2]) == 12

@@ -248,11 +248,14 @@ def test_worker_4100_a_tied_embedding_is_in_fragment_order_and_looks_up_its_rows
 
 
 
-@pytest.mark.parametrize("t", TYPES)
-def test_worker_4711_stacked_parts_in_one_launch_are_each_parts_rows(t: GGMLType, gen: torch.Generator, device: str) -> None:
-    """q/k/v of one type in one launch (``fragments_matmul_parts``): each part's columns bit for bit its own
-    launch's, with and without the in-launch segment sum, bias included; at M = 1 and 16."""
-    parts = tuple(_pair(n, 512, gen, device, t)[1] for n in (128, 64, 64))
+@pytest.mark.parametrize("types", [(t, t, t) for t in TYPES] + [(Q4K, Q4K, Q6K), (Q6K, Q6K, Q4K), (Q4K, Q4K, Q80),
+                                                                  (Q80, Q80, Q6K)], ids=lambda ts: "-".join(t.name for t in ts))
+def test_worker_4711_stacked_parts_in_one_launch_are_each_parts_rows(types: tuple[GGMLType, ...], gen: torch.Generator,
+                                                                     device: str) -> None:
+    """q/k/v in one launch (``fragments_matmul_parts``), of one type or with a third of another (Q4_K_M's v): each
+    part's columns bit for bit its own launch's, with and without the in-launch segment sum, bias included; at
+    M = 1 and 16."""
+    parts = tuple(_pair(n, 512, gen, device, t)[1] for n, t in zip((128, 64, 64), types, strict=True))
     assert F.parts_fit(parts, 1) and tiled.k_segments(128, 512)[1] > 1  # segmented: the sum path runs
     bias = (torch.randn(256, generator=gen) * 0.1).to(device=device, dtype=torch.float16)
     for m in (1, 16):
@@ -263,8 +266,9 @@ def test_worker_4711_stacked_parts_in_one_launch_are_each_parts_rows(t: GGMLType
             got = F.fragments_matmul_parts(x, parts, bias, torch.empty(m, 256, dtype=torch.float16, device=device), locks)
             assert torch.equal(got, want)
             assert locks is None or not locks.any()  # the counters are left zeroed
-        two = F.fragments_matmul_parts(x, parts[1:], bias[128:], torch.empty(m, 128, dtype=torch.float16, device=device))
-        assert torch.equal(two, want[:, 128:])
+        if types[1] == types[2]:
+            two = F.fragments_matmul_parts(x, parts[1:], bias[128:], torch.empty(m, 128, dtype=torch.float16, device=device))
+            assert torch.equal(two, want[:, 128:])
 
 
 def test_worker_4400_stacked_parts_refuse_what_does_not_fit(gen: torch.Generator, device: str) -> None:
@@ -272,14 +276,20 @@ def test_worker_4400_stacked_parts_refuse_what_does_not_fit(gen: torch.Generator
     q6 = _pair(64, 512, gen, device, Q6K)[1]
     x = torch.zeros(1, 512, dtype=torch.float16, device=device)
     assert not F.parts_fit((q4, q6), 1) and not F.parts_fit((q4,), 1) and not F.parts_fit((q4, q4), 65)
+    assert not F.parts_fit((q4, q6, q4), 1) and F.parts_fit((q4, q4, q6), 1)  # only a third part may differ
     with pytest.raises(KernelDimensionError, match="same-type"):
         F.fragments_matmul_parts(x, (q4, q6), None, torch.empty(1, 128, dtype=torch.float16, device=device))
+    with pytest.raises(KernelDimensionError, match="same-type"):
+        F.fragments_matmul_parts(x, (q4, q6, q4), None, torch.empty(1, 192, dtype=torch.float16, device=device))
 
 
-def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(gen: torch.Generator, device: str,
+@pytest.mark.parametrize("mixed", [True, False])
+def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(mixed: bool, gen: torch.Generator, device: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Q4_K_M-like q/k/v group (Q4_K, Q4_K, Q6_K) with the group's counters: q and k in one launch, v alone;
-    every column bit for bit the per-part matmul's, at small decode sizes and above PARTS_MAX_M (per part there)."""
+    """A Q4_K_M-like q/k/v group (Q4_K, Q4_K, Q6_K) with the group's counters: q, k and v in one launch (q and k,
+    then v alone, with MIXED_PARTS off); every column bit for bit the per-part matmul's, at small decode sizes and
+    above PARTS_MAX_M (per part there)."""
+    monkeypatch.setattr(F, "MIXED_PARTS", mixed)
     parts = (_pair(128, 512, gen, device, Q4K)[1], _pair(64, 512, gen, device, Q4K)[1], _pair(64, 512, gen, device, Q6K)[1])
     all_locks = torch.zeros(sum(p.n // 64 * 4 for p in parts), dtype=torch.int32, device=device)
     at = 0
@@ -288,7 +298,7 @@ def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(gen: torch.Gener
         at += p.n // 64 * 4
     group = WeightGroup(parts, locks=all_locks)
     bias = (torch.randn(256, generator=gen) * 0.1).to(device=device, dtype=torch.float16)
-    assert F.parts_fit(parts[:2], 1) and not F.parts_fit(parts, 1)
+    assert F.parts_fit(parts[:2], 1) and F.parts_fit(parts, 1) == mixed
     runs: list[int] = []
     real = F.fragments_matmul_parts
     monkeypatch.setattr(F, "fragments_matmul_parts", lambda x, run, *a: runs.append(len(run)) or real(x, run, *a))
@@ -297,4 +307,12 @@ def test_worker_4711_qlinear_runs_same_type_parts_in_one_launch(gen: torch.Gener
         want = torch.cat([qmatmul(x, p, bias[o : o + p.n]) for p, o in zip(parts, (0, 128, 192), strict=True)], dim=1)
         assert torch.equal(qlinear(x, group, bias), want)
         assert not all_locks.any()
-    assert runs == [2, 2]  # q and k together at M = 1 and 7; per part above PARTS_MAX_M (where stacking lost)
+    assert runs == ([3, 3] if mixed else [2, 2])  # at M = 1 and 7; per part above PARTS_MAX_M (where stacking lost)
+
+
+@pytest.mark.gpu
+def test_worker_4711_gpu_mixed_parts_are_each_parts_rows(gen: torch.Generator) -> None:
+    """On the GPU (compiled): a launch whose programs take the Q4_K or the Q6_K path by row group gives each part's
+    own launch's columns, bit for bit."""
+    for types in ((Q4K, Q4K, Q6K), (Q6K, Q6K, Q4K), (Q4K, Q4K, Q80)):
+        test_worker_4711_stacked_parts_in_one_launch_are_each_parts_rows(types, gen, "cuda")

@@ -50,6 +50,7 @@ KERNEL = "fragments"
 ROWS = FRAGMENT_ROWS
 FUSE_MAX_M = 16  # the in-launch segment sum pays below this; at M=64 its serial tail loses (probe, 15th session)
 PARTS_MAX_M = 16  # qlinear stacks same-type parts up to this: 7B Q4_K_M step B=16 -5 %, B=64 +5 % (16th session)
+MIXED_PARTS = True  # a third part of another type joins the launch (Q4_K_M's v); profile_step --mixed-parts off
 
 
 # 4 quant bytes (e0, e2, e1, e3 of the pack: the word's bytes 0/2 are elements 0/1) -> elements 0..3 of the
@@ -319,13 +320,52 @@ def _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, j, K, tile, INTERP: tl.const
     return a0, a1, a2, a3
 
 
+@triton.jit
+def _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE: tl.constexpr,
+           BR: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
+    """One K segment's chain from zero for row group ``lg`` of the weight at ``wp`` (k16 tensor-core steps in k
+    order): [64, BR] (swapped) or [BR, 64] fp32."""
+    acc = T._zero_acc(BR, 64, SWAP)
+    if WTYPE == 8:  # Q8_0: one 32-input block per dot, four per iteration (segments start at multiples of 256)
+        rows = _rows(lg)
+        for b4 in range(k_lo // 128, k_hi // 128):
+            for i in tl.static_range(4):
+                b = 4 * b4 + i
+                a = _q8_block(tl.load(wp + (lg.to(tl.int64) * (K // 32) + b) * 2048 + tile),
+                              tl.load(w16p + p2 + rows * (K // 32) + b), INTERP)
+                acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+        for b in range(k_hi // 128 * 4, k_hi // 32):  # the last segment's tail (K % 128 != 0)
+            a = _q8_block(tl.load(wp + (lg.to(tl.int64) * (K // 32) + b) * 2048 + tile),
+                          tl.load(w16p + p2 + rows * (K // 32) + b), INTERP)
+            acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+    else:
+        for sb in range(k_lo // 256, k_hi // 256):
+            if WTYPE == 12:  # Q4_K: four 64-input chunks of the super-block
+                dm, w1, w2, w3 = _heads(w32p, p1, lg, sb, K // 256)
+                for c in tl.static_range(4):
+                    lo, hi = _chunk(tl.load(wp + (lg.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
+                                    dm, w1, w2, w3, c, INTERP)
+                    k0 = sb * 256 + 64 * c
+                    acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+            else:  # Q6_K: two 128-input pairs
+                for h in tl.static_range(2):
+                    a0, a1, a2, a3 = _q6k_pair(wp, w32p, w16p, p1, p2, lg, 2 * sb + h, K, tile, INTERP)
+                    k0 = sb * 256 + 128 * h
+                    acc, _a, _b, _c = T._acc(a0, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(a1, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(a2, x_ptr, rows0, k0 + 64, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    acc, _a, _b, _c = T._acc(a3, x_ptr, rows0, k0 + 96, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def fragments_kernel(
     x_ptr, w_ptr, w32_ptr, w16_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, P1, P2, KS, NSEG,
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
     INTERP: tl.constexpr, FUSE_SUM: tl.constexpr = False,
     G1=0, G2=0, O1=0, O2=0, P1B=0, P2B=0, P1C=0, P2C=0, NPARTS: tl.constexpr = 1,
-    GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False, WTYPE3: tl.constexpr = 0,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
@@ -340,9 +380,10 @@ def fragments_kernel(
         grp = pid // num_m
         seg_lo = 0
         seg_hi = NSEG
-    # NPARTS > 1 (fragments_matmul_parts): matrices of one type stacked along N, each at its own address (offsets
-    # O1/O2 from the first's in 16-byte units, its heads/scales planes at P1B/P2B, P1C/P2C); row groups G1.. are the
-    # second's, G2.. the third's. ``lg`` addresses the weight, ``grp`` the output columns and the counters.
+    # NPARTS > 1 (fragments_matmul_parts): matrices stacked along N, each at its own address (offsets O1/O2 from
+    # the first's in 16-byte units, its heads/scales planes at P1B/P2B, P1C/P2C); row groups G1.. are the second's,
+    # G2.. the third's (of type WTYPE3 where it is not 0: Q4_K_M's v). ``lg`` addresses the weight, ``grp`` the
+    # output columns and the counters.
     lg = grp
     wp = w_ptr
     w32p = w32_ptr
@@ -373,38 +414,16 @@ def fragments_kernel(
     for seg in range(seg_lo, seg_hi):  # each segment's chain from zero, added in segment order
         k_lo = seg * KS
         k_hi = tl.minimum(K, k_lo + KS)
-        acc = T._zero_acc(BR, 64, SWAP)
-        if WTYPE == 8:  # Q8_0: one 32-input block per dot, four per iteration (segments start at multiples of 256)
-            rows = _rows(lg)
-            for b4 in range(k_lo // 128, k_hi // 128):
-                for i in tl.static_range(4):
-                    b = 4 * b4 + i
-                    a = _q8_block(tl.load(wp + (lg.to(tl.int64) * (K // 32) + b) * 2048 + tile),
-                                  tl.load(w16p + p2 + rows * (K // 32) + b), INTERP)
-                    acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-            for b in range(k_hi // 128 * 4, k_hi // 32):  # the last segment's tail (K % 128 != 0)
-                a = _q8_block(tl.load(wp + (lg.to(tl.int64) * (K // 32) + b) * 2048 + tile),
-                              tl.load(w16p + p2 + rows * (K // 32) + b), INTERP)
-                acc, _a, _b, _c = T._acc(a, x_ptr, rows0, b * 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+        if WTYPE3 > 0:  # a mixed group: the third part (row groups G2..) is of type WTYPE3, a uniform branch per program
+            if grp >= G2:
+                total += _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE3, BR,
+                                IEEE, SWAP, INTERP)
+            else:
+                total += _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE, BR,
+                                IEEE, SWAP, INTERP)
         else:
-            for sb in range(k_lo // 256, k_hi // 256):
-                if WTYPE == 12:  # Q4_K: four 64-input chunks of the super-block
-                    dm, w1, w2, w3 = _heads(w32p, p1, lg, sb, K // 256)
-                    for c in tl.static_range(4):
-                        lo, hi = _chunk(tl.load(wp + (lg.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
-                                        dm, w1, w2, w3, c, INTERP)
-                        k0 = sb * 256 + 64 * c
-                        acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                        acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                else:  # Q6_K: two 128-input pairs
-                    for h in tl.static_range(2):
-                        a0, a1, a2, a3 = _q6k_pair(wp, w32p, w16p, p1, p2, lg, 2 * sb + h, K, tile, INTERP)
-                        k0 = sb * 256 + 128 * h
-                        acc, _a, _b, _c = T._acc(a0, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                        acc, _a, _b, _c = T._acc(a1, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                        acc, _a, _b, _c = T._acc(a2, x_ptr, rows0, k0 + 64, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                        acc, _a, _b, _c = T._acc(a3, x_ptr, rows0, k0 + 96, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-        total += acc
+            total += _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE, BR, IEEE,
+                            SWAP, INTERP)
     cols = grp * 64 + tl.arange(0, 64)
     if SWAP:
         if PARTIAL:
@@ -505,15 +524,17 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
 
 
 def parts_fit(parts: tuple[QWeight, ...], M: int) -> bool:
-    """Whether ``fragments_matmul_parts`` takes these stacked matrices in one launch: 2-3 of one type in fragment
-    order, one K and the same K segments (else their rows would differ from their own launches'), decode sizes."""
+    """Whether ``fragments_matmul_parts`` takes these stacked matrices in one launch: 2-3 in fragment order, one K
+    and the same K segments (else their rows would differ from their own launches'), decode sizes, of one type --
+    or, with ``MIXED_PARTS``, a third of another (Q4_K_M's q, k in Q4_K and v in Q6_K)."""
     if not 2 <= len(parts) <= 3 or M > T.SWAP_MAX_M:
         return False
     p0 = parts[0]
     segs = T.k_segments(p0.n, p0.k)
-    return all(p.fragments and p.ggml_type == p0.ggml_type and p.half2 == p0.half2 and p.k == p0.k
-               and p.raw.data_ptr() % 16 == 0 and p.raw.device == p0.raw.device and T.k_segments(p.n, p.k) == segs
-               for p in parts)
+    same = parts if len(parts) == 2 or not MIXED_PARTS else parts[:2]
+    return (all(p.ggml_type == p0.ggml_type and p.half2 == p0.half2 for p in same)
+            and all(p.fragments and p.k == p0.k and p.raw.data_ptr() % 16 == 0 and p.raw.device == p0.raw.device
+                    and T.k_segments(p.n, p.k) == segs for p in parts))
 
 
 def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: torch.Tensor | None, out: torch.Tensor,
@@ -522,8 +543,8 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
     for bit its own ``fragments_matmul``'s (why: a small model's q/k/v are three short launches per layer).
     ``locks``: zeroed int32 counters, at least (sum N / 64) * token tiles, for the in-launch segment sum."""
     M = x.shape[0]
-    v.check(parts_fit(parts, M), KERNEL, "parts", "2-3 same-type fragment-order matrices, one K and K segments, M <= "
-            f"{T.SWAP_MAX_M}")
+    v.check(parts_fit(parts, M), KERNEL, "parts", "2-3 same-type fragment-order matrices (a third may differ), one K "
+            f"and K segments, M <= {T.SWAP_MAX_M}")
     n = sum(p.n for p in parts)
     v.check(tuple(out.shape) == (M, n) and out.stride(1) == 1, KERNEL, "out", f"must be [{M}, {n}] with unit column stride")
     p0 = parts[0]
@@ -540,13 +561,14 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
     offs = [(p.raw.data_ptr() - p0.raw.data_ptr()) // 16 for p in parts] + [0]  # exact: every part 16-byte aligned
     pb = views[1][3:] if len(parts) > 1 else (0, 0)
     pc = views[2][3:] if len(parts) > 2 else (0, 0)
+    mixed = parts[-1].ggml_type != p0.ggml_type
     fragments_kernel[(groups, triton.cdiv(M, br), nseg)](
         x, raw, w32, w16, bias if bias is not None else out, out, part, locks if fuse else out, M, n, p0.k,
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(p0.ggml_type), HAS_BIAS=bias is not None, BR=br,
         SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse,
         G1=g1, G2=g2, O1=offs[1], O2=offs[2], P1B=pb[0], P2B=pb[1], P1C=pc[0], P2C=pc[1], NPARTS=len(parts),
-        num_warps=4, num_stages=3, enable_fp_fusion=False,
-        **pdl.prefetch_opts(x),
+        WTYPE3=int(parts[-1].ggml_type) if mixed else 0, num_warps=4, num_stages=3, enable_fp_fusion=False,
+        **(pdl.opts(x) if mixed else pdl.prefetch_opts(x)),  # the prefetch sizes one type's tiles
     )
     if partial and not fuse:
         T._segments_sum_kernel[(triton.cdiv(M * n, T.SUM_BLOCK),)](
