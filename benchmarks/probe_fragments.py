@@ -58,7 +58,8 @@ def main() -> int:
     rows, bad = [], []
     print("| model | matrix | type | segments (target:max -> n) | M | blocks half2 ms | fragments ms | speed-up | fragments GB/s | rows bitwise | segments summed in the launch ms | bitwise |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|")
-    cases = [(c, rule) for c in CASES if args.models is None or c[0] in args.models for rule in rules]
+    order = args.models or sorted({c[0] for c in CASES}, key=[c[0] for c in CASES].index)
+    cases = [(c, rule) for mdl in order for c in CASES if c[0] == mdl for rule in rules]  # in --models order
     for (model, name, n, k, t), (T.TARGET_PROGRAMS, T.MAX_SEGMENTS) in cases:
         if time.time() > t_end:
             break

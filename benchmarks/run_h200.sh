@@ -661,7 +661,7 @@ mixed18)
 seg18)
   # per-matrix latency of the fragment-order kernels at decode sizes against the K-segment rule (programs per
   # matrix) and pipeline stages: the 1.5B's matmuls run at 0.2-1.1 TB/s, the 7B's large ones at 1.8-2.1 TB/s
-  timeout 540 python3 benchmarks/probe_fragments.py --m 1 16 --models 1.5b 7b --sweep --budget-s 500 \
+  timeout $((${SEG18_BUDGET:-500} + 40)) python3 benchmarks/probe_fragments.py --m 1 16 --models 1.5b 7b --sweep --budget-s ${SEG18_BUDGET:-500} \
     --segments ${SEG18_RULES:-1024:8 512:8 2048:16 4096:16} 2>&1 | tee "$OUT/seg18.log" | grep -E "^\||mismatch"
   ;;
 verify17)
