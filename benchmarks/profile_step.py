@@ -61,6 +61,9 @@ def main() -> int:
     ap.add_argument("--mixed-parts", choices=("on", "off"), default=None,
                     help="a group's third part of another type (Q4_K_M's v) in the same launch as the first two (on) or "
                          "its own (off): A/B of kernels/fragments.MIXED_PARTS")
+    ap.add_argument("--frag-stages", choices=("shape", "3"), default=None,
+                    help="decode fragment-order launches' pipeline depth per type and K segment (fragments.swap_stages) "
+                         "or 3 everywhere: A/B of fragments.STAGES_BY_SHAPE")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
@@ -75,6 +78,9 @@ def main() -> int:
     if args.mixed_parts is not None:
         from worker_orcd.engine.kernels import fragments
         fragments.MIXED_PARTS = args.mixed_parts == "on"
+    if args.frag_stages is not None:
+        from worker_orcd.engine.kernels import fragments
+        fragments.STAGES_BY_SHAPE = args.frag_stages == "shape"
     if args.seg_flat is not None:
         from worker_orcd.engine.kernels import matmul_dense
         matmul_dense.SEG_FLAT = args.seg_flat == "on"

@@ -44,6 +44,7 @@
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
 #   bash benchmarks/run_h200.sh mixed18    # q/k (Q4_K) + v (Q6_K) in one launch: GPU tests, 1.5B / 7B Q4_K_M steps on/off twice
+#   bash benchmarks/run_h200.sh stages18   # decode pipeline depth per type/segment: GPU test, steps vs 3 stages, ncu of single launches
 #   bash benchmarks/run_h200.sh seg18      # fragment-order matmuls per K-segment rule and stages (1.5B, 7B matrices, M = 1/16)
 #   bash benchmarks/run_h200.sh verify17   # branch next-pdl: GPU suite, then 1.5B Q4_K_M / 0.5B F16 steps per --pdl mode
 #   bash benchmarks/run_h200.sh pdl7b      # branch next-pdl: 7B Q4_K_M steps per --pdl mode (off, on, prefetch)
@@ -656,6 +657,26 @@ mixed18)
       timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
         --batch 1 16 --mixed-parts $g 2>&1 | tee -a "$OUT/mixed18_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
     done
+  done
+  ;;
+stages18)
+  # the decode launches' pipeline depth per type and K segment (fragments.swap_stages: 2 on Q6_K/Q8_0 and short Q4_K
+  # segments): its GPU test (every depth gives the same bits), steps with it vs 3 everywhere, same call; then Nsight
+  # Compute on single launches (occupancy, registers, DRAM throughput, stall reasons) of the matrices seg18 timed
+  timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_fragments.py -p no:cacheprovider 2>&1 \
+    | tee "$OUT/stages18_tests.log" | tail -3
+  for spec in ${STAGES18_ROWS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M qwen2.5-7b:Q8_0}; do
+    for g in shape 3 shape 3; do echo "== $spec frag-stages $g"
+      timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
+        --batch 1 16 64 --frag-stages $g 2>&1 | tee -a "$OUT/stages18_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
+    done
+  done
+  for c in ${NCU18_CASES:-7b:gate_up:Q4_K 7b:down:Q6_K 7b:q:Q4_K 1.5b:gate_up:Q4_K 1.5b:q:Q4_K 7b:gate_up:Q8_0}; do
+    echo "== ncu $c"
+    timeout 90 ncu --clock-control none --kernel-name regex:fragments_kernel --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats python3 benchmarks/ncu_fragments.py --case $c 2>&1 \
+      | tee "$OUT/ncu18_${c//:/_}.log" | grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occ|Block Limit|Stall|Shared Memory Config|Dynamic Shared|Issued Warp|No Eligible|Memory Throughput" | head -24
   done
   ;;
 seg18)

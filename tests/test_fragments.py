@@ -159,6 +159,10 @@ def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen:
         assert torch.equal(qmatmul(pool[idx], frag, bias), full[idx]), f"M={m}"
         out = torch.empty(m, 1024, dtype=torch.float16, device=device)
         assert torch.equal(F.fragments_matmul(pool[idx], frag, bias, out, swap=m <= 64), full[idx]), f"fused M={m}"
+        if m <= 16:  # the pipeline depth (fragments.swap_stages picks it per type and segment) changes no bit
+            for st in (2, 3, 4):
+                y = F.fragments_matmul(pool[idx], frag, bias, out.clone(), stages=st)
+                assert torch.equal(y, full[idx]), f"M={m} stages={st}"
 
 
 @pytest.mark.parametrize("wtype,half2,types", [("Q4_K_M", True, {Q4K, Q6K}), ("Q4_K_M", False, set()), ("Q8_0", False, {Q80}),

@@ -51,6 +51,17 @@ ROWS = FRAGMENT_ROWS
 FUSE_MAX_M = 16  # the in-launch segment sum pays below this; at M=64 its serial tail loses (probe, 15th session)
 PARTS_MAX_M = 16  # qlinear stacks same-type parts up to this: 7B Q4_K_M step B=16 -5 %, B=64 +5 % (16th session)
 MIXED_PARTS = True  # a third part of another type joins the launch (Q4_K_M's v); profile_step --mixed-parts off
+STAGES_BY_SHAPE = True  # pipeline depth per type and K segment (``swap_stages``); profile_step --frag-stages 3
+
+
+def swap_stages(wtype: GGMLType, ks: int, m: int) -> int:
+    """Software-pipeline depth of a decode launch (16 tokens per program): a choice of speed only -- the chains
+    and their order do not change. probe_fragments --sweep (H200, 18th session): 2 stages beat 3 on Q6_K
+    (7B down 30.6 -> 28.3 us, head 161 -> 142) and Q8_0 (7B gate_up 56.5 -> 43.6) and on short Q4_K segments
+    (1.5B gate_up 12.4 -> 11.0, q 4.9 -> 4.6); 3 stay faster on long Q4_K ones (7B gate_up 35.6 vs 36.4)."""
+    if not STAGES_BY_SHAPE or m > FUSE_MAX_M:
+        return 3
+    return 2 if wtype != GGMLType.Q4_K or ks <= 512 else 3
 
 
 # 4 quant bytes (e0, e2, e1, e3 of the pack: the word's bytes 0/2 are elements 0/1) -> elements 0..3 of the
@@ -489,10 +500,11 @@ def _views(w: QWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, i
 
 
 def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out: torch.Tensor,
-                     swap: bool | None = None, br: int | None = None, warps: int = 4, stages: int = 3) -> torch.Tensor:
+                     swap: bool | None = None, br: int | None = None, warps: int = 4,
+                     stages: int | None = None) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a Q4_K/Q6_K/Q8_0 weight in fragment order (fp16 x; qmatmul
     checked the shapes). ``swap`` (default M <= SWAP_MAX_M): the weight as the wgmma A operand; ``br``: tokens
-    per program."""
+    per program; ``stages`` (default ``swap_stages``): the swapped form's pipeline depth."""
     v.check(w.fragments and w.raw.data_ptr() % 16 == 0, KERNEL, "w", "a 16-byte aligned weight in fragment order")
     M = x.shape[0]
     swap = M <= T.SWAP_MAX_M if swap is None else swap
@@ -500,6 +512,7 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
     if br is None:
         br = (16 if M <= 16 else 32 if M <= 32 else 64) if swap else (64 if interp or M < 128 else 128)
     ks, nseg = T.k_segments(w.n, w.k)
+    stages = swap_stages(w.ggml_type, ks, M) if stages is None else stages
     partial = swap and nseg > 1
     part = torch.empty((nseg, M, w.n), dtype=torch.float32, device=x.device) if partial else out
     raw, w32, w16, p1, p2 = _views(w)
@@ -567,7 +580,8 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(p0.ggml_type), HAS_BIAS=bias is not None, BR=br,
         SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse,
         G1=g1, G2=g2, O1=offs[1], O2=offs[2], P1B=pb[0], P2B=pb[1], P1C=pc[0], P2C=pc[1], NPARTS=len(parts),
-        WTYPE3=int(parts[-1].ggml_type) if mixed else 0, num_warps=4, num_stages=3, enable_fp_fusion=False,
+        WTYPE3=int(parts[-1].ggml_type) if mixed else 0, num_warps=4, num_stages=swap_stages(p0.ggml_type, ks, M),
+        enable_fp_fusion=False,
         **(pdl.opts(x) if mixed else pdl.prefetch_opts(x)),  # the prefetch sizes one type's tiles
     )
     if partial and not fuse:
