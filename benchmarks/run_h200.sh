@@ -44,6 +44,7 @@
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
 #   bash benchmarks/run_h200.sh mixed18    # q/k (Q4_K) + v (Q6_K) in one launch: GPU tests, 1.5B / 7B Q4_K_M steps on/off twice
+#   bash benchmarks/run_h200.sh final18    # split attention idle exit: GPU tests, 1.5B/7B steps vs .devdata/base, rows vs llama-bench
 #   bash benchmarks/run_h200.sh stages18   # decode pipeline depth per type/segment: GPU test, steps vs 3 stages, ncu of single launches
 #   bash benchmarks/run_h200.sh seg18      # fragment-order matmuls per K-segment rule and stages (1.5B, 7B matrices, M = 1/16)
 #   bash benchmarks/run_h200.sh verify17   # branch next-pdl: GPU suite, then 1.5B Q4_K_M / 0.5B F16 steps per --pdl mode
@@ -658,6 +659,20 @@ mixed18)
         --batch 1 16 --mixed-parts $g 2>&1 | tee -a "$OUT/mixed18_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
     done
   done
+  ;;
+final18)
+  # the split attention's idle programs leave at once (a short lone row's 64 programs no longer queue 64 atomics on
+  # one counter; bits unchanged): its GPU tests, then 1.5B / 7B Q4_K_M steps on this tree vs .devdata/base alternating,
+  # then issue 13's rows under quantized-half2 against llama-bench (FINAL18_ROWS), same call
+  [ -f /tmp/llama.cpp/done ] || bash .devdata/build-llama-cpp.sh .devdata/llama.cpp-0c1e570.tgz /tmp/llama.cpp --background
+  timeout 150 python3 -m pytest -q -m gpu -rf --tb=short tests/test_kernels_paged_attention.py tests/test_split_fallback_gpu.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/final18_tests.log" | tail -3
+  for spec in ${FINAL18_STEPS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M}; do for r in 1 2; do for tree in . .devdata/base; do
+    echo "== $spec tree $tree round $r"
+    (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} \
+      --resident-weights quantized-half2 --batch 1 16 64 2>&1 | tee -a "$OUT/final18_${spec/:/_}_$(basename $tree).log" | grep -E "^\| [0-9]")
+  done; done; done
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} qrows final18_bench "${FINAL18_ROWS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M qwen2.5-7b:Q8_0}"
   ;;
 stages18)
   # the decode launches' pipeline depth per type and K segment (fragments.swap_stages: 2 on Q6_K/Q8_0 and short Q4_K

@@ -179,8 +179,8 @@ def _paged_split_kernel(
 ):
     """Program (tile, kv head, p) computes splits p, p + P, ... of the tile, each on its own, into its
     slot (the tile's first slot + split index) of the partials scratch; the last of the tile's P
-    programs to finish (an acq_rel counter, reset after) folds the partials in split order, as the
-    one-pass kernel does, and writes the output: no second launch per layer."""
+    programs with a split (an acq_rel counter, reset after) to finish folds the partials in split order, as
+    the one-pass kernel does, and writes the output: no second launch per layer."""
     pdl.enter(GDC)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -189,36 +189,40 @@ def _paged_split_kernel(
     q, pos, valid, t, head, r, qstart, last, lo, j_lo, j_hi = _tile_rows(
         q_ptr, tile_row_ptr, tile_q0_ptr, row_qstart_ptr, row_qlen_ptr, row_start_ptr, stride_qt, stride_qh,
         tile, kvh, window, G, G_PAD, BLOCK_T, BLOCK_N, S, D, BLOCK_D, HAS_WINDOW, UPCAST)
-    slot0 = tl.load(slot0_ptr + tile)
-    mm = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    for j in range(j_lo + p, j_hi, P):
-        m_s, l_s, acc_s = _split(q, pos, r, kvh, k_ptr, v_ptr, bt_ptr, tl.maximum(j * S, lo),
-                                 tl.minimum(j * S + S, last + 1), last, stride_kb, stride_ks, stride_kh, stride_bt,
-                                 scale_log2, window, BLOCK_M, BLOCK_N, BS, D, BLOCK_D, HAS_WINDOW, UPCAST, IEEE)
-        at = (slot0 + j).to(tl.int64) * H_KV + kvh
-        tl.store(ml_ptr + at * (2 * BLOCK_M) + mm, m_s)
-        tl.store(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, l_s)
-        tl.store(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], acc_s)
-    lock = lock_ptr + tile * H_KV + kvh
-    done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-    if done == P - 1:
-        m_t = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-        l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for j in range(j_lo, j_hi):
+    # programs with a split to compute: the others leave at once, so a lone short row's 64 programs do not queue
+    # 64 atomics on one counter (the same splits, the same merge order: no bit changes)
+    busy = tl.minimum(P, j_hi - j_lo)
+    if p < busy:
+        slot0 = tl.load(slot0_ptr + tile)
+        mm = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        for j in range(j_lo + p, j_hi, P):
+            m_s, l_s, acc_s = _split(q, pos, r, kvh, k_ptr, v_ptr, bt_ptr, tl.maximum(j * S, lo),
+                                     tl.minimum(j * S + S, last + 1), last, stride_kb, stride_ks, stride_kh, stride_bt,
+                                     scale_log2, window, BLOCK_M, BLOCK_N, BS, D, BLOCK_D, HAS_WINDOW, UPCAST, IEEE)
             at = (slot0 + j).to(tl.int64) * H_KV + kvh
-            # .cg: from L2, where the other programs' stores are (not a stale L1 line)
-            m_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + mm, cache_modifier=".cg")
-            l_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, cache_modifier=".cg")
-            acc_s = tl.load(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
-            m_t, l_t, acc_t = _merge(m_t, l_t, acc_t, m_s, l_s, acc_s)
-        out = acc_t / l_t[:, None]
-        tl.store(
-            o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-            out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :],
-        )
-        tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next layer / replay
+            tl.store(ml_ptr + at * (2 * BLOCK_M) + mm, m_s)
+            tl.store(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, l_s)
+            tl.store(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], acc_s)
+        lock = lock_ptr + tile * H_KV + kvh
+        done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if done == busy - 1:
+            m_t = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+            l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for j in range(j_lo, j_hi):
+                at = (slot0 + j).to(tl.int64) * H_KV + kvh
+                # .cg: from L2, where the other programs' stores are (not a stale L1 line)
+                m_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + mm, cache_modifier=".cg")
+                l_s = tl.load(ml_ptr + at * (2 * BLOCK_M) + BLOCK_M + mm, cache_modifier=".cg")
+                acc_s = tl.load(acc_ptr + at * (BLOCK_M * BLOCK_D) + mm[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+                m_t, l_t, acc_t = _merge(m_t, l_t, acc_t, m_s, l_s, acc_s)
+            out = acc_t / l_t[:, None]
+            tl.store(
+                o_ptr + (qstart + t)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                out.to(o_ptr.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :],
+            )
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next layer / replay
 
 
 def block_n(d: int, dtype: torch.dtype) -> int:
