@@ -64,6 +64,9 @@ def main() -> int:
     ap.add_argument("--frag-stages", choices=("shape", "3"), default=None,
                     help="decode fragment-order launches' pipeline depth per type and K segment (fragments.swap_stages) "
                          "or 3 everywhere: A/B of fragments.STAGES_BY_SHAPE")
+    ap.add_argument("--fuse-sum", choices=("on", "off"), default=None,
+                    help="decode fragment-order launches add their K segments themselves up to 16 rows (on) or leave "
+                         "it to a second launch (off): A/B of fragments.FUSE_MAX_M (16 / 0)")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
@@ -81,6 +84,9 @@ def main() -> int:
     if args.frag_stages is not None:
         from worker_orcd.engine.kernels import fragments
         fragments.STAGES_BY_SHAPE = args.frag_stages == "shape"
+    if args.fuse_sum is not None:
+        from worker_orcd.engine.kernels import fragments
+        fragments.FUSE_MAX_M = 16 if args.fuse_sum == "on" else 0
     if args.seg_flat is not None:
         from worker_orcd.engine.kernels import matmul_dense
         matmul_dense.SEG_FLAT = args.seg_flat == "on"

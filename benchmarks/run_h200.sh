@@ -44,6 +44,7 @@
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
 #   bash benchmarks/run_h200.sh mixed18    # q/k (Q4_K) + v (Q6_K) in one launch: GPU tests, 1.5B / 7B Q4_K_M steps on/off twice
+#   bash benchmarks/run_h200.sh fuse19     # decode steps with the in-launch K-segment sum vs a second launch; the flaky capture test x3
 #   bash benchmarks/run_h200.sh final18    # split attention idle exit: GPU tests, 1.5B/7B steps vs .devdata/base, rows vs llama-bench
 #   bash benchmarks/run_h200.sh stages18   # decode pipeline depth per type/segment: GPU test, steps vs 3 stages, ncu of single launches
 #   bash benchmarks/run_h200.sh seg18      # fragment-order matmuls per K-segment rule and stages (1.5B, 7B matrices, M = 1/16)
@@ -658,6 +659,22 @@ mixed18)
       timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
         --batch 1 16 --mixed-parts $g 2>&1 | tee -a "$OUT/mixed18_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
     done
+  done
+  ;;
+fuse19)
+  # with PDL on, probe_fragments (18th session, M=1) timed the K segments' sum as a second launch faster than the
+  # in-launch sum on the 7B's q/o (8.0 vs 9.9 us) and down (Q4_K 21.7 vs 28.4, Q6_K 30.6 vs 34.4): decode steps with
+  # fragments.FUSE_MAX_M 16 (on) vs 0 (off), same call (bitwise the same rows); then the capture that failed once in
+  # the 18th session's GPU suite, three times alone
+  for spec in ${FUSE19_ROWS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M qwen2.5-7b:Q8_0}; do
+    for g in on off on off; do echo "== $spec fuse-sum $g"
+      timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
+        --batch 1 16 --fuse-sum $g 2>&1 | tee -a "$OUT/fuse19_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
+    done
+  done
+  for i in 1 2 3; do
+    timeout 100 python3 -m pytest -q -m gpu -rf --tb=short tests/test_engine_gpu.py -k mixed_type_qkv -p no:cacheprovider 2>&1 \
+      | tee "$OUT/fuse19_capture_$i.log" | tail -2
   done
   ;;
 final18)

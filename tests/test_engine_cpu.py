@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 from pathlib import Path
 
@@ -803,9 +804,10 @@ def test_worker_4102_the_overlapped_load_holds_the_sequential_loads_bytes(model_
 
 
 def test_worker_4102_a_failed_warmup_stops_the_upload_beside_it(engine: Engine, model_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The load fails with the warm-up's error, no upload or reader thread outlives it, and the engine loads
-    the model afterwards."""
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The load fails with the warm-up's error, logged with whether the upload was still streaming; no upload or
+    reader thread outlives it, and the engine loads the model afterwards."""
     from worker_orcd.engine.runner import ModelRunner
 
     path = synth.write_synthetic_model(model_dir / "overlap-fail.gguf", "tiny-qwen2", "F16")
@@ -817,9 +819,11 @@ def test_worker_4102_a_failed_warmup_stops_the_upload_beside_it(engine: Engine, 
         raise RuntimeError("warm-up broke")
 
     monkeypatch.setattr(ModelRunner, "warmup", warmup)
-    with pytest.raises(Exception, match="warm-up broke"):
+    with caplog.at_level(logging.WARNING, logger="worker_orcd.engine"), pytest.raises(Exception, match="warm-up broke"):
         load_resident(engine, vm, kv_cache_mb=1, progress=lambda done, total: streaming.set())
     assert streaming.is_set()
+    failed = [r.getMessage() for r in caplog.records if "graph capture failed while the weights' upload" in r.getMessage()]
+    assert len(failed) == 1 and "warm-up broke" in failed[0], failed
     assert not [t.name for t in threading.enumerate() if t.name in ("weights-upload", "weights-reader")]
     monkeypatch.undo()
     load_resident(engine, vm, kv_cache_mb=1).close()

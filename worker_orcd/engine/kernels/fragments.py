@@ -59,7 +59,7 @@ def swap_stages(wtype: GGMLType, ks: int, m: int) -> int:
     and their order do not change. probe_fragments --sweep (H200, 18th session): 2 stages beat 3 on Q6_K
     (7B down 30.6 -> 28.3 us, head 161 -> 142) and Q8_0 (7B gate_up 56.5 -> 43.6) and on short Q4_K segments
     (1.5B gate_up 12.4 -> 11.0, q 4.9 -> 4.6); 3 stay faster on long Q4_K ones (7B gate_up 35.6 vs 36.4)."""
-    if not STAGES_BY_SHAPE or m > FUSE_MAX_M:
+    if not STAGES_BY_SHAPE or m > 16:  # 16 tokens per program: the tile the probe timed
         return 3
     return 2 if wtype != GGMLType.Q4_K or ks <= 512 else 3
 
