@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -489,6 +490,28 @@ def test_worker_4701_gpu_quantized_half2_residency_agrees_with_dense(engine: Eng
     assert len(got["quantized-half2"][1]) == 12
 
 
+def _switch_changes_no_bit(engine: Engine, vm: ValidatedModel, residency: str, monkeypatch: pytest.MonkeyPatch,
+                           module: Any, attr: str, took_effect: Callable[[ResidentModel, bool], None]) -> None:
+    """Load ``vm`` with ``module.attr`` True, then False: prompt logits (eager and graph) and 12 greedy decode-graph
+    tokens must be bitwise equal; ``took_effect(rm, on)`` asserts the switch changed what runs."""
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(module, attr, on)
+        rm: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
+        try:
+            took_effect(rm, on)
+            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
+            with torch.no_grad():
+                eager = [rm.runner.prefill_logits(p) for p in prompts]
+                graph = [rm.runner.prefill_logits(p, eager=False) for p in prompts]
+            got[on] = (eager, graph, _tokens(rm, prompts[0], max_tokens=12))
+        finally:
+            rm.close()
+    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
+        assert torch.equal(a, b)
+    assert got[True][2] == got[False][2] and len(got[True][2]) == 12
+
+
 @pytest.mark.parametrize("residency,wtype", [("quantized-half2", "Q4_K_M"), ("dense", "F16")])
 def test_worker_4711_pdl_launches_change_no_bit(engine: Engine, synth_file: SynthFile, residency: str, wtype: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,24 +520,12 @@ def test_worker_4711_pdl_launches_change_no_bit(engine: Engine, synth_file: Synt
     it must actually be on (else this compares a path with itself)."""
     from worker_orcd.engine.kernels import pdl
 
-    vm = _validated(synth_file("mid-llama", wtype))
-    got = {}
-    for on in (True, False):
-        monkeypatch.setattr(pdl, "ON", on)
-        rm: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
-        try:
-            if torch.cuda.get_device_capability()[0] >= 9:
-                assert pdl.enabled(rm._weights.arena) is on
-            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
-            with torch.no_grad():
-                eager = [rm.runner.prefill_logits(p) for p in prompts]
-                graph = [rm.runner.prefill_logits(p, eager=False) for p in prompts]
-            got[on] = (eager, graph, _tokens(rm, prompts[0], max_tokens=12))
-        finally:
-            rm.close()
-    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
-        assert torch.equal(a, b)
-    assert got[True][2] == got[False][2] and len(got[True][2]) == 12
+    def took_effect(rm: ResidentModel, on: bool) -> None:
+        if torch.cuda.get_device_capability()[0] >= 9:
+            assert pdl.enabled(rm._weights.arena) is on
+
+    _switch_changes_no_bit(engine, _validated(synth_file("mid-llama", wtype)), residency, monkeypatch, pdl, "ON",
+                           took_effect)
 
 
 def test_worker_4711_mixed_type_qkv_in_one_launch_changes_no_bit(engine: Engine, synth_file: SynthFile,
@@ -523,22 +534,10 @@ def test_worker_4711_mixed_type_qkv_in_one_launch_changes_no_bit(engine: Engine,
     and decode-graph tokens and logits of q+k and v in two launches, bit for bit; and this model has such groups."""
     from worker_orcd.engine.kernels import fragments
 
-    vm = _validated(synth_file("mid-llama", "Q4_K_M"))
-    got = {}
-    for on in (True, False):
-        monkeypatch.setattr(fragments, "MIXED_PARTS", on)
-        rm: ResidentModel = load_resident(Engine(engine.ctx, "quantized-half2"), vm, kv_cache_mb=128)  # type: ignore[assignment]
-        try:
-            groups = [lw.wqkv.parts for lw in rm._weights.layers if hasattr(lw.wqkv, "parts")]
-            mixed = [g for g in groups if len(g) == 3 and g[2].ggml_type != g[0].ggml_type]
-            assert mixed and all(fragments.parts_fit(g, 1) == on for g in mixed)
-            prompts = [synthetic_prompt(rm.config.vocab_size, n) for n in SYNTH_LENGTHS[:3]]
-            with torch.no_grad():
-                eager = [rm.runner.prefill_logits(p) for p in prompts]
-                graph = [rm.runner.prefill_logits(p, eager=False) for p in prompts]
-            got[on] = (eager, graph, _tokens(rm, prompts[0], max_tokens=12))
-        finally:
-            rm.close()
-    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
-        assert torch.equal(a, b)
-    assert got[True][2] == got[False][2] and len(got[True][2]) == 12
+    def took_effect(rm: ResidentModel, on: bool) -> None:
+        groups = [lw.wqkv.parts for lw in rm._weights.layers if hasattr(lw.wqkv, "parts")]
+        mixed = [g for g in groups if len(g) == 3 and g[2].ggml_type != g[0].ggml_type]
+        assert mixed and all(fragments.parts_fit(g, 1) == on for g in mixed)
+
+    _switch_changes_no_bit(engine, _validated(synth_file("mid-llama", "Q4_K_M")), "quantized-half2", monkeypatch,
+                           fragments, "MIXED_PARTS", took_effect)
