@@ -67,6 +67,9 @@ def main() -> int:
     ap.add_argument("--fuse-sum", choices=("on", "off"), default=None,
                     help="decode fragment-order launches add their K segments themselves up to 16 rows (on) or leave "
                          "it to a second launch (off): A/B of fragments.FUSE_MAX_M (16 / 0)")
+    ap.add_argument("--dot-k", type=int, choices=(32, 64), default=None,
+                    help="inputs per tensor-core dot in the fragment-order Q4_K chain (fragments.DOT_K): 32 (two dots per "
+                         "64-input chunk) or 64 (one)")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
@@ -87,6 +90,9 @@ def main() -> int:
     if args.fuse_sum is not None:
         from worker_orcd.engine.kernels import fragments
         fragments.FUSE_MAX_M = 16 if args.fuse_sum == "on" else 0
+    if args.dot_k is not None:
+        from worker_orcd.engine.kernels import fragments
+        fragments.DOT_K = args.dot_k
     if args.seg_flat is not None:
         from worker_orcd.engine.kernels import matmul_dense
         matmul_dense.SEG_FLAT = args.seg_flat == "on"

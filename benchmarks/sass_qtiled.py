@@ -88,7 +88,7 @@ def fragments_sass(wtype: GGMLType, swap: bool, third: GGMLType | None = None) -
     (``third``: a stacked launch whose third part is of that type; the main loop is then the longer path's)."""
     consts = {"WTYPE3": int(third) if third is not None else 0, "WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
               "INTERP": False, "FUSE_SUM": swap, "G1": 0, "G2": 0, "O1": 0, "O2": 0, "P1B": 0, "P2B": 0, "P1C": 0,
-              "P2C": 0, "NPARTS": 3 if third is not None else 1, "GDC": False, "PREFETCH": False}
+              "P2C": 0, "NPARTS": 3 if third is not None else 1, "GDC": False, "PREFETCH": False, "K64": FR.DOT_K == 64}
     sig = FRAG_SIG
     if third is not None:  # the parts' row groups at run time, as launches pass them: both paths compiled
         sig = {**FRAG_SIG, "G1": "i32", "G2": "i32"}
@@ -105,7 +105,10 @@ def main() -> int:
     ap.add_argument("--fragments", action="store_true", help="the fragment-order kernel (kernels/fragments.py)")
     ap.add_argument("--third", choices=["Q4_K", "Q6_K", "Q8_0"], default=None,
                     help="--fragments: a stacked launch whose third part is of this type (mixed q/k/v)")
+    ap.add_argument("--dot-k", type=int, choices=(32, 64), default=None, help="--fragments: Q4_K inputs per dot (fragments.DOT_K)")
     args = ap.parse_args()
+    if args.dot_k is not None:
+        FR.DOT_K = args.dot_k
     if args.fragments:
         print(f"Triton {triton.__version__}, target sm_90; fragments_kernel")
         print("| type | form | SASS instructions | registers | main loop per iteration | loop's top opcodes |")

@@ -491,11 +491,12 @@ def test_worker_4701_gpu_quantized_half2_residency_agrees_with_dense(engine: Eng
 
 
 def _switch_changes_no_bit(engine: Engine, vm: ValidatedModel, residency: str, monkeypatch: pytest.MonkeyPatch,
-                           module: Any, attr: str, took_effect: Callable[[ResidentModel, bool], None]) -> None:
-    """Load ``vm`` with ``module.attr`` True, then False: prompt logits (eager and graph) and 12 greedy decode-graph
-    tokens must be bitwise equal; ``took_effect(rm, on)`` asserts the switch changed what runs."""
+                           module: Any, attr: str, took_effect: Callable[[ResidentModel, Any], None],
+                           values: tuple[Any, Any] = (True, False)) -> None:
+    """Load ``vm`` with ``module.attr`` at each of ``values``: prompt logits (eager and graph) and 12 greedy
+    decode-graph tokens must be bitwise equal; ``took_effect(rm, value)`` asserts the switch changed what runs."""
     got = {}
-    for on in (True, False):
+    for on in values:
         monkeypatch.setattr(module, attr, on)
         rm: ResidentModel = load_resident(Engine(engine.ctx, residency), vm, kv_cache_mb=128)  # type: ignore[assignment]
         try:
@@ -507,9 +508,10 @@ def _switch_changes_no_bit(engine: Engine, vm: ValidatedModel, residency: str, m
             got[on] = (eager, graph, _tokens(rm, prompts[0], max_tokens=12))
         finally:
             rm.close()
-    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1], strict=True):
+    first, second = (got[v] for v in values)
+    for a, b in zip(first[0] + first[1], second[0] + second[1], strict=True):
         assert torch.equal(a, b)
-    assert got[True][2] == got[False][2] and len(got[True][2]) == 12
+    assert first[2] == second[2] and len(first[2]) == 12
 
 
 @pytest.mark.parametrize("residency,wtype", [("quantized-half2", "Q4_K_M"), ("dense", "F16")])
@@ -541,3 +543,17 @@ def test_worker_4711_mixed_type_qkv_in_one_launch_changes_no_bit(engine: Engine,
 
     _switch_changes_no_bit(engine, _validated(synth_file("mid-llama", "Q4_K_M")), "quantized-half2", monkeypatch,
                            fragments, "MIXED_PARTS", took_effect)
+
+
+def test_worker_4711_q4k_dots_of_64_inputs_change_no_bit(engine: Engine, synth_file: SynthFile,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fragment-order Q4_K chain in one 64-input tensor-core dot per chunk (fragments.DOT_K = 64) or two of 32:
+    the same k16 steps in the same order, so prompt logits, graph logits and tokens are bitwise equal."""
+    from worker_orcd.engine.kernels import fragments
+
+    def took_effect(rm: ResidentModel, dot_k: int) -> None:
+        assert fragments.DOT_K == dot_k and any(
+            p.fragments and p.ggml_type.name == "Q4_K" for lw in rm._weights.layers for p in getattr(lw.wqkv, "parts", ()))
+
+    _switch_changes_no_bit(engine, _validated(synth_file("mid-llama", "Q4_K_M")), "quantized-half2", monkeypatch,
+                           fragments, "DOT_K", took_effect, values=(64, 32))

@@ -102,13 +102,17 @@ def test_worker_4701_fragments_dequantize_to_the_half2_values(t: GGMLType, gen: 
         assert torch.equal(tiled.half2_weight(frag), ref)
 
 
+@pytest.mark.parametrize("dot_k", [32, 64])
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n,k", [(128, 512), (192, 768)])
 def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
-    rowwise_dot: None, t: GGMLType, n: int, k: int, gen: torch.Generator, device: str  # noqa: F811
+    rowwise_dot: None, t: GGMLType, n: int, k: int, dot_k: int, gen: torch.Generator, device: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each row equals the dense chains over ``k_segments`` on the half2 values (bias after them),
-    whatever M, the form (swapped or not) and the row's place in the batch."""
+    whatever M, the form (swapped or not), the row's place in the batch and the inputs per dot
+    (``DOT_K``: Q4_K's two 32-input dots per chunk or one of 64)."""
+    monkeypatch.setattr(F, "DOT_K", dot_k)
     blocks, frag = _pair(n, k, gen, device, t)
     wh = _values(blocks)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
@@ -143,7 +147,8 @@ def test_worker_4701_fragments_refuse_other_activations(gen: torch.Generator, de
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen: torch.Generator, device: str) -> None:
+def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen: torch.Generator, device: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled (the PTX, the 16-byte loads, Triton's layouts): at M = 1..300, through every path
     (swapped, unswapped, the prefill scratch), a row's bits are the blocks' half2 kernel's and the
     dense chains' on the half2 values -- the repacking changes where bytes are, not one result."""
@@ -163,6 +168,9 @@ def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen:
             for st in (2, 3, 4):
                 y = F.fragments_matmul(pool[idx], frag, bias, out.clone(), stages=st)
                 assert torch.equal(y, full[idx]), f"M={m} stages={st}"
+            for dot_k in (32, 64):  # nor Q4_K's inputs per tensor-core dot (the same k16 steps)
+                monkeypatch.setattr(F, "DOT_K", dot_k)
+                assert torch.equal(F.fragments_matmul(pool[idx], frag, bias, out.clone()), full[idx]), f"M={m} dot_k={dot_k}"
 
 
 @pytest.mark.parametrize("wtype,half2,types", [("Q4_K_M", True, {Q4K, Q6K}), ("Q4_K_M", False, set()), ("Q8_0", False, {Q80}),

@@ -51,6 +51,9 @@ ROWS = FRAGMENT_ROWS
 FUSE_MAX_M = 16  # the in-launch segment sum pays below this; at M=64 its serial tail loses (probe, 15th session)
 PARTS_MAX_M = 16  # qlinear stacks same-type parts up to this: 7B Q4_K_M step B=16 -5 %, B=64 +5 % (16th session)
 MIXED_PARTS = True  # a third part of another type joins the launch (Q4_K_M's v); profile_step --mixed-parts off
+DOT_K = 32  # inputs per tensor-core dot in the Q4_K chain: 64 = one dot per chunk (half the wgmma waits and fences,
+# 502 -> 475 SASS instructions per super-block, registers 64 -> 72; the same k16 steps in the same order); A/B pending
+# (profile_step --dot-k), so 32 stays the default
 STAGES_BY_SHAPE = True  # pipeline depth per type and K segment (``swap_stages``); profile_step --frag-stages 3
 
 
@@ -332,8 +335,14 @@ def _q6k_pair(w_ptr, w32_ptr, w16_ptr, P1, P2, grp, j, K, tile, INTERP: tl.const
 
 
 @triton.jit
+def _cat(a, b, KA: tl.constexpr):
+    """[64, KA] and [64, KA] -> [64, 2 KA]: a then b along K (registers only: the A fragments stay in place)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (64, 2 * KA))
+
+
+@triton.jit
 def _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE: tl.constexpr,
-           BR: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
+           BR: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr, K64: tl.constexpr = False):
     """One K segment's chain from zero for row group ``lg`` of the weight at ``wp`` (k16 tensor-core steps in k
     order): [64, BR] (swapped) or [BR, 64] fp32."""
     acc = T._zero_acc(BR, 64, SWAP)
@@ -357,8 +366,14 @@ def _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm
                     lo, hi = _chunk(tl.load(wp + (lg.to(tl.int64) * (K // 64) + sb * 4 + c) * 2048 + tile),
                                     dm, w1, w2, w3, c, INTERP)
                     k0 = sb * 256 + 64 * c
-                    acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
-                    acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32, SWAP)
+                    if K64 and SWAP:  # one dot: lo's k16 steps then hi's, as the two dots below (decode sizes)
+                        acc, _a, _b, _c = T._acc(_cat(lo, hi, 32), x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1,
+                                                 BR, IEEE, 64, SWAP)
+                    else:
+                        acc, _a, _b, _c = T._acc(lo, x_ptr, rows0, k0, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE, 32,
+                                                 SWAP)
+                        acc, _a, _b, _c = T._acc(hi, x_ptr, rows0, k0 + 32, acc, acc, acc, acc, M, stride_xm, 1, BR, IEEE,
+                                                 32, SWAP)
             else:  # Q6_K: two 128-input pairs
                 for h in tl.static_range(2):
                     a0, a1, a2, a3 = _q6k_pair(wp, w32p, w16p, p1, p2, lg, 2 * sb + h, K, tile, INTERP)
@@ -376,7 +391,7 @@ def fragments_kernel(
     WTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, SWAP: tl.constexpr, PARTIAL: tl.constexpr,
     INTERP: tl.constexpr, FUSE_SUM: tl.constexpr = False,
     G1=0, G2=0, O1=0, O2=0, P1B=0, P2B=0, P1C=0, P2C=0, NPARTS: tl.constexpr = 1,
-    GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False, WTYPE3: tl.constexpr = 0,
+    GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False, WTYPE3: tl.constexpr = 0, K64: tl.constexpr = False,
 ):
     IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if SWAP:  # grid (row groups, token tiles, K segments)
@@ -428,13 +443,13 @@ def fragments_kernel(
         if WTYPE3 > 0:  # a mixed group: the third part (row groups G2..) is of type WTYPE3, a uniform branch per program
             if grp >= G2:
                 total += _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE3, BR,
-                                IEEE, SWAP, INTERP)
+                                IEEE, SWAP, INTERP, K64)
             else:
                 total += _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE, BR,
-                                IEEE, SWAP, INTERP)
+                                IEEE, SWAP, INTERP, K64)
         else:
             total += _chain(x_ptr, wp, w32p, w16p, p1, p2, lg, k_lo, k_hi, K, rows0, M, stride_xm, tile, WTYPE, BR, IEEE,
-                            SWAP, INTERP)
+                            SWAP, INTERP, K64)
     cols = grp * 64 + tl.arange(0, 64)
     if SWAP:
         if PARTIAL:
@@ -523,7 +538,7 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
     fragments_kernel[grid](
         x, raw, w32, w16, bias if bias is not None else out, out, part, w.locks if fuse else out, M, w.n, w.k,
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BR=br,
-        SWAP=swap, PARTIAL=partial, INTERP=interp, FUSE_SUM=fuse,
+        SWAP=swap, PARTIAL=partial, INTERP=interp, FUSE_SUM=fuse, K64=DOT_K == 64,
         num_warps=warps, num_stages=stages if swap else 2, enable_fp_fusion=False,
         **pdl.prefetch_opts(x),
     )
@@ -578,7 +593,7 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
     fragments_kernel[(groups, triton.cdiv(M, br), nseg)](
         x, raw, w32, w16, bias if bias is not None else out, out, part, locks if fuse else out, M, n, p0.k,
         x.stride(0), out.stride(0), p1, p2, ks, nseg, WTYPE=int(p0.ggml_type), HAS_BIAS=bias is not None, BR=br,
-        SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse,
+        SWAP=True, PARTIAL=partial, INTERP=x.device.type == "cpu", FUSE_SUM=fuse, K64=DOT_K == 64,
         G1=g1, G2=g2, O1=offs[1], O2=offs[2], P1B=pb[0], P2B=pb[1], P1C=pc[0], P2C=pc[1], NPARTS=len(parts),
         WTYPE3=int(parts[-1].ggml_type) if mixed else 0, num_warps=4, num_stages=swap_stages(p0.ggml_type, ks, M),
         enable_fp_fusion=False,
