@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--dot-k", type=int, choices=(32, 64), default=None,
                     help="inputs per tensor-core dot in the fragment-order Q4_K chain (fragments.DOT_K): 32 (two dots per "
                          "64-input chunk) or 64 (one)")
+    ap.add_argument("--min-br", type=int, choices=(8, 16), default=None,
+                    help="tokens per fragment-order decode program up to 8 rows (fragments.MIN_BR): 8 or 16")
     ap.add_argument("--seg-flat", choices=("on", "off"), default=None,
                     help="the quantized prefill's segmented chains in one loop or one per segment (A/B of matmul_dense.SEG_FLAT)")
     args = ap.parse_args()
@@ -93,6 +95,9 @@ def main() -> int:
     if args.dot_k is not None:
         from worker_orcd.engine.kernels import fragments
         fragments.DOT_K = args.dot_k
+    if args.min_br is not None:
+        from worker_orcd.engine.kernels import fragments
+        fragments.MIN_BR = args.min_br
     if args.seg_flat is not None:
         from worker_orcd.engine.kernels import matmul_dense
         matmul_dense.SEG_FLAT = args.seg_flat == "on"

@@ -44,6 +44,7 @@
 #   bash benchmarks/run_h200.sh fbench14   # issue 13's table for Q4_K_M (1.5B, 7B) under quantized-half2 against llama-bench, same files
 #   bash benchmarks/run_h200.sh verify16   # branch next-rope-store: GPU suite, 0.5B F16 / 1.5B / 7B Q4_K_M steps vs .devdata/base
 #   bash benchmarks/run_h200.sh mixed18    # q/k (Q4_K) + v (Q6_K) in one launch: GPU tests, 1.5B / 7B Q4_K_M steps on/off twice
+#   bash benchmarks/run_h200.sh br19       # 8 tokens per decode program up to 8 rows vs 16: GPU tests, decode steps
 #   bash benchmarks/run_h200.sh dotk19     # Q4_K chain in 64-input dots vs 32: GPU tests, decode steps
 #   bash benchmarks/run_h200.sh fuse19     # decode steps with the in-launch K-segment sum vs a second launch; the flaky capture test x3
 #   bash benchmarks/run_h200.sh final18    # split attention idle exit: GPU tests, 1.5B/7B steps vs .devdata/base, rows vs llama-bench
@@ -659,6 +660,18 @@ mixed18)
     for g in on off on off; do echo "== $spec mixed-parts $g"
       timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
         --batch 1 16 --mixed-parts $g 2>&1 | tee -a "$OUT/mixed18_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
+    done
+  done
+  ;;
+br19)
+  # decode launches of up to 8 rows with 8 tokens per program (fragments.MIN_BR = 8: half the x tiles in shared memory,
+  # Q4_K at 3 stages 43 -> 31 KB, 5 -> 7 blocks per SM): its GPU tests, then steps 8 vs 16 at B = 1, 4, 16, same call
+  timeout 200 python3 -m pytest -q -m gpu -rf --tb=short tests/test_fragments.py tests/test_engine_gpu.py \
+    -k "blocks_kernel or eight_token" -p no:cacheprovider 2>&1 | tee "$OUT/br19_tests.log" | tail -3
+  for spec in ${BR19_ROWS:-qwen2.5-1.5b:Q4_K_M qwen2.5-7b:Q4_K_M qwen2.5-7b:Q8_0}; do
+    for g in 8 16 8 16; do echo "== $spec min-br $g"
+      timeout 150 python3 benchmarks/profile_step.py --shape ${spec%%:*} --type ${spec##*:} --resident-weights quantized-half2 \
+        --batch 1 4 16 --min-br $g 2>&1 | tee -a "$OUT/br19_${spec/:/_}_$g.log" | grep -E "^\| [0-9]"
     done
   done
   ;;

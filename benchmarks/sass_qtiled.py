@@ -86,7 +86,8 @@ FRAG_DIV16 = {"N", "K", "stride_xm", "stride_ym", "KS", "P1", "P2"}
 def fragments_sass(wtype: GGMLType, swap: bool, third: GGMLType | None = None) -> tuple[int, int, int, collections.Counter[str]]:
     """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``
     (``third``: a stacked launch whose third part is of that type; the main loop is then the longer path's)."""
-    consts = {"WTYPE3": int(third) if third is not None else 0, "WTYPE": int(wtype), "HAS_BIAS": False, "BR": 16 if swap else 128, "SWAP": swap, "PARTIAL": swap,
+    consts = {"WTYPE3": int(third) if third is not None else 0, "WTYPE": int(wtype), "HAS_BIAS": False,
+              "BR": FR.swap_br(1) if swap else 128, "SWAP": swap, "PARTIAL": swap,
               "INTERP": False, "FUSE_SUM": swap, "G1": 0, "G2": 0, "O1": 0, "O2": 0, "P1B": 0, "P2B": 0, "P1C": 0,
               "P2C": 0, "NPARTS": 3 if third is not None else 1, "GDC": False, "PREFETCH": False, "K64": FR.DOT_K == 64}
     sig = FRAG_SIG
@@ -106,9 +107,13 @@ def main() -> int:
     ap.add_argument("--third", choices=["Q4_K", "Q6_K", "Q8_0"], default=None,
                     help="--fragments: a stacked launch whose third part is of this type (mixed q/k/v)")
     ap.add_argument("--dot-k", type=int, choices=(32, 64), default=None, help="--fragments: Q4_K inputs per dot (fragments.DOT_K)")
+    ap.add_argument("--min-br", type=int, choices=(8, 16), default=None,
+                    help="--fragments: tokens per decode program at M = 1 (fragments.MIN_BR)")
     args = ap.parse_args()
     if args.dot_k is not None:
         FR.DOT_K = args.dot_k
+    if args.min_br is not None:
+        FR.MIN_BR = args.min_br
     if args.fragments:
         print(f"Triton {triton.__version__}, target sm_90; fragments_kernel")
         print("| type | form | SASS instructions | registers | main loop per iteration | loop's top opcodes |")

@@ -557,3 +557,16 @@ def test_worker_4711_q4k_dots_of_64_inputs_change_no_bit(engine: Engine, synth_f
 
     _switch_changes_no_bit(engine, _validated(synth_file("mid-llama", "Q4_K_M")), "quantized-half2", monkeypatch,
                            fragments, "DOT_K", took_effect, values=(64, 32))
+
+
+def test_worker_4711_eight_token_decode_programs_change_no_bit(engine: Engine, synth_file: SynthFile,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode launches of up to 8 rows with 8 tokens per program (fragments.MIN_BR = 8: the tensor core's N = 8) or
+    16: each row's k16 chains are the same, so prompt logits, graph logits and tokens are bitwise equal."""
+    from worker_orcd.engine.kernels import fragments
+
+    def took_effect(rm: ResidentModel, min_br: int) -> None:
+        assert fragments.swap_br(1) == min_br and fragments.swap_br(9) == 16
+
+    _switch_changes_no_bit(engine, _validated(synth_file("mid-llama", "Q4_K_M")), "quantized-half2", monkeypatch,
+                           fragments, "MIN_BR", took_effect, values=(8, 16))

@@ -102,17 +102,19 @@ def test_worker_4701_fragments_dequantize_to_the_half2_values(t: GGMLType, gen: 
         assert torch.equal(tiled.half2_weight(frag), ref)
 
 
-@pytest.mark.parametrize("dot_k", [32, 64])
+@pytest.mark.parametrize("dot_k,min_br", [(32, 16), (64, 8)], ids=["default", "dot64-br8"])
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n,k", [(128, 512), (192, 768)])
 def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
-    rowwise_dot: None, t: GGMLType, n: int, k: int, dot_k: int, gen: torch.Generator, device: str,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    rowwise_dot: None, t: GGMLType, n: int, k: int, dot_k: int, min_br: int, gen: torch.Generator,  # noqa: F811
+    device: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each row equals the dense chains over ``k_segments`` on the half2 values (bias after them),
-    whatever M, the form (swapped or not), the row's place in the batch and the inputs per dot
-    (``DOT_K``: Q4_K's two 32-input dots per chunk or one of 64)."""
+    whatever M, the form (swapped or not), the row's place in the batch, the inputs per dot
+    (``DOT_K``: Q4_K's two 32-input dots per chunk or one of 64) and the tokens per decode program
+    (``MIN_BR``: 8 or 16 up to 8 rows)."""
     monkeypatch.setattr(F, "DOT_K", dot_k)
+    monkeypatch.setattr(F, "MIN_BR", min_br)
     blocks, frag = _pair(n, k, gen, device, t)
     wh = _values(blocks)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
@@ -168,9 +170,11 @@ def test_worker_4711_gpu_fragment_rows_equal_the_blocks_kernel(t: GGMLType, gen:
             for st in (2, 3, 4):
                 y = F.fragments_matmul(pool[idx], frag, bias, out.clone(), stages=st)
                 assert torch.equal(y, full[idx]), f"M={m} stages={st}"
-            for dot_k in (32, 64):  # nor Q4_K's inputs per tensor-core dot (the same k16 steps)
-                monkeypatch.setattr(F, "DOT_K", dot_k)
-                assert torch.equal(F.fragments_matmul(pool[idx], frag, bias, out.clone()), full[idx]), f"M={m} dot_k={dot_k}"
+            for dot_k, min_br in ((64, 16), (32, 8), (64, 8), (32, 16)):  # nor Q4_K's inputs per dot, nor the tensor
+                monkeypatch.setattr(F, "DOT_K", dot_k)  # core's N (tokens per program) up to 8 rows
+                monkeypatch.setattr(F, "MIN_BR", min_br)
+                y = F.fragments_matmul(pool[idx], frag, bias, out.clone())
+                assert torch.equal(y, full[idx]), f"M={m} dot_k={dot_k} min_br={min_br}"
 
 
 @pytest.mark.parametrize("wtype,half2,types", [("Q4_K_M", True, {Q4K, Q6K}), ("Q4_K_M", False, set()), ("Q8_0", False, {Q80}),

@@ -55,6 +55,14 @@ DOT_K = 32  # inputs per tensor-core dot in the Q4_K chain: 64 = one dot per chu
 # 502 -> 475 SASS instructions per super-block, registers 64 -> 72; the same k16 steps in the same order); A/B pending
 # (profile_step --dot-k), so 32 stays the default
 STAGES_BY_SHAPE = True  # pipeline depth per type and K segment (``swap_stages``); profile_step --frag-stages 3
+MIN_BR = 16  # tokens per decode program up to 8 rows: 8 halves the x tiles in shared memory (Q4_K at 3 stages 43 -> 31 KB,
+# the H200's 5 -> 7 blocks per SM; Q6_K at 2 stages 30 -> 22 KB) -- A/B pending (profile_step --min-br), so 16 stays
+
+
+def swap_br(m: int) -> int:
+    """Tokens per program of the swapped (decode) form: the tensor core's N. Every size gives a row the same k16
+    chains (the GPU tests compare rows across M), so this is a choice of speed only."""
+    return (MIN_BR if m <= MIN_BR else 16) if m <= 16 else 32 if m <= 32 else 64
 
 
 def swap_stages(wtype: GGMLType, ks: int, m: int) -> int:
@@ -525,7 +533,7 @@ def fragments_matmul(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None, out
     swap = M <= T.SWAP_MAX_M if swap is None else swap
     interp = x.device.type == "cpu"
     if br is None:
-        br = (16 if M <= 16 else 32 if M <= 32 else 64) if swap else (64 if interp or M < 128 else 128)
+        br = swap_br(M) if swap else (64 if interp or M < 128 else 128)
     ks, nseg = T.k_segments(w.n, w.k)
     stages = swap_stages(w.ggml_type, ks, M) if stages is None else stages
     partial = swap and nseg > 1
@@ -576,7 +584,7 @@ def fragments_matmul_parts(x: torch.Tensor, parts: tuple[QWeight, ...], bias: to
     n = sum(p.n for p in parts)
     v.check(tuple(out.shape) == (M, n) and out.stride(1) == 1, KERNEL, "out", f"must be [{M}, {n}] with unit column stride")
     p0 = parts[0]
-    br = 16 if M <= 16 else 32 if M <= 32 else 64
+    br = swap_br(M)
     ks, nseg = T.k_segments(p0.n, p0.k)
     partial = nseg > 1
     part = torch.empty((nseg, M, n), dtype=torch.float32, device=x.device) if partial else out
