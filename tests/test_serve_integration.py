@@ -365,6 +365,15 @@ def test_worker_disconnect_mid_stream_frees_slot_within_a_second(served: Served)
         assert c.post("/worker/execute", json={"prompt": "x", "params": {"max_tokens": 1}}).status_code == 200
 
 
+def test_worker_m0_end_is_sent_only_after_the_slot_is_free(served: Served) -> None:
+    """Issue 10, defect 4, where it can show (one job at a time): each request sent right after the previous
+    `end` frame never meets WORKER_BUSY — the job is accounted finished before its `end` leaves."""
+    with served.p.client(served.token) as c:
+        for i in range(60):
+            r = c.post("/worker/execute", json={"prompt": "x", "params": {"max_tokens": 1}})
+            assert r.status_code == 200 and parse(r.text)[-1][0] == "end", (i, r.status_code, r.text[-300:])
+
+
 # --- validation ----------------------------------------------------------------------------
 
 
