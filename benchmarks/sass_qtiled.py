@@ -83,9 +83,11 @@ FRAG_SIG = {"x_ptr": "*fp16", "w_ptr": "*u8", "w32_ptr": "*i32", "w16_ptr": "*fp
 FRAG_DIV16 = {"N", "K", "stride_xm", "stride_ym", "KS", "P1", "P2"}
 
 
-def fragments_sass(wtype: GGMLType, swap: bool, third: GGMLType | None = None) -> tuple[int, int, int, collections.Counter[str]]:
-    """(instructions, registers, main-loop instructions per iteration, the loop's opcodes) of ``fragments_kernel``
-    (``third``: a stacked launch whose third part is of that type; the main loop is then the longer path's)."""
+def fragments_sass(wtype: GGMLType, swap: bool, third: GGMLType | None = None,
+                   stages: int | None = None) -> tuple[int, int, int, collections.Counter[str], int]:
+    """(instructions, registers, main-loop instructions per iteration, the loop's opcodes, shared memory bytes per
+    block) of ``fragments_kernel`` (``third``: a stacked launch whose third part is of that type; the main loop is
+    then the longer path's; ``stages``: the swapped form's pipeline depth, default 3)."""
     consts = {"WTYPE3": int(third) if third is not None else 0, "WTYPE": int(wtype), "HAS_BIAS": False,
               "BR": FR.swap_br(1) if swap else 128, "SWAP": swap, "PARTIAL": swap,
               "INTERP": False, "FUSE_SUM": swap, "G1": 0, "G2": 0, "O1": 0, "O2": 0, "P1B": 0, "P2B": 0, "P1C": 0,
@@ -94,8 +96,9 @@ def fragments_sass(wtype: GGMLType, swap: bool, third: GGMLType | None = None) -
     if third is not None:  # the parts' row groups at run time, as launches pass them: both paths compiled
         sig = {**FRAG_SIG, "G1": "i32", "G2": "i32"}
         del consts["G1"], consts["G2"]
-    n, regs, loop, _, body = _cubin_sass(_compile(FR.fragments_kernel, sig, FRAG_DIV16, consts, 3 if swap else 2))
-    return n, regs, loop, body
+    kernel = _compile(FR.fragments_kernel, sig, FRAG_DIV16, consts, (stages or 3) if swap else 2)
+    n, regs, loop, _, body = _cubin_sass(kernel)
+    return n, regs, loop, body, kernel.metadata.shared
 
 
 def main() -> int:
@@ -109,6 +112,7 @@ def main() -> int:
     ap.add_argument("--dot-k", type=int, choices=(32, 64), default=None, help="--fragments: Q4_K inputs per dot (fragments.DOT_K)")
     ap.add_argument("--min-br", type=int, choices=(8, 16), default=None,
                     help="--fragments: tokens per decode program at M = 1 (fragments.MIN_BR)")
+    ap.add_argument("--stages", type=int, default=None, help="--fragments: the swapped form's pipeline depth (default 3)")
     args = ap.parse_args()
     if args.dot_k is not None:
         FR.DOT_K = args.dot_k
@@ -116,14 +120,14 @@ def main() -> int:
         FR.MIN_BR = args.min_br
     if args.fragments:
         print(f"Triton {triton.__version__}, target sm_90; fragments_kernel")
-        print("| type | form | SASS instructions | registers | main loop per iteration | loop's top opcodes |")
-        print("|---|---|---:|---:|---:|---|")
+        print("| type | form | SASS instructions | registers | shared memory per block | main loop per iteration | loop's top opcodes |")
+        print("|---|---|---:|---:|---:|---:|---|")
         for name in args.type:
             for form in args.form:
                 third = GGMLType[args.third] if args.third and form == "swapped" else None
-                n, regs, loop, body = fragments_sass(GGMLType[name], form == "swapped", third)
+                n, regs, loop, body, smem = fragments_sass(GGMLType[name], form == "swapped", third, args.stages)
                 top = ", ".join(f"{k} {v}" for k, v in body.most_common(6))
-                print(f"| {name} | {form} | {n:,} | {regs} | {loop} | {top} |", flush=True)
+                print(f"| {name} | {form} | {n:,} | {regs} | {smem:,} | {loop} | {top} |", flush=True)
         return 0
     print(f"Triton {triton.__version__}, target sm_90; one loop iteration = one super-block")
     print("| type | form | dequantization | SASS instructions | registers | main loop per iteration | top opcodes |")

@@ -115,6 +115,17 @@ def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
     (``MIN_BR``: 8 or 16 up to 8 rows)."""
     monkeypatch.setattr(F, "DOT_K", dot_k)
     monkeypatch.setattr(F, "MIN_BR", min_br)
+    launches: list[dict] = []  # the switches must reach the launches (the rows alone cannot tell: they are equal)
+    real = F.fragments_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # noqa: ANN001, ANN204
+            def launch(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+                launches.append(kw)
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(F, "fragments_kernel", Spy())
     blocks, frag = _pair(n, k, gen, device, t)
     wh = _values(blocks)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=torch.float16)
@@ -127,6 +138,9 @@ def test_worker_4711_fragment_rows_are_the_dense_chains_at_every_m(
         got = F.fragments_matmul(pool[idx], frag, bias, out[:m].clone(), swap=True)
         assert torch.equal(got, full[idx]), f"M={m}"
         assert torch.equal(qmatmul(pool[idx], frag, bias), full[idx]), f"qmatmul M={m}"  # the dispatch
+    swapped = [kw for kw in launches if kw["SWAP"]]
+    assert swapped and all(kw["K64"] == (dot_k == 64) for kw in swapped)
+    assert {kw["BR"] for kw in swapped} == ({min_br, 16, 64} if min_br < 16 else {16, 64})  # M = 1/5, 16, 33/64
 
 
 def test_worker_4701_fragments_in_a_mixed_group(rowwise_dot: None, gen: torch.Generator, device: str) -> None:  # noqa: F811
